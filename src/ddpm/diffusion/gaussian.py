@@ -115,6 +115,7 @@ class GaussianDiffusion(nn.Module):
                 "alphas_cumprod_prev": ac_prev,
                 "alphas_cumprod_next": ac_next,
                 "sqrt_alphas_cumprod": np.sqrt(ac),
+                "one_minus_alphas_cumprod": 1.0 - ac,  # not 1 - float32(ᾱ): ᾱ_1 ≈ 1 - 1e-4
                 "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
                 "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
                 "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
@@ -152,8 +153,8 @@ class GaussianDiffusion(nn.Module):
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32, shape like ``t``."""
-        ac = self.alphas_cumprod.to(t.device)[t.long()]
-        return ac / (1.0 - ac)
+        t = t.long()
+        return self.alphas_cumprod.to(t.device)[t] / self.one_minus_alphas_cumprod.to(t.device)[t]
 
     def _check_t(self, t: Tensor) -> None:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
@@ -169,7 +170,7 @@ class GaussianDiffusion(nn.Module):
             x_start = x_start.float()
             nd = x_start.ndim
             mean = extract(self.sqrt_alphas_cumprod, t, nd) * x_start
-            var = extract(1.0 - self.alphas_cumprod, t, nd).expand_as(x_start)
+            var = extract(self.one_minus_alphas_cumprod, t, nd).expand_as(x_start)
             log_var = extract(self.log_one_minus_alphas_cumprod, t, nd).expand_as(x_start)
         return mean, var, log_var
 
@@ -233,6 +234,12 @@ class GaussianDiffusion(nn.Module):
         """Split a network output into (mean prediction, variance values or None), float32."""
         model_output = model_output.float()
         if not self.learned_variance:
+            # a 2C-channel output would silently broadcast against C=1 data (x_t, the target)
+            if channels is not None and model_output.shape[1] != channels:
+                raise ValueError(
+                    f"variance_type={self.variance_type!r} needs {channels} output channels, "
+                    f"got {model_output.shape[1]}"
+                )
             return model_output, None
         c = model_output.shape[1] // 2 if channels is None else channels
         if model_output.shape[1] != 2 * c:

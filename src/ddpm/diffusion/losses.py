@@ -31,8 +31,13 @@ def mean_flat(x: Tensor) -> Tensor:
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    # (logvar2 - logvar1) first: exactly 0 for identical Gaussians
+    return 0.5 * (
+        (logvar2 - logvar1)
+        + torch.exp(logvar1 - logvar2)
+        - 1.0
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -55,17 +60,22 @@ def discretized_gaussian_log_likelihood(
     half = 1.0 / (bins - 1)
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = standard_normal_cdf(inv_stdv * (centered + half))
-    cdf_min = standard_normal_cdf(inv_stdv * (centered - half))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
+    plus_in = inv_stdv * (centered + half)
+    min_in = inv_stdv * (centered - half)
+    # Bin masses from upper tails Q(z) = 1 - Φ(z) = erfc(z/√2)/2 on the side away from the mean:
+    # 1 - Φ(z) and Φ(b) - Φ(a) in float32 cancel to 0 beyond ~5σ (log-likelihood stuck at the
+    # 1e-12 floor for bins whose true mass is 1e-7..1e-12).
+    cdf_plus, sf_plus = _upper_tail(-plus_in), _upper_tail(plus_in)  # Φ(plus_in), 1 - Φ(plus_in)
+    cdf_min, sf_min = _upper_tail(-min_in), _upper_tail(min_in)
+    cdf_delta = torch.where(centered > 0, sf_min - sf_plus, cdf_plus - cdf_min)
     edge = 1.0 - half  # between the outermost bin centre and its neighbour
-    return torch.where(
-        x < -edge,
-        log_cdf_plus,
-        torch.where(x > edge, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
-    )
+    probs = torch.where(x < -edge, cdf_plus, torch.where(x > edge, sf_min, cdf_delta))
+    return torch.log(probs.clamp(min=1e-12))
+
+
+def _upper_tail(z: Tensor) -> Tensor:
+    """Q(z) = 1 - Φ(z), accurate in float32 far into the upper tail."""
+    return 0.5 * torch.erfc(z / math.sqrt(2.0))
 
 
 def vb_terms_bpd(
@@ -195,7 +205,8 @@ class UniformSampler:
             t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator,
                               device="cpu" if generator is None else generator.device)
             return t.to(device), torch.ones(batch_size, device=device)
-        p = torch.as_tensor(w / w.sum(), dtype=torch.float64)
+        p = torch.as_tensor(w / w.sum(), dtype=torch.float32,
+                            device="cpu" if generator is None else generator.device)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_timesteps * p[t])
         return t.to(device), weights.float().to(device)

@@ -1,0 +1,1 @@
+"""Small single-purpose Lightning callbacks; configs reference them by module path."""

@@ -1,0 +1,117 @@
+"""Helpers shared by the evaluation callbacks: cadence, logging outside Lightning's log cadence,
+image logging, data shapes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}"
+        )
+
+
+def is_fast_dev_run(trainer: pl.Trainer) -> bool:
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
+def log_metrics_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Send ``metrics`` to every logger at the current step (rank 0) and expose them in
+    ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor=...)`` and the task's metrics
+    see them). Unlike ``self.log`` this is not gated by ``log_every_n_steps`` and works in any
+    hook (also ``on_train_end``)."""
+    tensors = {k: torch.tensor(float(v)) for k, v in metrics.items()}
+    trainer.callback_metrics.update(tensors)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+
+
+def log_image(trainer: pl.Trainer, key: str, image: Tensor | None, path: Path) -> None:
+    """Log an image (uint8 (3, H, W), or only a PNG file) to the active loggers (rank 0).
+
+    W&B: ``WandbLogger.log_image``; TensorBoard: ``experiment.add_image``; others (CSV, none):
+    nothing, the PNG file is the record.
+    """
+    if not trainer.is_global_zero:
+        return
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        try:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[str(path)], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                img = image
+                if img is None:
+                    from ddpm.utils.images import read_png
+
+                    img = torch.from_numpy(read_png(path)).permute(2, 0, 1)
+                logger.experiment.add_image(key, img, global_step=step)
+        except Exception as e:  # a logger hiccup must never stop training
+            log.warning(
+                "could not log %s to %s: %s: %s", key, type(logger).__name__, type(e).__name__, e
+            )
+
+
+def sample_shape_of(
+    trainer: pl.Trainer, explicit: Sequence[int] | None, seen: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Shape of one sample: ``explicit``, else ``datamodule.sample_shape``, else the last training
+    batch's."""
+    if explicit is not None:
+        return tuple(int(s) for s in explicit)
+    dm = getattr(trainer, "datamodule", None)
+    shape = getattr(dm, "sample_shape", None) if dm is not None else None
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    if seen is not None:
+        return seen
+    raise ValueError(
+        "cannot tell the sample shape: give sample_shape=[C, H, W] (or [D]) or use "
+        "a datamodule with a `sample_shape` property"
+    )
+
+
+def batch_sample_shape(batch: Any) -> tuple[int, ...] | None:
+    x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    return tuple(x.shape[1:]) if isinstance(x, Tensor) and x.ndim >= 2 else None
+
+
+def denormalizer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    """``datamodule.denormalize`` (model space -> [0, 1]) when there is one."""
+    dm = getattr(trainer, "datamodule", None)
+    fn = getattr(dm, "denormalize", None) if dm is not None else None
+    return fn if callable(fn) else None
+
+
+class StepCadence:
+    """Fires once per optimizer step ``s`` with ``s % every_n_steps == 0`` (robust to gradient
+    accumulation, where ``on_train_batch_end`` runs several times per step)."""
+
+    def __init__(self, every_n_steps: int | None) -> None:
+        self.every_n_steps = every_n_steps
+        self.last_step = -1
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step == self.last_step:
+            return False
+        return step % self.every_n_steps == 0
+
+    def mark(self, trainer: pl.Trainer) -> None:
+        self.last_step = trainer.global_step

@@ -1,0 +1,205 @@
+"""Negative log-likelihood bound in bits/dim on a fixed validation subset while training.
+
+Every ``every_n_steps`` optimizer steps: the exact variational bound (DDPM eq. 5, all T terms,
+:func:`ddpm.diffusion.calc_bpd_loop`) of the first ``num_images`` validation images under the EMA
+network. Logged: ``val/nll_bpd`` (total), ``val/nll_prior_bpd`` (L_T), ``val/nll_decoder_bpd``
+(L_0, ``vb[:, 0]``) and ``val/nll_vb_bpd`` (Σ_{t>1} L_{t-1}, ``vb[:, 1:]``), so that
+total = prior + decoder + vb.
+
+The subset is split into chunks of ``batch_size`` images; chunk k uses noise from a generator
+seeded with ``seed + k`` and is evaluated by rank k mod W, and per-image sums are reduced over the
+ranks, so the value does not depend on the number of devices. There is no timestep stride: the
+bound needs every term, so keep ``num_images`` small instead (it costs T network calls per chunk).
+The bound assumes 8-bit images scaled to [-1, 1] (``normalization=minus_one_one``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from ddpm.callbacks._common import StepCadence, check_positive_int, is_fast_dev_run, log_metrics_now
+from ddpm.callbacks.sample_grid import model_device
+from ddpm.diffusion import calc_bpd_loop
+
+log = logging.getLogger(__name__)
+
+METRICS = ("val/nll_bpd", "val/nll_prior_bpd", "val/nll_decoder_bpd", "val/nll_vb_bpd")
+
+
+class NLLCallback(pl.Callback):
+    """Bits/dim of a fixed validation subset every ``every_n_steps`` optimizer steps.
+
+    Args:
+        every_n_steps: cadence in optimizer steps (None or 0: only ``at_train_end``).
+        num_images: the first N images of ``datamodule.val_dataloader()``.
+        batch_size: images per ``calc_bpd_loop`` call (also the unit of work per rank).
+        seed: chunk k draws its noise from a CPU ``torch.Generator`` seeded ``seed + k``.
+        use_ema: evaluate the EMA network when an EMA callback runs.
+        clip_denoised: clip x̂₀ to [-1, 1] in the posterior mean (as improved-diffusion's eval).
+        at_train_end: also evaluate when training ends (if not just done at that step).
+        progress: progress bar over the T terms on rank 0.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 5000,
+        num_images: int = 64,
+        batch_size: int = 64,
+        seed: int = 0,
+        use_ema: bool = True,
+        clip_denoised: bool = True,
+        at_train_end: bool = False,
+        progress: bool = False,
+    ) -> None:
+        check_positive_int("every_n_steps", every_n_steps or 1)
+        check_positive_int("num_images", num_images)
+        check_positive_int("batch_size", batch_size)
+        self.every_n_steps = int(every_n_steps) if every_n_steps else None
+        self.num_images = int(num_images)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.use_ema = bool(use_ema)
+        self.clip_denoised = bool(clip_denoised)
+        self.at_train_end = bool(at_train_end)
+        self.progress = bool(progress)
+        self.disabled = False
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._images: Tensor | None = None
+        self._cadence = StepCadence(self.every_n_steps)
+        self._warned = False
+
+    def _warn_disable(self, msg: str) -> None:
+        self.disabled = True
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(f"NLLCallback disabled: {msg}")
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._cadence.due(trainer):
+            self._cadence.mark(trainer)
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._cadence.last_step:
+            self._cadence.mark(trainer)
+            self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ work
+    def _val_images(self, trainer: pl.Trainer) -> Tensor | None:
+        """The first ``num_images`` validation images (model space, CPU), loaded once."""
+        if self._images is not None:
+            return self._images
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and callable(getattr(dm, "val_dataloader", None)):
+            loader = dm.val_dataloader()
+        else:
+            # Without a datamodule: the Trainer's own loader (sharded under DDP, so only exact
+            # on one device).
+            loader = trainer.val_dataloaders
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+        if loader is None:
+            self._warn_disable("no validation data (datamodule.val_dataloader())")
+            return None
+        norm = getattr(dm, "normalization", "minus_one_one") if dm is not None else None
+        if norm not in (None, "minus_one_one"):
+            rank_zero_warn(
+                f"NLLCallback: data normalization is {norm!r}; the bits/dim bound "
+                "assumes 8-bit images scaled to [-1, 1] (minus_one_one)"
+            )
+        got: list[Tensor] = []
+        n = 0
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            got.append(x.detach().float().cpu())
+            n += x.shape[0]
+            if n >= self.num_images:
+                break
+        if not got:
+            self._warn_disable("the validation loader is empty")
+            return None
+        images = torch.cat(got)[: self.num_images]
+        if images.ndim != 4:
+            self._warn_disable(
+                f"bits/dim needs images (B, C, H, W), got data of shape {tuple(images.shape[1:])}"
+            )
+            return None
+        if images.shape[0] < self.num_images:
+            rank_zero_warn(
+                f"NLLCallback: only {images.shape[0]} validation images "
+                f"(num_images={self.num_images})"
+            )
+        self._images = images
+        return images
+
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, float] | None:
+        """Compute and log the bound now. Collective: call on every rank."""
+        if self.disabled or is_fast_dev_run(trainer):
+            return None
+        images = self._val_images(trainer)
+        if images is None:
+            return None
+        model = pl_module.denoiser(use_ema=self.use_ema)
+        device = model_device(model, pl_module.device)
+        diffusion = pl_module.diffusion
+        rank, world = trainer.global_rank, trainer.world_size
+        # per-image sums: total, prior, decoder, vb; and the image count
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            for k, start in enumerate(range(0, images.shape[0], self.batch_size)):
+                if k % world != rank:
+                    continue
+                x = images[start : start + self.batch_size].to(device)
+                # CPU noise: the same values on any device type
+                g = torch.Generator().manual_seed(self.seed + k)
+                out = calc_bpd_loop(
+                    diffusion,
+                    model,
+                    x,
+                    clip_denoised=self.clip_denoised,
+                    generator=g,
+                    progress=self.progress and trainer.is_global_zero,
+                )
+                vb = out["vb"].double()
+                sums += torch.stack(
+                    [
+                        out["total_bpd"].double().sum(),
+                        out["prior_bpd"].double().sum(),
+                        vb[:, 0].sum(),
+                        vb[:, 1:].sum(),
+                        torch.tensor(float(x.shape[0]), dtype=torch.float64, device=device),
+                    ]
+                )
+        finally:
+            model.train(was_training)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        n = float(sums[4])
+        values = (sums[:4] / n).tolist()
+        metrics = dict(zip(METRICS, values))
+        log_metrics_now(trainer, metrics)
+        self.history.append((trainer.global_step, metrics))
+        if trainer.is_global_zero:
+            log.info(
+                "step %d: val/nll_bpd=%.4f (prior %.2e, decoder %.4f, vb %.4f)",
+                trainer.global_step,
+                *values,
+            )
+        return metrics

@@ -1,0 +1,222 @@
+"""Sample grids from fixed seeds while training, plus a denoising strip (x_t and x̂₀ over time).
+
+Every ``every_n_steps`` optimizer steps rank 0 draws ``num_samples`` samples with the configured
+sampler and the EMA weights (``pl_module.denoiser(use_ema=True)``), sample i from seed
+``seed + i`` (:class:`~ddpm.utils.seeding.PerSampleGenerator`), so the same seeds give the same
+grid whatever ``batch_size`` or the number of devices. The grid is saved as
+``<output_dir>/step_0001000.png`` and the strip as ``<output_dir>/denoise_step_0001000.png``, and
+both are logged to W&B / TensorBoard when those loggers are active. 2-D toy data gives scatter
+plots instead of image grids. Other ranks skip (no collective inside), so under DDP they simply
+wait for rank 0 at the next gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from ddpm.callbacks._common import (
+    StepCadence,
+    batch_sample_shape,
+    check_positive_int,
+    denormalizer,
+    is_fast_dev_run,
+    log_image,
+    sample_shape_of,
+)
+from ddpm.utils.images import (
+    denoising_trajectory,
+    save_denoising_strip,
+    save_grid,
+    save_scatter,
+)
+from ddpm.utils.seeding import PerSampleGenerator
+
+log = logging.getLogger(__name__)
+
+
+def model_device(model: Any, default: torch.device | str = "cpu") -> torch.device:
+    """Device of ``model``'s first parameter or buffer (``default`` if it has none)."""
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+    return torch.device(default)
+
+
+def default_sampler() -> Callable[..., Any]:
+    """DDIM with 50 steps (η = 0), used when no sampler is configured."""
+    from ddpm.diffusion.samplers import DDIMSampler
+
+    return DDIMSampler(steps=50)
+
+
+@torch.inference_mode()
+def sample_with_seeds(
+    sampler: Callable[..., Any],
+    model: Callable[[Tensor, Tensor], Tensor],
+    diffusion: Any,
+    sample_shape: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Samples for ``seeds`` (one per sample), drawn ``batch_size`` at a time; CPU float32."""
+    out = []
+    seeds = list(seeds)
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        gen = PerSampleGenerator(chunk, device=device or "cpu")
+        x = sampler(model, diffusion, (len(chunk), *sample_shape), generator=gen, device=device)
+        out.append(x.detach().float().cpu())
+    return torch.cat(out) if out else torch.empty(0, *sample_shape)
+
+
+class SampleGrid(pl.Callback):
+    """Save (and log) a grid of samples and a denoising strip every ``every_n_steps`` steps.
+
+    Args:
+        sampler: ``sampler(model, diffusion, shape, *, generator, return_intermediates, device)``
+            (``ddpm.diffusion.samplers``; the Hydra ``sampler`` node). Default: DDIM, 50 steps.
+        every_n_steps: cadence in optimizer steps (None or 0: only at the end of training).
+        num_samples: images in the grid (a square number gives a square grid).
+        batch_size: samples per sampler call (does not change the images).
+        seed: sample i uses seed ``seed + i``.
+        output_dir: where the PNGs go (default ``<trainer.default_root_dir>/samples``).
+        at_train_end: also sample once when training ends (if not just done at that step).
+        use_ema: sample with the EMA network when an EMA callback runs.
+        nrow: images per grid row (default ceil(sqrt(num_samples))).
+        strip_seeds: seeds of the denoising strip's rows (one x_t and one x̂₀ row each); empty
+            disables the strip. For 2-D data the strip shows all ``num_samples`` points.
+        strip_frames: number of timesteps shown in the strip.
+        sample_shape: shape of one sample; default ``datamodule.sample_shape``.
+    """
+
+    def __init__(
+        self,
+        sampler: Callable[..., Any] | None = None,
+        every_n_steps: int | None = 500,
+        num_samples: int = 64,
+        batch_size: int = 64,
+        seed: int = 0,
+        output_dir: str | None = None,
+        at_train_end: bool = True,
+        use_ema: bool = True,
+        nrow: int | None = None,
+        strip_seeds: Sequence[int] = (0, 1),
+        strip_frames: int = 8,
+        sample_shape: Sequence[int] | None = None,
+    ) -> None:
+        check_positive_int("every_n_steps", every_n_steps or 1)
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("nrow", nrow, allow_none=True)
+        check_positive_int("strip_frames", strip_frames)
+        self.sampler = sampler
+        self.every_n_steps = int(every_n_steps) if every_n_steps else None
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.output_dir = output_dir
+        self.at_train_end = bool(at_train_end)
+        self.use_ema = bool(use_ema)
+        self.nrow = nrow
+        self.strip_seeds = [int(s) for s in strip_seeds]
+        self.strip_frames = int(strip_frames)
+        self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
+        self._cadence = StepCadence(self.every_n_steps)
+        self._seen_shape: tuple[int, ...] | None = None
+        self.saved: list[Path] = []  # every PNG written (rank 0)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._seen_shape is None:
+            self._seen_shape = batch_sample_shape(batch)
+        if self._cadence.due(trainer):
+            self._cadence.mark(trainer)
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._cadence.last_step:
+            self._cadence.mark(trainer)
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ work
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
+        """Draw, save and log the grid and the strip now (rank 0 only; others return [])."""
+        if not trainer.is_global_zero:
+            return []
+        if is_fast_dev_run(trainer):
+            log.info("SampleGrid: skipped under fast_dev_run")
+            return []
+        sampler = self.sampler if self.sampler is not None else default_sampler()
+        model = pl_module.denoiser(use_ema=self.use_ema)
+        diffusion = pl_module.diffusion
+        device = model_device(model, pl_module.device)
+        shape = sample_shape_of(trainer, self.sample_shape, self._seen_shape)
+        denorm = denormalizer(trainer)
+        step = trainer.global_step
+        out_dir = self._dir(trainer)
+        written: list[Path] = []
+        was_training = model.training
+        model.eval()
+        try:
+            samples = sample_with_seeds(
+                sampler,
+                model,
+                diffusion,
+                shape,
+                range(self.seed, self.seed + self.num_samples),
+                self.batch_size,
+                device=device,
+            )
+            path = out_dir / f"step_{step:07d}.png"
+            if len(shape) == 1:
+                if shape[0] != 2:
+                    log.warning("SampleGrid: cannot plot %d-D vectors; skipped", shape[0])
+                    return []
+                save_scatter(denorm(samples) if denorm else samples, path, title=f"step {step}")
+                grid = None
+            else:
+                grid = save_grid(samples, path, nrow=self.nrow, denormalize=denorm)
+            written.append(path)
+            log_image(trainer, "samples/grid", grid, path)
+
+            strip_seeds = self.strip_seeds
+            if len(shape) == 1 and strip_seeds:  # a point cloud needs many points
+                strip_seeds = list(range(self.seed, self.seed + self.num_samples))
+            if strip_seeds:
+                traj = denoising_trajectory(
+                    sampler, model, diffusion, shape, strip_seeds, self.strip_frames, device=device
+                )
+                if denorm is not None and len(shape) == 1:
+                    traj = {
+                        **traj,
+                        "x_t": denorm(traj["x_t"]),
+                        "pred_xstart": denorm(traj["pred_xstart"]),
+                    }
+                strip_path = out_dir / f"denoise_step_{step:07d}.png"
+                strip = save_denoising_strip(
+                    traj, strip_path, denormalize=denorm if len(shape) > 1 else None
+                )
+                written.append(strip_path)
+                log_image(trainer, "samples/denoising", strip, strip_path)
+        finally:
+            model.train(was_training)
+        self.saved.extend(written)
+        return written

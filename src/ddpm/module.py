@@ -1,0 +1,215 @@
+"""The LightningModule: an ε-network (or x₀/v-network) trained with a diffusion objective.
+
+Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
+the optimizer and LR schedule from config (``_partial_`` callables). Validation uses a seeded
+generator so ``val/loss`` is comparable across evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, LossSecondMomentSampler, UniformSampler
+
+CONFIG_KEY = "ddpm_config"
+
+
+class LinearWarmup:
+    """LR multiplier min(1, (step + 1) / warmup_steps): DDPM's linear warmup (5000 steps)."""
+
+    def __init__(self, warmup_steps: int = 5000) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 5000
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with DDPM's linear warmup over ``warmup_steps`` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
+
+
+def find_ema(trainer: pl.Trainer | None) -> Any | None:
+    """The EMA callback attached to ``trainer`` (anything with an ``ema_net`` attribute), if any."""
+    if trainer is None:
+        return None
+    for cb in trainer.callbacks:
+        if getattr(cb, "ema_net", None) is not None:
+            return cb
+    return None
+
+
+class DiffusionModule(pl.LightningModule):
+    """Wraps ``net`` and the diffusion loss.
+
+    Args:
+        net: ``net(x_t, t) -> output`` (``ddpm.nn``); output channels must match the diffusion's
+            ``model_output_channels``.
+        diffusion: the :class:`GaussianDiffusion` (schedule, prediction and variance type).
+        loss: a :class:`DiffusionLoss` (simple / hybrid / vlb).
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
+        lr_scheduler: ``optimizer -> LRScheduler`` stepped every optimizer step, or None.
+        timestep_sampler: ``uniform`` or ``loss_second_moment`` (improved DDPM importance sampling).
+        val_seed: seed of the validation generator (same t and noise at every evaluation).
+        train_seed: seed of the training t/noise generator (offset by rank).
+        compile: wrap the network in ``torch.compile`` for training.
+        run_config: the resolved run config (plain dict) stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        loss: DiffusionLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        timestep_sampler: str = "uniform",
+        val_seed: int = 1234,
+        train_seed: int = 0,
+        compile: bool = False,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        loss.check(diffusion)
+        self.net = net
+        self.diffusion = diffusion
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        if timestep_sampler == "uniform":
+            self.t_sampler = UniformSampler(diffusion.num_timesteps)
+        elif timestep_sampler == "loss_second_moment":
+            self.t_sampler = LossSecondMomentSampler(diffusion.num_timesteps)
+        else:
+            raise ValueError(
+                "timestep_sampler must be one of ['uniform', 'loss_second_moment'], "
+                f"got {timestep_sampler!r}"
+            )
+        self.val_seed = int(val_seed)
+        self.train_seed = int(train_seed)
+        self.run_config = run_config
+        self.compile = bool(compile)
+        # Kept out of the module registry (no duplicate keys in the state_dict).
+        self.__dict__["_train_net"] = torch.compile(net) if compile else net
+        self.__dict__["_generator"] = None
+
+    def _train_generator(self, device: torch.device) -> torch.Generator:
+        """The training-noise generator: seeded per rank (ranks draw different t and ε), saved
+        in checkpoints so a resumed run draws the same noise as an uninterrupted one."""
+        g = self.__dict__["_generator"]
+        if g is None or g.device != device:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.train_seed * 1_000_003 + 7919 * self.global_rank)
+            pending = self.__dict__.pop("_pending_generator_state", None)
+            if pending is not None:
+                g.set_state(pending)
+            self.__dict__["_generator"] = g
+        return g
+
+    # ------------------------------------------------------------------ inference helpers
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(x_t, t)
+
+    def denoiser(self, use_ema: bool = True) -> nn.Module:
+        """The network to sample with: the EMA copy when an EMA callback runs, else ``net``."""
+        ema = find_ema(self._trainer) if use_ema else None
+        return ema.ema_net if ema is not None else self.net
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor | None
+                ) -> dict[str, Tensor]:
+        return self.loss_fn(self.diffusion, net, x0, t, noise)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        g = self._train_generator(x0.device)
+        t, weights = self.t_sampler.sample(x0.shape[0], x0.device, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        terms = self._losses(self.__dict__["_train_net"], x0, t, noise)
+        if isinstance(self.t_sampler, LossSecondMomentSampler):
+            self.t_sampler.update(t, terms["vb"] if "vb" in terms else terms["loss"])
+        loss = (terms["loss"] * weights).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/mse", terms["mse"].mean(), on_step=True, on_epoch=False)
+        if "vb" in terms:
+            self.log("train/vb", terms["vb"].mean(), on_step=True, on_epoch=False)
+        if self.trainer is not None and (batch_idx % max(1, self.trainer.log_every_n_steps) == 0):
+            self._log_quartiles("train", t, terms["loss"].detach())
+        return loss
+
+    def _log_quartiles(self, prefix: str, t: Tensor, per_sample: Tensor, **kw: Any) -> None:
+        """Loss by quartile of t (q0 = smallest t, least noise)."""
+        q = (t * 4 // self.diffusion.num_timesteps).clamp(max=3)
+        for i in range(4):
+            m = q == i
+            cnt = m.sum()
+            val = torch.where(cnt > 0, (per_sample * m).sum() / cnt.clamp(min=1), torch.nan)
+            self.log(f"{prefix}/loss_q{i}", val, on_step=prefix == "train",
+                     on_epoch=prefix != "train", **kw)
+
+    # ------------------------------------------------------------------ validation
+    def _val_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Timesteps and noise from a generator seeded by (val_seed, batch index, rank)."""
+        g = torch.Generator().manual_seed(self.val_seed * 100003 + batch_idx * 7919
+                                          + 1000003 * self.global_rank)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return t.to(x0.device), noise.to(x0.device, x0.dtype)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        t, noise = self._val_noise(x0, batch_idx)
+        terms = self._losses(self.net, x0, t, noise)
+        self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
+        self._log_quartiles("val", t, terms["loss"], sync_dist=True)
+        ema = find_ema(self._trainer)
+        if ema is not None:
+            ema_terms = self._losses(ema.ema_net, x0, t, noise)
+            self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config
+        g = self.__dict__["_generator"]
+        if g is not None:
+            # Every rank's stream (collective: on_save_checkpoint runs on all ranks).
+            state = g.get_state().to(self.device)
+            world = self.trainer.world_size
+            if world > 1:
+                state = self.all_gather(state)  # (world, n)
+            checkpoint["ddpm_generator_state"] = state.cpu().reshape(world, -1)
+        if isinstance(self.t_sampler, LossSecondMomentSampler):
+            checkpoint["ddpm_t_sampler"] = {
+                k: torch.from_numpy(v) for k, v in self.t_sampler.state_dict().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("ddpm_generator_state")
+        self.__dict__["_generator"] = None
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if states is not None and states.shape[0] == world:
+            self.__dict__["_pending_generator_state"] = states[self.global_rank].clone()
+        elif states is not None:
+            # Resumed on another number of devices: fresh per-rank streams, offset by the step.
+            self.train_seed += int(checkpoint.get("global_step", 0))
+        state = checkpoint.get("ddpm_t_sampler")
+        if state is not None and isinstance(self.t_sampler, LossSecondMomentSampler):
+            self.t_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})

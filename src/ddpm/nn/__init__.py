@@ -1,0 +1,15 @@
+"""Networks ``forward(x_t, t) -> output``; they know nothing of noise schedules."""
+
+from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
+from ddpm.nn.mlp import MLPDenoiser
+from ddpm.nn.unet import PRESETS, UNet, count_parameters, unet_preset
+
+__all__ = [
+    "PRESETS",
+    "MLPDenoiser",
+    "UNet",
+    "broadcast_timesteps",
+    "count_parameters",
+    "timestep_embedding",
+    "unet_preset",
+]

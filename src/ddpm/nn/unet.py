@@ -1,0 +1,468 @@
+"""The DDPM U-Net (Ho et al. 2020, App. B; improved-diffusion's ``UNetModel`` options).
+
+Layout (``L = len(channel_mult)`` levels, feature-map size halving between levels)::
+
+    t -> sinusoidal(model_channels) -> Linear -> SiLU -> Linear  (emb, 4 * model_channels)
+    x -> conv3x3 -> [level l: num_res_blocks x (ResBlock [+ attention]), downsample] x L
+      -> middle: ResBlock, attention, ResBlock
+      -> [level l reversed: (num_res_blocks + 1) x (concat skip, ResBlock [+ attention]),
+          upsample] x L
+      -> GroupNorm -> SiLU -> conv3x3 (zero-init) -> (B, out_channels, H, W)
+
+Every down-path output (and the input conv's) is a skip that one up-path block concatenates,
+as in DDPM. ResBlocks: GroupNorm, SiLU, conv3x3, + projection of the timestep embedding,
+GroupNorm, SiLU, dropout, conv3x3 (zero-init), 1x1 skip conv when channels change. Attention
+is multi-head self-attention over the H*W positions (``F.scaled_dot_product_attention``) with
+a zero-initialised output projection. With ``cifar10`` settings this is DDPM's 35.7M-parameter
+CIFAR-10 model. GroupNorm uses PyTorch's eps 1e-5 (improved-diffusion; DDPM's TF used 1e-6).
+
+The network knows nothing of noise schedules: ``forward(x_t, t)`` returns whatever the caller
+trains it to predict (ε, x_0, v, and optionally the variance interpolation ``v`` of improved
+DDPM, eq. 15, when ``out_channels = 2 * in_channels``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
+
+__all__ = ["PRESETS", "UNet", "count_parameters", "unet_preset"]
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise all parameters of ``module`` (DDPM's ``init_scale=0``) and return it."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    if channels % groups:
+        divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+        raise ValueError(
+            f"norm_groups={groups} does not divide a feature map with {channels} channels; "
+            f"allowed values divide every channel count, e.g. one of {divisors}"
+        )
+    return nn.GroupNorm(groups, channels)
+
+
+def _resample(x: Tensor, mode: str) -> Tensor:
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class ResBlock(nn.Module):
+    """DDPM residual block with the timestep projection added after the first conv.
+
+    ``use_scale_shift_norm`` (improved DDPM / BigGAN): instead of adding the projection, the
+    second GroupNorm output is modulated as ``norm(h) * (1 + scale) + shift``. ``resample``
+    ("up" | "down") resamples inside the block (``resblock_updown``; nearest / 2x2 average).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        dropout: float,
+        norm_groups: int,
+        use_scale_shift_norm: bool = False,
+        resample: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resample = resample
+        self.norm1 = _group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(
+            emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels
+        )
+        self.norm2 = _group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """``x`` (B, C_in, H, W), ``emb`` (B, emb_channels) already passed through SiLU."""
+        h = F.silu(self.norm1(x))
+        if self.resample is not None:
+            h = _resample(h, self.resample)
+            x = _resample(x, self.resample)
+        h = self.conv1(h)
+        e = self.emb_proj(emb)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions: GroupNorm, qkv projection, SDPA, zero-init proj.
+
+    The projections are ``nn.Linear`` on (B, HW, C) tokens (equivalent to DDPM's 1x1 convs):
+    this gives SDPA queries with a contiguous head dim, which its fused CPU kernel needs, for
+    both NCHW and channels_last inputs, at the cost of at most one transpose of the input.
+    """
+
+    def __init__(self, channels: int, num_heads: int, norm_groups: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _group_norm(channels, norm_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = _zero(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view if channels_last
+        # (B, HW, 3C) -> (B, HW, 3, heads, head_dim) -> q, k, v: (B, heads, HW, head_dim)
+        q, k, v = (
+            self.qkv(h).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        # (B, HW, C) -> (B, C, H, W) with channels_last strides; the sum takes x's layout.
+        return x + self.proj(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3 (DDPM's ``resamp_with_conv``), padding 1 as in improved-diffusion.
+
+    DDPM's TensorFlow "SAME" padding is asymmetric (0 left/top, 1 right/bottom): same parameters,
+    one-pixel shift of the sampling grid; matters only when porting DDPM checkpoints.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a conv3x3."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNetBlock(nn.Module):
+    """ResBlock, then optional attention, then optional resampling (``Upsample`` / ResBlock)."""
+
+    def __init__(
+        self, res: ResBlock, attn: AttentionBlock | None = None, resample: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn
+        self.resample = resample
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.res(x, emb)
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.resample is not None:
+            h = self.resample(h, emb)
+        return h
+
+
+def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, int):
+        value = (value,)
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of integers, got {value!r}") from None
+
+
+class UNet(nn.Module):
+    """The DDPM / improved-DDPM U-Net; ``forward(x, t) -> (B, out_channels, H, W)``.
+
+    Args:
+        in_channels: image channels C.
+        out_channels: output channels; ``None`` means ``in_channels`` (pass ``2 * in_channels``
+            when the variance is learned, improved DDPM §3.1).
+        image_size: H = W of the inputs; must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        model_channels: base width ``ch``; level ``l`` has ``ch * channel_mult[l]`` channels and
+            the timestep embedding has ``4 * ch``.
+        channel_mult: width multiplier per level (one down-sampling between levels).
+        num_res_blocks: ResBlocks per level on the way down (``+ 1`` on the way up).
+        attention_resolutions: feature-map sizes (pixels) at which self-attention follows each
+            ResBlock (16 means where the map is 16x16). The middle block always has attention.
+        dropout: dropout probability before the second conv of each ResBlock.
+        num_heads: attention heads (used when ``num_head_channels == -1``).
+        num_head_channels: channels per head; overrides ``num_heads`` unless -1.
+        use_scale_shift_norm: FiLM-like conditioning on the timestep (improved DDPM).
+        resblock_updown: resample with ResBlocks instead of conv / nearest+conv (BigGAN style).
+        norm_groups: GroupNorm groups; must divide every channel count.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        image_size: int = 32,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        channel_mult = _as_int_tuple("channel_mult", channel_mult)
+        attention_resolutions = _as_int_tuple("attention_resolutions", attention_resolutions)
+        out_channels = in_channels if out_channels is None else out_channels
+        for name, value, low in [
+            ("in_channels", in_channels, 1),
+            ("out_channels", out_channels, 1),
+            ("image_size", image_size, 1),
+            ("model_channels", model_channels, 1),
+            ("num_res_blocks", num_res_blocks, 1),
+            ("norm_groups", norm_groups, 1),
+        ]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not channel_mult or min(channel_mult) < 1:
+            raise ValueError(
+                f"channel_mult must be a non-empty sequence of integers >= 1, got {channel_mult}"
+            )
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size % factor:
+            raise ValueError(
+                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} "
+                f"(channel_mult={channel_mult} down-samples {len(channel_mult) - 1} times); "
+                f"use a multiple of {factor} or a shorter channel_mult"
+            )
+        resolutions = [image_size // 2**level for level in range(len(channel_mult))]
+        absent = [r for r in attention_resolutions if r not in resolutions]
+        if absent:
+            raise ValueError(
+                f"attention_resolutions {absent} never occur; the feature-map sizes of this "
+                f"network are {resolutions} (image_size={image_size}, channel_mult={channel_mult})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if num_head_channels == -1:
+            if not isinstance(num_heads, int) or num_heads < 1:
+                raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        elif not isinstance(num_head_channels, int) or num_head_channels < 1:
+            raise ValueError(
+                f"num_head_channels must be -1 (use num_heads) or an integer >= 1, "
+                f"got {num_head_channels!r}"
+            )
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.image_size = image_size
+        self.model_channels = model_channels
+        self.config: dict[str, Any] = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            image_size=image_size,
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            dropout=dropout,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            norm_groups=norm_groups,
+        )
+
+        emb_channels = 4 * model_channels
+
+        def res_block(c_in: int, c_out: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(
+                c_in, c_out, emb_channels, dropout, norm_groups, use_scale_shift_norm, resample
+            )
+
+        def attention(channels: int) -> AttentionBlock:
+            if num_head_channels == -1:
+                if channels % num_heads:
+                    raise ValueError(
+                        f"num_heads={num_heads} must divide the {channels} channels of an "
+                        f"attention block"
+                    )
+                heads = num_heads
+            else:
+                if channels % num_head_channels:
+                    raise ValueError(
+                        f"num_head_channels={num_head_channels} must divide the {channels} "
+                        f"channels of an attention block"
+                    )
+                heads = channels // num_head_channels
+            return AttentionBlock(channels, heads, norm_groups)
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_channels),
+            nn.SiLU(),
+            nn.Linear(emb_channels, emb_channels),
+        )
+        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+
+        # Down path: every block's output is a skip for the up path.
+        ch = model_channels
+        skip_channels = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            res = resolutions[level]
+            for _ in range(num_res_blocks):
+                block = res_block(ch, model_channels * mult)
+                ch = model_channels * mult
+                attn = attention(ch) if res in attention_resolutions else None
+                self.down.append(UNetBlock(block, attn))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(res_block(ch, ch, "down") if resblock_updown else Downsample(ch))
+                skip_channels.append(ch)
+
+        # Middle: ResBlock, attention, ResBlock.
+        self.mid1 = UNetBlock(res_block(ch, ch), attention(ch))
+        self.mid2 = res_block(ch, ch)
+
+        # Up path: num_res_blocks + 1 blocks per level, each concatenating one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = resolutions[level]
+            for i in range(num_res_blocks + 1):
+                block = res_block(ch + skip_channels.pop(), model_channels * mult)
+                ch = model_channels * mult
+                attn = attention(ch) if res in attention_resolutions else None
+                upsample = None
+                if level != 0 and i == num_res_blocks:
+                    upsample = res_block(ch, ch, "up") if resblock_updown else Upsample(ch)
+                self.up.append(UNetBlock(block, attn, upsample))
+
+        self.out_norm = _group_norm(ch, norm_groups)
+        self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def _check_inputs(self, x: Tensor, t: Tensor | int | float) -> Tensor:
+        """Shape checks (no host sync); returns ``t`` as a (B,) tensor on ``x.device``."""
+        if x.ndim != 4:
+            raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"x has {C} channels but the model has in_channels={self.in_channels}")
+        if H != self.image_size or W != self.image_size:
+            raise ValueError(
+                f"x has spatial size {H}x{W} but the model has image_size={self.image_size}"
+            )
+        return broadcast_timesteps(t, B, x.device)
+
+    def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
+        """``x`` (B, in_channels, H, W), ``t`` (B,) or scalar -> (B, out_channels, H, W)."""
+        t = self._check_inputs(x, t)
+        emb = timestep_embedding(t, self.model_channels).to(self.input_conv.weight.dtype)
+        # Every block starts its timestep projection with SiLU; apply it once here.
+        emb = F.silu(self.time_embed(emb))
+
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.mid2(self.mid1(h, emb), emb)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+# Constructor kwargs of named configurations; ``unet_preset(name, **overrides)`` builds one.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DDPM CIFAR-10 (Ho et al. 2020, App. B): 35.7M parameters.
+    "cifar10": dict(
+        in_channels=3,
+        image_size=32,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    ),
+    # For unit tests on CPU (0.18M parameters).
+    "tiny": dict(
+        in_channels=3,
+        image_size=16,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        dropout=0.0,
+        norm_groups=8,
+    ),
+    # 8x8 sklearn digits upscaled to 16x16, for minutes of CPU training (1.6M parameters):
+    # 16 -> 8 -> 4 with 32, 64, 64 channels, attention at 8; 16 groups keep 2+ channels a group.
+    "digits": dict(
+        in_channels=1,
+        image_size=16,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(8,),
+        dropout=0.1,
+        norm_groups=16,
+    ),
+    # MNIST 28x28: 28 -> 14 -> 7, attention at 14.
+    "mnist": dict(
+        in_channels=1,
+        image_size=28,
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(14,),
+        dropout=0.1,
+    ),
+    # CelebA 64x64: DDIM's CelebA-64 model (Song et al. 2021, configs/celeba.yml):
+    # 64 -> 32 -> 16 -> 8 -> 4, attention at 16.
+    "celeba64": dict(
+        in_channels=3,
+        image_size=64,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2, 4),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    ),
+    # DDPM LSUN / CelebA-HQ 256x256 (Ho et al. 2020, App. B): 114M parameters, no dropout.
+    "lsun256": dict(
+        in_channels=3,
+        image_size=256,
+        model_channels=128,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.0,
+    ),
+}
+
+
+def unet_preset(name: str, **overrides: Any) -> UNet:
+    """Build the ``PRESETS[name]`` U-Net, with constructor kwargs overridden by ``overrides``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; allowed values: {sorted(PRESETS)}")
+    return UNet(**{**PRESETS[name], **overrides})

@@ -1,0 +1,1 @@
+"""Plain task functions (``train(cfg)``, ``sample(cfg)``, ...) behind the thin Hydra scripts."""

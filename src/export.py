@@ -1,0 +1,20 @@
+"""Export a checkpoint's EMA network to safetensors (config as metadata).
+
+    python src/export.py ckpt_path=PATH out=model.safetensors
+    python src/sample.py ckpt_path=model.safetensors sampler=ddim
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import ddpm.config  # noqa: F401 - registers resolvers before Hydra composes
+from ddpm.tasks.export import export
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Sample-grid callback: PNG layout, batch-size invariance, denoising strip, 2-D data, loggers."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ddpm.callbacks.ema import EMA
+from ddpm.callbacks.sample_grid import SampleGrid, sample_with_seeds
+from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
+from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler
+from ddpm.module import DiffusionModule
+from ddpm.utils.images import denoising_trajectory, read_png, strip_timesteps, to_uint8
+
+SIZE = 8  # image side
+
+
+class TinyEpsNet(nn.Module):
+    def __init__(self, channels: int = 1, hidden: int = 8, num_timesteps: int = 50) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.emb = nn.Embedding(num_timesteps, hidden)
+        self.drop = nn.Dropout(0.5)  # eval mode matters for sampling
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.drop(F.silu(self.conv1(x) + self.emb(t)[:, :, None, None])))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, dim: int = 2, hidden: int = 32, num_timesteps: int = 50) -> None:
+        super().__init__()
+        self.T = num_timesteps
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, (t.float() / self.T)[:, None]], dim=1))
+
+
+def make_module(net: nn.Module) -> DiffusionModule:
+    return DiffusionModule(
+        net=net,
+        diffusion=GaussianDiffusion(num_timesteps=50),
+        loss=DiffusionLoss("simple"),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+    )
+
+
+def image_loader(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.rand(n, 1, SIZE, SIZE, generator=g) * 2 - 1), batch_size=8
+    )
+
+
+def point_loader(n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 2, generator=g)), batch_size=16)
+
+
+def fit(
+    module: pl.LightningModule, data: DataLoader, callbacks: list, steps: int = 4, **kw
+) -> pl.Trainer:
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    t = pl.Trainer(max_steps=steps, callbacks=callbacks, **opts)
+    t.fit(module, data)
+    return t
+
+
+def grid_side(n_per_row: int, image: int = SIZE, padding: int = 2) -> int:
+    return n_per_row * (image + padding) + padding
+
+
+@pytest.mark.parametrize(
+    "sampler", [DDIMSampler(steps=10), DDPMSampler(steps=10)], ids=["ddim", "ddpm"]
+)
+def test_grid_png_is_the_same_for_any_batch_size(sampler, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = make_module(TinyEpsNet())
+    a = SampleGrid(
+        sampler,
+        every_n_steps=4,
+        num_samples=16,
+        batch_size=16,
+        seed=7,
+        output_dir=str(tmp_path / "a"),
+        at_train_end=False,
+    )
+    b = SampleGrid(
+        sampler,
+        every_n_steps=4,
+        num_samples=16,
+        batch_size=5,
+        seed=7,
+        output_dir=str(tmp_path / "b"),
+        at_train_end=False,
+    )
+    fit(module, image_loader(), [EMA(decay=0.9), a, b], steps=4)
+    pa, pb = tmp_path / "a" / "step_0000004.png", tmp_path / "b" / "step_0000004.png"
+    assert pa.is_file() and pb.is_file()
+    img_a, img_b = read_png(pa), read_png(pb)
+    assert img_a.shape == (grid_side(4), grid_side(4), 3)  # 16 samples -> 4 x 4 grid
+    assert np.array_equal(img_a, img_b)
+    assert img_a.std() > 0
+    # denoising strip: 2 seeds x (x_t row, x0 row), ~8 timesteps as columns
+    strip = read_png(tmp_path / "a" / "denoise_step_0000004.png")
+    assert strip.shape[0] == grid_side(4)
+    assert strip.shape[1] in {grid_side(k) for k in range(5, 9)}
+    assert a.saved == [pa, tmp_path / "a" / "denoise_step_0000004.png"]
+
+
+def test_same_seeds_same_samples_across_batch_sizes_and_model_modes() -> None:
+    torch.manual_seed(0)
+    net, diffusion = TinyEpsNet().eval(), GaussianDiffusion(num_timesteps=50)
+    sampler = DDPMSampler(steps=10)
+    x16 = sample_with_seeds(sampler, net, diffusion, (1, SIZE, SIZE), range(16), 16)
+    x3 = sample_with_seeds(sampler, net, diffusion, (1, SIZE, SIZE), range(16), 3)
+    assert torch.equal(to_uint8(x16), to_uint8(x3))
+    other = sample_with_seeds(sampler, net, diffusion, (1, SIZE, SIZE), range(16, 32), 16)
+    assert not torch.equal(x16, other)
+
+
+def test_denoising_trajectory_frames() -> None:
+    torch.manual_seed(0)
+    net, diffusion = TinyEpsNet().eval(), GaussianDiffusion(num_timesteps=50)
+    assert strip_timesteps(50, 8) == [49, 42, 35, 28, 21, 14, 7, 0]
+    traj = denoising_trajectory(
+        DDIMSampler(steps=50), net, diffusion, (1, SIZE, SIZE), [0, 1], num_frames=8
+    )
+    assert traj["timesteps"].tolist() == [49, 42, 35, 28, 21, 14, 7, 0]
+    assert traj["x_t"].shape == traj["pred_xstart"].shape == (8, 2, 1, SIZE, SIZE)
+    # the last frame's x0 prediction is DDIM's output
+    torch.testing.assert_close(traj["pred_xstart"][-1], traj["samples"])
+
+
+def test_train_mode_restored_and_raw_net_sampling(tmp_path: Path) -> None:
+    class CheckTrainMode(pl.Callback):
+        def __init__(self) -> None:
+            self.modes: list[bool] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.modes.append(pl_module.net.training)
+
+    check = CheckTrainMode()
+    cb = SampleGrid(
+        DDIMSampler(steps=5),
+        every_n_steps=2,
+        num_samples=4,
+        batch_size=4,
+        use_ema=False,
+        output_dir=str(tmp_path),
+        strip_seeds=[],
+    )
+    fit(make_module(TinyEpsNet()), image_loader(), [cb, check], steps=5)
+    assert all(check.modes) and len(check.modes) == 5
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # steps 2 and 4, and the end of training (step 5); no strip
+    assert names == ["step_0000002.png", "step_0000004.png", "step_0000005.png"]
+
+
+def test_two_dimensional_data_gives_scatter_plots(tmp_path: Path) -> None:
+    cb = SampleGrid(
+        DDIMSampler(steps=10),
+        every_n_steps=3,
+        num_samples=64,
+        batch_size=32,
+        output_dir=str(tmp_path),
+        at_train_end=False,
+    )
+    fit(make_module(TinyMLP()), point_loader(), [EMA(decay=0.9), cb], steps=3)
+    for name in ("step_0000003.png", "denoise_step_0000003.png"):
+        img = read_png(tmp_path / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
+
+
+def test_loggers_receive_the_images(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardLogger(str(tmp_path / "tb"), name="", version="")
+    csv = CSVLogger(str(tmp_path / "csv"), name="", version="")
+    cb = SampleGrid(
+        DDIMSampler(steps=5), every_n_steps=2, num_samples=4, batch_size=4, at_train_end=False
+    )
+    fit(
+        make_module(TinyEpsNet()),
+        image_loader(),
+        [EMA(), cb],
+        steps=2,
+        logger=[tb, csv],
+        default_root_dir=str(tmp_path),
+    )
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()  # default output dir
+    tb.experiment.flush()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"samples/grid", "samples/denoising"} <= set(acc.Tags()["images"])
+
+
+def test_fast_dev_run_skips_sampling(tmp_path: Path) -> None:
+    cb = SampleGrid(
+        DDIMSampler(steps=5),
+        every_n_steps=1,
+        num_samples=4,
+        batch_size=4,
+        output_dir=str(tmp_path / "s"),
+    )
+    pl.Trainer(
+        fast_dev_run=True,
+        accelerator="cpu",
+        callbacks=[EMA(), cb],
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    ).fit(make_module(TinyEpsNet()), image_loader(), image_loader())
+    assert cb.saved == [] and not (tmp_path / "s").exists()
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleGrid(num_samples=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        SampleGrid(batch_size=-1)

@@ -1,0 +1,194 @@
+"""Every option of every config group composes and instantiates; start-up validation is clear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from hydra_utils import CONF_DIR, TINY, compose_cfg
+from omegaconf import OmegaConf
+
+from ddpm.config import ConfigError, resolve_ckpt_path, validate_train_config
+from ddpm.tasks.common import instantiate_dict
+from ddpm.tasks.train import build_module
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_are_not_empty() -> None:
+    for group in ["data", "model", "schedule", "objective", "sampler", "optimizer", "trainer",
+                  "callbacks", "logger", "experiment", "debug"]:
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("schedule"))
+def test_schedule_options_build_a_diffusion(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"schedule={name}"], tmp_path)
+    diffusion = instantiate(cfg.diffusion)
+    assert diffusion.num_timesteps == cfg.schedule.num_timesteps
+    assert diffusion.schedule == name
+
+
+@pytest.mark.parametrize("name", options("objective"))
+def test_objective_options_build_a_module(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"objective={name}", "model=tiny"], tmp_path)
+    module = build_module(cfg)
+    # learned variances double the output channels
+    learned = cfg.objective.variance_type in ("learned", "learned_range")
+    assert module.net.out_channels == cfg.data.channels * (2 if learned else 1)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_instantiate(name: str, tmp_path: Path) -> None:
+    overrides = [f"model={name}"]
+    if name == "mlp":
+        overrides.append("data=swiss_roll")
+    elif name in ("cifar10",):
+        overrides.append("data=cifar10")
+    elif name == "mnist":
+        overrides.append("data=mnist")
+    elif name == "celeba64":
+        overrides.append("data=celeba")
+    elif name == "lsun256":
+        overrides += ["data=image_folder", "data.root=/nonexistent", "data.image_size=256",
+                      "data.channels=3"]
+    cfg = compose_cfg(overrides, tmp_path)
+    validate_train_config(cfg)
+    net = instantiate(cfg.model)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate(name: str, tmp_path: Path) -> None:
+    overrides = [f"data={name}"]
+    if name == "image_folder":
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_cfg(overrides, tmp_path)
+    dm = instantiate(cfg.data)
+    assert dm is not None
+
+
+@pytest.mark.parametrize("name", options("sampler"))
+def test_sampler_options_instantiate(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"sampler={name}"], tmp_path)
+    sampler = instantiate(cfg.sampler)
+    assert callable(sampler)
+    assert "steps" in cfg.sampler
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_compose(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"trainer={name}"], tmp_path)
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    if name in ("default", "cpu"):
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+        assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callback_options_instantiate(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"callbacks={name}"], tmp_path)
+    callbacks = instantiate_dict(cfg.callbacks)
+    assert isinstance(callbacks, list)
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options_instantiate(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"logger={name}"], tmp_path)
+    loggers = instantiate_dict(cfg.logger)
+    assert len(loggers) == len(cfg.logger or {})
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose_and_build(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    validate_train_config(cfg)
+    assert cfg.task_name == name
+    build_module(cfg)  # network + diffusion + loss from the recipe
+
+
+def test_cifar10_ddpm_recipe_matches_the_paper(tmp_path: Path) -> None:
+    cfg = compose_cfg(["experiment=cifar10_ddpm"], tmp_path)
+    assert cfg.schedule.name == "linear" and cfg.schedule.num_timesteps == 1000
+    assert cfg.objective.prediction_type == "epsilon"
+    assert cfg.objective.variance_type == "fixed_large"
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 2e-4
+    assert cfg.lr_scheduler.warmup_steps == 5000
+    assert cfg.data.batch_size == 128 and cfg.data.random_flip
+    assert cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.model.dropout == 0.1
+    assert cfg.callbacks.ema.decay == 0.9999
+
+
+@pytest.mark.parametrize("name", options("debug"))
+def test_debug_options_compose(name: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([f"debug={name}"], tmp_path)
+    assert cfg.task_name == "debug"
+
+
+def test_optuna_search_composes(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_cfg(["hparams_search=optuna"], tmp_path)
+    assert cfg.hydra.sweeper.direction == "minimize"
+
+
+def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
+    """conf/model/*.yaml and ddpm.nn.PRESETS must not drift apart."""
+    from ddpm.nn import PRESETS
+
+    for name in ("cifar10", "tiny", "digits", "mnist", "lsun256"):
+        if name not in PRESETS:
+            continue
+        y = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        for key, value in PRESETS[name].items():
+            if key in y and key not in ("in_channels", "out_channels", "image_size"):
+                got = y[key]
+                got = list(got) if OmegaConf.is_list(got) else got
+                want = list(value) if isinstance(value, (list, tuple)) else value
+                assert got == want, (name, key)
+
+
+# ---------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.lr=-1e-4"], "optimizer.lr"),
+        (["schedule.num_timesteps=0"], "num_timesteps"),
+        (["data.batch_size=10", "trainer.devices=4", "trainer.accelerator=cpu"], "divisible"),
+        (["data.image_size=18"], "divisible by 4"),
+        (["model.attention_resolutions=[5]"], "attention_resolutions"),
+        (["data=image_folder"], "data.root"),
+    ],
+)
+def test_bad_config_gives_one_clear_message(overrides: list[str], needle: str,
+                                            tmp_path: Path) -> None:
+    cfg = compose_cfg(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=needle):
+        validate_train_config(cfg)
+
+
+def test_unknown_key_is_rejected_by_hydra(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="lerning_rate"):
+        compose_cfg(["optimizer.lerning_rate=1e-3"], tmp_path)
+
+
+def test_resume_that_finds_nothing_fails(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="run_dir"):
+        resolve_ckpt_path("last", None)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resolve_ckpt_path("last", str(tmp_path))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), None)
+    assert resolve_ckpt_path(None, None) is None
+
+
+def test_tiny_overrides_compose(tmp_path: Path) -> None:
+    cfg = compose_cfg(TINY, tmp_path)
+    validate_train_config(cfg)
+    assert cfg.paths.output_dir == str(tmp_path / "run")

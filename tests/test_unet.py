@@ -1,0 +1,299 @@
+"""Networks: U-Net shapes, parameter counts, validation, autocast/channels_last; MLP; t-embedding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm.nn import (
+    PRESETS,
+    MLPDenoiser,
+    UNet,
+    count_parameters,
+    timestep_embedding,
+    unet_preset,
+)
+
+SMALL = dict(
+    image_size=8,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.1,
+    num_head_channels=8,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    norm_groups=4,
+)
+
+
+def _unzero(model: nn.Module) -> nn.Module:
+    """Re-initialise the zero-initialised layers so that outputs and gradients are non-trivial."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.any():
+            m.reset_parameters()
+    return model
+
+
+# --- timestep embedding ---------------------------------------------------------------------
+
+
+def test_timestep_embedding_known_values():
+    emb = timestep_embedding(torch.tensor([0, 1, 250]), 8)
+    assert emb.shape == (3, 8) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    # frequencies 10000^(-i/4), i = 0..3; sin half then cos half
+    freqs = torch.tensor([10000.0 ** (-i / 4) for i in range(4)], dtype=torch.float64)
+    for row, t in zip(emb, [0, 1, 250]):
+        expected = torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)]).float()
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
+    assert emb[1, 0].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    # odd dim: one trailing zero; float t is not rounded
+    odd = timestep_embedding(torch.tensor([3.5]), 5)
+    assert odd.shape == (1, 5) and odd[0, -1] == 0
+    assert odd[0, 0].item() == pytest.approx(math.sin(3.5), abs=1e-6)
+    with pytest.raises(ValueError, match="t must have shape"):
+        timestep_embedding(torch.zeros(2, 1), 8)
+
+
+# --- U-Net shapes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["tiny", "small"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unet_output_shape(config, channels, batch):
+    kwargs = dict(PRESETS["tiny"]) if config == "tiny" else dict(SMALL)
+    model = UNet(**{**kwargs, "in_channels": channels})
+    size = model.image_size
+    x = torch.randn(batch, channels, size, size)
+    for t in [
+        torch.randint(0, 1000, (batch,)),  # long (B,)
+        torch.rand(batch) * 999,  # float (B,)
+        torch.tensor(17),  # 0-d tensor
+        torch.tensor([5]),  # (1,)
+        999,  # Python int
+        0.5,  # Python float
+    ]:
+        out = model(x, t)
+        assert out.shape == x.shape and out.dtype == x.dtype
+
+
+def test_unet_learned_variance_channels():
+    model = unet_preset("tiny", out_channels=6)
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+    assert out.shape == (2, 6, 16, 16)
+
+
+def test_unet_mnist_odd_resolution():
+    """28 -> 14 -> 7: the down/up path must restore 28x28."""
+    model = unet_preset("mnist", model_channels=16, norm_groups=8)
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 28, 28), torch.tensor([3]))
+    assert out.shape == (1, 1, 28, 28)
+
+
+def test_unet_scalar_t_matches_batched_t():
+    model = _unzero(unet_preset("tiny")).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, 42), model(x, torch.full((3,), 42)))
+
+
+def test_unet_forward_has_no_host_sync():
+    """A forward on the meta device fails on any data-dependent op (.item(), nonzero, ...)."""
+    with torch.device("meta"):
+        model = unet_preset("tiny", out_channels=6)
+        out = model(torch.empty(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 6, 16, 16)
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [PRESETS["tiny"], SMALL])
+def test_unet_gradients_reach_all_parameters(kwargs):
+    torch.manual_seed(0)
+    model = UNet(**{**kwargs, "dropout": 0.0})
+    size = model.image_size
+    x, t = torch.randn(4, 3, size, size), torch.randint(0, 1000, (4,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(4):
+        opt.zero_grad()
+        loss = (model(x, t) - x).pow(2).mean()
+        loss.backward()
+        if step == 0:  # zero-init layers block most gradients at first, but all exist
+            assert all(p.grad is not None for p in model.parameters())
+        opt.step()
+    # after a few steps the zero-init layers have moved and every parameter gets gradient
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead
+
+
+# --- parameter counts -----------------------------------------------------------------------
+
+
+def test_cifar10_preset_matches_ddpm_parameter_count():
+    model = unet_preset("cifar10")
+    n = count_parameters(model)
+    assert abs(n - 35.7e6) <= 0.2e6, n  # DDPM paper: 35.7M
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 32, 32), torch.tensor([500]))
+    assert out.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "name, low, high",
+    [
+        ("tiny", 1e4, 3e5),
+        ("digits", 5e5, 3e6),
+        ("mnist", 1e6, 1e7),
+        ("celeba64", 5e7, 1e8),
+        ("lsun256", 113.5e6, 114.5e6),  # DDPM paper: 114M
+    ],
+)
+def test_preset_sizes(name, low, high):
+    with torch.device("meta"):  # no memory, no init cost
+        model = unet_preset(name)
+    assert low <= count_parameters(model) <= high
+    assert set(PRESETS) == {"cifar10", "tiny", "digits", "mnist", "celeba64", "lsun256"}
+
+
+def test_count_parameters_trainable_only():
+    model = unet_preset("tiny")
+    model.input_conv.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.input_conv.parameters())
+    assert count_parameters(model, trainable_only=True) == count_parameters(model) - frozen
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(image_size=30), "image_size"),  # 30 not divisible by 2**3
+        (dict(attention_resolutions=(12,)), "attention_resolutions"),
+        (dict(model_channels=48), "norm_groups"),  # 32 groups do not divide 48
+        (dict(num_heads=3), "num_heads"),
+        (dict(num_head_channels=48), "num_head_channels"),
+        (dict(channel_mult=()), "channel_mult"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(num_res_blocks=0), "num_res_blocks"),
+    ],
+)
+def test_unet_bad_config_raises(kwargs, field):
+    with pytest.raises(ValueError, match=field), torch.device("meta"):
+        UNet(**kwargs)
+
+
+def test_unet_absent_attention_resolution_lists_the_sizes():
+    with pytest.raises(ValueError, match=r"\[32, 16, 8, 4\]"), torch.device("meta"):
+        UNet(attention_resolutions=(16, 12))
+
+
+def test_unet_preset_unknown_name():
+    with pytest.raises(ValueError, match="cifar10"):
+        unet_preset("imagenet")
+
+
+@pytest.mark.parametrize(
+    "shape, t, field",
+    [
+        ((2, 1, 16, 16), torch.zeros(2), "in_channels"),
+        ((2, 3, 32, 32), torch.zeros(2), "image_size"),
+        ((2, 3, 16, 8), torch.zeros(2), "image_size"),
+        ((3, 16, 16), torch.zeros(2), "x must have shape"),
+        ((2, 3, 16, 16), torch.zeros(3), "t must"),
+        ((2, 3, 16, 16), torch.zeros(2, 1), "t must"),
+    ],
+)
+def test_unet_bad_input_raises(shape, t, field):
+    model = unet_preset("tiny")
+    with pytest.raises(ValueError, match=field):
+        model(torch.randn(shape), t)
+
+
+# --- autocast and memory format -------------------------------------------------------------
+
+
+def test_unet_bf16_autocast():
+    torch.manual_seed(0)
+    model = _unzero(unet_preset("tiny", num_heads=2)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+    # and a training step works under autocast
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, t).float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs", [PRESETS["tiny"], SMALL])
+def test_unet_channels_last_matches_contiguous(kwargs):
+    torch.manual_seed(0)
+    model = _unzero(UNet(**kwargs)).eval()
+    size = model.image_size
+    x, t = torch.randn(3, 3, size, size), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        ref = model(x, t)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert ref.abs().mean() > 1e-3  # the comparison is not vacuous
+
+
+# --- MLP denoiser ---------------------------------------------------------------------------
+
+
+def test_mlp_denoiser_shapes():
+    model = MLPDenoiser()
+    x = torch.randn(5, 2)
+    assert model(x, torch.randint(0, 1000, (5,))).shape == (5, 2)
+    assert model(x, 3).shape == (5, 2)
+    assert model(x, torch.tensor(3.5)).shape == (5, 2)
+    assert MLPDenoiser(data_dim=3, out_dim=6, num_timesteps=50)(torch.randn(4, 3), 7).shape == (
+        4,
+        6,
+    )
+    with pytest.raises(ValueError, match="data_dim"):
+        model(torch.randn(5, 3), 0)
+    with pytest.raises(ValueError, match="t must"):
+        model(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="hidden_dim"):
+        MLPDenoiser(hidden_dim=0)
+
+
+def test_mlp_denoiser_fits_a_time_dependent_target():
+    """Regress ε-like target x * cos(π t / 2T) + t/T: the t-embedding has to be used."""
+    torch.manual_seed(0)
+    T = 100
+    model = MLPDenoiser(hidden_dim=64, num_layers=2, num_timesteps=T)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def batch():
+        x, t = torch.randn(256, 2), torch.randint(0, T, (256,))
+        return x, t, x * torch.cos(math.pi * t / (2 * T))[:, None] + (t / T)[:, None]
+
+    x, t, y = batch()
+    first = (model(x, t) - y).pow(2).mean().item()
+    for _ in range(300):
+        x, t, y = batch()
+        loss = (model(x, t) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, t, y = batch()
+    with torch.no_grad():
+        final = (model(x, t) - y).pow(2).mean().item()
+    assert final < 0.02 * first, (first, final)
