@@ -1,7 +1,7 @@
 """Export a checkpoint's EMA network to safetensors (config as metadata).
 
-    python src/export.py ckpt_path=PATH out=model.safetensors
-    python src/sample.py ckpt_path=model.safetensors sampler=ddim
+python src/export.py ckpt_path=PATH out=model.safetensors
+python src/sample.py ckpt_path=model.safetensors sampler=ddim
 """
 
 import hydra

@@ -1,10 +1,10 @@
 """Train a diffusion model.
 
-    python src/train.py                                   # digits on the CPU, a few minutes
-    python src/train.py schedule=cosine trainer.devices=4 # any config group or Trainer arg
-    python src/train.py experiment=cifar10_ddpm trainer.devices=4
-    python src/train.py -m schedule=linear,cosine         # Hydra multirun sweep
-    python src/train.py run_dir=outputs/train/runs/X ckpt_path=last   # resume run X
+python src/train.py                                   # digits on the CPU, a few minutes
+python src/train.py schedule=cosine trainer.devices=4 # any config group or Trainer arg
+python src/train.py experiment=cifar10_ddpm trainer.devices=4
+python src/train.py -m schedule=linear,cosine         # Hydra multirun sweep
+python src/train.py run_dir=outputs/train/runs/X ckpt_path=last   # resume run X
 """
 
 import hydra

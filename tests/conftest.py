@@ -1,4 +1,9 @@
-"""Shared test set-up: offline W&B, tests/ on sys.path (for `oracles`, `hydra_utils`, ...)."""
+"""Shared test set-up: offline W&B, one torch thread, tests/ on sys.path (`oracles`, `hydra_utils`).
+
+One intra-op thread: the tests use small tensors, where a second thread mostly waits, and on a
+busy 2-core machine two threads per process made some tests 10-25x slower. Subprocess runs
+(CLI, DDP) get OMP_NUM_THREADS=1 from the environment set here.
+"""
 
 import os
 import sys
@@ -7,4 +12,9 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

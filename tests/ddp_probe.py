@@ -14,8 +14,12 @@ class RankWeightDump(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {f"net.{k}": v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}
+        state = {
+            f"net.{k}": v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()
+        }
         ema = pl_module.denoiser(use_ema=True)
         if ema is not pl_module.net:
-            state.update({f"ema.{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()})
+            state.update(
+                {f"ema.{k}": v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+            )
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")

@@ -26,12 +26,11 @@ TINY = [
     "data.batch_size=16",
     "lr_scheduler.warmup_steps=0",
     "optimizer.lr=1e-3",
+    "trainer.limit_val_batches=2",
 ]
 
 
-def compose_cfg(
-    overrides: list[str], tmp_path: Path, config_name: str = "train"
-) -> DictConfig:
+def compose_cfg(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with overrides; outputs go under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

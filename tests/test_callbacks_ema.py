@@ -194,6 +194,26 @@ def test_ema_is_float32_under_mixed_precision() -> None:
     assert ema.num_updates == 3
 
 
+def test_float32_average_of_a_bfloat16_network() -> None:
+    from ddpm.callbacks.ema import _EMAModel
+
+    ema = EMA(decay=0.5, warmup=False)
+    net = TinyEpsNet()
+    avg = _EMAModel(net, None, ema._multi_avg_fn)
+    net.to(torch.bfloat16)  # what a "-true" half precision does to the model after setup
+    w1 = {k: v.float() for k, v in net.state_dict().items()}
+    avg.update_parameters(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    avg.update_parameters(net)
+    for k, v in avg.module.state_dict().items():
+        if v.is_floating_point():
+            assert v.dtype == torch.float32
+            w2 = net.state_dict()[k].float()
+            torch.testing.assert_close(v, 0.5 * w1[k] + 0.5 * w2, msg=k)
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path) -> None:
     def run(max_steps: int, ckpt_path: str | None = None, ckpt_dir: Path | None = None):

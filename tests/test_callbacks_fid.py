@@ -312,3 +312,24 @@ def test_invalid_arguments() -> None:
         FIDCallback(num_samples=1)
     with pytest.raises(ValueError, match="feature_extractor"):
         FIDCallback(feature_extractor="inception")
+
+
+def test_with_the_digits_datamodule(tmp_path: Path) -> None:
+    from ddpm.data import ImageDataModule
+
+    dm = ImageDataModule(name="digits", batch_size=32, num_workers=0)
+    dm.setup("fit")
+    first = torch.cat(list(dm.reference_dataloader("train", max_samples=256)))
+    cb = FIDCallback(
+        ReplaySampler(first),
+        every_n_steps=2,
+        num_samples=256,
+        batch_size=64,
+        num_reference=256,
+        feature_extractor=RandomConvFeatures(),
+        cache_dir=str(tmp_path),
+    )
+    fit(dm, [cb])
+    assert abs(cb.history[0][1]["val/fid"]) < 1e-4
+    name = cb.reference_path.name
+    assert name.startswith("digits-train-16px-1ch-minus_one_one") and "n256" in name

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
-from hydra_utils import CONF_DIR, TINY, compose_cfg
 from omegaconf import OmegaConf
 
 from ddpm.config import ConfigError, resolve_ckpt_path, validate_train_config
 from ddpm.tasks.common import instantiate_dict
 from ddpm.tasks.train import build_module
+from hydra_utils import CONF_DIR, TINY, compose_cfg
 
 CONF = Path(CONF_DIR)
 
@@ -21,8 +21,19 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_are_not_empty() -> None:
-    for group in ["data", "model", "schedule", "objective", "sampler", "optimizer", "trainer",
-                  "callbacks", "logger", "experiment", "debug"]:
+    for group in [
+        "data",
+        "model",
+        "schedule",
+        "objective",
+        "sampler",
+        "optimizer",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+        "debug",
+    ]:
         assert options(group), group
 
 
@@ -55,8 +66,12 @@ def test_model_options_instantiate(name: str, tmp_path: Path) -> None:
     elif name == "celeba64":
         overrides.append("data=celeba")
     elif name == "lsun256":
-        overrides += ["data=image_folder", "data.root=/nonexistent", "data.image_size=256",
-                      "data.channels=3"]
+        overrides += [
+            "data=image_folder",
+            "data.root=/nonexistent",
+            "data.image_size=256",
+            "data.channels=3",
+        ]
     cfg = compose_cfg(overrides, tmp_path)
     validate_train_config(cfg)
     net = instantiate(cfg.model)
@@ -166,8 +181,9 @@ def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
         (["data=image_folder"], "data.root"),
     ],
 )
-def test_bad_config_gives_one_clear_message(overrides: list[str], needle: str,
-                                            tmp_path: Path) -> None:
+def test_bad_config_gives_one_clear_message(
+    overrides: list[str], needle: str, tmp_path: Path
+) -> None:
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=needle):
         validate_train_config(cfg)

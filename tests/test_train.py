@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 from ddpm.checkpoint import load_model
 from ddpm.tasks.train import train
+from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 TRAIN = str(SRC_DIR / "train.py")
 CLI_TINY = [o for o in TINY if not o.startswith("trainer.enable")] + [
@@ -26,13 +26,28 @@ CLI_TINY = [o for o in TINY if not o.startswith("trainer.enable")] + [
 TINY_NO_CALLBACKS = [o for o in CLI_TINY if not o.startswith("callbacks.")]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, script: str = TRAIN,
-            extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
-           "HYDRA_FULL_ERROR": "1", **(extra_env or {})}
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    script: str = TRAIN,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(Path(__file__).parent),
+        "HYDRA_FULL_ERROR": "1",
+        **(extra_env or {}),
+    }
     return subprocess.run(
-        [sys.executable, script, *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, script, *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -45,9 +60,18 @@ def test_fast_dev_run_every_schedule(schedule: str, tmp_path: Path) -> None:
 
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path: Path) -> None:
-    cfg = compose_cfg([*TINY, "debug=overfit", "trainer.max_steps=150", "callbacks=none",
-                       "logger=csv", "trainer.log_every_n_steps=1",
-                       "trainer.val_check_interval=1000"], tmp_path)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "debug=overfit",
+            "trainer.max_steps=150",
+            "callbacks=none",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=1000",
+        ],
+        tmp_path,
+    )
     train(cfg)
     import csv
 
@@ -59,11 +83,20 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_run_writes_config_checkpoint_and_rebuilds_from_it(tmp_path: Path) -> None:
-    cfg = compose_cfg([*TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
-                       "callbacks.model_checkpoint.every_n_train_steps=3",
-                       "callbacks.sample_grid.every_n_steps=3",
-                       "callbacks.sample_grid.num_samples=4", "callbacks.sample_grid.batch_size=4",
-                       "sampler.steps=5", "logger=csv"], tmp_path)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "callbacks.model_checkpoint.every_n_train_steps=3",
+            "callbacks.sample_grid.every_n_steps=3",
+            "callbacks.sample_grid.num_samples=4",
+            "callbacks.sample_grid.batch_size=4",
+            "sampler.steps=5",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
     metrics = train(cfg)
     run = tmp_path / "run"
     assert metrics["global_step"] == 6
@@ -80,9 +113,17 @@ def test_run_writes_config_checkpoint_and_rebuilds_from_it(tmp_path: Path) -> No
 
 
 def test_cli_default_run_dir_and_outputs(tmp_path: Path) -> None:
-    res = run_cli([*CLI_TINY, "trainer.max_steps=4", "trainer.val_check_interval=2",
-                   "callbacks.model_checkpoint.every_n_train_steps=2",
-                   "callbacks.sample_grid.every_n_steps=4", "logger=csv"], tmp_path)
+    res = run_cli(
+        [
+            *CLI_TINY,
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "callbacks.sample_grid.every_n_steps=4",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1
@@ -106,15 +147,25 @@ def test_cli_bad_input_fails_clearly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_multirun_writes_one_directory_per_job(tmp_path: Path) -> None:
-    res = run_cli(["-m", *TINY_NO_CALLBACKS, "schedule=linear,cosine", "trainer.max_steps=2",
-                   "callbacks=none", "trainer.val_check_interval=2"], tmp_path)
+    res = run_cli(
+        [
+            "-m",
+            *TINY_NO_CALLBACKS,
+            "schedule=linear,cosine",
+            "trainer.max_steps=2",
+            "callbacks=none",
+            "trainer.val_check_interval=2",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
     assert len(sweeps) == 1
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
-    schedules = {(j / ".hydra" / "overrides.yaml").read_text().count("schedule=cosine")
-                 for j in jobs}
+    schedules = {
+        (j / ".hydra" / "overrides.yaml").read_text().count("schedule=cosine") for j in jobs
+    }
     assert schedules == {0, 1}
     for j in jobs:
         assert (j / "metrics.json").is_file()
@@ -124,8 +175,18 @@ def test_multirun_writes_one_directory_per_job(tmp_path: Path) -> None:
 def test_wandb_offline_without_prompt(tmp_path: Path) -> None:
     env = {"WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_MODE": ""}
     env = {k: v for k, v in env.items()}
-    res = run_cli([*TINY_NO_CALLBACKS, "logger=wandb", "trainer.max_steps=2", "callbacks=none",
-                   "trainer.val_check_interval=2"], tmp_path, extra_env=env, timeout=240)
+    res = run_cli(
+        [
+            *TINY_NO_CALLBACKS,
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "callbacks=none",
+            "trainer.val_check_interval=2",
+        ],
+        tmp_path,
+        extra_env=env,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run = next((tmp_path / "outputs" / "train" / "runs").iterdir())
     offline_runs = list((run / "wandb").glob("offline-run-*"))
@@ -137,12 +198,23 @@ def test_wandb_offline_without_prompt(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     dump = tmp_path / "ranks"
-    res = run_cli([*CLI_TINY, "trainer.accelerator=cpu", "trainer.devices=2",
-                   "trainer.strategy=ddp", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                   "callbacks.model_checkpoint.every_n_train_steps=2",
-                   "callbacks.sample_grid.every_n_steps=4", "logger=csv",
-                   "+callbacks.rank_dump._target_=ddp_probe.RankWeightDump",
-                   f"+callbacks.rank_dump.out_dir={dump}"], tmp_path, timeout=400)
+    res = run_cli(
+        [
+            *CLI_TINY,
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "callbacks.sample_grid.every_n_steps=4",
+            "logger=csv",
+            "+callbacks.rank_dump._target_=ddp_probe.RankWeightDump",
+            f"+callbacks.rank_dump.out_dir={dump}",
+        ],
+        tmp_path,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs

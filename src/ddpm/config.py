@@ -111,38 +111,166 @@ def validate_train_config(cfg: DictConfig) -> None:
     in_ch, data_ch = _get(cfg, "model.in_channels"), _get(cfg, "data.channels")
     if isinstance(in_ch, int) and isinstance(data_ch, int) and in_ch != data_ch:
         problems.append(f"model.in_channels={in_ch} does not match data.channels={data_ch}")
+    warmup = _get(cfg, "lr_scheduler.warmup_steps")
+    if warmup is not None and not (isinstance(warmup, int) and warmup >= 0):
+        problems.append(f"lr_scheduler.warmup_steps must be an integer >= 0, got {warmup!r}")
+    accumulate = _get(cfg, "trainer.accumulate_grad_batches")
+    if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
+        problems.append(
+            f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    ckpt = _get(cfg, "ckpt_path")
+    if ckpt in ("last", "auto") and not _get(cfg, "run_dir"):
+        problems.append(f"ckpt_path={ckpt} needs run_dir=<the run's directory>")
+    problems += unknown_key_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _accepted_names(target: str) -> set[str] | None:
+    """Keyword names ``target`` accepts, or None when it takes ``**kwargs`` (or is opaque)."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    obj = _locate(target)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def unknown_key_problems(cfg: DictConfig) -> list[str]:
+    """Keys of ``_target_`` nodes that the target does not accept (e.g. ``+trainer.max_step=10``,
+    a typo in an experiment file), and targets that cannot be imported: caught before any work
+    instead of as a TypeError halfway through start-up."""
+    import difflib
+
+    problems: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if OmegaConf.is_list(node):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]")
+            return
+        if not OmegaConf.is_dict(node):
+            return
+        keys = [str(k) for k in node.keys()]
+        target = node._get_node("_target_") if "_target_" in keys else None
+        if target is not None and not OmegaConf.is_missing(node, "_target_"):
+            name = str(node["_target_"])
+            try:
+                accepted = _accepted_names(name)
+            except Exception as e:  # ImportError, AttributeError, ...
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                problems.append(f"{path}._target_={name} cannot be imported: "
+                                f"{type(e).__name__}: {first}")
+                accepted = None
+            if accepted is not None:
+                for key in keys:
+                    if key in _HYDRA_KEYS or key in accepted:
+                        continue
+                    close = difflib.get_close_matches(key, sorted(accepted), n=1)
+                    hint = f" (did you mean {path}.{close[0]}?)" if close else ""
+                    problems.append(f"{path}.{key} is not a parameter of {name}{hint}")
+        for key in keys:
+            if key.startswith("_") or key == "hydra":
+                continue
+            child = node._get_node(key)
+            if child is not None and (OmegaConf.is_dict(child) or OmegaConf.is_list(child)):
+                walk(child, f"{path}.{key}" if path else key)
+
+    walk(cfg, "")
+    return problems
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Open a checkpoint the way a resume will (``torch.load(weights_only=True)``, memory-mapped,
+    so cheap) and return its ``global_step`` and ``epoch``; :class:`ConfigError` if the file is
+    truncated, not a checkpoint, or holds objects other than tensors and plain data."""
+    import torch
+
+    path = os.fspath(path)
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) serialization cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            f"checkpoint {path} cannot be loaded with torch.load(weights_only=True): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It is truncated, "
+            "not a checkpoint, or holds arbitrary Python objects (refused for safety)."
+        ) from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a training checkpoint (no 'state_dict')")
+    return {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
+
+
+def _checkpoint_files(run_dir: Path) -> list[str]:
+    return [p for p in glob.glob(str(run_dir / "**" / "*.ckpt"), recursive=True)
+            if os.path.isfile(p)]
+
+
 def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint of a run directory (``last.ckpt`` if present), or None."""
-    run_dir = Path(run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return str(last)
-    candidates = [p for p in glob.glob(str(run_dir / "**" / "*.ckpt"), recursive=True)
-                  if os.path.isfile(p)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    """The newest loadable checkpoint of a run directory, or None.
+
+    Newest = highest ``global_step`` stored in the file; ties go to ``last.ckpt``, then to the
+    newer file. Files that cannot be loaded (e.g. corrupted on disk) are skipped with a warning.
+    """
+    import warnings
+
+    ranked, broken = [], []
+    for p in _checkpoint_files(Path(run_dir)):
+        try:
+            info = checkpoint_info(p)
+        except ConfigError as e:
+            broken.append(str(e))
+            continue
+        ranked.append((info["global_step"], os.path.basename(p) == "last.ckpt",
+                       os.path.getmtime(p), p))
+    if broken:
+        warnings.warn("skipping unloadable checkpoint(s):\n  " + "\n  ".join(broken),
+                      stacklevel=2)
+    return max(ranked)[3] if ranked else None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | None) -> str | None:
-    """Turn the user's ``ckpt_path`` into a file, or fail clearly when a resume finds nothing."""
+    """Turn the user's ``ckpt_path`` into a checkpoint file, or fail clearly.
+
+    * ``null``: a new run.
+    * ``last``: the newest checkpoint of ``run_dir``; an error if there is none (Lightning's own
+      ``"last"`` would silently train from scratch in a fresh run directory).
+    * ``auto``: the newest checkpoint of ``run_dir`` if there is one, else a new run there (for
+      job scripts that are re-run after preemption, e.g. SLURM requeue).
+    * a path: that file, which must load with ``torch.load(weights_only=True)``.
+    """
     if ckpt_path in (None, "", "null", "None"):
         return None
-    if ckpt_path == "last":
+    ckpt_path = str(ckpt_path)
+    if ckpt_path in ("last", "auto"):
         if not run_dir:
             raise ConfigError(
-                "ckpt_path=last needs the run to resume: add run_dir=<that run's directory> "
-                "(e.g. run_dir=outputs/train/runs/2026-01-01_12-00-00_000000)"
+                f"ckpt_path={ckpt_path} needs the run to resume: add run_dir=<that run's "
+                "directory> (e.g. run_dir=outputs/train/runs/2026-01-01_12-00-00_000000)"
             )
-        found = find_checkpoint(run_dir)
-        if found is None:
+        if ckpt_path == "last" and not os.path.isdir(run_dir):
+            raise ConfigError(f"ckpt_path=last: run_dir={run_dir} does not exist")
+        found = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+        if found is None and ckpt_path == "last":
             raise ConfigError(
                 f"ckpt_path=last: no checkpoint (*.ckpt) found under {run_dir}. Nothing to resume; "
-                "drop ckpt_path to start a new run."
+                "drop ckpt_path to start a new run (or use ckpt_path=auto)."
             )
         return found
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return str(ckpt_path)
+    checkpoint_info(ckpt_path)
+    return ckpt_path

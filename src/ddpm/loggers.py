@@ -85,6 +85,11 @@ def wandb_logger(
     if resolved == "offline" and kwargs.get("log_model"):
         kwargs["log_model"] = False  # cannot upload checkpoints offline
     return WandbLogger(
-        project=project, save_dir=save_dir, id=id, offline=resolved == "offline",
-        mode=resolved, settings=settings, **kwargs,
+        project=project,
+        save_dir=save_dir,
+        id=id,
+        offline=resolved == "offline",
+        mode=resolved,
+        settings=settings,
+        **kwargs,
     )

@@ -7,16 +7,54 @@ generator so ``val/loss`` is comparable across evaluations.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, LossSecondMomentSampler, UniformSampler
 
 CONFIG_KEY = "ddpm_config"
+GENERATOR_KEY = "ddpm_generator_state"
+RNG_KEY = "ddpm_rng_states"
+
+
+def rng_state_tensors(device: torch.device | None = None) -> dict[str, Tensor]:
+    """This process's global RNG states (torch CPU, CUDA of ``device``, NumPy, Python) as tensors,
+    so that checkpoints holding them stay loadable with ``torch.load(weights_only=True)``."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "python": torch.tensor(py_internal, dtype=torch.int64),
+        "python_extra": torch.tensor(
+            [py_version, py_gauss is not None, 0.0 if py_gauss is None else py_gauss],
+            dtype=torch.float64),
+    }
+    if device is not None and device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state_tensors`."""
+    torch.set_rng_state(states["torch"].cpu().to(torch.uint8))
+    ne = states["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", states["numpy"].cpu().numpy().astype(np.uint32),
+                         int(ne[0]), int(ne[1]), float(ne[2])))
+    pe = states["python_extra"].tolist()
+    random.setstate((int(pe[0]), tuple(int(v) for v in states["python"].tolist()),
+                     float(pe[2]) if pe[1] else None))
+    if "cuda" in states and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].cpu().to(torch.uint8), device)
 
 
 class LinearWarmup:
@@ -137,7 +175,9 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         terms = self._losses(self.__dict__["_train_net"], x0, t, noise)
         if isinstance(self.t_sampler, LossSecondMomentSampler):
-            self.t_sampler.update(t, terms["vb"] if "vb" in terms else terms["loss"])
+            per_sample = (terms["vb"] if "vb" in terms else terms["loss"]).detach()
+            finite = torch.isfinite(per_sample)  # a NaN must not poison the sampler's history
+            self.t_sampler.update(t[finite], per_sample[finite])
         loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/mse", terms["mse"].mean(), on_step=True, on_epoch=False)
@@ -185,25 +225,51 @@ class DiffusionModule(pl.LightningModule):
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ------------------------------------------------------------------ RNG around validation
+    def on_validation_model_zero_grad(self) -> None:
+        """Validation inside ``fit`` must not move the global RNG streams (its DataLoader draws a
+        seed from them): snapshot here, restore in :meth:`on_validation_end`. Training then draws
+        the same dropout masks and data order whether or not (and how often) it validates, and a
+        run resumed from a checkpoint draws what the uninterrupted run drew."""
+        super().on_validation_model_zero_grad()
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.__dict__["_rng_before_val"] = rng_state_tensors(self.device)
+
+    def on_validation_end(self) -> None:
+        states = self.__dict__.pop("_rng_before_val", None)
+        if states is not None:
+            set_rng_states(states, self.device)
+
     # ------------------------------------------------------------------ checkpoints
+    def _gather_rows(self, state: Tensor) -> Tensor:
+        """(world, n): every rank's 1-D ``state`` (collective when world > 1)."""
+        world = self.trainer.world_size
+        if world > 1:
+            return self.all_gather(state.to(self.device)).cpu().reshape(world, -1)
+        return state.reshape(1, -1).clone()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the run config (plain data), every rank's training-noise generator and global RNG
+        states (tensors only: the checkpoint stays ``weights_only``-loadable). Collective: runs
+        on every rank."""
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
-        g = self.__dict__["_generator"]
-        if g is not None:
-            # Every rank's stream (collective: on_save_checkpoint runs on all ranks).
-            state = g.get_state().to(self.device)
-            world = self.trainer.world_size
-            if world > 1:
-                state = self.all_gather(state)  # (world, n)
-            checkpoint["ddpm_generator_state"] = state.cpu().reshape(world, -1)
+        if self._trainer is None:
+            return
+        # Creates the generator if no step ran yet (applying a state loaded from a checkpoint).
+        g = self._train_generator(self.device)
+        checkpoint[GENERATOR_KEY] = self._gather_rows(g.get_state())
+        # Inside validation the live state was moved by validation: store the training stream's.
+        states = self.__dict__.get("_rng_before_val") or rng_state_tensors(self.device)
+        checkpoint[RNG_KEY] = {k: self._gather_rows(v.flatten()) for k, v in sorted(states.items())}
         if isinstance(self.t_sampler, LossSecondMomentSampler):
             checkpoint["ddpm_t_sampler"] = {
                 k: torch.from_numpy(v) for k, v in self.t_sampler.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("ddpm_generator_state")
+        states = checkpoint.get(GENERATOR_KEY)
         self.__dict__["_generator"] = None
+        self.__dict__.pop("_pending_generator_state", None)
         world = self._trainer.world_size if self._trainer is not None else 1
         if states is not None and states.shape[0] == world:
             self.__dict__["_pending_generator_state"] = states[self.global_rank].clone()
@@ -213,3 +279,21 @@ class DiffusionModule(pl.LightningModule):
         state = checkpoint.get("ddpm_t_sampler")
         if state is not None and isinstance(self.t_sampler, LossSecondMomentSampler):
             self.t_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        rng = checkpoint.get(RNG_KEY)
+        if fitting and rng is not None:
+            if all(v.shape[0] == world for v in rng.values()):
+                # Applied in on_train_start: Lightning creates (and on an epoch boundary discards)
+                # a train-loader iterator in between, which draws from the global RNG.
+                self.__dict__["_pending_rng"] = {k: v[self.global_rank] for k, v in rng.items()}
+            else:
+                rank_zero_warn(
+                    f"the checkpoint's RNG states are from {next(iter(rng.values())).shape[0]} "
+                    f"processes, this run has {world}: dropout and data order continue from "
+                    "fresh streams (training itself resumes normally)."
+                )
+
+    def on_train_start(self) -> None:
+        states = self.__dict__.pop("_pending_rng", None)
+        if states is not None:
+            set_rng_states(states, self.device)

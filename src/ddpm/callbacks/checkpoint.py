@@ -1,13 +1,24 @@
-"""Checkpoints that are never half-written: write to a temporary file, fsync, then rename."""
+"""Checkpoints that are never half-written: write to a temporary file, fsync, then rename.
+
+:func:`atomic_save_checkpoint` is what every checkpoint of a training run goes through (the
+periodic / best ones of :class:`AtomicModelCheckpoint` and the preemption one of
+:class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`). A kill at any moment leaves either the
+previous complete file or the new complete file under the final name (plus, at worst, a stale
+``*.partial``). A failed write (disk full, read-only directory) raises
+:class:`CheckpointWriteError` on every rank -- never a hang in a collective -- and leaves the earlier
+checkpoints untouched.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from weakref import proxy
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -16,42 +27,85 @@ class CheckpointWriteError(RuntimeError):
     """Saving a checkpoint failed (disk full, not writable); earlier checkpoints are intact."""
 
 
-def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str, weights_only: bool = False) -> None:
-    """``trainer.save_checkpoint`` to ``filepath + '.partial'``, then an atomic rename.
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
-    A crash or kill mid-write leaves at most a ``.partial`` file: ``filepath`` is either the old
-    complete checkpoint or the new complete one. Collective: call it on every rank.
+
+def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """Save the trainer's checkpoint to ``filepath`` atomically. Collective: call it on every rank.
+
+    The checkpoint is written to ``filepath + '.partial'``, flushed to disk (fsync) and renamed over
+    ``filepath`` (``os.replace`` is atomic on POSIX), then the directory entry is fsynced. An
+    ``OSError`` on any rank (ENOSPC, EACCES, EROFS, ...) becomes a :class:`CheckpointWriteError`
+    raised on all ranks after the temporary file was removed.
     """
+    filepath = os.fspath(filepath)
     tmp = filepath + PARTIAL_SUFFIX
     error: BaseException | None = None
+    # The state dump is collective (hooks may all_gather), so every rank does it first.
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
     try:
-        trainer.save_checkpoint(tmp, weights_only)
-    except OSError as e:  # ENOSPC, EACCES, EROFS, ...
+        # Writes on rank 0 only for the usual strategies (single device, DDP).
+        trainer.strategy.save_checkpoint(checkpoint, tmp)
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+            _fsync_dir(os.path.dirname(os.path.abspath(filepath)))
+    except OSError as e:
         error = e
+    del checkpoint
+    failed = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+    if not failed:
+        return
     if trainer.is_global_zero:
-        if error is None:
-            try:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, filepath)
-                with contextlib.suppress(OSError):
-                    dfd = os.open(os.path.dirname(os.path.abspath(filepath)), os.O_RDONLY)
-                    os.fsync(dfd)
-                    os.close(dfd)
-            except OSError as e:
-                error = e
-        if error is not None:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    reason = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    raise CheckpointWriteError(
+        f"could not write checkpoint {filepath} ({reason}). Earlier checkpoints in "
+        f"{os.path.dirname(filepath) or '.'} are intact; free disk space or fix the permissions, "
+        "then resume with ckpt_path=last run_dir=<this run's directory>."
+    ) from error
+
+
+def remove_partial_files(dirpath: str | os.PathLike) -> list[Path]:
+    """Delete stale ``*.partial`` files left by a process killed mid-save; returns them."""
+    removed = []
+    d = Path(dirpath)
+    if d.is_dir():
+        for p in d.glob(f"*{PARTIAL_SUFFIX}"):
             with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {filepath}: {error}. Earlier checkpoints in "
-                f"{os.path.dirname(filepath) or '.'} are intact; free space or fix permissions "
-                "and resume with ckpt_path=<one of them>."
-            ) from error
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` (last K, best by a metric, ``last.ckpt``) with atomic writes."""
+    """Lightning's ``ModelCheckpoint`` (last K, best by a metric, ``last.ckpt``) with atomic writes.
+
+    Lightning writes the new file before it deletes the one it replaces, so with atomic writes a
+    crash never leaves fewer complete checkpoints than before.
+    """
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        # A best-by-metric checkpoint whose metric is never logged (val/loss_ema without EMA,
+        # validation disabled) warns once instead of ending the run with an exception.
+        if self.save_top_k != 0 and self.monitor is not None and (
+                self.monitor not in monitor_candidates):
+            if not getattr(self, "_warned_missing_monitor", False):
+                self._warned_missing_monitor = True
+                rank_zero_warn(
+                    f"{type(self).__name__}(monitor={self.monitor!r}): the metric is not logged "
+                    f"(available: {sorted(monitor_candidates)}); no checkpoint by this metric."
+                )
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         atomic_save_checkpoint(trainer, filepath, self.save_weights_only)

@@ -175,7 +175,7 @@ class EMA(WeightAveraging):
         return 0 if self._average_model is None else self._average_model.num_updates
 
     def ema_state_dict(self) -> dict[str, Tensor]:
-        """The EMA network's weights (keys of ``net``), detached CPU-independent references."""
+        """The EMA network's weights (keys of ``net``) as detached clones on the EMA's device."""
         if self.ema_net is None:
             raise RuntimeError("EMA has no averaged network yet (it is created when fit starts)")
         return {k: v.detach().clone() for k, v in self.ema_net.state_dict().items()}
@@ -211,7 +211,7 @@ class EMA(WeightAveraging):
 
     def _make_average_model(self, pl_module: pl.LightningModule) -> None:
         net = pl_module.net
-        device = self._device or pl_module.device
+        device = self._device if self._device is not None else pl_module.device
         self._average_model = _EMAModel(net, device=device, multi_avg_fn=self._multi_avg_fn)
         self._source = net
 

@@ -208,16 +208,17 @@ class FIDCallback(pl.Callback):
         return None
 
     def _unavailable_message(self, error: str) -> str:
-        where = (
-            f"feature_extractor_weights_path={self.feature_extractor_weights_path}"
-            if self.feature_extractor_weights_path
-            else f"a download from {INCEPTION_URL}"
-        )
+        if self.feature_extractor_weights_path:
+            what = (
+                f"cannot load the Inception-v3 weights for FID/IS from "
+                f"feature_extractor_weights_path={self.feature_extractor_weights_path}"
+            )
+        else:
+            what = f"cannot download the Inception-v3 weights for FID/IS from {INCEPTION_URL}"
         return (
-            f"FIDCallback disabled: the Inception-v3 weights for FID/IS could not be loaded from "
-            f"{where} ({error}). Training continues without val/fid and val/is. To fix it, "
-            f"download {INCEPTION_URL} on a machine with network and either put the file at "
-            f"{inception_hub_path()} (the torch hub cache) or set "
+            f"FIDCallback disabled: {what} ({error}). Training continues without val/fid and "
+            f"val/is. To fix it, download {INCEPTION_URL} on a machine with network and either "
+            f"put the file at {inception_hub_path()} (the torch hub cache) or set "
             f"callbacks.fid.feature_extractor_weights_path=/path/to/{INCEPTION_FILENAME}."
         )
 

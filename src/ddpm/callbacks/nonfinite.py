@@ -11,6 +11,17 @@ class NonFiniteStepError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+def _last_checkpoint_hint(trainer: pl.Trainer) -> str:
+    """Where the last checkpoint written before the failure is (weights of the last good step)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "last_model_path", "") if isinstance(cb, ModelCheckpoint) else ""
+        if path:
+            return f"The last checkpoint, {path}, is kept (resume with ckpt_path={path}). "
+    return ""
+
+
 class NonFiniteGuard(pl.Callback):
     """Before each optimizer step, check the gradients (a NaN/Inf loss gives NaN gradients).
 
@@ -45,10 +56,15 @@ class NonFiniteGuard(pl.Callback):
             self.skipped += 1
             self.consecutive += 1
             if self.consecutive >= self.max_consecutive:
+                # Steps are numbered like trainer.global_step after them (1 = the first step).
+                last = trainer.global_step + 1
+                first = last - self.consecutive + 1
                 raise NonFiniteStepError(
-                    f"{self.consecutive} consecutive non-finite loss/gradient steps, the last at "
-                    f"global step {trainer.global_step}. Lower the learning rate, check the data "
-                    "for NaN/Inf, or try precision=32-true; resume from the last checkpoint."
+                    f"{self.consecutive} consecutive optimizer steps with a non-finite loss or "
+                    f"gradients (global steps {first}..{last}, all skipped; "
+                    f"{self.skipped} skipped in total). Stopping. {_last_checkpoint_hint(trainer)}"
+                    "Lower the learning rate, check the data for NaN/Inf, or try "
+                    "trainer.precision=32-true."
                 )
         pl_module.log("train/nonfinite_steps", float(self.skipped), on_step=True, on_epoch=False)
 

@@ -106,8 +106,11 @@ class GaussianDiffusion(nn.Module):
         with np.errstate(divide="ignore"):
             post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
             # β̃ at the first step is 0; its log is clipped to β̃ of the second step (eq. 7 / iDDPM).
-            post_log_var = np.log(np.append(post_var[1], post_var[1:]) if len(post_var) > 1
-                                  else np.maximum(post_var, 1e-20))
+            post_log_var = np.log(
+                np.append(post_var[1], post_var[1:])
+                if len(post_var) > 1
+                else np.maximum(post_var, 1e-20)
+            )
             buffers = {
                 "betas": betas,
                 "alphas": alphas,
@@ -127,12 +130,16 @@ class GaussianDiffusion(nn.Module):
                 "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
                 "log_betas": np.log(betas),
                 # fixed_large: σ² = β_t, but β̃_2 at the first step so L_0's decoder is sane.
-                "fixed_large_variance": np.append(post_var[1] if len(post_var) > 1 else betas[0],
-                                                  betas[1:]),
+                "fixed_large_variance": np.append(
+                    post_var[1] if len(post_var) > 1 else betas[0], betas[1:]
+                ),
             }
         for name, value in buffers.items():
-            self.register_buffer(name, torch.from_numpy(np.asarray(value, dtype=np.float64))
-                                 .float(), persistent=False)
+            self.register_buffer(
+                name,
+                torch.from_numpy(np.asarray(value, dtype=np.float64)).float(),
+                persistent=False,
+            )
         # float64 copies for samplers that need exact ᾱ (respacing, DPM-Solver log-SNR).
         self.register_buffer("alphas_cumprod_f64", torch.from_numpy(ac.copy()), persistent=False)
 
@@ -180,11 +187,14 @@ class GaussianDiffusion(nn.Module):
             x_start = x_start.float()
             noise = torch.randn_like(x_start) if noise is None else noise.float()
             if noise.shape != x_start.shape:
-                raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape "
-                                 f"{tuple(x_start.shape)}")
+                raise ValueError(
+                    f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}"
+                )
             nd = x_start.ndim
-            return (extract(self.sqrt_alphas_cumprod, t, nd) * x_start
-                    + extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * noise)
+            return (
+                extract(self.sqrt_alphas_cumprod, t, nd) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * noise
+            )
 
     def q_posterior_mean_variance(
         self, x_start: Tensor, x_t: Tensor, t: Tensor
@@ -192,8 +202,10 @@ class GaussianDiffusion(nn.Module):
         """Mean μ̃_t, variance β̃_t and clipped log β̃_t of q(x_{t-1} | x_t, x₀) (DDPM eq. 6-7)."""
         with _no_autocast(x_t):
             nd = x_t.ndim
-            mean = (extract(self.posterior_mean_coef1, t, nd) * x_start.float()
-                    + extract(self.posterior_mean_coef2, t, nd) * x_t.float())
+            mean = (
+                extract(self.posterior_mean_coef1, t, nd) * x_start.float()
+                + extract(self.posterior_mean_coef2, t, nd) * x_t.float()
+            )
             var = extract(self.posterior_variance, t, nd).expand_as(mean)
             log_var = extract(self.posterior_log_variance_clipped, t, nd).expand_as(mean)
         return mean, var, log_var
@@ -202,35 +214,45 @@ class GaussianDiffusion(nn.Module):
     def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x₀ = (x_t - √(1-ᾱ) ε)/√ᾱ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε."""
         nd = x_t.ndim
-        return (extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * noise)
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * noise
+        )
 
     def predict_noise_from_start(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
         """ε = (x_t - √ᾱ x₀)/√(1-ᾱ)."""
         nd = x_t.ndim
-        return ((x_t - extract(self.sqrt_alphas_cumprod, t, nd) * x_start)
-                / extract(self.sqrt_one_minus_alphas_cumprod, t, nd))
+        return (x_t - extract(self.sqrt_alphas_cumprod, t, nd) * x_start) / extract(
+            self.sqrt_one_minus_alphas_cumprod, t, nd
+        )
 
     def get_v(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """v = √ᾱ ε - √(1-ᾱ) x₀ (Salimans & Ho 2022, eq. in §4)."""
         nd = x_start.ndim
-        return (extract(self.sqrt_alphas_cumprod, t, nd) * noise
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start)
+        return (
+            extract(self.sqrt_alphas_cumprod, t, nd) * noise
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
+        )
 
     def predict_start_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x₀ = √ᾱ x_t - √(1-ᾱ) v."""
         nd = x_t.ndim
-        return (extract(self.sqrt_alphas_cumprod, t, nd) * x_t
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * v)
+        return (
+            extract(self.sqrt_alphas_cumprod, t, nd) * x_t
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * v
+        )
 
     def predict_noise_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """ε = √(1-ᾱ) x_t + √ᾱ v."""
         nd = x_t.ndim
-        return (extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_t
-                + extract(self.sqrt_alphas_cumprod, t, nd) * v)
+        return (
+            extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_t
+            + extract(self.sqrt_alphas_cumprod, t, nd) * v
+        )
 
-    def split_model_output(self, model_output: Tensor, channels: int | None = None
-                           ) -> tuple[Tensor, Tensor | None]:
+    def split_model_output(
+        self, model_output: Tensor, channels: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Split a network output into (mean prediction, variance values or None), float32."""
         model_output = model_output.float()
         if not self.learned_variance:
@@ -290,8 +312,9 @@ class GaussianDiffusion(nn.Module):
             log_var = torch.log(var)
         else:
             if var_values is None:
-                raise ValueError(f"variance_type={self.variance_type!r} needs the network's "
-                                 "variance output")
+                raise ValueError(
+                    f"variance_type={self.variance_type!r} needs the network's variance output"
+                )
             var_values = var_values.float()
             if self.variance_type == "learned":
                 log_var = var_values
@@ -318,8 +341,13 @@ class GaussianDiffusion(nn.Module):
             x0, eps = self.model_predictions(model_output, x_t, t, clip_denoised)
             mean, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
             var, log_var = self.p_variance(t, x_t.shape, var_values)
-        return {"mean": mean, "variance": var, "log_variance": log_var,
-                "pred_xstart": x0, "pred_noise": eps}
+        return {
+            "mean": mean,
+            "variance": var,
+            "log_variance": log_var,
+            "pred_xstart": x0,
+            "pred_noise": eps,
+        }
 
     def training_target(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The regression target of L_simple for the configured ``prediction_type``."""

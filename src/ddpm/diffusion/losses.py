@@ -94,8 +94,12 @@ def vb_terms_bpd(
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x_start, x_t, t)
     out = diffusion.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
     kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / LN2
-    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-        x_start, out["mean"], 0.5 * out["log_variance"])) / LN2
+    decoder_nll = (
+        -mean_flat(
+            discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+        )
+        / LN2
+    )
     return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
 
@@ -127,7 +131,9 @@ class DiffusionLoss:
     """
 
     def __init__(
-        self, loss_type: str = "simple", lambda_vlb: float = 0.001,
+        self,
+        loss_type: str = "simple",
+        lambda_vlb: float = 0.001,
         min_snr_gamma: float | None = None,
     ) -> None:
         if loss_type not in LOSS_TYPES:
@@ -174,8 +180,11 @@ class DiffusionLoss:
             return terms
         if self.loss_type == "hybrid":
             # stop-gradient on the mean: the bound trains only the variance (iDDPM §3.1).
-            frozen = pred.detach() if var_values is None else torch.cat(
-                [pred.detach(), var_values], dim=1)
+            frozen = (
+                pred.detach()
+                if var_values is None
+                else torch.cat([pred.detach(), var_values], dim=1)
+            )
             vb = vb_terms_bpd(diffusion, frozen, x_start, x_t, t)["output"]
             terms["vb"] = vb
             terms["loss"] = mse + self.lambda_vlb * diffusion.num_timesteps * vb
@@ -202,11 +211,19 @@ class UniformSampler:
         """Return timesteps (B,) and importance weights (B,) so that E[w·L_t] is unbiased."""
         w = self.weights()
         if np.all(w == w[0]):
-            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator,
-                              device="cpu" if generator is None else generator.device)
+            t = torch.randint(
+                0,
+                self.num_timesteps,
+                (batch_size,),
+                generator=generator,
+                device="cpu" if generator is None else generator.device,
+            )
             return t.to(device), torch.ones(batch_size, device=device)
-        p = torch.as_tensor(w / w.sum(), dtype=torch.float32,
-                            device="cpu" if generator is None else generator.device)
+        p = torch.as_tensor(
+            w / w.sum(),
+            dtype=torch.float32,
+            device="cpu" if generator is None else generator.device,
+        )
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_timesteps * p[t])
         return t.to(device), weights.float().to(device)

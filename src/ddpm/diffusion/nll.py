@@ -21,8 +21,9 @@ from ddpm.utils.progress import progress_iter
 
 def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
     """L_T = KL(q(x_T | x₀) ‖ N(0, I)) in bits/dim, per image (B,)."""
-    t = torch.full((x_start.shape[0],), diffusion.num_timesteps - 1, device=x_start.device,
-                   dtype=torch.long)
+    t = torch.full(
+        (x_start.shape[0],), diffusion.num_timesteps - 1, device=x_start.device, dtype=torch.long
+    )
     mean, _, log_var = diffusion.q_mean_variance(x_start, t)
     zeros = torch.zeros_like(mean)
     return mean_flat(normal_kl(mean, log_var, zeros, zeros)) / LN2
@@ -48,11 +49,13 @@ def calc_bpd_loop(
     b, T = x_start.shape[0], diffusion.num_timesteps
     device = x_start.device
     vb, xstart_mse, mse = (torch.zeros(b, T, device=device) for _ in range(3))
-    for t_idx in progress_iter(range(T - 1, -1, -1), total=T, desc="NLL bound",
-                               enabled=progress):
+    for t_idx in progress_iter(range(T - 1, -1, -1), total=T, desc="NLL bound", enabled=progress):
         t = torch.full((b,), t_idx, device=device, dtype=torch.long)
-        noise = torch.randn(x_start.shape, generator=generator,
-                            device=generator.device if generator is not None else device)
+        noise = torch.randn(
+            x_start.shape,
+            generator=generator,
+            device=generator.device if generator is not None else device,
+        )
         noise = noise.to(device)
         x_t = diffusion.q_sample(x_start, t, noise)
         out = vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)

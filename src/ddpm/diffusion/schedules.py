@@ -43,7 +43,9 @@ def scaled_linear_betas(
     scale = 1000.0 / num_timesteps
     return (
         np.linspace(
-            math.sqrt(scale * beta_start), math.sqrt(scale * beta_end), num_timesteps,
+            math.sqrt(scale * beta_start),
+            math.sqrt(scale * beta_end),
+            num_timesteps,
             dtype=np.float64,
         )
         ** 2
@@ -69,7 +71,10 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 
 def sigmoid_betas(
-    num_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+    num_timesteps: int,
+    start: float = -3.0,
+    end: float = 3.0,
+    tau: float = 1.0,
     max_beta: float = 0.999,
 ) -> np.ndarray:
     """Sigmoid schedule on ᾱ (Jabri et al. 2022, used by denoising-diffusion-pytorch)."""

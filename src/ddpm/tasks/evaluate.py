@@ -35,8 +35,14 @@ def build_datamodule(loaded: LoadedModel, cfg: DictConfig) -> Any:
 
 
 @torch.inference_mode()
-def nll_bpd(loaded: LoadedModel, loader: Any, num_images: int | None, device: torch.device,
-            seed: int = 0, progress: bool = True) -> dict[str, float]:
+def nll_bpd(
+    loaded: LoadedModel,
+    loader: Any,
+    num_images: int | None,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
     """Mean bound (bits/dim) and its breakdown over the first ``num_images`` test images."""
     g = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {"total": 0.0, "prior": 0.0, "decoder": 0.0, "vb": 0.0}
@@ -47,8 +53,9 @@ def nll_bpd(loaded: LoadedModel, loader: Any, num_images: int | None, device: to
             x = x[: max(0, num_images - n)]
         if x.shape[0] == 0:
             break
-        out = calc_bpd_loop(loaded.diffusion, loaded.net, x.to(device), generator=g,
-                            progress=progress)
+        out = calc_bpd_loop(
+            loaded.diffusion, loaded.net, x.to(device), generator=g, progress=progress
+        )
         totals["total"] += float(out["total_bpd"].sum())
         totals["prior"] += float(out["prior_bpd"].sum())
         totals["decoder"] += float(out["vb"][:, 0].sum())
@@ -71,15 +78,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the evaluate task; returns the metrics written to ``metrics.json``."""
     if not cfg.get("ckpt_path"):
         raise CheckpointError("ckpt_path is required: python src/evaluate.py ckpt_path=PATH")
-    device = torch.device(cfg.device if cfg.get("device") not in (None, "auto")
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg.device
+        if cfg.get("device") not in (None, "auto")
+        else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
     metrics: dict[str, float] = {"global_step": float(loaded.global_step)}
     dm = build_datamodule(loaded, cfg)
     if cfg.nll.enabled:
         t0 = time.time()
-        metrics.update(nll_bpd(loaded, dm.test_dataloader(), cfg.nll.num_images, device,
-                               seed=int(cfg.seed), progress=bool(cfg.progress)))
+        metrics.update(
+            nll_bpd(
+                loaded,
+                dm.test_dataloader(),
+                cfg.nll.num_images,
+                device,
+                seed=int(cfg.seed),
+                progress=bool(cfg.progress),
+            )
+        )
         metrics["test/nll_seconds"] = time.time() - t0
     if cfg.fid.enabled:
         from ddpm.tasks.fid_eval import fid_is_metrics

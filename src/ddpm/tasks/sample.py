@@ -34,8 +34,11 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
     node = cfg_sampler if cfg_sampler is not None else loaded.config.get("sampler")
     if node is None:
         raise CheckpointError("no sampler given and none stored in the checkpoint's config")
-    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True)
-                            if OmegaConf.is_config(node) else node)
+    node = OmegaConf.create(
+        OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    )
+    if loaded.config.get("data", {}).get("clip_denoised") is False and "clip_denoised" in node:
+        node.clip_denoised = False  # unbounded data (2-D toy sets): never clip x̂₀
     steps = node.get("steps")
     T = loaded.diffusion.num_timesteps
     if steps is not None and int(steps) > T:
@@ -45,16 +48,26 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
 
 @torch.inference_mode()
 def generate(
-    loaded: LoadedModel, sampler: object, seeds: list[int], batch_size: int,
-    device: torch.device, progress: bool = False,
+    loaded: LoadedModel,
+    sampler: object,
+    seeds: list[int],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Images (len(seeds), *sample_shape) in [-1, 1], batch by batch, per-sample seeded."""
     out = []
     for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
+        chunk = seeds[i : i + batch_size]
         gen = PerSampleGenerator(chunk, device=device)
-        x = sampler(loaded.net, loaded.diffusion, (len(chunk), *loaded.sample_shape),
-                    generator=gen, progress=progress, device=device)
+        x = sampler(
+            loaded.net,
+            loaded.diffusion,
+            (len(chunk), *loaded.sample_shape),
+            generator=gen,
+            progress=progress,
+            device=device,
+        )
         out.append(x.float().cpu())
     if not out:
         return torch.zeros(0, *loaded.sample_shape)
@@ -80,16 +93,21 @@ def sample(cfg: DictConfig) -> Path:
 
     from lightning_fabric import Fabric
 
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-                    precision=cfg.precision)
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+    )
     fabric.launch()
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
     sampler = build_sampler(cfg.get("sampler"), loaded)
     rank, world = fabric.global_rank, fabric.world_size
     seeds = [int(cfg.seed) + i for i in range(rank, n, world)]
     with fabric.autocast():
-        x = generate(loaded, sampler, seeds, bs, fabric.device,
-                     progress=bool(cfg.progress) and rank == 0)
+        x = generate(
+            loaded, sampler, seeds, bs, fabric.device, progress=bool(cfg.progress) and rank == 0
+        )
     if world > 1:
         # pad to equal length, gather, then restore the global order i = rank + k * world
         per = math.ceil(n / world)
@@ -109,13 +127,21 @@ def sample(cfg: DictConfig) -> Path:
         tmp = out / "samples.partial.npz"
         np.savez(tmp, arr_0=arr)
         tmp.replace(path)
-        write_json(out / "sample_info.json", {
-            "ckpt_path": str(cfg.ckpt_path), "num_samples": n, "seed_first": int(cfg.seed),
-            "used_ema": loaded.used_ema, "global_step": loaded.global_step,
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)
-            if cfg.get("sampler") is not None else loaded.config.get("sampler"),
-            "shape": list(arr.shape), "dtype": str(arr.dtype),
-        })
+        write_json(
+            out / "sample_info.json",
+            {
+                "ckpt_path": str(cfg.ckpt_path),
+                "num_samples": n,
+                "seed_first": int(cfg.seed),
+                "used_ema": loaded.used_ema,
+                "global_step": loaded.global_step,
+                "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)
+                if cfg.get("sampler") is not None
+                else loaded.config.get("sampler"),
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+            },
+        )
         print(path)
     fabric.barrier()
     return path

@@ -1,18 +1,41 @@
-"""``train(cfg)``: build data, network, diffusion and Trainer from a composed config and fit."""
+"""``train(cfg)``: build data, network, diffusion and Trainer from a composed config and fit.
+
+Reliability, in order of what happens:
+
+1. The config is validated (one message per problem) and ``ckpt_path`` resolved (``last`` /
+   ``auto`` / a file, opened with ``weights_only=True``) before anything is built.
+2. The run directory is locked (rank 0 holds an ``flock`` on ``<run dir>/.lock`` while training);
+   a new run refuses a directory that already holds checkpoints, and a resume refuses to write a
+   different run's checkpoint into a directory that holds a run of its own.
+3. Resuming from a checkpoint of another directory continues that run's W&B run.
+4. ``trainer.fit(..., weights_only=True)``: no pickled code is executed from a checkpoint.
+5. A stop signal ends with ``last.ckpt`` written and :class:`TrainingInterrupted` re-raised
+   (exit code 128 + signal) after ``metrics.json`` recorded it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ddpm.config import ConfigError, resolve_ckpt_path, validate_train_config
+from ddpm.callbacks.checkpoint import remove_partial_files
+from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
+from ddpm.config import ConfigError, _checkpoint_files, resolve_ckpt_path, validate_train_config
 from ddpm.module import DiffusionModule
 from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, to_plain, write_json
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+WANDB_ID_FILE = "wandb_run_id.txt"  # ddpm.loggers.RUN_ID_FILE
 
 
 def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
@@ -34,37 +57,146 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionMo
     )
 
 
-def _check_fresh_run_dir(cfg: DictConfig, ckpt_path: str | None) -> None:
-    """Refuse to start a new run inside a directory that already holds one."""
-    ckpt_dir = output_dir(cfg) / "checkpoints"
-    if ckpt_path is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+def _is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0, judged from the environment before any Trainer
+    exists (Lightning's DDP launcher, torchrun and SLURM set these for the other ranks)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(var)
+        if value not in (None, "", "0"):
+            return False
+    return True
+
+
+def _inside(path: str, directory: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """A run never writes into another run's directory."""
+    existing = _checkpoint_files(run_dir) if run_dir.is_dir() else []
+    if not existing:
+        return
+    if ckpt_path is None:
         raise ConfigError(
-            f"{output_dir(cfg)} already holds a run with checkpoints. Resume it with "
-            f"ckpt_path=last run_dir={output_dir(cfg)}, or start a new run without run_dir."
+            f"{run_dir} already holds a run with checkpoints. Resume it with "
+            f"ckpt_path=last run_dir={run_dir}, or start a new run without run_dir."
         )
+    if not _inside(ckpt_path, run_dir):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} belongs to another run, but {run_dir} already holds a run "
+            "with checkpoints of its own: drop run_dir to continue from that checkpoint in a new "
+            "directory, or resume this directory with ckpt_path=last."
+        )
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
+    SIGKILL): two live processes never train in the same directory."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = path.read_text().strip() or "unknown"
+            raise ConfigError(
+                f"{run_dir} is in use by another training process ({owner}); a run never writes "
+                "into another run's directory. Wait for it to end or stop it first."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _source_run_dir(ckpt_path: str) -> Path:
+    """The run directory a checkpoint file belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+    parent = Path(ckpt_path).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
+    """Continuing another directory's checkpoint continues its W&B run: copy its run id into this
+    run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
+    the id carried over."""
+    loggers = cfg.get("logger") or {}
+    wandb_nodes = [n for n in loggers.values()
+                   if isinstance(n, DictConfig) and "wandb" in str(n.get("_target_", "")).lower()]
+    if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
+        return None
+    if _inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
+        return None
+    source = _source_run_dir(ckpt_path) / WANDB_ID_FILE
+    if not source.is_file():
+        return None
+    run_id = source.read_text().strip()
+    if run_id:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / WANDB_ID_FILE).write_text(run_id)
+        log.info("continuing W&B run %s of %s", run_id, source.parent)
+    return run_id or None
+
+
+def _order_callbacks(callbacks: list) -> list:
+    """Preemption checkpoints after the ModelCheckpoints (so ``trainer.checkpoint_callback`` is a
+    ModelCheckpoint and a checkpoint written at the same step is not written twice)."""
+    return sorted(callbacks, key=lambda cb: isinstance(cb, PreemptionCheckpoint))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train; returns the final metrics (``trainer.callback_metrics``) as floats."""
     validate_train_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("run_dir"))
-    _check_fresh_run_dir(cfg, ckpt_path)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir = output_dir(cfg)
+    check_run_dir(run_dir, ckpt_path)
+    lock = run_dir_lock(run_dir) if _is_launch_rank_zero() else contextlib.nullcontext()
+    with lock:
+        if ckpt_path is not None:
+            log.info("resuming from %s", ckpt_path)
+            if _is_launch_rank_zero():
+                remove_partial_files(run_dir / "checkpoints")  # stale: no other writer (lock)
+                carry_over_wandb_id(cfg, run_dir, ckpt_path)
+        return _fit(cfg, run_dir, ckpt_path)
 
+
+def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_config = to_plain(cfg)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, run_config)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in trainer.loggers:
         lg.log_hyperparams(run_config)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    interrupted: TrainingInterrupted | None = None
+    try:
+        # weights_only=True: a downloaded checkpoint cannot run code (everything we store is
+        # tensors and plain data; see ddpm.module.DiffusionModule.on_save_checkpoint).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingInterrupted as e:
+        interrupted = e
 
     metrics = metrics_dict(trainer)
     metrics["global_step"] = float(trainer.global_step)
+    if interrupted is not None:
+        metrics["interrupted_by_signal"] = float(interrupted.signum)
     if trainer.is_global_zero:
-        write_json(output_dir(cfg) / "metrics.json", metrics)
-        log.info("run directory: %s", output_dir(cfg))
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("run directory: %s", run_dir)
+    if interrupted is not None:
+        log.warning("%s; resume with: python src/train.py ckpt_path=last run_dir=%s",
+                    interrupted, run_dir)
+        raise interrupted
     return metrics
+

@@ -177,16 +177,26 @@ def denoising_trajectory(
     seeds: Sequence[int],
     num_frames: int = 8,
     device: torch.device | str | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
     """Run ``sampler`` once for ``seeds`` (one per-sample seed each) and record ~``num_frames``
     steps. Returns ``timesteps`` (K,), ``x_t`` and ``pred_xstart`` (K, len(seeds), *sample_shape)
     on the CPU, and the final ``samples``.
 
-    The recorded steps are those of the sampler's own grid nearest to ``strip_timesteps(T, K)``.
+    The recorded steps are those of the sampler's own grid nearest to ``strip_timesteps(T, K)``,
+    or to the given model ``timesteps`` (then ``num_frames`` is unused).
     """
     from ddpm.utils.seeding import PerSampleGenerator
 
-    wanted = strip_timesteps(diffusion.num_timesteps, num_frames)
+    if timesteps is not None:
+        wanted = sorted({int(t) for t in timesteps}, reverse=True)
+        if not wanted or wanted[-1] < 0 or wanted[0] >= diffusion.num_timesteps:
+            raise ValueError(
+                f"timesteps must be a non-empty list in [0, {diffusion.num_timesteps - 1}], "
+                f"got {list(timesteps)}"
+            )
+    else:
+        wanted = strip_timesteps(diffusion.num_timesteps, num_frames)
     gen = PerSampleGenerator(list(seeds), device=device or "cpu")
     out = sampler(
         model,

@@ -29,13 +29,17 @@ class PerSampleGenerator:
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"batch size {shape[0]} != number of seeds {len(self.generators)}")
-        out = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype)
-                           for g in self.generators])
+        out = torch.stack(
+            [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.generators]
+        )
         return out.to(self.device, non_blocking=True)
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | PerSampleGenerator | None,
-          device: torch.device | str) -> Tensor:
+def randn(
+    shape: Sequence[int],
+    generator: torch.Generator | PerSampleGenerator | None,
+    device: torch.device | str,
+) -> Tensor:
     """Standard normal noise of ``shape`` from a per-sample generator, a torch generator or none."""
     if isinstance(generator, PerSampleGenerator):
         return generator.randn(shape)

@@ -1,0 +1,224 @@
+"""Save ``last.ckpt`` and stop cleanly on SIGTERM / SIGINT (preemption, ``scancel``, Ctrl+C).
+
+A signal handler must not save a checkpoint itself: it runs between two bytecodes of whatever the
+main thread was doing (say, between the optimizer step and the LR-scheduler step), and under DDP
+the other ranks would not join the collective save. So the handler only records the signal; at the
+next optimizer-step boundary (``on_train_batch_end``) the ranks agree on it (one all-reduce), write
+``last.ckpt`` atomically together, and raise :class:`TrainingInterrupted` (a ``SystemExit`` with
+code 128 + signal number), which ends ``trainer.fit`` without running end-of-training work
+(sample grids, FID). ``python src/train.py ckpt_path=last run_dir=<run dir>`` continues the run.
+
+* A second Ctrl+C aborts at once (``KeyboardInterrupt``, no checkpoint).
+* Lightning's own SIGTERM handler (which stops at different points on different ranks and may
+  exit before anything is saved) is replaced while training runs; SLURM's SIGUSR1 auto-requeue
+  (``SLURMEnvironment``) is left to Lightning.
+* With ``save_on_train_end`` the final state of a finished run is written to ``last.ckpt`` too
+  (``ModelCheckpoint`` only saves every N steps), so a finished run can be continued.
+* Long work inside a step (FID, sample grids) can poll :func:`preemption_requested` and cut short.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from ddpm.callbacks.checkpoint import atomic_save_checkpoint
+
+log = logging.getLogger(__name__)
+
+LAST_NAME = "last"
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2", "SIGHUP")
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal after ``last.ckpt`` was written; exit code 128 + signal."""
+
+    def __init__(self, signum: int, global_step: int, ckpt_path: str | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.global_step = int(global_step)
+        self.ckpt_path = ckpt_path
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return str(self.signum)
+
+    def __str__(self) -> str:
+        saved = f"checkpoint {self.ckpt_path}" if self.ckpt_path else "no checkpoint written"
+        return (f"training interrupted by {self.signal_name} at global step {self.global_step} "
+                f"({saved})")
+
+
+def preemption_requested(trainer: pl.Trainer | None) -> bool:
+    """True once a stop signal was received in this process (for long-running callbacks)."""
+    if trainer is None:
+        return False
+    return any(isinstance(cb, PreemptionCheckpoint) and cb.signum is not None
+               for cb in trainer.callbacks)
+
+
+class PreemptionCheckpoint(Checkpoint):
+    """On a stop signal: finish the current optimizer step, save ``last.ckpt``, stop.
+
+    A :class:`~pytorch_lightning.callbacks.Checkpoint`, so Lightning runs its hooks after all other
+    callbacks (the EMA of the step is in the checkpoint).
+
+    Args:
+        signals: names of the signals to handle (SIGTERM, SIGINT, SIGUSR2, SIGHUP).
+        dirpath: where ``last.ckpt`` goes; default: the first ``ModelCheckpoint``'s directory,
+            else ``<default_root_dir>/checkpoints``.
+        check_every_n_steps: how often the ranks agree on a pending signal under DDP (one tiny
+            all-reduce each time); a single process checks a Python flag every step.
+        save_on_train_end: write ``last.ckpt`` at the end of a finished run when the periodic
+            checkpoint did not already cover the final step.
+    """
+
+    def __init__(
+        self,
+        signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGINT"),
+        dirpath: str | os.PathLike | None = None,
+        check_every_n_steps: int = 1,
+        save_on_train_end: bool = True,
+    ) -> None:
+        signals = tuple(str(s).upper() for s in signals)
+        bad = [s for s in signals if s not in _SIGNALS or not hasattr(signal, s)]
+        if bad:
+            raise ValueError(f"signals must be among {list(_SIGNALS)}, got {bad}")
+        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or (
+                check_every_n_steps < 1):
+            raise ValueError(f"check_every_n_steps must be an integer >= 1, got "
+                             f"{check_every_n_steps!r}")
+        self.signals = signals
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.check_every_n_steps = check_every_n_steps
+        self.save_on_train_end = bool(save_on_train_end)
+        self.signum: int | None = None  # first stop signal received
+        self.received_at: float | None = None
+        self.last_saved_step: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ signals
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a checkpoint-and-stop at the next step boundary (what the handler does)."""
+        if self.signum is None:
+            self.signum = int(signum)
+            self.received_at = time.monotonic()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            # Second Ctrl+C: the user wants out now.
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.request(signum)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+        for name in self.signals:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, prev in self._previous.items():
+            current = signal.getsignal(sig)
+            if getattr(current, "__self__", None) is self:  # ours: put the previous one back
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ------------------------------------------------------------------ paths
+    def last_path(self, trainer: pl.Trainer) -> str:
+        dirpath = self.dirpath
+        if dirpath is None:
+            mc = next((cb for cb in trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
+            dirpath = mc.dirpath if mc is not None else os.path.join(
+                trainer.default_root_dir, "checkpoints")
+        return os.path.join(os.fspath(dirpath), LAST_NAME + ModelCheckpoint.FILE_EXTENSION)
+
+    def _already_saved(self, trainer: pl.Trainer, path: str) -> bool:
+        """Did a ModelCheckpoint write ``path`` at this very step (after this step's updates)?"""
+        if self.last_saved_step == trainer.global_step:
+            return True
+        for cb in trainer.checkpoint_callbacks:
+            if (isinstance(cb, ModelCheckpoint) and cb.last_model_path
+                    and os.path.abspath(cb.last_model_path) == os.path.abspath(path)
+                    and cb._last_global_step_saved == trainer.global_step):
+                return True
+        return False
+
+    def _save_last(self, trainer: pl.Trainer) -> str | None:
+        if trainer.fast_dev_run:  # PITFALLS 9: no checkpoints in fast_dev_run
+            return None
+        path = self.last_path(trainer)
+        if not self._already_saved(trainer, path):
+            atomic_save_checkpoint(trainer, path)
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                    cb.last_model_path = path
+        self.last_saved_step = trainer.global_step
+        return path
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning registered its SIGTERM handler just before; a SIGTERM it already caught counts.
+        if trainer.received_sigterm:
+            self.request(signal.SIGTERM)
+        self._install_handlers()
+
+    def _pending(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received a stop signal (agreed on by all ranks)."""
+        if trainer.world_size == 1:
+            return self.signum is not None
+        if trainer.global_step % self.check_every_n_steps != 0:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate():  # only at optimizer-step boundaries
+            return
+        if not self._pending(trainer):
+            return
+        signum = self.signum if self.signum is not None else int(signal.SIGTERM)
+        t0 = time.monotonic()
+        path = self._save_last(trainer)
+        waited = t0 - self.received_at if self.received_at is not None else 0.0
+        name = TrainingInterrupted(signum, 0, None).signal_name
+        if path is not None:
+            rank_zero_info(
+                f"{name} received: saved {path} at global step {trainer.global_step} "
+                f"({waited:.1f} s after the signal, write {time.monotonic() - t0:.1f} s). Resume "
+                f"with: python src/train.py ckpt_path=last run_dir={os.path.dirname(os.path.dirname(path))}"
+            )
+        self._restore_handlers()
+        raise TrainingInterrupted(signum, trainer.global_step, path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+        if self.save_on_train_end and trainer.global_step > 0:
+            self._save_last(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,302 @@
+"""``visualize(cfg)``: pictures of diffusion written as PNGs to the run directory.
+
+``what``:
+
+* ``forward``: one batch of real data at x_t for several t, per schedule side by side
+  (``forward.png``), and ᾱ_t, β_t, log SNR(t) of every schedule (``schedules.png``).
+* ``reverse`` (checkpoint): x_t and the network's x̂₀ along the reverse trajectory of any sampler,
+  one strip per seed (``reverse.png``).
+* ``loss_by_t`` (checkpoint): the bound's terms L_t and the ε-MSE per timestep on held-out data,
+  and the rate-distortion curve (``loss_by_t.png``, numbers in ``loss_by_t.json``).
+* ``interpolate`` (checkpoint): DDIM inversion of two held-out inputs, slerp of their latents,
+  decoding (``interpolate.png``).
+* ``playground`` (2-D checkpoint): forward cloud, reverse trajectories, score field, generated vs
+  true data with energy distance / MMD for every sampler (``playground_*.png``,
+  ``playground.json``).
+
+Returns a dict with ``paths`` (the PNGs written), ``figures`` (matplotlib Figures) and the data
+behind them (tensors / arrays), so tests check numbers, not pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.tasks.common import output_dir, write_json
+
+log = logging.getLogger(__name__)
+
+WHATS = ("forward", "reverse", "loss_by_t", "interpolate", "playground")
+NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "playground")
+
+
+# ------------------------------------------------------------------------------------ plumbing
+def _device(cfg: DictConfig) -> torch.device:
+    dev = cfg.get("device")
+    if dev in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(dev)
+
+
+def _load(cfg: DictConfig, device: torch.device) -> LoadedModel:
+    if not cfg.get("ckpt_path"):
+        raise CheckpointError(
+            f"what={cfg.what} needs a checkpoint: python src/visualize.py what={cfg.what} "
+            "ckpt_path=PATH"
+        )
+    return load_model(cfg.ckpt_path, use_ema=bool(cfg.get("use_ema", True)), device=device)
+
+
+def build_datamodule(cfg: DictConfig, loaded: LoadedModel | None) -> Any:
+    """``cfg.data`` when given (``data=...``), else the checkpoint's data config."""
+    if cfg.get("data") is not None:
+        node = OmegaConf.to_container(cfg.data, resolve=True)
+    elif loaded is not None:
+        node = dict(loaded.config["data"])
+        if cfg.get("data_root") and "root" in node:
+            node["root"] = str(cfg.data_root)
+    else:
+        raise ValueError(
+            f"what={cfg.what} needs data: give data=<name> (e.g. data=digits or "
+            "data=swiss_roll) or ckpt_path=PATH (its data is used)"
+        )
+    if "random_flip" in node:
+        node["random_flip"] = False
+    return instantiate(OmegaConf.create(node))
+
+
+def held_out(dm: Any, split: str, n: int) -> torch.Tensor:
+    """The first ``n`` samples of ``split``, normalised as in training, never augmented."""
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
+    loader = dm.reference_dataloader(split, batch_size=n, max_samples=n)
+    batch = next(iter(loader))
+    return (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
+
+
+def _denormalizer(dm: Any) -> Any:
+    """Model space -> [0, 1] for images; None means (x + 1) / 2."""
+    if dm is None or getattr(dm, "normalization", "minus_one_one") == "minus_one_one":
+        return None
+    return dm.denormalize
+
+
+def _image_denormalizer(cfg: DictConfig, loaded: LoadedModel) -> Any:
+    data = loaded.config.get("data", {})
+    if data.get("normalization", "minus_one_one") == "minus_one_one":
+        return None
+    return _denormalizer(build_datamodule(cfg, loaded))
+
+
+def _cap_steps(node: Any, T: int) -> Any:
+    """A sampler config with ``steps`` capped at what the model's T allows."""
+    node = OmegaConf.create(
+        OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    )
+    steps = node.get("steps")
+    if steps is not None:
+        limit = T - 1 if "DPMSolver" in str(node.get("_target_", "")) else T
+        node.steps = max(1, min(int(steps), limit))
+    return node
+
+
+def _save(fig: Any, path: Path, paths: list[Path]) -> None:
+    from ddpm.viz.plots import save_figure
+
+    paths.append(save_figure(fig, path))
+    log.info("wrote %s", path)
+
+
+# ------------------------------------------------------------------------------------ what=...
+def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.viz import (
+        forward_diffusion,
+        forward_figure,
+        forward_timesteps,
+        make_diffusions,
+        schedule_figure,
+    )
+
+    loaded = None
+    if cfg.get("data") is None and cfg.get("ckpt_path"):
+        loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.get("use_ema", True)))
+    dm = build_datamodule(cfg, loaded)
+    schedules = OmegaConf.to_container(cfg.schedules, resolve=True) if OmegaConf.is_config(
+        cfg.schedules) else cfg.schedules
+    diffusions = make_diffusions(schedules, int(cfg.num_timesteps))
+    T = min(d.num_timesteps for d in diffusions.values())
+    ts = forward_timesteps(T, cfg.forward.timesteps)
+    is_points = len(getattr(dm, "sample_shape", ())) == 1
+    n = int(cfg.forward.num_points if is_points else cfg.forward.num_images)
+    x0 = held_out(dm, cfg.forward.split, n)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    result = forward_diffusion(x0, diffusions, ts, generator=g)
+    figs = {
+        "forward": forward_figure(result, int(cfg.forward.show_images), _denormalizer(dm),
+                                  dpi=int(cfg.dpi)),
+        "schedules": schedule_figure(diffusions, dpi=int(cfg.dpi)),
+    }
+    paths: list[Path] = []
+    _save(figs["forward"], out / "forward.png", paths)
+    _save(figs["schedules"], out / "schedules.png", paths)
+    return {**result, "diffusions": diffusions, "figures": figs, "paths": paths}
+
+
+def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.tasks.sample import build_sampler
+    from ddpm.viz import reverse_figure, reverse_trajectory, sampler_label
+
+    device = _device(cfg)
+    loaded = _load(cfg, device)
+    sampler = build_sampler(cfg.get("sampler"), loaded)
+    shape = loaded.sample_shape
+    if len(shape) == 1:
+        seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.reverse.num_points)))
+    else:
+        seeds = [int(s) for s in cfg.reverse.seeds]
+    if not seeds:
+        raise ValueError("reverse.seeds must name at least one seed")
+    ts = cfg.reverse.timesteps
+    traj = reverse_trajectory(
+        sampler, loaded.net, loaded.diffusion, shape, seeds,
+        timesteps=None if ts is None else [int(t) for t in ts],
+        num_frames=int(cfg.reverse.num_frames), device=device,
+    )
+    denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
+    title = f"Reverse trajectory: {sampler_label(sampler)}, T={loaded.diffusion.num_timesteps}"
+    fig = reverse_figure(traj, seeds if len(shape) > 1 else [], title, denorm, dpi=int(cfg.dpi))
+    paths: list[Path] = []
+    _save(fig, out / "reverse.png", paths)
+    return {**traj, "seeds": seeds, "sampler": sampler, "figures": {"reverse": fig},
+            "paths": paths}
+
+
+def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.viz import loss_by_t_figure, loss_by_timestep
+
+    device = _device(cfg)
+    loaded = _load(cfg, device)
+    dm = build_datamodule(cfg, loaded)
+    x0 = held_out(dm, cfg.loss_by_t.split, int(cfg.loss_by_t.num_images)).to(device)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    result = loss_by_timestep(
+        loaded.net, loaded.diffusion, x0, clip_denoised=bool(cfg.loss_by_t.clip_denoised),
+        generator=g, progress=bool(cfg.progress),
+    )
+    title = (f"Variational bound by timestep: {result['num_images']} held-out samples "
+             f"({cfg.loss_by_t.split}), step {loaded.global_step}")
+    if x0.ndim == 2:
+        title += " (L_0 assumes 8-bit data in [-1, 1])"
+    fig = loss_by_t_figure(result, title, dpi=int(cfg.dpi))
+    paths: list[Path] = []
+    _save(fig, out / "loss_by_t.png", paths)
+    write_json(out / "loss_by_t.json", {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v)
+        for k, v in result.items() if k != "per_image"
+    })
+    return {**result, "figures": {"loss_by_t": fig}, "paths": paths}
+
+
+def run_interpolate(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.viz import interpolate, interpolation_figure
+
+    device = _device(cfg)
+    loaded = _load(cfg, device)
+    dm = build_datamodule(cfg, loaded)
+    pair = [int(i) for i in cfg.interpolate.pair]
+    if len(pair) != 2 or min(pair) < 0:
+        raise ValueError(f"interpolate.pair must be two indices >= 0, got {pair}")
+    data = held_out(dm, cfg.interpolate.split, max(pair) + 1)
+    if data.shape[0] <= max(pair):
+        raise ValueError(f"interpolate.pair={pair}: the {cfg.interpolate.split} split has only "
+                         f"{data.shape[0]} samples")
+    T = loaded.diffusion.num_timesteps
+    result = interpolate(
+        loaded.net, loaded.diffusion, data[pair[0]], data[pair[1]],
+        num_frames=int(cfg.interpolate.num_frames),
+        steps=max(1, min(int(cfg.interpolate.steps), T)),
+        spacing=str(cfg.interpolate.spacing),
+        fixed_point_iters=int(cfg.interpolate.fixed_point_iters),
+        clip_denoised=bool(cfg.interpolate.clip_denoised), device=device,
+    )
+    reference = held_out(dm, cfg.interpolate.split, 1000) if data.ndim == 2 else None
+    denorm = _denormalizer(dm) if data.ndim > 2 else None
+    fig = interpolation_figure(result, denormalize=denorm, reference=reference,
+                               dpi=int(cfg.dpi))
+    paths: list[Path] = []
+    _save(fig, out / "interpolate.png", paths)
+    return {**result, "pair": pair, "figures": {"interpolate": fig}, "paths": paths}
+
+
+def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.viz import playground_figures, playground_report
+
+    device = _device(cfg)
+    loaded = _load(cfg, device)
+    if loaded.sample_shape != (2,):
+        raise ValueError(
+            f"what=playground needs a 2-D model (data=swiss_roll/two_moons/eight_gaussians "
+            f"model=mlp), this checkpoint makes samples of shape {loaded.sample_shape}"
+        )
+    dm = build_datamodule(cfg, loaded)
+    n = int(cfg.playground.num_points)
+    reference = held_out(dm, "val", n)
+    second = held_out(dm, "train", reference.shape[0])
+    T = loaded.diffusion.num_timesteps
+    samplers = {
+        name: instantiate(_cap_steps(node, T))
+        for name, node in (cfg.playground.samplers or {}).items()
+        if node is not None
+    }
+    st = cfg.playground.score_timesteps
+    report = playground_report(
+        loaded.net, loaded.diffusion, reference, samplers, second_reference=second,
+        num_points=n, seed=int(cfg.seed), frames=int(cfg.playground.frames),
+        score_timesteps=None if st is None else [int(t) for t in st],
+        grid_size=int(cfg.playground.grid_size), device=device,
+    )
+    figs = playground_figures(report, dpi=int(cfg.dpi))
+    paths: list[Path] = []
+    for name, fig in figs.items():
+        _save(fig, out / f"playground_{name}.png", paths)
+    metrics = {
+        "distances": report["distances"],
+        "samplers": report["sampler_labels"],
+        "num_points": int(reference.shape[0]),
+        "global_step": loaded.global_step,
+        "ckpt_path": str(cfg.ckpt_path),
+    }
+    write_json(out / "playground.json", metrics)
+    print(json.dumps(report["distances"], indent=2))
+    return {**report, "figures": figs, "paths": paths}
+
+
+RUNNERS = {
+    "forward": run_forward,
+    "reverse": run_reverse,
+    "loss_by_t": run_loss_by_t,
+    "interpolate": run_interpolate,
+    "playground": run_playground,
+}
+
+
+def visualize(cfg: DictConfig) -> dict[str, Any]:
+    """Run the picture ``cfg.what``; returns its data, figures and PNG paths (see module doc)."""
+    what = cfg.get("what")
+    if what not in RUNNERS:
+        raise ValueError(f"what must be one of {WHATS}, got {what!r}")
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    result = RUNNERS[what](cfg, out)
+    for p in result["paths"]:
+        print(p)
+    return result
