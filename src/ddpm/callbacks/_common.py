@@ -115,3 +115,38 @@ class StepCadence:
 
     def mark(self, trainer: pl.Trainer) -> None:
         self.last_step = trainer.global_step
+
+
+class PeriodicCallback(pl.Callback):
+    """Calls ``self.run(trainer, pl_module)`` every ``every_n_steps`` optimizer steps and, with
+    ``at_train_end``, once more when training ends (unless it just ran at that step).
+
+    Subclasses set ``self._cadence = StepCadence(every_n_steps)``, ``self.at_train_end`` and
+    ``self._seen_shape = None`` (the shape of one training sample, recorded from the first batch).
+    """
+
+    _cadence: StepCadence
+    at_train_end: bool
+    _seen_shape: tuple[int, ...] | None
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        raise NotImplementedError
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._seen_shape is None:
+            self._seen_shape = batch_sample_shape(batch)
+        if self._cadence.due(trainer):
+            self._cadence.mark(trainer)
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._cadence.last_step:
+            self._cadence.mark(trainer)
+            self.run(trainer, pl_module)

@@ -96,8 +96,11 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         # A best-by-metric checkpoint whose metric is never logged (val/loss_ema without EMA,
         # validation disabled) warns once instead of ending the run with an exception.
-        if self.save_top_k != 0 and self.monitor is not None and (
-                self.monitor not in monitor_candidates):
+        if (
+            self.save_top_k != 0
+            and self.monitor is not None
+            and (self.monitor not in monitor_candidates)
+        ):
             if not getattr(self, "_warned_missing_monitor", False):
                 self._warned_missing_monitor = True
                 rank_zero_warn(

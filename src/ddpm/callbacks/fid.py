@@ -35,8 +35,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ddpm.callbacks._common import (
+    PeriodicCallback,
     StepCadence,
-    batch_sample_shape,
     check_positive_int,
     denormalizer,
     is_fast_dev_run,
@@ -87,7 +87,7 @@ class _Features(nn.Module):
         return x
 
 
-class FIDCallback(pl.Callback):
+class FIDCallback(PeriodicCallback):
     """FID (and IS) of ``num_samples`` generated images every ``every_n_steps`` steps.
 
     Args:
@@ -245,25 +245,6 @@ class FIDCallback(pl.Callback):
             self._disable(self._unavailable_message(error or "failed on another rank"))
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self._seen_shape is None:
-            self._seen_shape = batch_sample_shape(batch)
-        if self._cadence.due(trainer):
-            self._cadence.mark(trainer)
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._cadence.last_step:
-            self._cadence.mark(trainer)
-            self.evaluate(trainer, pl_module)
-
     # ------------------------------------------------------------------ work
     def _shape(self, trainer: pl.Trainer) -> tuple[int, ...]:
         return sample_shape_of(trainer, self.sample_shape, self._seen_shape)
@@ -376,6 +357,9 @@ class FIDCallback(pl.Callback):
             )
             return False
         return True
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return self.evaluate(trainer, pl_module)
 
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule

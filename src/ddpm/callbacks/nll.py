@@ -23,7 +23,13 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from ddpm.callbacks._common import StepCadence, check_positive_int, is_fast_dev_run, log_metrics_now
+from ddpm.callbacks._common import (
+    PeriodicCallback,
+    StepCadence,
+    check_positive_int,
+    is_fast_dev_run,
+    log_metrics_now,
+)
 from ddpm.callbacks.sample_grid import model_device
 from ddpm.diffusion import calc_bpd_loop
 
@@ -32,7 +38,7 @@ log = logging.getLogger(__name__)
 METRICS = ("val/nll_bpd", "val/nll_prior_bpd", "val/nll_decoder_bpd", "val/nll_vb_bpd")
 
 
-class NLLCallback(pl.Callback):
+class NLLCallback(PeriodicCallback):
     """Bits/dim of a fixed validation subset every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -72,6 +78,7 @@ class NLLCallback(pl.Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._images: Tensor | None = None
         self._cadence = StepCadence(self.every_n_steps)
+        self._seen_shape: tuple[int, ...] | None = None
         self._warned = False
 
     def _warn_disable(self, msg: str) -> None:
@@ -81,23 +88,6 @@ class NLLCallback(pl.Callback):
             rank_zero_warn(f"NLLCallback disabled: {msg}")
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self._cadence.due(trainer):
-            self._cadence.mark(trainer)
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._cadence.last_step:
-            self._cadence.mark(trainer)
-            self.evaluate(trainer, pl_module)
-
     # ------------------------------------------------------------------ work
     def _val_images(self, trainer: pl.Trainer) -> Tensor | None:
         """The first ``num_images`` validation images (model space, CPU), loaded once."""
@@ -145,6 +135,9 @@ class NLLCallback(pl.Callback):
             )
         self._images = images
         return images
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return self.evaluate(trainer, pl_module)
 
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule

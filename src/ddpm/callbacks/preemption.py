@@ -57,16 +57,19 @@ class TrainingInterrupted(SystemExit):
 
     def __str__(self) -> str:
         saved = f"checkpoint {self.ckpt_path}" if self.ckpt_path else "no checkpoint written"
-        return (f"training interrupted by {self.signal_name} at global step {self.global_step} "
-                f"({saved})")
+        return (
+            f"training interrupted by {self.signal_name} at global step {self.global_step} "
+            f"({saved})"
+        )
 
 
 def preemption_requested(trainer: pl.Trainer | None) -> bool:
     """True once a stop signal was received in this process (for long-running callbacks)."""
     if trainer is None:
         return False
-    return any(isinstance(cb, PreemptionCheckpoint) and cb.signum is not None
-               for cb in trainer.callbacks)
+    return any(
+        isinstance(cb, PreemptionCheckpoint) and cb.signum is not None for cb in trainer.callbacks
+    )
 
 
 class PreemptionCheckpoint(Checkpoint):
@@ -96,10 +99,14 @@ class PreemptionCheckpoint(Checkpoint):
         bad = [s for s in signals if s not in _SIGNALS or not hasattr(signal, s)]
         if bad:
             raise ValueError(f"signals must be among {list(_SIGNALS)}, got {bad}")
-        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or (
-                check_every_n_steps < 1):
-            raise ValueError(f"check_every_n_steps must be an integer >= 1, got "
-                             f"{check_every_n_steps!r}")
+        if (
+            isinstance(check_every_n_steps, bool)
+            or not isinstance(check_every_n_steps, int)
+            or (check_every_n_steps < 1)
+        ):
+            raise ValueError(
+                f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}"
+            )
         self.signals = signals
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.check_every_n_steps = check_every_n_steps
@@ -144,10 +151,19 @@ class PreemptionCheckpoint(Checkpoint):
     def last_path(self, trainer: pl.Trainer) -> str:
         dirpath = self.dirpath
         if dirpath is None:
-            mc = next((cb for cb in trainer.checkpoint_callbacks
-                       if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
-            dirpath = mc.dirpath if mc is not None else os.path.join(
-                trainer.default_root_dir, "checkpoints")
+            mc = next(
+                (
+                    cb
+                    for cb in trainer.checkpoint_callbacks
+                    if isinstance(cb, ModelCheckpoint) and cb.dirpath
+                ),
+                None,
+            )
+            dirpath = (
+                mc.dirpath
+                if mc is not None
+                else os.path.join(trainer.default_root_dir, "checkpoints")
+            )
         return os.path.join(os.fspath(dirpath), LAST_NAME + ModelCheckpoint.FILE_EXTENSION)
 
     def _already_saved(self, trainer: pl.Trainer, path: str) -> bool:
@@ -155,9 +171,12 @@ class PreemptionCheckpoint(Checkpoint):
         if self.last_saved_step == trainer.global_step:
             return True
         for cb in trainer.checkpoint_callbacks:
-            if (isinstance(cb, ModelCheckpoint) and cb.last_model_path
-                    and os.path.abspath(cb.last_model_path) == os.path.abspath(path)
-                    and cb._last_global_step_saved == trainer.global_step):
+            if (
+                isinstance(cb, ModelCheckpoint)
+                and cb.last_model_path
+                and os.path.abspath(cb.last_model_path) == os.path.abspath(path)
+                and cb._last_global_step_saved == trainer.global_step
+            ):
                 return True
         return False
 
@@ -188,8 +207,14 @@ class PreemptionCheckpoint(Checkpoint):
             return False
         return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if trainer.fit_loop._should_accumulate():  # only at optimizer-step boundaries
             return
         if not self._pending(trainer):
@@ -213,8 +238,9 @@ class PreemptionCheckpoint(Checkpoint):
         if self.save_on_train_end and trainer.global_step > 0:
             self._save_last(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ddpm.callbacks._common import (
+    PeriodicCallback,
     StepCadence,
-    batch_sample_shape,
     check_positive_int,
     denormalizer,
     is_fast_dev_run,
@@ -77,7 +77,7 @@ def sample_with_seeds(
     return torch.cat(out) if out else torch.empty(0, *sample_shape)
 
 
-class SampleGrid(pl.Callback):
+class SampleGrid(PeriodicCallback):
     """Save (and log) a grid of samples and a denoising strip every ``every_n_steps`` steps.
 
     Args:
@@ -134,25 +134,6 @@ class SampleGrid(pl.Callback):
         self.saved: list[Path] = []  # every PNG written (rank 0)
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self._seen_shape is None:
-            self._seen_shape = batch_sample_shape(batch)
-        if self._cadence.due(trainer):
-            self._cadence.mark(trainer)
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._cadence.last_step:
-            self._cadence.mark(trainer)
-            self.run(trainer, pl_module)
-
     # ------------------------------------------------------------------ work
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "samples")

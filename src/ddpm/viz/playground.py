@@ -171,7 +171,8 @@ def playground_figures(report: Mapping[str, Any], dpi: int = 100) -> dict[str, A
         if xt is not None:
             scatter(ax, xt, lim=lim, color="0.7", size=2)
         q = ax.quiver(pts[:, 0], pts[:, 1], u[:, 0], u[:, 1], np.log10(mag + 1e-12),
-                      cmap="viridis", angles="xy", pivot="mid", width=0.006)
+                      cmap="viridis", angles="xy", pivot="mid", width=0.006,
+                      scale=1.3 * np.sqrt(len(pts)), scale_units="width")
         cb = fig.colorbar(q, ax=ax, shrink=0.75)
         cb.set_label("log10 |s_θ|", fontsize=FONTSIZE)
         cb.ax.tick_params(labelsize=FONTSIZE - 1)
