@@ -169,3 +169,55 @@ def test_sample_cli_prints_the_path(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     printed = Path(res.stdout.strip().splitlines()[-1])
     assert printed.name == "samples.npz" and (tmp_path / printed).is_file() or printed.is_file()
+
+
+def test_evaluate_fid_with_an_offline_extractor(tiny_ckpt: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "nll.enabled=false",
+            "fid.num_samples=16",
+            "fid.batch_size=8",
+            "+fid.feature_extractor._target_=ddpm.metrics.RandomConvFeatures",
+            "sampler=ddim",
+            "sampler.steps=4",
+            "progress=false",
+            "device=cpu",
+            "batch_size=64",
+        ],
+        tmp_path,
+        config_name="evaluate",
+    )
+    metrics = evaluate(cfg)
+    assert np.isfinite(metrics["test/fid"]) and metrics["test/fid"] > 0
+    # the reference statistics were cached under paths.cache_dir
+    assert list((tmp_path / ".cache").rglob("*.pt"))
+
+
+def test_evaluate_without_inception_weights_still_reports_nll(
+    tiny_ckpt: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights
+    cfg = compose_cfg(
+        [
+            f"ckpt_path={tiny_ckpt}",
+            "nll.num_images=4",
+            "batch_size=4",
+            "fid.num_samples=8",
+            "sampler=ddim",
+            "sampler.steps=3",
+            "progress=false",
+            "device=cpu",
+        ],
+        tmp_path,
+        config_name="evaluate",
+    )
+    with pytest.warns(UserWarning, match="Inception"):
+        metrics = evaluate(cfg)
+    assert "test/fid" not in metrics and np.isfinite(metrics["test/nll_bpd"])

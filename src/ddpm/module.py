@@ -283,9 +283,14 @@ class DiffusionModule(pl.LightningModule):
         rng = checkpoint.get(RNG_KEY)
         if fitting and rng is not None:
             if all(v.shape[0] == world for v in rng.values()):
-                # Applied in on_train_start: Lightning creates (and on an epoch boundary discards)
-                # a train-loader iterator in between, which draws from the global RNG.
-                self.__dict__["_pending_rng"] = {k: v[self.global_rank] for k, v in rng.items()}
+                states = {k: v[self.global_rank] for k, v in rng.items()}
+                set_rng_states(states, self._trainer.strategy.root_device)
+                # Lightning then creates a train-loader iterator (drawing from the global RNG).
+                # It is used when the checkpoint was written mid-epoch or at the last batch's end;
+                # when Lightning instead finishes the epoch and starts a new one (checkpoint written
+                # at the validation after the last batch), the state is applied again in
+                # on_train_epoch_start, before that epoch's iterator.
+                self.__dict__["_pending_rng"] = states
             else:
                 rank_zero_warn(
                     f"the checkpoint's RNG states are from {next(iter(rng.values())).shape[0]} "
@@ -293,7 +298,15 @@ class DiffusionModule(pl.LightningModule):
                     "fresh streams (training itself resumes normally)."
                 )
 
-    def on_train_start(self) -> None:
-        states = self.__dict__.pop("_pending_rng", None)
+    def on_train_epoch_start(self) -> None:
+        states = self.__dict__.get("_pending_rng")
         if states is not None:
+            set_rng_states(states, self.device)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        states = self.__dict__.pop("_pending_rng", None)  # first batch after a resume
+        if states is not None and batch_idx > 0:
+            # Mid-epoch: the uninterrupted run drew nothing between this batch and the previous
+            # one; the resumed run's loader iterator did. (The batch itself comes from a
+            # restarted loader unless the data loader is resumable.)
             set_rng_states(states, self.device)

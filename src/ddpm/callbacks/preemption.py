@@ -12,8 +12,9 @@ code 128 + signal number), which ends ``trainer.fit`` without running end-of-tra
 * Lightning's own SIGTERM handler (which stops at different points on different ranks and may
   exit before anything is saved) is replaced while training runs; SLURM's SIGUSR1 auto-requeue
   (``SLURMEnvironment``) is left to Lightning.
-* With ``save_on_train_end`` the final state of a finished run is written to ``last.ckpt`` too
-  (``ModelCheckpoint`` only saves every N steps), so a finished run can be continued.
+* With ``save_on_train_end`` the final step of a run (``max_steps`` or ``max_epochs``) is written
+  to ``last.ckpt`` too (``ModelCheckpoint`` only saves every N steps), so a finished run can be
+  continued with a larger ``trainer.max_steps``.
 * Long work inside a step (FID, sample grids) can poll :func:`preemption_requested` and cut short.
 """
 
@@ -84,8 +85,8 @@ class PreemptionCheckpoint(Checkpoint):
             else ``<default_root_dir>/checkpoints``.
         check_every_n_steps: how often the ranks agree on a pending signal under DDP (one tiny
             all-reduce each time); a single process checks a Python flag every step.
-        save_on_train_end: write ``last.ckpt`` at the end of a finished run when the periodic
-            checkpoint did not already cover the final step.
+        save_on_train_end: write ``last.ckpt`` after the final training step when the periodic
+            checkpoint did not already cover it.
     """
 
     def __init__(
@@ -218,6 +219,8 @@ class PreemptionCheckpoint(Checkpoint):
         if trainer.fit_loop._should_accumulate():  # only at optimizer-step boundaries
             return
         if not self._pending(trainer):
+            if self.save_on_train_end and self._is_final_step(trainer):
+                self._save_last(trainer)
             return
         signum = self.signum if self.signum is not None else int(signal.SIGTERM)
         t0 = time.monotonic()
@@ -233,10 +236,21 @@ class PreemptionCheckpoint(Checkpoint):
         self._restore_handlers()
         raise TrainingInterrupted(signum, trainer.global_step, path)
 
+    @staticmethod
+    def _is_final_step(trainer: pl.Trainer) -> bool:
+        """Will the fit stop after this batch (``max_steps`` or the last batch of ``max_epochs``)?
+        The final checkpoint is written here, not in ``on_train_end``: Lightning cannot restart
+        its loops from a state saved after they finished."""
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            if trainer.global_step >= trainer.max_steps:
+                return True
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs:
+            return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+        return False
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
-        if self.save_on_train_end and trainer.global_step > 0:
-            self._save_last(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

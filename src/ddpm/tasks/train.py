@@ -146,6 +146,24 @@ def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
     return run_id or None
 
 
+def _finish_wandb(trainer: pl.Trainer, exit_code: int, preempted: bool = False) -> None:
+    """End this process's W&B run with the fit, so the next ``train()`` in the same process (a
+    Hydra multirun, a test) starts its own run instead of logging into this one."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            if preempted:
+                wandb.run.mark_preempting()
+            wandb.finish(exit_code=exit_code)
+    except Exception as e:  # a logger must never turn a result into a crash
+        log.warning("could not finish the W&B run: %s: %s", type(e).__name__, e)
+
+
 def _order_callbacks(callbacks: list) -> list:
     """Preemption checkpoints after the ModelCheckpoints (so ``trainer.checkpoint_callback`` is a
     ModelCheckpoint and a checkpoint written at the same step is not written twice)."""
@@ -186,6 +204,10 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except TrainingInterrupted as e:
         interrupted = e
+    except BaseException:
+        _finish_wandb(trainer, exit_code=1)
+        raise
+    _finish_wandb(trainer, exit_code=0, preempted=interrupted is not None)
 
     metrics = metrics_dict(trainer)
     metrics["global_step"] = float(trainer.global_step)

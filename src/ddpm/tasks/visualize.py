@@ -113,7 +113,7 @@ def _save(fig: Any, path: Path, paths: list[Path]) -> None:
     from ddpm.viz.plots import save_figure
 
     paths.append(save_figure(fig, path))
-    log.info("wrote %s", path)
+    log.debug("wrote %s", path)
 
 
 # ------------------------------------------------------------------------------------ what=...

@@ -137,11 +137,17 @@ def playground_report(
     }
 
 
-def playground_figures(report: Mapping[str, Any], dpi: int = 100) -> dict[str, Any]:
-    """``{"forward", "reverse", "score", "samples": Figure}`` of a :func:`playground_report`."""
+def playground_figures(
+    report: Mapping[str, Any], dpi: int = 100, max_points: int = 1000
+) -> dict[str, Any]:
+    """``{"forward", "reverse", "score", "samples": Figure}`` of a :func:`playground_report`.
+
+    The forward and reverse panels draw at most ``max_points`` points each (rendering time)."""
     ref, lim = report["reference"], report["lim"]
     dist = report["distances"]
-    figs: dict[str, Any] = {"forward": forward_figure(report["forward"], dpi=dpi)}
+    fwd = report["forward"]
+    fwd = {**fwd, "x_t": {k: v[:, :max_points] for k, v in fwd["x_t"].items()}}
+    figs: dict[str, Any] = {"forward": forward_figure(fwd, dpi=dpi)}
 
     # reverse: one row per sampler, x_t at the recorded steps, then the final samples over data
     trajs = report["trajectories"]
@@ -150,7 +156,7 @@ def playground_figures(report: Mapping[str, Any], dpi: int = 100) -> dict[str, A
     for r, (name, tr) in enumerate(trajs.items()):
         for c, t in enumerate(tr["timesteps"].tolist()):
             ax = fig.add_subplot(len(trajs), k, r * k + c + 1)
-            scatter(ax, tr["x_t"][c], f"{name}: x_t, t={t}", lim)
+            scatter(ax, tr["x_t"][c, :max_points], f"{name}: x_t, t={t}", lim)
         ax = fig.add_subplot(len(trajs), k, r * k + k)
         scatter(ax, ref, lim=lim, color="0.75", label="data")
         scatter(ax, report["samples"][name], f"{name}: samples", lim, color="C1", label="samples")

@@ -1,0 +1,384 @@
+"""Preemption (SIGTERM / SIGINT / SIGKILL), numerical faults, disk faults, bad config, safety
+(weights_only checkpoints, safetensors export round trip). Real Trainers and real subprocesses."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra_utils import SRC_DIR, TINY, compose_cfg
+
+from ddpm.callbacks.checkpoint import CheckpointWriteError
+from ddpm.callbacks.nonfinite import NonFiniteStepError
+from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
+from ddpm.checkpoint import load_model
+from ddpm.config import ConfigError, find_checkpoint, validate_train_config
+from ddpm.tasks.train import train
+
+TESTS_DIR = Path(__file__).resolve().parent
+FAST = [
+    *TINY,
+    "callbacks.sample_grid.every_n_steps=1000",
+    "callbacks.sample_grid.at_train_end=false",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "trainer.val_check_interval=1000",
+    "trainer.limit_val_batches=1",
+]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ====================================================================== test-only callbacks
+class SignalAt(pl.Callback):
+    """Send ``signum`` to this very process when a batch starts at ``step``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGINT)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNAt(pl.Callback):
+    """Replace the batch by NaNs at the given steps (``from_step``: and every step after)."""
+
+    def __init__(self, steps: list[int] | None = None, from_step: int | None = None) -> None:
+        self.steps = set(steps or [])
+        self.from_step = from_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        s = trainer.global_step
+        if s in self.steps or (self.from_step is not None and s >= self.from_step):
+            batch.fill_(float("nan"))
+
+
+DISK = {"full": False, "where": "write"}
+
+
+class DiskFullFrom(pl.Callback):
+    """From ``step`` on, checkpoint writes fail (see the ``full_disk`` fixture)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        DISK["full"] = trainer.global_step >= self.step
+
+
+class SlowLastSave(pl.Callback):
+    """From the second write of ``last.ckpt`` on: write half of it, drop ``marker``, then hang
+    (the test kills the process with SIGKILL in the middle of the save)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        ckpt_io = trainer.strategy.checkpoint_io
+        original = ckpt_io.save_checkpoint
+        count = {"last": 0}
+        marker = Path(self.marker)
+
+        def save(checkpoint, path, storage_options=None):
+            if str(path).endswith("last.ckpt.partial"):
+                count["last"] += 1
+                if count["last"] >= 2:
+                    buf = io.BytesIO()
+                    torch.save(checkpoint, buf)
+                    data = buf.getvalue()
+                    with open(path, "wb") as f:
+                        f.write(data[: len(data) // 2])
+                        f.flush()
+                        os.fsync(f.fileno())
+                    marker.write_text(str(checkpoint["global_step"]))
+                    time.sleep(600)
+            return original(checkpoint, path, storage_options)
+
+        ckpt_io.save_checkpoint = save
+
+
+# ====================================================================== helpers
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(TESTS_DIR),
+           "HYDRA_FULL_ERROR": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(SRC_DIR / "train.py"), *args], cwd=cwd, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended early ({proc.returncode}):\n{err[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+CLI = [o for o in FAST if not o.startswith("trainer.enable")] + [
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+# ====================================================================== preemption
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _cli([*CLI, "trainer.max_steps=100000", f"run_dir={run}"], tmp_path)
+    first = run / "checkpoints" / "step_0000002.ckpt"
+    _wait_for(first.is_file, proc)
+    time.sleep(1.0)  # a few more steps
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "resume with" in err.lower()
+    last = _load(run / "checkpoints" / "last.ckpt")
+    step = last["global_step"]
+    assert step >= 2
+    assert json.loads((run / "metrics.json").read_text())["interrupted_by_signal"] == 15
+    assert not list(run.rglob("*.partial"))
+    # resume from it and take 3 more steps
+    res = _cli([*CLI, f"trainer.max_steps={step + 3}", "ckpt_path=last", f"run_dir={run}"],
+               tmp_path)
+    out, err = res.communicate(timeout=300)
+    assert res.returncode == 0, err[-3000:]
+    assert f"Restoring states from the checkpoint path at {run / 'checkpoints'}" in err
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "saving"
+    proc = _cli([*CLI, "trainer.max_steps=100000", f"run_dir={run}",
+                 "+callbacks.slow._target_=test_reliability.SlowLastSave",
+                 f"+callbacks.slow.marker={marker}"], tmp_path)
+    _wait_for(marker.is_file, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 in the middle of writing last.ckpt
+    proc.communicate(timeout=60)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "last.ckpt.partial").is_file()  # the half-written file
+    with pytest.raises(Exception):
+        _load(ckpts / "last.ckpt.partial")
+    assert _load(ckpts / "last.ckpt")["global_step"] == 2  # the previous one, intact
+    assert int(marker.read_text()) == 4
+    assert find_checkpoint(run) == str(ckpts / "step_0000004.ckpt")  # newest complete one
+    res = _cli([*CLI, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}"], tmp_path)
+    out, err = res.communicate(timeout=300)
+    assert res.returncode == 0, err[-3000:]
+    assert not (ckpts / "last.ckpt.partial").exists()
+    assert _load(ckpts / "last.ckpt")["global_step"] == 6
+
+
+def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, "trainer.max_steps=50",
+                       "+callbacks.sig._target_=test_reliability.SignalAt",
+                       "+callbacks.sig.step=3"], tmp_path)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg)
+    assert info.value.code == 128 + signal.SIGINT
+    assert info.value.global_step == 4  # the step in flight was finished, then saved
+    run = tmp_path / "run"
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert json.loads((run / "metrics.json").read_text())["interrupted_by_signal"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    metrics = train(compose_cfg([*FAST, "trainer.max_steps=6", "ckpt_path=last",
+                                 f"run_dir={run}"], tmp_path))
+    assert metrics["global_step"] == 6
+
+
+def test_second_sigint_aborts_immediately() -> None:
+    cb = PreemptionCheckpoint()
+    cb._install_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cb.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        cb._restore_handlers()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(ValueError, match="signals"):
+        PreemptionCheckpoint(signals=["SIGKILL"])
+
+
+# ====================================================================== numerical faults
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, "trainer.max_steps=6", "logger=csv", "trainer.log_every_n_steps=1",
+                       "+callbacks.nan._target_=test_reliability.NaNAt",
+                       "+callbacks.nan.steps=[2,3]"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["global_step"] == 6
+    assert metrics["train/nonfinite_steps"] == 2
+    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
+    assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 2, "consecutive": 0}
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    logged = [float(r["train/nonfinite_steps"]) for r in rows if r.get("train/nonfinite_steps")]
+    assert logged[-1] == 2
+
+
+def test_k_consecutive_nonfinite_steps_stop_the_run(tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, "trainer.max_steps=50", "callbacks.nonfinite_guard.max_consecutive=3",
+                       "+callbacks.nan._target_=test_reliability.NaNAt",
+                       "+callbacks.nan.from_step=4"], tmp_path)
+    with pytest.raises(NonFiniteStepError, match=r"3 consecutive .*global steps 5\.\.7") as info:
+        train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert "last.ckpt" in str(info.value)
+    last, good = _load(ckpts / "last.ckpt"), _load(ckpts / "step_0000004.ckpt")
+    assert last["global_step"] == 6  # written during the streak: skipped steps changed nothing
+    for k, v in good["state_dict"].items():
+        assert torch.equal(v, last["state_dict"][k]), k
+
+
+# ====================================================================== disk faults
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch):
+    """Checkpoint writes fail with ENOSPC (half the file written) or the rename with EROFS,
+    once ``DISK['full']`` is set."""
+    from lightning_fabric.plugins.io import torch_io
+
+    import ddpm.callbacks.checkpoint as ckpt_mod
+
+    real_save, real_replace = torch_io._atomic_save, os.replace
+
+    def save(checkpoint, filepath):
+        if DISK["full"] and DISK["where"] == "write":
+            Path(filepath).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
+        real_save(checkpoint, filepath)
+
+    def replace(src, dst):
+        if DISK["full"] and DISK["where"] == "rename":
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", save)
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    DISK["full"] = False
+    yield DISK
+    DISK["full"] = False
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(
+        where: str, full_disk: dict, tmp_path: Path) -> None:
+    full_disk["where"] = where
+    cfg = compose_cfg([*FAST, "trainer.max_steps=8",
+                       "+callbacks.disk._target_=test_reliability.DiskFullFrom",
+                       "+callbacks.disk.step=3"], tmp_path)
+    needle = "No space left" if where == "write" else "Read-only"
+    with pytest.raises(CheckpointWriteError, match=f"last.ckpt|step_0000004.ckpt") as info:
+        train(cfg)
+    assert needle in str(info.value) and "intact" in str(info.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert _load(ckpts / "last.ckpt")["global_step"] == 2
+    assert not list(ckpts.glob("*.partial"))
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt"]
+
+
+# ====================================================================== bad config
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["+trainer.max_step=5"], "did you mean trainer.max_steps"),
+        (["+model.chanel_mult=[1,2]"], "did you mean model.channel_mult"),
+        (["+callbacks.ema.decy=0.9"], "callbacks.ema.decy is not a parameter"),
+        (["data._target_=ddpm.data.NoSuchModule"], "cannot be imported"),
+        (["lr_scheduler.warmup_steps=-1"], "warmup_steps"),
+        (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
+        (["ckpt_path=last"], "run_dir"),
+    ],
+)
+def test_bad_config_is_rejected_before_any_work(overrides: list[str], needle: str,
+                                                tmp_path: Path) -> None:
+    cfg = compose_cfg([*TINY, *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=needle):
+        validate_train_config(cfg)
+    with pytest.raises(ConfigError):
+        train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ====================================================================== safety + export
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_cfg([*FAST, "trainer.max_steps=4", "trainer.val_check_interval=2",
+                       "objective=hybrid", "callbacks=[default,nll]",
+                       "callbacks.nll.every_n_steps=2", "callbacks.nll.num_images=4",
+                       "callbacks.nll.batch_size=4"], tmp)
+    train(cfg)
+    return tmp / "run"
+
+
+def _plain(obj, path: str = "") -> None:
+    """Only tensors and plain data (what weights_only allows, minus numpy)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, (str, int)), (path, k)
+            _plain(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _plain(v, f"{path}[{i}]")
+    else:
+        assert obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)), (path, obj)
+        assert not isinstance(obj, np.generic), path
+
+
+def test_checkpoints_hold_only_tensors_and_plain_data(trained_run: Path) -> None:
+    names = sorted(p.name for p in (trained_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in names and any(n.startswith("best_") for n in names), names
+    ckpt = _load(trained_run / "checkpoints" / "last.ckpt")
+    _plain(ckpt)
+    assert ckpt["ddpm_config"]["objective"]["loss"]["loss_type"] == "hybrid"
+    assert {"ema_state_dict", "ema_state", "ddpm_generator_state", "ddpm_rng_states",
+            "optimizer_states", "lr_schedulers", "loops", "callbacks"} <= set(ckpt)
+
+
+def test_export_round_trips_and_samples(trained_run: Path, tmp_path: Path) -> None:
+    from ddpm.tasks.export import export
+    from ddpm.tasks.sample import sample
+
+    ckpt_path = trained_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model.safetensors"
+    export(compose_cfg([f"ckpt_path={ckpt_path}", f"out={out}"], tmp_path, "export"))
+    exported, original = load_model(out), load_model(ckpt_path)
+    assert exported.used_ema and original.used_ema
+    assert exported.global_step == original.global_step == 4
+    ema = _load(ckpt_path)["ema_state_dict"]
+    sd = exported.net.state_dict()
+    assert sd.keys() == ema.keys()
+    for k in sd:
+        assert torch.equal(sd[k], ema[k]), k
+    images = {}
+    for name, path in (("ckpt", ckpt_path), ("safetensors", out)):
+        overrides = [f"ckpt_path={path}", "num_samples=3", "batch_size=2", "sampler=ddim",
+                     "sampler.steps=3", "accelerator=cpu", "progress=false"]
+        npz = sample(compose_cfg(overrides, tmp_path / name, "sample"))
+        images[name] = np.load(npz)["arr_0"]
+    assert images["ckpt"].shape == (3, 16, 16, 1) and images["ckpt"].dtype == np.uint8
+    assert np.array_equal(images["ckpt"], images["safetensors"])
+    assert math.isfinite(float(images["ckpt"].mean()))

@@ -1,0 +1,203 @@
+"""Resume: exact continuation (weights, EMA, optimizer, LR schedule, RNG, step), finding the newest
+checkpoint, refusing to restart silently or to mix runs, W&B run continuity, weights_only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra_utils import TINY, compose_cfg
+
+from ddpm.config import ConfigError, find_checkpoint, resolve_ckpt_path
+from ddpm.module import GENERATOR_KEY, RNG_KEY
+from ddpm.tasks.train import carry_over_wandb_id, check_run_dir, run_dir_lock, train
+
+# Epochs of 3 batches (digits), dropout on (global RNG), LR warmup still running at the stop,
+# EMA, validation at every epoch end (it must not move the training RNG streams).
+RESUME = [
+    *TINY,
+    "+trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "trainer.check_val_every_n_epoch=null",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+    "callbacks.sample_grid.every_n_steps=1000",
+    "callbacks.sample_grid.at_train_end=false",
+    "model.dropout=0.1",
+    "lr_scheduler.warmup_steps=10",
+    "trainer.deterministic=true",
+]
+
+
+def _ckpt(run: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("val_every", [3, 4], ids=["ckpt_at_validation_end", "ckpt_at_batch_end"])
+def test_stop_and_resume_equals_straight_run(val_every: int, tmp_path: Path) -> None:
+    """N steps straight == N/2 steps, stop, resume to N (CPU, deterministic), to 1e-6.
+
+    N/2 is an epoch boundary (the digits loader is not resumable mid-epoch). With validation
+    every 3 steps Lightning defers the step-6 checkpoint to the end of that validation; with 4 the
+    final-step checkpoint is written at the end of the last batch.
+    """
+    common = [*RESUME, f"trainer.val_check_interval={val_every}"]
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    train(compose_cfg([*common, "trainer.max_steps=12"], straight))
+    first = train(compose_cfg([*common, "trainer.max_steps=6"], parts))
+    assert first["global_step"] == 6
+    run = parts / "run"
+    assert _ckpt(run)["global_step"] == 6
+    resumed = train(compose_cfg([*common, "trainer.max_steps=12", "ckpt_path=last",
+                                 f"run_dir={run}"], parts))
+    assert resumed["global_step"] == 12
+
+    a, b = _ckpt(straight / "run"), _ckpt(run)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["epoch"] == b["epoch"]
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-6
+    assert _max_diff(a["ema_state_dict"], b["ema_state_dict"]) < 1e-6
+    assert a["ema_state"] == b["ema_state"]  # EMA update counter and decay
+    assert a["lr_schedulers"] == b["lr_schedulers"]  # warmup position
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for k in sa:  # Adam moments and step counts
+        for name in sa[k]:
+            assert torch.allclose(sa[k][name].double(), sb[k][name].double(), atol=1e-6), name
+    assert torch.equal(a[GENERATOR_KEY], b[GENERATOR_KEY])
+    for k in a[RNG_KEY]:  # torch / numpy / python RNG streams
+        assert torch.equal(a[RNG_KEY][k], b[RNG_KEY][k]), k
+    assert a["callbacks"].keys() == b["callbacks"].keys()
+
+
+def test_validation_does_not_move_the_training_rng(tmp_path: Path) -> None:
+    """Same weights whether the run validates every 2 steps or never (dropout on)."""
+    common = [*RESUME, "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5"]
+    train(compose_cfg([*common, "trainer.val_check_interval=2"], tmp_path / "a"))
+    train(compose_cfg([*common, "trainer.limit_val_batches=0", "callbacks.best_checkpoint=null"],
+                      tmp_path / "b"))
+    a, b = _ckpt(tmp_path / "a" / "run"), _ckpt(tmp_path / "b" / "run")
+    assert _max_diff(a["state_dict"], b["state_dict"]) == 0.0
+
+
+def _fake_ckpt(path: Path, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": step, "epoch": 0}, path)
+
+
+def test_last_finds_the_newest_loadable_checkpoint(tmp_path: Path) -> None:
+    ck = tmp_path / "checkpoints"
+    _fake_ckpt(ck / "step_0000010.ckpt", 10)
+    _fake_ckpt(ck / "last.ckpt", 10)
+    _fake_ckpt(ck / "step_0000005.ckpt", 5)
+    time.sleep(0.01)
+    _fake_ckpt(ck / "best_0000005.ckpt", 5)  # newer file, older step
+    assert find_checkpoint(tmp_path) == str(ck / "last.ckpt")  # tie on step -> last.ckpt
+    _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 12)  # Lightning's SLURM requeue checkpoint
+    assert resolve_ckpt_path("last", str(tmp_path)) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    # a corrupted (truncated) newest file is skipped with a warning, never chosen
+    data = (tmp_path / "hpc_ckpt_1.ckpt").read_bytes()
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="unloadable"):
+        assert find_checkpoint(tmp_path) == str(ck / "last.ckpt")
+    # ... but named explicitly it is an error, not a silent fallback
+    with pytest.raises(ConfigError, match="weights_only"):
+        resolve_ckpt_path(str(tmp_path / "hpc_ckpt_1.ckpt"), None)
+    # .partial files of an interrupted save are not checkpoints
+    (ck / "last.ckpt.partial").write_bytes(b"half")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert find_checkpoint(tmp_path) == str(ck / "last.ckpt")
+
+
+def test_resume_that_finds_nothing_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resolve_ckpt_path("last", str(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_ckpt_path("last", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="run_dir"):
+        resolve_ckpt_path("auto", None)
+    assert resolve_ckpt_path("auto", str(tmp_path)) is None  # auto: a new run there
+    _fake_ckpt(tmp_path / "checkpoints" / "last.ckpt", 3)
+    assert resolve_ckpt_path("auto", str(tmp_path)) == str(tmp_path / "checkpoints" / "last.ckpt")
+    # through train(): fails before any work, nothing written
+    cfg = compose_cfg([*TINY, "ckpt_path=last", f"run_dir={tmp_path / 'empty'}"], tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_resume_refuses_a_pickled_object_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "payload": _Evil()}, path)
+    with pytest.raises(ConfigError, match="weights_only"):
+        resolve_ckpt_path(str(path), None)
+    path.write_bytes(pickle.dumps({"not": "a torch file"}))
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        resolve_ckpt_path(str(path), None)
+
+
+def test_a_run_never_writes_into_another_runs_directory(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    _fake_ckpt(other / "checkpoints" / "last.ckpt", 4)
+    mine = tmp_path / "mine"
+    _fake_ckpt(mine / "checkpoints" / "last.ckpt", 7)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_run_dir(mine, None)  # a new run in an old run's directory
+    with pytest.raises(ConfigError, match="belongs to another run"):
+        check_run_dir(mine, str(other / "checkpoints" / "last.ckpt"))
+    check_run_dir(mine, str(mine / "checkpoints" / "last.ckpt"))  # resuming itself: fine
+    check_run_dir(tmp_path / "fresh", str(other / "checkpoints" / "last.ckpt"))  # new dir: fine
+    # two live processes in one directory: the second one is refused
+    with run_dir_lock(mine):
+        with pytest.raises(ConfigError, match="in use by another training process"):
+            with run_dir_lock(mine):
+                pass
+    with run_dir_lock(mine):  # released
+        pass
+
+
+def test_wandb_id_follows_a_checkpoint_into_a_new_directory(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    _fake_ckpt(old / "checkpoints" / "last.ckpt", 4)
+    (old / "wandb_run_id.txt").write_text("abc123")
+    cfg = compose_cfg(["logger=wandb"], tmp_path)
+    ckpt = str(old / "checkpoints" / "last.ckpt")
+    assert carry_over_wandb_id(cfg, old, ckpt) is None  # same directory: the file is there
+    assert carry_over_wandb_id(cfg, new, ckpt) == "abc123"
+    assert (new / "wandb_run_id.txt").read_text() == "abc123"
+    (new / "wandb_run_id.txt").write_text("mine")
+    assert carry_over_wandb_id(cfg, new, ckpt) is None  # an id already there wins
+    assert carry_over_wandb_id(compose_cfg(["logger=csv"], tmp_path), tmp_path / "x", ckpt) is None
+
+
+@pytest.mark.slow
+def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
+    """Real (offline) W&B: resuming in the same directory or from its checkpoint elsewhere keeps
+    the run id."""
+    common = [*RESUME, "logger=wandb", "trainer.val_check_interval=3",
+              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    train(compose_cfg([*common, "trainer.max_steps=2"], tmp_path / "a"))
+    run = tmp_path / "a" / "run"
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    train(compose_cfg([*common, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"],
+                      tmp_path / "a"))
+    assert (run / "wandb_run_id.txt").read_text().strip() == run_id
+    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
+    ckpt = run / "checkpoints" / "last.ckpt"
+    train(compose_cfg([*common, "trainer.max_steps=6", f"ckpt_path={ckpt}"], tmp_path / "b"))
+    assert (tmp_path / "b" / "run" / "wandb_run_id.txt").read_text().strip() == run_id
