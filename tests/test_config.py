@@ -208,3 +208,10 @@ def test_tiny_overrides_compose(tmp_path: Path) -> None:
     cfg = compose_cfg(TINY, tmp_path)
     validate_train_config(cfg)
     assert cfg.paths.output_dir == str(tmp_path / "run")
+
+
+def test_slurm_launcher_composes(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_cfg(["hydra/launcher=slurm", "trainer.devices=4"], tmp_path)
+    assert cfg.hydra.launcher.gpus_per_node == 4
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_

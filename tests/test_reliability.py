@@ -382,3 +382,22 @@ def test_export_round_trips_and_samples(trained_run: Path, tmp_path: Path) -> No
     assert images["ckpt"].shape == (3, 16, 16, 1) and images["ckpt"].dtype == np.uint8
     assert np.array_equal(images["ckpt"], images["safetensors"])
     assert math.isfinite(float(images["ckpt"].mean()))
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _cli([*CLI, "trainer.max_steps=100000", "trainer.strategy=ddp", "trainer.devices=2",
+                 f"run_dir={run}"], tmp_path)
+    _wait_for((run / "checkpoints" / "step_0000002.ckpt").is_file, proc)
+    os.kill(proc.pid, signal.SIGTERM)  # only the launching process (rank 0) gets it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    ckpt = _load(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] >= 2 and ckpt["ddpm_rng_states"]["torch"].shape[0] == 2
+    res = _cli([*CLI, f"trainer.max_steps={ckpt['global_step'] + 2}", "trainer.strategy=ddp",
+                "trainer.devices=2", "ckpt_path=last", f"run_dir={run}"], tmp_path)
+    out, err = res.communicate(timeout=300)
+    assert res.returncode == 0, err[-3000:]
+    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == ckpt["global_step"] + 2

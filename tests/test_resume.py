@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from hydra_utils import TINY, compose_cfg
+from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 from ddpm.config import ConfigError, find_checkpoint, resolve_ckpt_path
 from ddpm.module import GENERATOR_KEY, RNG_KEY
@@ -201,3 +203,30 @@ def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
     ckpt = run / "checkpoints" / "last.ckpt"
     train(compose_cfg([*common, "trainer.max_steps=6", f"ckpt_path={ckpt}"], tmp_path / "b"))
     assert (tmp_path / "b" / "run" / "wandb_run_id.txt").read_text().strip() == run_id
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
+           "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, str(SRC_DIR / "train.py"), *args], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_stop_and_resume_equals_straight_run(tmp_path: Path) -> None:
+    """Two CPU processes: every rank's RNG streams and noise generator are saved and restored."""
+    common = [o for o in RESUME if not o.startswith("trainer.enable")] + [
+        "trainer.enable_progress_bar=false", "trainer.strategy=ddp", "trainer.devices=2",
+        "trainer.val_check_interval=3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for args in ([*common, "trainer.max_steps=12", f"run_dir={a}"],
+                 [*common, "trainer.max_steps=6", f"run_dir={b}"],
+                 [*common, "trainer.max_steps=12", "ckpt_path=last", f"run_dir={b}"]):
+        res = _cli(args, tmp_path)
+        assert res.returncode == 0, res.stderr[-4000:]
+    ca, cb = _ckpt(a), _ckpt(b)
+    assert ca["global_step"] == cb["global_step"] == 12
+    assert cb[GENERATOR_KEY].shape[0] == 2 and cb[RNG_KEY]["torch"].shape[0] == 2
+    assert _max_diff(ca["state_dict"], cb["state_dict"]) < 1e-6
+    assert _max_diff(ca["ema_state_dict"], cb["ema_state_dict"]) < 1e-6

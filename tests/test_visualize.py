@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra_utils import SRC_DIR, TINY, compose_cfg
-from oracles import GaussianOracle
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.tasks.visualize import visualize
 from ddpm.utils.images import read_png
 from ddpm.viz import interpolate, make_diffusions, schedule_curves, schedule_figure, slerp
+from hydra_utils import SRC_DIR, TINY, compose_cfg
+from oracles import GaussianOracle
 
 VISUALIZE = str(SRC_DIR / "visualize.py")
 
@@ -36,9 +36,16 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ddpm.tasks.train import train
 
     tmp = tmp_path_factory.mktemp("train")
-    cfg = compose_cfg([*TINY, "trainer.max_steps=4", "trainer.val_check_interval=4",
-                       "callbacks.sample_grid.every_n_steps=0",
-                       "callbacks.sample_grid.at_train_end=false"], tmp)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.sample_grid.at_train_end=false",
+        ],
+        tmp,
+    )
     train(cfg)
     ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
@@ -59,8 +66,17 @@ def assert_pngs(result: dict, names: list[str]) -> None:
 # ------------------------------------------------------------------------------------ forward
 def test_forward_grid_is_the_closed_form(tmp_path: Path) -> None:
     n = 1000
-    res = run(["what=forward", "data=digits", "schedules=[linear,cosine]", "forward.split=train",
-               f"forward.num_images={n}", "forward.show_images=4"], tmp_path)
+    res = run(
+        [
+            "what=forward",
+            "data=digits",
+            "schedules=[linear,cosine]",
+            "forward.split=train",
+            f"forward.num_images={n}",
+            "forward.show_images=4",
+        ],
+        tmp_path,
+    )
     assert_pngs(res, ["forward.png", "schedules.png"])
     ts = res["timesteps"]
     assert ts == [0, 50, 100, 250, 500, 750, 1000]
@@ -79,8 +95,9 @@ def test_forward_grid_is_the_closed_form(tmp_path: Path) -> None:
         d = res["diffusions"][name]
         for k, t in enumerate(ts[1:], start=1):
             ac = float(d.alphas_cumprod_f64[t - 1])
-            torch.testing.assert_close(x_t[k], math.sqrt(ac) * x0 + math.sqrt(1 - ac) * eps,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                x_t[k], math.sqrt(ac) * x0 + math.sqrt(1 - ac) * eps, atol=1e-5, rtol=0
+            )
         # ... and N(0, I) at t = T: per-pixel mean ≈ 0, variance ≈ 1 across the batch
         x_T = x_t[-1].flatten(1)
         mean, var = x_T.mean(0), x_T.var(0)
@@ -113,16 +130,32 @@ def test_schedule_plot_has_one_curve_per_schedule(tmp_path: Path) -> None:
     c = schedule_curves(diffusions["cosine"])
     assert np.all(np.diff(c["alphas_cumprod"]) < 0) and np.all(np.diff(c["log_snr"]) < 0)
     # the task's figure: two schedules -> two curves per panel
-    res = run(["what=forward", "data=digits", "schedules=[linear,cosine]", "num_timesteps=100",
-               "forward.num_images=2"], tmp_path)
+    res = run(
+        [
+            "what=forward",
+            "data=digits",
+            "schedules=[linear,cosine]",
+            "num_timesteps=100",
+            "forward.num_images=2",
+        ],
+        tmp_path,
+    )
     for ax in res["figures"]["schedules"].get_axes():
         assert len(ax.get_lines()) == 2
 
 
 def test_forward_point_cloud_and_zero_terminal_snr(tmp_path: Path) -> None:
-    res = run(["what=forward", "data=swiss_roll", "num_timesteps=200",
-               "schedules=[cosine,{name:linear,rescale_zero_terminal_snr:true}]",
-               "forward.num_points=500", "forward.timesteps=[0,20,200]"], tmp_path)
+    res = run(
+        [
+            "what=forward",
+            "data=swiss_roll",
+            "num_timesteps=200",
+            "schedules=[cosine,{name:linear,rescale_zero_terminal_snr:true}]",
+            "forward.num_points=500",
+            "forward.timesteps=[0,20,200]",
+        ],
+        tmp_path,
+    )
     assert_pngs(res, ["forward.png", "schedules.png"])
     assert list(res["x_t"]) == ["cosine", "linear+zero-SNR"]
     x_t = res["x_t"]["linear+zero-SNR"]
@@ -137,22 +170,37 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data=digits"):
         run(["what=forward"], tmp_path)
     with pytest.raises(ValueError, match=r"timesteps must .* \[0, T=100\]"):
-        run(["what=forward", "data=digits", "num_timesteps=100", "forward.timesteps=[0,101]"],
-            tmp_path)
+        run(
+            ["what=forward", "data=digits", "num_timesteps=100", "forward.timesteps=[0,101]"],
+            tmp_path,
+        )
     with pytest.raises(ValueError, match="checkpoint"):
         run(["what=reverse"], tmp_path)
 
 
 # ------------------------------------------------------------------------------------ reverse
 @pytest.mark.parametrize(
-    "sampler", [["sampler=ddpm"], ["sampler=ddim", "sampler.steps=10"],
-                ["sampler=dpm_solver", "sampler.steps=5"]],
+    "sampler",
+    [
+        ["sampler=ddpm"],
+        ["sampler=ddim", "sampler.steps=10"],
+        ["sampler=dpm_solver", "sampler.steps=5"],
+    ],
     ids=["ddpm", "ddim", "dpm_solver"],
 )
-def test_reverse_strip_for_every_sampler(sampler: list[str], tiny_ckpt: Path,
-                                         tmp_path: Path) -> None:
-    res = run(["what=reverse", f"ckpt_path={tiny_ckpt}", *sampler, "reverse.seeds=[3,5]",
-               "reverse.num_frames=4"], tmp_path)
+def test_reverse_strip_for_every_sampler(
+    sampler: list[str], tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    res = run(
+        [
+            "what=reverse",
+            f"ckpt_path={tiny_ckpt}",
+            *sampler,
+            "reverse.seeds=[3,5]",
+            "reverse.num_frames=4",
+        ],
+        tmp_path,
+    )
     assert_pngs(res, ["reverse.png"])
     ts = res["timesteps"].tolist()
     assert ts == sorted(ts, reverse=True) and len(ts) >= 3
@@ -162,13 +210,25 @@ def test_reverse_strip_for_every_sampler(sampler: list[str], tiny_ckpt: Path,
     # rows: x_t and x̂₀ per seed, columns: the recorded steps
     ax = res["figures"]["reverse"].get_axes()[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == [
-        "seed 3: x_t", "seed 3: x̂₀", "seed 5: x_t", "seed 5: x̂₀"]
+        "seed 3: x_t",
+        "seed 3: x̂₀",
+        "seed 5: x_t",
+        "seed 5: x̂₀",
+    ]
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"t={t}" for t in ts]
 
 
 def test_reverse_at_chosen_steps(tiny_ckpt: Path, tmp_path: Path) -> None:
-    res = run(["what=reverse", f"ckpt_path={tiny_ckpt}", "sampler=ddpm", "reverse.seeds=[0]",
-               "reverse.timesteps=[49,30,10,0]"], tmp_path)
+    res = run(
+        [
+            "what=reverse",
+            f"ckpt_path={tiny_ckpt}",
+            "sampler=ddpm",
+            "reverse.seeds=[0]",
+            "reverse.timesteps=[49,30,10,0]",
+        ],
+        tmp_path,
+    )
     assert res["timesteps"].tolist() == [49, 30, 10, 0]
 
 
@@ -191,8 +251,16 @@ def test_loss_by_t_terms_add_up(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ interpolate
 def test_interpolate_task(tiny_ckpt: Path, tmp_path: Path) -> None:
-    res = run(["what=interpolate", f"ckpt_path={tiny_ckpt}", "interpolate.num_frames=5",
-               "interpolate.steps=10", "interpolate.fixed_point_iters=0"], tmp_path)
+    res = run(
+        [
+            "what=interpolate",
+            f"ckpt_path={tiny_ckpt}",
+            "interpolate.num_frames=5",
+            "interpolate.steps=10",
+            "interpolate.fixed_point_iters=0",
+        ],
+        tmp_path,
+    )
     assert_pngs(res, ["interpolate.png"])
     assert res["decoded"].shape == (5, 1, 16, 16)
     assert res["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -215,32 +283,45 @@ def test_slerp() -> None:
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_interpolation_ends_reproduce_inputs_with_oracle(prediction_type: str) -> None:
     # (cosine's ᾱ_T ≈ 0 makes the last inversion step barely contractive: ~3e-3 there)
-    diffusion = GaussianDiffusion(schedule="linear", num_timesteps=200,
-                                  prediction_type=prediction_type)
+    diffusion = GaussianDiffusion(
+        schedule="linear", num_timesteps=200, prediction_type=prediction_type
+    )
     oracle = GaussianOracle(diffusion, mean=0.2, std=0.5, data_shape=(1, 6, 6))
     x = oracle.sample_data(2, torch.Generator().manual_seed(0))
-    res = interpolate(oracle, diffusion, x[0], x[1], num_frames=5, steps=50,
-                      fixed_point_iters=3)
+    res = interpolate(oracle, diffusion, x[0], x[1], num_frames=5, steps=50, fixed_point_iters=3)
     err_a, err_b = res["reconstruction_error"]
     assert err_a < 1e-3 and err_b < 1e-3, res["reconstruction_error"]
     torch.testing.assert_close(res["decoded"][0], x[0], atol=1e-3, rtol=0)
     torch.testing.assert_close(res["decoded"][-1], x[1], atol=1e-3, rtol=0)
     # without fixed-point iterations the plain inversion is off by O(1/steps)
-    plain = interpolate(oracle, diffusion, x[0], x[1], num_frames=2, steps=50,
-                        fixed_point_iters=0)
+    plain = interpolate(oracle, diffusion, x[0], x[1], num_frames=2, steps=50, fixed_point_iters=0)
     assert max(plain["reconstruction_error"]) > 10 * max(err_a, err_b)
     # in between: neither input
     mid = res["decoded"][2]
     assert (mid - x[0]).abs().max() > 0.1 and (mid - x[1]).abs().max() > 0.1
 
 
+def test_playground_needs_a_2d_model(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2-D model"):
+        run(["what=playground", f"ckpt_path={tiny_ckpt}"], tmp_path)
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_writes_pngs(tmp_path: Path) -> None:
     from test_train import run_cli
 
-    res = run_cli(["what=forward", "data=digits", "schedules=[linear,cosine]",
-                   "forward.num_images=3", f"paths.root_dir={tmp_path}"], tmp_path,
-                  script=VISUALIZE, timeout=240)
+    res = run_cli(
+        [
+            "what=forward",
+            "data=digits",
+            "schedules=[linear,cosine]",
+            "forward.num_images=3",
+            f"paths.root_dir={tmp_path}",
+        ],
+        tmp_path,
+        script=VISUALIZE,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     printed = [Path(ln) for ln in res.stdout.splitlines() if ln.endswith(".png") and " " not in ln]
     assert sorted(p.name for p in printed) == ["forward.png", "schedules.png"]

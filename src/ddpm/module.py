@@ -46,7 +46,10 @@ def rng_state_tensors(device: torch.device | None = None) -> dict[str, Tensor]:
 
 def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None) -> None:
     """Inverse of :func:`rng_state_tensors`."""
-    torch.set_rng_state(states["torch"].cpu().to(torch.uint8))
+    # clone(): torch.set_rng_state crashes (segfault) on a view with a storage offset, such as
+    # one rank's row of the gathered (world, n) states.
+    states = {k: v.detach().cpu().clone() for k, v in states.items()}
+    torch.set_rng_state(states["torch"].to(torch.uint8))
     ne = states["numpy_extra"].tolist()
     np.random.set_state(("MT19937", states["numpy"].cpu().numpy().astype(np.uint32),
                          int(ne[0]), int(ne[1]), float(ne[2])))
@@ -54,7 +57,7 @@ def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None
     random.setstate((int(pe[0]), tuple(int(v) for v in states["python"].tolist()),
                      float(pe[2]) if pe[1] else None))
     if "cuda" in states and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"].cpu().to(torch.uint8), device)
+        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
 
 
 class LinearWarmup:
@@ -283,7 +286,7 @@ class DiffusionModule(pl.LightningModule):
         rng = checkpoint.get(RNG_KEY)
         if fitting and rng is not None:
             if all(v.shape[0] == world for v in rng.values()):
-                states = {k: v[self.global_rank] for k, v in rng.items()}
+                states = {k: v[self.global_rank].clone() for k, v in rng.items()}
                 set_rng_states(states, self._trainer.strategy.root_device)
                 # Lightning then creates a train-loader iterator (drawing from the global RNG).
                 # It is used when the checkpoint was written mid-epoch or at the last batch's end;

@@ -25,7 +25,8 @@ def build_datamodule(loaded: LoadedModel, cfg: DictConfig) -> Any:
     data = dict(loaded.config["data"])
     if cfg.get("data_root"):
         data["root"] = str(cfg.data_root)
-    data["random_flip"] = False
+    if "random_flip" in data:
+        data["random_flip"] = False
     if cfg.get("batch_size"):
         data["batch_size"] = int(cfg.batch_size)
         data["val_batch_size"] = int(cfg.batch_size)
@@ -74,6 +75,25 @@ def nll_bpd(
     }
 
 
+def point_cloud_metrics(
+    loaded: LoadedModel, dm: Any, cfg: DictConfig, device: torch.device
+) -> dict[str, float]:
+    """Energy distance and MMD between samples and the test points (2-D playground)."""
+    from ddpm.metrics.distances import distribution_distances
+    from ddpm.tasks.sample import build_sampler, generate
+
+    ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()])
+    n = min(len(ref), int(cfg.fid.num_samples))
+    x = generate(
+        loaded,
+        build_sampler(cfg.get("sampler"), loaded),
+        [int(cfg.seed) + i for i in range(n)],
+        int(cfg.batch_size),
+        device,
+    )
+    return {f"test/{k}": v for k, v in distribution_distances(x, ref[:n]).items()}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the evaluate task; returns the metrics written to ``metrics.json``."""
     if not cfg.get("ckpt_path"):
@@ -86,7 +106,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
     metrics: dict[str, float] = {"global_step": float(loaded.global_step)}
     dm = build_datamodule(loaded, cfg)
-    if cfg.nll.enabled:
+    if len(loaded.sample_shape) == 1:  # 2-D toy data: continuous, so no bits/dim; distances
+        metrics.update(point_cloud_metrics(loaded, dm, cfg, device))
+    elif cfg.nll.enabled:
         t0 = time.time()
         metrics.update(
             nll_bpd(
@@ -99,7 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             )
         )
         metrics["test/nll_seconds"] = time.time() - t0
-    if cfg.fid.enabled:
+    if cfg.fid.enabled and len(loaded.sample_shape) == 3:
         from ddpm.tasks.fid_eval import fid_is_metrics
 
         metrics.update(fid_is_metrics(loaded, dm, cfg, device))

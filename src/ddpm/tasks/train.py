@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -187,6 +188,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_config = to_plain(cfg)
     datamodule = instantiate(cfg.data)

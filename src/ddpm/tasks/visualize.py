@@ -130,8 +130,11 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.get("data") is None and cfg.get("ckpt_path"):
         loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.get("use_ema", True)))
     dm = build_datamodule(cfg, loaded)
-    schedules = OmegaConf.to_container(cfg.schedules, resolve=True) if OmegaConf.is_config(
-        cfg.schedules) else cfg.schedules
+    schedules = (
+        OmegaConf.to_container(cfg.schedules, resolve=True)
+        if OmegaConf.is_config(cfg.schedules)
+        else cfg.schedules
+    )
     diffusions = make_diffusions(schedules, int(cfg.num_timesteps))
     T = min(d.num_timesteps for d in diffusions.values())
     ts = forward_timesteps(T, cfg.forward.timesteps)
@@ -141,8 +144,9 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = forward_diffusion(x0, diffusions, ts, generator=g)
     figs = {
-        "forward": forward_figure(result, int(cfg.forward.show_images), _denormalizer(dm),
-                                  dpi=int(cfg.dpi)),
+        "forward": forward_figure(
+            result, int(cfg.forward.show_images), _denormalizer(dm), dpi=int(cfg.dpi)
+        ),
         "schedules": schedule_figure(diffusions, dpi=int(cfg.dpi)),
     }
     paths: list[Path] = []
@@ -167,17 +171,21 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ValueError("reverse.seeds must name at least one seed")
     ts = cfg.reverse.timesteps
     traj = reverse_trajectory(
-        sampler, loaded.net, loaded.diffusion, shape, seeds,
+        sampler,
+        loaded.net,
+        loaded.diffusion,
+        shape,
+        seeds,
         timesteps=None if ts is None else [int(t) for t in ts],
-        num_frames=int(cfg.reverse.num_frames), device=device,
+        num_frames=int(cfg.reverse.num_frames),
+        device=device,
     )
     denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
     title = f"Reverse trajectory: {sampler_label(sampler)}, T={loaded.diffusion.num_timesteps}"
     fig = reverse_figure(traj, seeds if len(shape) > 1 else [], title, denorm, dpi=int(cfg.dpi))
     paths: list[Path] = []
     _save(fig, out / "reverse.png", paths)
-    return {**traj, "seeds": seeds, "sampler": sampler, "figures": {"reverse": fig},
-            "paths": paths}
+    return {**traj, "seeds": seeds, "sampler": sampler, "figures": {"reverse": fig}, "paths": paths}
 
 
 def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -189,20 +197,30 @@ def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
     x0 = held_out(dm, cfg.loss_by_t.split, int(cfg.loss_by_t.num_images)).to(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = loss_by_timestep(
-        loaded.net, loaded.diffusion, x0, clip_denoised=bool(cfg.loss_by_t.clip_denoised),
-        generator=g, progress=bool(cfg.progress),
+        loaded.net,
+        loaded.diffusion,
+        x0,
+        clip_denoised=bool(cfg.loss_by_t.clip_denoised),
+        generator=g,
+        progress=bool(cfg.progress),
     )
-    title = (f"Variational bound by timestep: {result['num_images']} held-out samples "
-             f"({cfg.loss_by_t.split}), step {loaded.global_step}")
+    title = (
+        f"Variational bound by timestep: {result['num_images']} held-out samples "
+        f"({cfg.loss_by_t.split}), step {loaded.global_step}"
+    )
     if x0.ndim == 2:
         title += " (L_0 assumes 8-bit data in [-1, 1])"
     fig = loss_by_t_figure(result, title, dpi=int(cfg.dpi))
     paths: list[Path] = []
     _save(fig, out / "loss_by_t.png", paths)
-    write_json(out / "loss_by_t.json", {
-        k: (v.tolist() if isinstance(v, np.ndarray) else v)
-        for k, v in result.items() if k != "per_image"
-    })
+    write_json(
+        out / "loss_by_t.json",
+        {
+            k: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for k, v in result.items()
+            if k != "per_image"
+        },
+    )
     return {**result, "figures": {"loss_by_t": fig}, "paths": paths}
 
 
@@ -217,21 +235,26 @@ def run_interpolate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ValueError(f"interpolate.pair must be two indices >= 0, got {pair}")
     data = held_out(dm, cfg.interpolate.split, max(pair) + 1)
     if data.shape[0] <= max(pair):
-        raise ValueError(f"interpolate.pair={pair}: the {cfg.interpolate.split} split has only "
-                         f"{data.shape[0]} samples")
+        raise ValueError(
+            f"interpolate.pair={pair}: the {cfg.interpolate.split} split has only "
+            f"{data.shape[0]} samples"
+        )
     T = loaded.diffusion.num_timesteps
     result = interpolate(
-        loaded.net, loaded.diffusion, data[pair[0]], data[pair[1]],
+        loaded.net,
+        loaded.diffusion,
+        data[pair[0]],
+        data[pair[1]],
         num_frames=int(cfg.interpolate.num_frames),
         steps=max(1, min(int(cfg.interpolate.steps), T)),
         spacing=str(cfg.interpolate.spacing),
         fixed_point_iters=int(cfg.interpolate.fixed_point_iters),
-        clip_denoised=bool(cfg.interpolate.clip_denoised), device=device,
+        clip_denoised=bool(cfg.interpolate.clip_denoised),
+        device=device,
     )
     reference = held_out(dm, cfg.interpolate.split, 1000) if data.ndim == 2 else None
     denorm = _denormalizer(dm) if data.ndim > 2 else None
-    fig = interpolation_figure(result, denormalize=denorm, reference=reference,
-                               dpi=int(cfg.dpi))
+    fig = interpolation_figure(result, denormalize=denorm, reference=reference, dpi=int(cfg.dpi))
     paths: list[Path] = []
     _save(fig, out / "interpolate.png", paths)
     return {**result, "pair": pair, "figures": {"interpolate": fig}, "paths": paths}
@@ -259,10 +282,17 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
     }
     st = cfg.playground.score_timesteps
     report = playground_report(
-        loaded.net, loaded.diffusion, reference, samplers, second_reference=second,
-        num_points=n, seed=int(cfg.seed), frames=int(cfg.playground.frames),
+        loaded.net,
+        loaded.diffusion,
+        reference,
+        samplers,
+        second_reference=second,
+        num_points=n,
+        seed=int(cfg.seed),
+        frames=int(cfg.playground.frames),
         score_timesteps=None if st is None else [int(t) for t in st],
-        grid_size=int(cfg.playground.grid_size), device=device,
+        grid_size=int(cfg.playground.grid_size),
+        device=device,
     )
     figs = playground_figures(report, dpi=int(cfg.dpi))
     paths: list[Path] = []

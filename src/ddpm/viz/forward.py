@@ -170,8 +170,9 @@ def forward_figure(
         grid = make_grid_uint8(images, nrow=k, denormalize=denormalize, padding=padding)
         ax = fig.add_subplot(1, len(labels), i + 1)
         T = result["num_timesteps"][label]
-        cols = [_column_label(t, T, a) for t, a in zip(ts, result["alphas_cumprod"][label],
-                                                      strict=True)]
+        cols = [
+            _column_label(t, T, a) for t, a in zip(ts, result["alphas_cumprod"][label], strict=True)
+        ]
         rows = [f"image {j}" for j in range(n)] if i == 0 else []
         image_grid_panel(ax, grid, (h, w), padding, cols, rows, f"{label} schedule")
     fig.suptitle(
@@ -210,8 +211,12 @@ def schedule_figure(diffusions: Mapping[str, GaussianDiffusion], dpi: int = 100)
         x = curves["t"] / diffusion.num_timesteps
         for ax, (key, _, _) in zip(axes, panels, strict=True):
             y = curves[key]
-            ax.plot(x, np.where(np.isfinite(y), y, np.nan), color=f"C{i}",
-                    label=f"{label} (T={diffusion.num_timesteps})")
+            ax.plot(
+                x,
+                np.where(np.isfinite(y), y, np.nan),
+                color=f"C{i}",
+                label=f"{label} (T={diffusion.num_timesteps})",
+            )
     for ax, (_, ylabel, yscale) in zip(axes, panels, strict=True):
         ax.set_yscale(yscale)
         ax.set_xlabel("t / T", fontsize=FONTSIZE + 1)

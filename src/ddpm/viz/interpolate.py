@@ -24,10 +24,14 @@ def slerp(z0: Tensor, z1: Tensor, alpha: float) -> Tensor:
     theta = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]
     sin = torch.sin(theta)
     safe = sin.abs() > 1e-6
-    w0 = torch.where(safe, torch.sin((1.0 - alpha) * theta) / torch.where(safe, sin, 1.0),
-                     torch.full_like(theta, 1.0 - alpha))
-    w1 = torch.where(safe, torch.sin(alpha * theta) / torch.where(safe, sin, 1.0),
-                     torch.full_like(theta, alpha))
+    w0 = torch.where(
+        safe,
+        torch.sin((1.0 - alpha) * theta) / torch.where(safe, sin, 1.0),
+        torch.full_like(theta, 1.0 - alpha),
+    )
+    w1 = torch.where(
+        safe, torch.sin(alpha * theta) / torch.where(safe, sin, 1.0), torch.full_like(theta, alpha)
+    )
     return (w0 * a + w1 * b).reshape(z0.shape).to(z0.dtype)
 
 
@@ -65,18 +69,36 @@ def interpolate(
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ValueError(f"alphas must be a non-empty list of numbers in [0, 1], got {alphas}")
     if x_a.shape != x_b.shape:
-        raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and "
-                         f"{tuple(x_b.shape)}")
+        raise ValueError(
+            f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
     inputs = torch.stack([x_a, x_b]).float()
     latents = ddim_invert(
-        model, diffusion, inputs, steps=steps, spacing=spacing,
-        fixed_point_iters=fixed_point_iters, clip_denoised=clip_denoised, device=device,
+        model,
+        diffusion,
+        inputs,
+        steps=steps,
+        spacing=spacing,
+        fixed_point_iters=fixed_point_iters,
+        clip_denoised=clip_denoised,
+        device=device,
     ).float()
     z = torch.cat([slerp(latents[:1], latents[1:], a) for a in alphas])
-    decoded = ddim_sample(
-        model, diffusion, None, steps=steps, eta=0.0, spacing=spacing,
-        clip_denoised=clip_denoised, noise=z, device=device,
-    ).float().cpu()
+    decoded = (
+        ddim_sample(
+            model,
+            diffusion,
+            None,
+            steps=steps,
+            eta=0.0,
+            spacing=spacing,
+            clip_denoised=clip_denoised,
+            noise=z,
+            device=device,
+        )
+        .float()
+        .cpu()
+    )
     inputs = inputs.cpu()
     err = []
     for end, idx in ((0.0, 0), (1.0, 1)):
@@ -115,8 +137,9 @@ def interpolation_figure(
             scatter(ax, reference, lim=lim, color="0.7", label="data")
         path = decoded.numpy()
         ax.plot(path[:, 0], path[:, 1], "-o", color="C1", markersize=3, label="decoded, α: 0→1")
-        ax.scatter(inputs[:, 0], inputs[:, 1], color="C3", marker="x", s=60, zorder=3,
-                   label="inputs A, B")
+        ax.scatter(
+            inputs[:, 0], inputs[:, 1], color="C3", marker="x", s=60, zorder=3, label="inputs A, B"
+        )
         ax.legend(fontsize=FONTSIZE)
         ax.set_title(title or default, fontsize=FONTSIZE + 1)
         ax.set_xlabel("x₁", fontsize=FONTSIZE + 1)
@@ -125,6 +148,10 @@ def interpolation_figure(
     images = torch.cat([inputs[:1], decoded, inputs[1:]])
     cols = ["input A"] + [f"α={a:.2f}" for a in alphas] + ["input B"]
     return labelled_image_grid(
-        images, nrow=len(cols), col_labels=cols, title=title or default,
-        denormalize=denormalize, dpi=dpi,
+        images,
+        nrow=len(cols),
+        col_labels=cols,
+        title=title or default,
+        denormalize=denormalize,
+        dpi=dpi,
     )

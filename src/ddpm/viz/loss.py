@@ -71,14 +71,27 @@ def loss_by_t_figure(result: dict[str, Any], title: str = "", dpi: int = 100) ->
     ax1, ax2, ax3 = (fig.add_subplot(1, 3, i + 1) for i in range(3))
 
     ax1.plot(t[1:], np.maximum(vb[1:], 1e-12), color="C0", label="L_t = KL(q(x_t|x_t+1,x₀) ‖ p_θ)")
-    ax1.scatter([0], [max(vb[0], 1e-12)], color="C3", zorder=3, label=f"L_0 decoder = {vb[0]:.3g} ({100 * vb[0] / total:.0f}% of the bound)")
-    ax1.scatter([T], [max(result["prior_bpd"], 1e-12)], color="C2", marker="s", zorder=3,
-                label=f"L_T prior = {result['prior_bpd']:.2g}")
+    ax1.scatter(
+        [0],
+        [max(vb[0], 1e-12)],
+        color="C3",
+        zorder=3,
+        label=f"L_0 decoder = {vb[0]:.3g} ({100 * vb[0] / total:.0f}% of the bound)",
+    )
+    ax1.scatter(
+        [T],
+        [max(result["prior_bpd"], 1e-12)],
+        color="C2",
+        marker="s",
+        zorder=3,
+        label=f"L_T prior = {result['prior_bpd']:.2g}",
+    )
     ax1.set_yscale("log")
     ax1.set_xlabel("model timestep t (0 = least noise)", fontsize=FONTSIZE + 1)
     ax1.set_ylabel("bits/dim", fontsize=FONTSIZE + 1)
-    ax1.set_title(f"Bound terms per t (total {result['total_bpd']:.3f} bits/dim)",
-                  fontsize=FONTSIZE + 2)
+    ax1.set_title(
+        f"Bound terms per t (total {result['total_bpd']:.3f} bits/dim)", fontsize=FONTSIZE + 2
+    )
     ax1.legend(fontsize=FONTSIZE)
 
     ax2.plot(t, mse, color="C1", label="‖ε - ε̂‖² (per dim)")
@@ -88,8 +101,14 @@ def loss_by_t_figure(result: dict[str, Any], title: str = "", dpi: int = 100) ->
     ax2.set_title("ε-prediction MSE per t", fontsize=FONTSIZE + 2)
     ax2.legend(fontsize=FONTSIZE)
 
-    ax3.plot(result["rate"], result["distortion"], color="C4", marker=".", markersize=3,
-             label="step t: rate L_T + Σ_{s≥t} L_s")
+    ax3.plot(
+        result["rate"],
+        result["distortion"],
+        color="C4",
+        marker=".",
+        markersize=3,
+        label="step t: rate L_T + Σ_{s≥t} L_s",
+    )
     ax3.set_xlabel("rate (bits/dim sent down to step t)", fontsize=FONTSIZE + 1)
     ax3.set_ylabel("distortion: RMSE of x̂₀ (0..255 scale)", fontsize=FONTSIZE + 1)
     ax3.set_title("Rate-distortion (DDPM §4.3)", fontsize=FONTSIZE + 2)

@@ -104,15 +104,19 @@ def playground_report(
 
     fwd_t = (
         [int(round(f * T)) for f in (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)]
-        if forward_timesteps is None else [int(t) for t in forward_timesteps]
+        if forward_timesteps is None
+        else [int(t) for t in forward_timesteps]
     )
     forward = forward_diffusion(
-        reference, {diffusion.schedule: diffusion}, sorted(set(fwd_t)),
+        reference,
+        {diffusion.schedule: diffusion},
+        sorted(set(fwd_t)),
         generator=torch.Generator().manual_seed(int(seed) + 2),
     )
     score_t = (
         _fractions(T, (0.01, 0.05, 0.15, 0.4, 0.8))
-        if score_timesteps is None else sorted({int(t) for t in score_timesteps})
+        if score_timesteps is None
+        else sorted({int(t) for t in score_timesteps})
     )
     if min(score_t) < 0 or max(score_t) >= T:
         raise ValueError(f"score_timesteps must lie in [0, {T - 1}], got {score_t}")
@@ -121,9 +125,7 @@ def playground_report(
     g = torch.Generator().manual_seed(int(seed) + 3)
     for t, field in scores.items():  # the noisy data the score field acts on, for context
         tt = torch.full((reference.shape[0],), t, dtype=torch.long)
-        field["x_t"] = diffusion.q_sample(
-            reference, tt, torch.randn(reference.shape, generator=g)
-        )
+        field["x_t"] = diffusion.q_sample(reference, tt, torch.randn(reference.shape, generator=g))
     return {
         "distances": distances,
         "samples": samples,
@@ -176,9 +178,19 @@ def playground_figures(
         xt = field.get("x_t")
         if xt is not None:
             scatter(ax, xt, lim=lim, color="0.7", size=2)
-        q = ax.quiver(pts[:, 0], pts[:, 1], u[:, 0], u[:, 1], np.log10(mag + 1e-12),
-                      cmap="viridis", angles="xy", pivot="mid", width=0.006,
-                      scale=1.3 * np.sqrt(len(pts)), scale_units="width")
+        q = ax.quiver(
+            pts[:, 0],
+            pts[:, 1],
+            u[:, 0],
+            u[:, 1],
+            np.log10(mag + 1e-12),
+            cmap="viridis",
+            angles="xy",
+            pivot="mid",
+            width=0.006,
+            scale=1.3 * np.sqrt(len(pts)),
+            scale_units="width",
+        )
         cb = fig.colorbar(q, ax=ax, shrink=0.75)
         cb.set_label("log10 |s_θ|", fontsize=FONTSIZE)
         cb.ax.tick_params(labelsize=FONTSIZE - 1)
@@ -197,9 +209,11 @@ def playground_figures(
 
     # samples vs data, with the distances
     names = list(report["samples"])
-    panels = [("data (held out)", ref, "0.4")] + [
-        (f"{report['sampler_labels'].get(nm, nm)}", report["samples"][nm], "C1") for nm in names
-    ] + [("N(0, I) (sampler start)", report["gaussian"], "C7")]
+    panels = (
+        [("data (held out)", ref, "0.4")]
+        + [(f"{report['sampler_labels'].get(nm, nm)}", report["samples"][nm], "C1") for nm in names]
+        + [("N(0, I) (sampler start)", report["gaussian"], "C7")]
+    )
     keys = [None, *names, "gaussian"]
     fig = new_figure(3.3 * len(panels), 3.8, dpi)
     for i, ((title, pts, color), key) in enumerate(zip(panels, keys, strict=True)):
@@ -208,8 +222,10 @@ def playground_figures(
             d = dist[key]
             title = f"{title}\nenergy dist {d['energy_distance']:.4f}, MMD² {d['mmd']:.4f}"
         elif "data" in dist:
-            title = (f"{title}\nfloor (2nd data sample): energy dist "
-                     f"{dist['data']['energy_distance']:.4f}")
+            title = (
+                f"{title}\nfloor (2nd data sample): energy dist "
+                f"{dist['data']['energy_distance']:.4f}"
+            )
         scatter(ax, pts, title, lim, color=color)
     fig.suptitle("Generated vs held-out data", fontsize=FONTSIZE + 3)
     fig.tight_layout()

@@ -40,7 +40,13 @@ def reverse_trajectory(
     """:func:`ddpm.utils.images.denoising_trajectory` (``timesteps``: model timesteps to record,
     the nearest steps of the sampler's grid; default ``num_frames`` evenly spaced)."""
     return denoising_trajectory(
-        sampler, model, diffusion, sample_shape, seeds, num_frames, device=device,
+        sampler,
+        model,
+        diffusion,
+        sample_shape,
+        seeds,
+        num_frames,
+        device=device,
         timesteps=timesteps,
     )
 
