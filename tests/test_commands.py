@@ -221,3 +221,33 @@ def test_evaluate_without_inception_weights_still_reports_nll(
     with pytest.warns(UserWarning, match="Inception"):
         metrics = evaluate(cfg)
     assert "test/fid" not in metrics and np.isfinite(metrics["test/nll_bpd"])
+
+
+def test_evaluate_on_a_2d_playground_checkpoint_reports_distances(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        [
+            "experiment=swiss_roll",
+            "logger=none",
+            "trainer.max_steps=20",
+            "trainer.enable_progress_bar=false",
+            "trainer.val_check_interval=20",
+            "callbacks.model_checkpoint.every_n_train_steps=20",
+            "callbacks.sample_grid.every_n_steps=20",
+        ],
+        tmp_path / "t",
+    )
+    train(cfg)
+    ckpt = tmp_path / "t" / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(
+        [
+            f"ckpt_path={ckpt}",
+            "fid.num_samples=200",
+            "batch_size=200",
+            "progress=false",
+            "device=cpu",
+        ],
+        tmp_path / "e",
+        config_name="evaluate",
+    )
+    metrics = evaluate(cfg)
+    assert np.isfinite(metrics["test/energy_distance"]) and "test/nll_bpd" not in metrics
