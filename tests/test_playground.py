@@ -149,3 +149,30 @@ def test_energy_distance_and_mmd() -> None:
         mmd(torch.full((5, 2), float("nan")), torch.zeros(5, 2))
     with pytest.raises(ValueError, match="bandwidths"):
         mmd(x, y, bandwidths=[])
+
+
+def test_training_logs_playground_pictures_and_distance(tmp_path) -> None:
+    """The sample-grid callback draws the playground pictures during 2-D training."""
+    import json
+
+    from ddpm.tasks.train import train
+    from hydra_utils import compose_cfg
+
+    cfg = compose_cfg(
+        [
+            "experiment=swiss_roll",
+            "logger=none",
+            "trainer.max_steps=30",
+            "trainer.enable_progress_bar=false",
+            "trainer.val_check_interval=30",
+            "callbacks.sample_grid.every_n_steps=30",
+            "callbacks.sample_grid.num_samples=300",
+        ],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    samples = tmp_path / "run" / "samples"
+    assert (samples / "score_step_0000030.png").is_file()
+    assert (samples / "reverse_step_0000030.png").is_file()
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["val/energy_distance"] == pytest.approx(metrics["val/energy_distance"])

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 from ddpm.callbacks.checkpoint import CheckpointWriteError
 from ddpm.callbacks.nonfinite import NonFiniteStepError
@@ -26,6 +25,7 @@ from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, find_checkpoint, validate_train_config
 from ddpm.tasks.train import train
+from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 TESTS_DIR = Path(__file__).resolve().parent
 FAST = [
@@ -290,7 +290,7 @@ def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(
                        "+callbacks.disk._target_=test_reliability.DiskFullFrom",
                        "+callbacks.disk.step=3"], tmp_path)
     needle = "No space left" if where == "write" else "Read-only"
-    with pytest.raises(CheckpointWriteError, match=f"last.ckpt|step_0000004.ckpt") as info:
+    with pytest.raises(CheckpointWriteError, match="last.ckpt|step_0000004.ckpt") as info:
         train(cfg)
     assert needle in str(info.value) and "intact" in str(info.value)
     ckpts = tmp_path / "run" / "checkpoints"

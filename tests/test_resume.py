@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 from ddpm.config import ConfigError, find_checkpoint, resolve_ckpt_path
 from ddpm.module import GENERATOR_KEY, RNG_KEY
 from ddpm.tasks.train import carry_over_wandb_id, check_run_dir, run_dir_lock, train
+from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 # Epochs of 3 batches (digits), dropout on (global RNG), LR warmup still running at the stop,
 # EMA, validation at every epoch end (it must not move the training RNG streams).

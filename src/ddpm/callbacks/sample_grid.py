@@ -28,6 +28,7 @@ from ddpm.callbacks._common import (
     denormalizer,
     is_fast_dev_run,
     log_image,
+    log_metrics_now,
     sample_shape_of,
 )
 from ddpm.utils.images import (
@@ -95,6 +96,8 @@ class SampleGrid(PeriodicCallback):
             disables the strip. For 2-D data the strip shows all ``num_samples`` points.
         strip_frames: number of timesteps shown in the strip.
         sample_shape: shape of one sample; default ``datamodule.sample_shape``.
+        playground: for 2-D data, also draw the playground's score field and reverse trajectory
+            and log ``val/energy_distance`` / ``val/mmd`` of the samples to validation points.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class SampleGrid(PeriodicCallback):
         strip_seeds: Sequence[int] = (0, 1),
         strip_frames: int = 8,
         sample_shape: Sequence[int] | None = None,
+        playground: bool = True,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps or 1)
         check_positive_int("num_samples", num_samples)
@@ -118,6 +122,7 @@ class SampleGrid(PeriodicCallback):
         check_positive_int("nrow", nrow, allow_none=True)
         check_positive_int("strip_frames", strip_frames)
         self.sampler = sampler
+        self.playground = bool(playground)
         self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
@@ -197,7 +202,47 @@ class SampleGrid(PeriodicCallback):
                 )
                 written.append(strip_path)
                 log_image(trainer, "samples/denoising", strip, strip_path)
+            if shape == (2,) and self.playground:
+                written += self._playground(trainer, model, diffusion, sampler, out_dir, device)
         finally:
             model.train(was_training)
         self.saved.extend(written)
+        return written
+
+    def _playground(
+        self,
+        trainer: pl.Trainer,
+        model: Any,
+        diffusion: Any,
+        sampler: Any,
+        out_dir: Path,
+        device: torch.device,
+    ) -> list[Path]:
+        """2-D data: the playground's score field and reverse trajectory (``ddpm.viz``) and the
+        energy distance / MMD of samples to validation points, logged as ``val/*``."""
+        from ddpm.viz.playground import playground_figures, playground_report
+        from ddpm.viz.plots import save_figure
+
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None:
+            return []
+        ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.val_dataloader()])[
+            : self.num_samples
+        ]
+        report = playground_report(
+            model, diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
+        )
+        d = report["distances"]["sampler"]
+        log_metrics_now(trainer, {"val/energy_distance": d["energy_distance"], "val/mmd": d["mmd"]})
+        figs = playground_figures(report)
+        step = trainer.global_step
+        written = []
+        for name in ("score", "reverse"):
+            path = save_figure(figs[name], out_dir / f"{name}_step_{step:07d}.png")
+            log_image(trainer, f"samples/{name}", None, path)
+            written.append(path)
+        import matplotlib.pyplot as plt
+
+        for fig in figs.values():
+            plt.close(fig)
         return written
