@@ -59,8 +59,9 @@ def test_stop_and_resume_equals_straight_run(val_every: int, tmp_path: Path) -> 
     assert first["global_step"] == 6
     run = parts / "run"
     assert _ckpt(run)["global_step"] == 6
-    resumed = train(compose_cfg([*common, "trainer.max_steps=12", "ckpt_path=last",
-                                 f"run_dir={run}"], parts))
+    resumed = train(
+        compose_cfg([*common, "trainer.max_steps=12", "ckpt_path=last", f"run_dir={run}"], parts)
+    )
     assert resumed["global_step"] == 12
 
     a, b = _ckpt(straight / "run"), _ckpt(run)
@@ -84,8 +85,12 @@ def test_validation_does_not_move_the_training_rng(tmp_path: Path) -> None:
     """Same weights whether the run validates every 2 steps or never (dropout on)."""
     common = [*RESUME, "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5"]
     train(compose_cfg([*common, "trainer.val_check_interval=2"], tmp_path / "a"))
-    train(compose_cfg([*common, "trainer.limit_val_batches=0", "callbacks.best_checkpoint=null"],
-                      tmp_path / "b"))
+    train(
+        compose_cfg(
+            [*common, "trainer.limit_val_batches=0", "callbacks.best_checkpoint=null"],
+            tmp_path / "b",
+        )
+    )
     a, b = _ckpt(tmp_path / "a" / "run"), _ckpt(tmp_path / "b" / "run")
     assert _max_diff(a["state_dict"], b["state_dict"]) == 0.0
 
@@ -190,13 +195,20 @@ def test_wandb_id_follows_a_checkpoint_into_a_new_directory(tmp_path: Path) -> N
 def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
     """Real (offline) W&B: resuming in the same directory or from its checkpoint elsewhere keeps
     the run id."""
-    common = [*RESUME, "logger=wandb", "trainer.val_check_interval=3",
-              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    common = [
+        *RESUME,
+        "logger=wandb",
+        "trainer.val_check_interval=3",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
     train(compose_cfg([*common, "trainer.max_steps=2"], tmp_path / "a"))
     run = tmp_path / "a" / "run"
     run_id = (run / "wandb_run_id.txt").read_text().strip()
-    train(compose_cfg([*common, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"],
-                      tmp_path / "a"))
+    train(
+        compose_cfg(
+            [*common, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"], tmp_path / "a"
+        )
+    )
     assert (run / "wandb_run_id.txt").read_text().strip() == run_id
     offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
@@ -206,10 +218,21 @@ def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent),
-           "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, str(SRC_DIR / "train.py"), *args], cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(Path(__file__).parent),
+        "HYDRA_FULL_ERROR": "1",
+    }
+    return subprocess.run(
+        [sys.executable, str(SRC_DIR / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.ddp
@@ -217,12 +240,17 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_ddp_stop_and_resume_equals_straight_run(tmp_path: Path) -> None:
     """Two CPU processes: every rank's RNG streams and noise generator are saved and restored."""
     common = [o for o in RESUME if not o.startswith("trainer.enable")] + [
-        "trainer.enable_progress_bar=false", "trainer.strategy=ddp", "trainer.devices=2",
-        "trainer.val_check_interval=3"]
+        "trainer.enable_progress_bar=false",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.val_check_interval=3",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
-    for args in ([*common, "trainer.max_steps=12", f"run_dir={a}"],
-                 [*common, "trainer.max_steps=6", f"run_dir={b}"],
-                 [*common, "trainer.max_steps=12", "ckpt_path=last", f"run_dir={b}"]):
+    for args in (
+        [*common, "trainer.max_steps=12", f"run_dir={a}"],
+        [*common, "trainer.max_steps=6", f"run_dir={b}"],
+        [*common, "trainer.max_steps=12", "ckpt_path=last", f"run_dir={b}"],
+    ):
         res = _cli(args, tmp_path)
         assert res.returncode == 0, res.stderr[-4000:]
     ca, cb = _ckpt(a), _ckpt(b)

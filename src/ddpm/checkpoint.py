@@ -61,8 +61,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             meta = f.metadata() or {}
         if CONFIG_KEY not in meta:
             raise CheckpointError(f"{path} has no '{CONFIG_KEY}' metadata: not a ddpm export")
-        return {CONFIG_KEY: json.loads(meta[CONFIG_KEY]), EMA_KEY: load_file(path),
-                "global_step": int(meta.get("global_step", 0)), "exported": True}
+        return {
+            CONFIG_KEY: json.loads(meta[CONFIG_KEY]),
+            EMA_KEY: load_file(path),
+            "global_step": int(meta.get("global_step", 0)),
+            "exported": True,
+        }
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, unsafe pickle content
@@ -85,7 +89,7 @@ def net_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> tuple[dict[str
         if EMA_KEY in ckpt:
             return ckpt[EMA_KEY], True
         raise CheckpointError("checkpoint holds no 'state_dict'")
-    sd = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    sd = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     return sd, False
 
 
@@ -97,15 +101,22 @@ def load_model(
     config = ckpt.get(CONFIG_KEY)
     if not isinstance(config, dict):
         raise CheckpointError(
-            f"{path} holds no ddpm config ('{CONFIG_KEY}'): was it written by this framework?")
+            f"{path} holds no ddpm config ('{CONFIG_KEY}'): was it written by this framework?"
+        )
     net, diffusion = build_from_config(config)
     sd, used_ema = net_state_dict(ckpt, use_ema)
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise CheckpointError(
-            f"the weights in {path} do not fit the network its config describes: {e}") from e
+            f"the weights in {path} do not fit the network its config describes: {e}"
+        ) from e
     net.to(device).eval()
     diffusion.to(device)
-    return LoadedModel(net=net, diffusion=diffusion, config=config, used_ema=used_ema,
-                       global_step=int(ckpt.get("global_step", 0)))
+    return LoadedModel(
+        net=net,
+        diffusion=diffusion,
+        config=config,
+        used_ema=used_ema,
+        global_step=int(ckpt.get("global_step", 0)),
+    )

@@ -117,7 +117,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     accumulate = _get(cfg, "trainer.accumulate_grad_batches")
     if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
         problems.append(
-            f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+            f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}"
+        )
     ckpt = _get(cfg, "ckpt_path")
     if ckpt in ("last", "auto") and not _get(cfg, "run_dir"):
         problems.append(f"ckpt_path={ckpt} needs run_dir=<the run's directory>")
@@ -168,8 +169,9 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
                 accepted = _accepted_names(name)
             except Exception as e:  # ImportError, AttributeError, ...
                 first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-                problems.append(f"{path}._target_={name} cannot be imported: "
-                                f"{type(e).__name__}: {first}")
+                problems.append(
+                    f"{path}._target_={name} cannot be imported: {type(e).__name__}: {first}"
+                )
                 accepted = None
             if accepted is not None:
                 for key in keys:
@@ -215,8 +217,9 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _checkpoint_files(run_dir: Path) -> list[str]:
-    return [p for p in glob.glob(str(run_dir / "**" / "*.ckpt"), recursive=True)
-            if os.path.isfile(p)]
+    return [
+        p for p in glob.glob(str(run_dir / "**" / "*.ckpt"), recursive=True) if os.path.isfile(p)
+    ]
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
@@ -234,11 +237,11 @@ def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
         except ConfigError as e:
             broken.append(str(e))
             continue
-        ranked.append((info["global_step"], os.path.basename(p) == "last.ckpt",
-                       os.path.getmtime(p), p))
+        ranked.append(
+            (info["global_step"], os.path.basename(p) == "last.ckpt", os.path.getmtime(p), p)
+        )
     if broken:
-        warnings.warn("skipping unloadable checkpoint(s):\n  " + "\n  ".join(broken),
-                      stacklevel=2)
+        warnings.warn("skipping unloadable checkpoint(s):\n  " + "\n  ".join(broken), stacklevel=2)
     return max(ranked)[3] if ranked else None
 
 

@@ -29,7 +29,7 @@ def rng_state_tensors(device: torch.device | None = None) -> dict[str, Tensor]:
     """This process's global RNG states (torch CPU, CUDA of ``device``, NumPy, Python) as tensors,
     so that checkpoints holding them stay loadable with ``torch.load(weights_only=True)``."""
     py_version, py_internal, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
     states = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
@@ -37,7 +37,8 @@ def rng_state_tensors(device: torch.device | None = None) -> dict[str, Tensor]:
         "python": torch.tensor(py_internal, dtype=torch.int64),
         "python_extra": torch.tensor(
             [py_version, py_gauss is not None, 0.0 if py_gauss is None else py_gauss],
-            dtype=torch.float64),
+            dtype=torch.float64,
+        ),
     }
     if device is not None and device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
@@ -51,11 +52,23 @@ def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None
     states = {k: v.detach().cpu().clone() for k, v in states.items()}
     torch.set_rng_state(states["torch"].to(torch.uint8))
     ne = states["numpy_extra"].tolist()
-    np.random.set_state(("MT19937", states["numpy"].cpu().numpy().astype(np.uint32),
-                         int(ne[0]), int(ne[1]), float(ne[2])))
+    np.random.set_state(  # noqa: NPY002 - the global legacy RNG is what we restore
+        (
+            "MT19937",
+            states["numpy"].cpu().numpy().astype(np.uint32),
+            int(ne[0]),
+            int(ne[1]),
+            float(ne[2]),
+        )
+    )
     pe = states["python_extra"].tolist()
-    random.setstate((int(pe[0]), tuple(int(v) for v in states["python"].tolist()),
-                     float(pe[2]) if pe[1] else None))
+    random.setstate(
+        (
+            int(pe[0]),
+            tuple(int(v) for v in states["python"].tolist()),
+            float(pe[2]) if pe[1] else None,
+        )
+    )
     if "cuda" in states and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
 
@@ -74,8 +87,9 @@ class LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
-def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 5000
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
+def linear_warmup(
+    optimizer: torch.optim.Optimizer, warmup_steps: int = 5000
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR with DDPM's linear warmup over ``warmup_steps`` optimizer steps."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
 
@@ -167,8 +181,9 @@ class DiffusionModule(pl.LightningModule):
         return ema.ema_net if ema is not None else self.net
 
     # ------------------------------------------------------------------ training
-    def _losses(self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor | None
-                ) -> dict[str, Tensor]:
+    def _losses(
+        self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor | None
+    ) -> dict[str, Tensor]:
         return self.loss_fn(self.diffusion, net, x0, t, noise)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
@@ -197,14 +212,20 @@ class DiffusionModule(pl.LightningModule):
             m = q == i
             cnt = m.sum()
             val = torch.where(cnt > 0, (per_sample * m).sum() / cnt.clamp(min=1), torch.nan)
-            self.log(f"{prefix}/loss_q{i}", val, on_step=prefix == "train",
-                     on_epoch=prefix != "train", **kw)
+            self.log(
+                f"{prefix}/loss_q{i}",
+                val,
+                on_step=prefix == "train",
+                on_epoch=prefix != "train",
+                **kw,
+            )
 
     # ------------------------------------------------------------------ validation
     def _val_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         """Timesteps and noise from a generator seeded by (val_seed, batch index, rank)."""
-        g = torch.Generator().manual_seed(self.val_seed * 100003 + batch_idx * 7919
-                                          + 1000003 * self.global_rank)
+        g = torch.Generator().manual_seed(
+            self.val_seed * 100003 + batch_idx * 7919 + 1000003 * self.global_rank
+        )
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         return t.to(x0.device), noise.to(x0.device, x0.dtype)
@@ -238,6 +259,9 @@ class DiffusionModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             self.__dict__["_rng_before_val"] = rng_state_tensors(self.device)
 
+    def on_fit_start(self) -> None:
+        self.__dict__.pop("_rng_before_val", None)  # left over by a failed earlier fit
+
     def on_validation_end(self) -> None:
         states = self.__dict__.pop("_rng_before_val", None)
         if states is not None:
@@ -267,7 +291,8 @@ class DiffusionModule(pl.LightningModule):
         checkpoint[RNG_KEY] = {k: self._gather_rows(v.flatten()) for k, v in sorted(states.items())}
         if isinstance(self.t_sampler, LossSecondMomentSampler):
             checkpoint["ddpm_t_sampler"] = {
-                k: torch.from_numpy(v) for k, v in self.t_sampler.state_dict().items()}
+                k: torch.from_numpy(v) for k, v in self.t_sampler.state_dict().items()
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get(GENERATOR_KEY)

@@ -361,6 +361,10 @@ class UNet(nn.Module):
 
         self.out_norm = _group_norm(ch, norm_groups)
         self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+        # Conv weights in channels_last too (``forward`` feeds NHWC activations): oneDNN then
+        # needs no weight reorders and its backward runs 3-8x faster on CPU than in NCHW.
+        # ``.to(device)``, ``load_state_dict`` and ``deepcopy`` keep the layout.
+        self.to(memory_format=torch.channels_last)
 
     def _check_inputs(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """Shape checks (no host sync); returns ``t`` as a (B,) tensor on ``x.device``."""
@@ -418,16 +422,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.0,
         norm_groups=8,
     ),
-    # 8x8 sklearn digits upscaled to 16x16, for minutes of CPU training (1.6M parameters):
-    # 16 -> 8 -> 4 with 32, 64, 64 channels, attention at 8; 16 groups keep 2+ channels a group.
+    # 8x8 sklearn digits upscaled to 16x16, for minutes of CPU training (1.1M parameters):
+    # 16 -> 8 -> 4 with 32, 64, 64 channels, one ResBlock a level, attention at 8, no dropout
+    # (short runs do not overfit); 16 groups keep 2+ channels a group.
     "digits": dict(
         in_channels=1,
         image_size=16,
         model_channels=32,
         channel_mult=(1, 2, 2),
-        num_res_blocks=2,
+        num_res_blocks=1,
         attention_resolutions=(8,),
-        dropout=0.1,
+        dropout=0.0,
         norm_groups=16,
     ),
     # MNIST 28x28: 28 -> 14 -> 7, attention at 14.

@@ -22,8 +22,12 @@ def export(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.get("out") else output_dir(cfg) / "model.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in loaded.net.state_dict().items()}
-    meta = {CONFIG_KEY: json.dumps(loaded.config), "global_step": str(loaded.global_step),
-            "ema": str(loaded.used_ema).lower(), "format": "ddpm-net-v1"}
+    meta = {
+        CONFIG_KEY: json.dumps(loaded.config),
+        "global_step": str(loaded.global_step),
+        "ema": str(loaded.used_ema).lower(),
+        "format": "ddpm-net-v1",
+    }
     tmp = out.with_name(out.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(out)

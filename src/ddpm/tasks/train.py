@@ -94,6 +94,39 @@ def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         )
 
 
+def check_writable(directory: Path) -> None:
+    """Fail before any work when checkpoints could not be written at all."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"the output directory {directory} is not writable ({type(e).__name__}: {e}); "
+            "choose another one with paths.log_dir=... or run_dir=..."
+        ) from e
+
+
+def warn_if_disk_low(directory: Path, module: DiffusionModule) -> None:
+    """Warn when the free space cannot hold a few checkpoints (weights + Adam moments + EMA)."""
+    import shutil
+
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    need = 4 * n_bytes * 3  # ~4 copies of the weights per checkpoint, 3 checkpoints
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < need:
+        log.warning(
+            "only %.1f MB free in %s; a checkpoint takes ~%.1f MB: saving may fail",
+            free / 2**20,
+            directory,
+            4 * n_bytes / 2**20,
+        )
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
@@ -112,8 +145,11 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another training process ({owner}); a run never writes "
                 "into another run's directory. Wait for it to end or stop it first."
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as e:  # a file system without locks (some network file systems)
+            log.warning("cannot lock %s (%s): concurrent runs in it are not detected", path, e)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -130,8 +166,11 @@ def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
     run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
     the id carried over."""
     loggers = cfg.get("logger") or {}
-    wandb_nodes = [n for n in loggers.values()
-                   if isinstance(n, DictConfig) and "wandb" in str(n.get("_target_", "")).lower()]
+    wandb_nodes = [
+        n
+        for n in loggers.values()
+        if isinstance(n, DictConfig) and "wandb" in str(n.get("_target_", "")).lower()
+    ]
     if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
         return None
     if _inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
@@ -177,6 +216,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("run_dir"))
     run_dir = output_dir(cfg)
     check_run_dir(run_dir, ckpt_path)
+    if _is_launch_rank_zero():
+        check_writable(run_dir)
     lock = run_dir_lock(run_dir) if _is_launch_rank_zero() else contextlib.nullcontext()
     with lock:
         if ckpt_path is not None:
@@ -194,6 +235,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
     run_config = to_plain(cfg)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, run_config)
+    if _is_launch_rank_zero():
+        warn_if_disk_low(run_dir, module)
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -220,8 +263,11 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
         write_json(run_dir / "metrics.json", metrics)
         log.info("run directory: %s", run_dir)
     if interrupted is not None:
-        log.warning("%s; resume with: python src/train.py ckpt_path=last run_dir=%s",
-                    interrupted, run_dir)
+        if trainer.is_global_zero:
+            log.warning(
+                "%s; resume with: python src/train.py ckpt_path=last run_dir=%s",
+                interrupted,
+                run_dir,
+            )
         raise interrupted
     return metrics
-

@@ -1,0 +1,213 @@
+"""Training throughput (img/s of forward + backward + Adam step) of the DDPM CIFAR-10 U-Net.
+
+Ours (``unet_preset("cifar10")``) against diffusers' ``UNet2DModel`` with the same configuration
+and denoising-diffusion-pytorch's ``Unet(dim=64, dim_mults=(1, 2, 4, 8))`` (35.9M parameters),
+in fp32 and under bf16 autocast. All configurations are timed in interleaved rounds in one
+process (medians over rounds); FLOPs per step come from ``torch.utils.flop_counter``; the matmul
+peak is measured in the same run, before every round. Peak memory: CUDA allocator peak, or on CPU
+the growth of the max RSS during training in a fresh subprocess per configuration.
+
+    python bench/train_throughput.py                       # CPU defaults: a few minutes
+    python bench/train_throughput.py --device cuda --batch-size 128 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODELS, Clock, machine, matmul_peak, median, table, write_json  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def make_step(name: str, precision: str, args: argparse.Namespace, device: torch.device):
+    torch.manual_seed(0)
+    net = MODELS[name](args.image_size, args.channels).to(device).train()
+    # foreach Adam (the default on CPU and CUDA): one fused kernel per param group
+    opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = (
+        torch.rand(
+            args.batch_size,
+            args.channels,
+            args.image_size,
+            args.image_size,
+            generator=g,
+            device=device,
+        )
+        * 2
+        - 1
+    )
+    dtype = DTYPES[precision]
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (args.batch_size,), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        x_t = 0.7 * x0 + 0.7 * noise  # float32, as q_sample (schedule math stays float32)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = net(x_t, t)
+        loss = (out.float() - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return net, step
+
+
+def flops_per_step(step) -> float:
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return float(fc.get_total_flops())
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Subprocess: MiB of RSS growth of a few training steps over the built model's RSS."""
+    device = torch.device(args.device)
+    name, precision = args.memory_probe
+    net, step = make_step(name, precision, args, device)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def peak_memory(name: str, precision: str, args: argparse.Namespace, device: torch.device):
+    if device.type == "cuda":
+        net, step = make_step(name, precision, args, device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(2):
+            step()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        name,
+        precision,
+        "--batch-size",
+        str(args.batch_size),
+        "--image-size",
+        str(args.image_size),
+        "--channels",
+        str(args.channels),
+        "--device",
+        args.device,
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration per round")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/train.json)")
+    p.add_argument("--memory-probe", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return memory_probe(args)
+    device = torch.device(args.device)
+    configs = [(m, pr) for pr in args.precisions for m in args.models]
+    steps, info = {}, {}
+    for m, pr in configs:
+        net, step = make_step(m, pr, args, device)
+        step()  # warm-up (allocator, oneDNN primitive caches)
+        info[m, pr] = {
+            "params": sum(q.numel() for q in net.parameters()),
+            "flops": flops_per_step(step),
+            "wall": [],
+            "cpu": [],
+        }
+        steps[m, pr] = step
+    peaks = {pr: [] for pr in args.precisions}
+    for r in range(args.repeats):
+        for pr in args.precisions:
+            peaks[pr].append(matmul_peak(device, DTYPES[pr] or torch.float32))
+        for key in configs if r % 2 == 0 else configs[::-1]:
+            with Clock(device) as c:
+                for _ in range(args.steps):
+                    steps[key]()
+            info[key]["wall"].append(c.wall / args.steps)
+            info[key]["cpu"].append(c.cpu / args.steps)
+        print(f"round {r + 1}/{args.repeats} done", file=sys.stderr)
+    rows = []
+    threads = torch.get_num_threads()
+    for m, pr in configs:
+        d = info[m, pr]
+        wall, cpu = median(d["wall"]), median(d["cpu"])
+        gflops = d["flops"] / wall / 1e9
+        peak = median(peaks[pr])
+        rows.append(
+            {
+                "model": m,
+                "precision": pr,
+                "params_M": d["params"] / 1e6,
+                "img_s": args.batch_size / wall,
+                "img_per_cpu_s": args.batch_size / cpu * threads,
+                "GFLOP_step": d["flops"] / 1e9,
+                "GFLOP_s": gflops,
+                "matmul_peak_GFLOP_s": peak,
+                "frac_peak": gflops / peak,
+                "wall_s_all": d["wall"],
+                "cpu_s_all": d["cpu"],
+            }
+        )
+    for row in rows:
+        ref = next(
+            (r for r in rows if r["model"] == "diffusers" and r["precision"] == row["precision"]),
+            None,
+        )
+        if ref:
+            row["x_diffusers"] = row["img_s"] / ref["img_s"]
+            row["x_diffusers_cpu"] = row["img_per_cpu_s"] / ref["img_per_cpu_s"]
+    if not args.no_memory:
+        for row in rows:
+            row["peak_mem_MiB"] = peak_memory(row["model"], row["precision"], args, device)
+    cols = [
+        "model",
+        "precision",
+        "params_M",
+        "img_s",
+        "x_diffusers",
+        "img_per_cpu_s",
+        "x_diffusers_cpu",
+        "GFLOP_step",
+        "GFLOP_s",
+        "matmul_peak_GFLOP_s",
+        "frac_peak",
+        "peak_mem_MiB",
+    ]
+    print(
+        f"batch {args.batch_size}, {args.image_size}x{args.image_size}x{args.channels}, "
+        f"{args.repeats} rounds x {args.steps} steps, device {device}, threads {threads}"
+    )
+    print(table(rows, cols))
+    path = write_json("train", {"args": vars(args), "machine": machine(), "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
