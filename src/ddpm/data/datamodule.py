@@ -129,7 +129,9 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size if val_batch_size is None else val_batch_size, "val_batch_size"
         )
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+            )
         if val_split is not None and not 0.0 <= float(val_split) < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
         if val_split is None and not spec.has_test_split:

@@ -62,9 +62,11 @@ def to_channels(x: Tensor, channels: int) -> Tensor:
         return x
     if c == 3 and channels == 1:
         w = torch.tensor([19595, 38470, 7471], dtype=torch.int64).view(1, 3, 1, 1)
-        return ((x.to(torch.int64) * w).sum(1, keepdim=True) + 32768).div(
-            65536, rounding_mode="floor"
-        ).to(torch.uint8)
+        return (
+            ((x.to(torch.int64) * w).sum(1, keepdim=True) + 32768)
+            .div(65536, rounding_mode="floor")
+            .to(torch.uint8)
+        )
     if c == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1).contiguous()
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
