@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from ddpm.config import ConfigError, find_checkpoint, resolve_ckpt_path
@@ -258,3 +259,37 @@ def test_ddp_stop_and_resume_equals_straight_run(tmp_path: Path) -> None:
     assert cb[GENERATOR_KEY].shape[0] == 2 and cb[RNG_KEY]["torch"].shape[0] == 2
     assert _max_diff(ca["state_dict"], cb["state_dict"]) < 1e-6
     assert _max_diff(ca["ema_state_dict"], cb["ema_state_dict"]) < 1e-6
+
+
+class SleepAtStep(pl.Callback):
+    """Spends the whole time budget at one step, so trainer.max_time ends the run right after."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            time.sleep(self.seconds)
+
+
+def test_run_stopped_by_max_time_leaves_its_final_weights(tmp_path: Path) -> None:
+    """trainer.max_time ends off the checkpoint cadence (saves at step 4; the time runs out at
+    step 5): last.ckpt still holds the final step, not step 4."""
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.max_steps=-1",
+            "trainer.max_time=00:00:00:03",
+            "callbacks.model_checkpoint.every_n_train_steps=4",
+            "callbacks.sample_grid.at_train_end=false",
+            "trainer.val_check_interval=100000",
+            "+trainer.limit_train_batches=3",
+            "+callbacks.sleep._target_=test_resume.SleepAtStep",
+            "+callbacks.sleep.step=5",
+            "+callbacks.sleep.seconds=3.5",
+        ],
+        tmp_path,
+    )
+    out = train(cfg)
+    ckpt = _ckpt(tmp_path / "run")
+    assert out["global_step"] in (5, 6) and ckpt["global_step"] == out["global_step"]
