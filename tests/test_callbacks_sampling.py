@@ -214,6 +214,43 @@ def test_loggers_receive_the_images(tmp_path: Path) -> None:
     assert {"samples/grid", "samples/denoising"} <= set(acc.Tags()["images"])
 
 
+def test_image_runs_get_forward_and_loss_by_t_pictures(tmp_path: Path) -> None:
+    """The visualize task's pictures during training: the forward process once, the per-t
+    bound terms at every grid, logged as images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ddpm.data import ImageDataModule
+
+    tb = TensorBoardLogger(str(tmp_path / "tb"), name="", version="")
+    cb = SampleGrid(
+        DDIMSampler(steps=5),
+        every_n_steps=2,
+        num_samples=4,
+        batch_size=4,
+        at_train_end=False,
+        strip_seeds=[],
+        loss_by_t_images=4,
+    )
+    dm = ImageDataModule("digits", batch_size=8, val_batch_size=8)
+    fit(make_module(TinyEpsNet()), dm, [EMA(), cb], steps=4, logger=[tb], default_root_dir=tmp_path)
+    out = tmp_path / "samples"
+    names = sorted(p.name for p in cb.saved)
+    assert names == [
+        "forward.png",
+        "loss_by_t_step_0000002.png",
+        "loss_by_t_step_0000004.png",
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
+    assert all(p.is_file() and p.parent == out for p in cb.saved)
+    tb.experiment.flush()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"samples/grid", "samples/forward", "samples/loss_by_t"} <= set(acc.Tags()["images"])
+    assert SampleGrid(loss_by_t_images=0).loss_by_t_images == 0
+    with pytest.raises(ValueError, match="loss_by_t_images"):
+        SampleGrid(loss_by_t_images=-1)
+
+
 def test_fast_dev_run_skips_sampling(tmp_path: Path) -> None:
     cb = SampleGrid(
         DDIMSampler(steps=5),

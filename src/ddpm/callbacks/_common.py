@@ -60,7 +60,7 @@ def log_image(trainer: pl.Trainer, key: str, image: Tensor | None, path: Path) -
                 if img is None:
                     from ddpm.utils.images import read_png
 
-                    img = torch.from_numpy(read_png(path)).permute(2, 0, 1)
+                    img = torch.from_numpy(read_png(path).copy()).permute(2, 0, 1)
                 logger.experiment.add_image(key, img, global_step=step)
         except Exception as e:  # a logger hiccup must never stop training
             log.warning(

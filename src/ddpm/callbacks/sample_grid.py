@@ -96,6 +96,11 @@ class SampleGrid(PeriodicCallback):
             disables the strip. For 2-D data the strip shows all ``num_samples`` points.
         strip_frames: number of timesteps shown in the strip.
         sample_shape: shape of one sample; default ``datamodule.sample_shape``.
+        forward_picture: for images, draw the forward process of a few validation images under
+            the run's schedule once (``forward.png``; ``visualize.py what=forward``).
+        loss_by_t_images: for images, every grid also plots the bound's terms per timestep on
+            this many validation images (``visualize.py what=loss_by_t``; T network calls per
+            batch, so 0 = off by default).
         playground: for 2-D data, also draw the playground's score field and reverse trajectory
             and log ``val/energy_distance`` / ``val/mmd`` of the samples to validation points.
     """
@@ -115,12 +120,19 @@ class SampleGrid(PeriodicCallback):
         strip_frames: int = 8,
         sample_shape: Sequence[int] | None = None,
         playground: bool = True,
+        forward_picture: bool = True,
+        loss_by_t_images: int = 0,
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps or 1)
         check_positive_int("num_samples", num_samples)
         check_positive_int("batch_size", batch_size)
         check_positive_int("nrow", nrow, allow_none=True)
         check_positive_int("strip_frames", strip_frames)
+        if isinstance(loss_by_t_images, bool) or int(loss_by_t_images) < 0:
+            raise ValueError(f"loss_by_t_images must be an integer >= 0, got {loss_by_t_images!r}")
+        self.forward_picture = bool(forward_picture)
+        self.loss_by_t_images = int(loss_by_t_images)
+        self._forward_done = False
         self.sampler = sampler
         self.playground = bool(playground)
         self.every_n_steps = int(every_n_steps) if every_n_steps else None
@@ -204,9 +216,77 @@ class SampleGrid(PeriodicCallback):
                 log_image(trainer, "samples/denoising", strip, strip_path)
             if shape == (2,) and self.playground:
                 written += self._playground(trainer, model, diffusion, sampler, out_dir, device)
+            if len(shape) == 3:
+                written += self._image_pictures(trainer, model, diffusion, out_dir, device, denorm)
         finally:
             model.train(was_training)
         self.saved.extend(written)
+        return written
+
+    def _image_pictures(
+        self,
+        trainer: pl.Trainer,
+        model: Any,
+        diffusion: Any,
+        out_dir: Path,
+        device: torch.device,
+        denorm: Callable[[Tensor], Tensor] | None,
+    ) -> list[Path]:
+        """Images: the forward process of validation images under this run's schedule (once,
+        ``forward.png``, as ``what=forward``) and, with ``loss_by_t_images`` > 0, the bound's
+        terms per timestep on that many validation images (``loss_by_t_step_*.png``, as
+        ``what=loss_by_t``; T network calls per batch)."""
+        want_forward = self.forward_picture and not self._forward_done
+        if not (want_forward or self.loss_by_t_images):
+            return []
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not callable(getattr(dm, "val_dataloader", None)):
+            return []
+        n = max(8 if want_forward else 0, self.loss_by_t_images)
+        got, have = [], 0
+        for batch in dm.val_dataloader():
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            got.append(x.float().cpu())
+            have += x.shape[0]
+            if have >= n:
+                break
+        if not got:
+            return []
+        x0 = torch.cat(got)[:n]
+        import matplotlib.pyplot as plt
+
+        from ddpm.viz.forward import forward_diffusion, forward_figure, forward_timesteps
+        from ddpm.viz.loss import loss_by_t_figure, loss_by_timestep
+        from ddpm.viz.plots import save_figure
+
+        written: list[Path] = []
+        if want_forward:
+            self._forward_done = True
+            label = str(getattr(diffusion, "schedule", "schedule"))
+            result = forward_diffusion(
+                x0[:8],
+                {label: diffusion},
+                forward_timesteps(diffusion.num_timesteps),
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            fig = forward_figure(result, denormalize=denorm)
+            path = save_figure(fig, out_dir / "forward.png")
+            plt.close(fig)
+            log_image(trainer, "samples/forward", None, path)
+            written.append(path)
+        if self.loss_by_t_images:
+            step = trainer.global_step
+            result = loss_by_timestep(
+                model,
+                diffusion,
+                x0[: self.loss_by_t_images].to(device),
+                generator=torch.Generator(device=device).manual_seed(self.seed),
+            )
+            fig = loss_by_t_figure(result, title=f"step {step}")
+            path = save_figure(fig, out_dir / f"loss_by_t_step_{step:07d}.png")
+            plt.close(fig)
+            log_image(trainer, "samples/loss_by_t", None, path)
+            written.append(path)
         return written
 
     def _playground(
