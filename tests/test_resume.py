@@ -82,6 +82,26 @@ def test_stop_and_resume_equals_straight_run(val_every: int, tmp_path: Path) -> 
     assert a["callbacks"].keys() == b["callbacks"].keys()
 
 
+def test_mid_epoch_stop_and_resume_equals_straight_run(tmp_path: Path) -> None:
+    """Stopped at step 5, in the middle of the second 3-batch epoch: the resumed run skips the
+    batches already seen in that epoch (the loader's position is in the checkpoint) and ends
+    identical to the straight run."""
+    common = [*RESUME, "trainer.val_check_interval=4"]
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    train(compose_cfg([*common, "trainer.max_steps=12"], straight))
+    first = [*common, "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5"]
+    assert train(compose_cfg(first, parts))["global_step"] == 5
+    run = parts / "run"
+    assert _ckpt(run)["global_step"] == 5
+    assert _ckpt(run)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 2
+    resumed = [*common, "trainer.max_steps=12", "ckpt_path=last", f"run_dir={run}"]
+    assert train(compose_cfg(resumed, parts))["global_step"] == 12
+    a, b = _ckpt(straight / "run"), _ckpt(run)
+    assert a["global_step"] == b["global_step"] == 12 and a["epoch"] == b["epoch"]
+    assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-6
+    assert _max_diff(a["ema_state_dict"], b["ema_state_dict"]) < 1e-6
+
+
 def test_validation_does_not_move_the_training_rng(tmp_path: Path) -> None:
     """Same weights whether the run validates every 2 steps or never (dropout on)."""
     common = [*RESUME, "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=5"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddpm.data.datasets import ImageFiles, TensorImages
+from ddpm.data.datasets import ImageFiles, TensorImages, train_loader
 from ddpm.data.sources import (
     TORCHVISION,
     BadImageError,
@@ -346,16 +346,16 @@ class ImageDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         ds = self.dataset(split) if ds is None else ds
         workers = self.num_workers
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
+        kwargs: dict[str, Any] = dict(
             collate_fn=BatchTransform(self.normalizer, random_flip=train and self.random_flip),
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
             pin_memory=self.pin_memory,
         )
+        if train:
+            trainer = getattr(self, "trainer", None)
+            return train_loader(ds, batch_size, self.world_size, trainer, **kwargs)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         n, bs = len(self.dataset("train")), self.per_device_batch_size

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpm.data.sources import BadImageError, decode_image, resize_center_crop, warn_skipped
 
@@ -61,3 +62,90 @@ class ImageFiles(Dataset):
             except BadImageError:
                 continue
         raise BadImageError(f"no readable image among the {len(self.files)} files of this split")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(n)`` that is a function of (``seed``, epoch) only, so the data
+    order of every epoch can be rebuilt after a restart; ``skip`` samples of the next iteration
+    are dropped (resuming mid-epoch). Lightning calls :meth:`set_epoch` at every epoch start."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        perm = torch.randperm(self.n, generator=g)
+        skip, self.skip = self.skip, 0
+        return iter(perm[skip:].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """Training DataLoader whose position Lightning saves in checkpoints and restores on resume
+    (``state_dict`` / ``load_state_dict``: Lightning's stateful-loader protocol), so a run resumed
+    mid-epoch sees exactly the batches the uninterrupted run would have seen.
+
+    ``progress()`` returns (epoch, batches of this epoch the model has consumed): read from the
+    Trainer's loop progress, because Lightning pre-fetches one batch ahead of the model.
+    """
+
+    def __init__(
+        self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochShuffleSampler):  # replaced (e.g. overfit_batches)
+            return {}
+        epoch, batches = self.progress() if self.progress is not None else (sampler.epoch, 0)
+        return {"seed": sampler.seed, "epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if not state or not isinstance(sampler, EpochShuffleSampler):
+            return
+        sampler.seed = int(state["seed"])
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        sampler.set_epoch(epoch)
+        sampler.skip = batches * int(self.batch_size or 1)
+
+
+def trainer_progress(trainer: Any) -> tuple[int, int]:
+    """(epoch, batches of the epoch the model has consumed) of a Lightning Trainer."""
+    if trainer is None:
+        return 0, 0
+    epoch = int(trainer.current_epoch)
+    batches = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    limit = trainer.num_training_batches  # with limit_train_batches; inf for iterable data
+    if limit != float("inf") and batches >= limit:  # the epoch is over: the next starts afresh
+        return epoch + 1, 0
+    return epoch, batches
+
+
+def train_loader(
+    ds: Dataset, batch_size: int, world_size: int, trainer: Any, **kwargs: Any
+) -> DataLoader:
+    """Shuffled, drop-last training loader. One process: a :class:`ResumableDataLoader` over an
+    :class:`EpochShuffleSampler` seeded by ``torch.initial_seed()`` (the run's ``seed``), exact
+    when resumed mid-epoch. Several processes: Lightning's ``DistributedSampler`` (seeded by
+    seed + epoch) replaces the sampler, and resumes are exact at epoch boundaries."""
+    if world_size > 1:
+        return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, **kwargs)
+    sampler = EpochShuffleSampler(len(ds), torch.initial_seed())
+    return ResumableDataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        progress=lambda: trainer_progress(trainer),
+        **kwargs,
+    )

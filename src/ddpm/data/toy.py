@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ddpm.data.datasets import TensorImages
+from ddpm.data.datasets import TensorImages, train_loader
 
 
 def swiss_roll(n: int, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -135,9 +135,10 @@ class ToyDataModule(pl.LightningDataModule):
         return x
 
     def _loader(self, ds: _Points, batch_size: int, train: bool = False) -> DataLoader:
-        return DataLoader(
-            ds, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=_stack
-        )
+        if train:
+            trainer = getattr(self, "trainer", None)
+            return train_loader(ds, batch_size, self.world_size, trainer, collate_fn=_stack)
+        return DataLoader(ds, batch_size=batch_size, collate_fn=_stack)
 
     def train_dataloader(self) -> DataLoader:
         if self.n_train < self.per_device_batch_size:
