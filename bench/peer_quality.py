@@ -167,12 +167,12 @@ def _labels(dm: ImageDataModule, split: str) -> np.ndarray:
     """Digit labels of the datamodule's split (same seeded split of sklearn's digits)."""
     from sklearn.datasets import load_digits
 
+    from ddpm.data.datamodule import split_indices
     from ddpm.data.sources import load_digits_uint8, prepare
 
     target = load_digits().target
-    perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(dm.seed))
-    n_val = len(dm.dataset("val"))
-    idx = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values
+    train_idx, val_idx = split_indices(len(target), dm.val_split, dm.seed)
+    idx = val_idx if split == "val" else train_idx
     images = prepare(load_digits_uint8(), dm.image_size, dm.channels)[idx]
     assert torch.equal(images, dm.dataset(split).data), "split differs from ImageDataModule's"
     return target[idx.numpy()]

@@ -92,6 +92,20 @@ def batch_sample_shape(batch: Any) -> tuple[int, ...] | None:
     return tuple(x.shape[1:]) if isinstance(x, Tensor) and x.ndim >= 2 else None
 
 
+def first_samples(loader: Any, n: int) -> Tensor | None:
+    """The first ``n`` samples of ``loader`` (float32, CPU; fewer if it runs out), reading only
+    the batches needed; None for an empty loader."""
+    got: list[Tensor] = []
+    have = 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        got.append(x.detach().float().cpu())
+        have += x.shape[0]
+        if have >= n:
+            break
+    return torch.cat(got)[:n] if got else None
+
+
 def denormalizer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
     """``datamodule.denormalize`` (model space -> [0, 1]) when there is one."""
     dm = getattr(trainer, "datamodule", None)

@@ -27,6 +27,7 @@ from ddpm.callbacks._common import (
     PeriodicCallback,
     StepCadence,
     check_positive_int,
+    first_samples,
     is_fast_dev_run,
     log_metrics_now,
 )
@@ -111,18 +112,10 @@ class NLLCallback(PeriodicCallback):
                 f"NLLCallback: data normalization is {norm!r}; the bits/dim bound "
                 "assumes 8-bit images scaled to [-1, 1] (minus_one_one)"
             )
-        got: list[Tensor] = []
-        n = 0
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            got.append(x.detach().float().cpu())
-            n += x.shape[0]
-            if n >= self.num_images:
-                break
-        if not got:
+        images = first_samples(loader, self.num_images)
+        if images is None:
             self._warn_disable("the validation loader is empty")
             return None
-        images = torch.cat(got)[: self.num_images]
         if images.ndim != 4:
             self._warn_disable(
                 f"bits/dim needs images (B, C, H, W), got data of shape {tuple(images.shape[1:])}"

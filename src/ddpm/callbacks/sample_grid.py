@@ -26,6 +26,7 @@ from ddpm.callbacks._common import (
     StepCadence,
     check_positive_int,
     denormalizer,
+    first_samples,
     is_fast_dev_run,
     log_image,
     log_metrics_now,
@@ -242,17 +243,11 @@ class SampleGrid(PeriodicCallback):
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not callable(getattr(dm, "val_dataloader", None)):
             return []
-        n = max(8 if want_forward else 0, self.loss_by_t_images)
-        got, have = [], 0
-        for batch in dm.val_dataloader():
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            got.append(x.float().cpu())
-            have += x.shape[0]
-            if have >= n:
-                break
-        if not got:
+        x0 = first_samples(
+            dm.val_dataloader(), max(8 if want_forward else 0, self.loss_by_t_images)
+        )
+        if x0 is None:
             return []
-        x0 = torch.cat(got)[:n]
         import matplotlib.pyplot as plt
 
         from ddpm.viz.forward import forward_diffusion, forward_figure, forward_timesteps
@@ -306,9 +301,9 @@ class SampleGrid(PeriodicCallback):
         dm = getattr(trainer, "datamodule", None)
         if dm is None:
             return []
-        ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.val_dataloader()])[
-            : self.num_samples
-        ]
+        ref = first_samples(dm.val_dataloader(), self.num_samples)
+        if ref is None:
+            return []
         report = playground_report(
             model, diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
         )

@@ -67,7 +67,22 @@ def per_device_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _check_positive_int(value: Any, what: str) -> int:
+def world_size_of(trainer: Any) -> int:
+    """Processes a Trainer will run (devices x nodes), known before they are launched."""
+    return 1 if trainer is None else int(trainer.num_devices) * int(trainer.num_nodes)
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, val) indices, each sorted: ``round(val_split * n)`` (at least 1, at most n - 1)
+    items held out by a permutation seeded with ``seed``."""
+    n_val = min(n - 1, max(1, round(val_split * n)))
+    if n_val < 1:
+        raise ValueError(f"{n} item(s): too few to hold out validation data")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def check_positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return value
@@ -121,11 +136,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels = spec.channels if channels is None else channels
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        self.image_size = _check_positive_int(
+        self.image_size = check_positive_int(
             spec.image_size if image_size is None else image_size, "image_size"
         )
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
-        self.val_batch_size = _check_positive_int(
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.val_batch_size = check_positive_int(
             batch_size if val_batch_size is None else val_batch_size, "val_batch_size"
         )
         if normalization not in NORMALIZATIONS:
@@ -139,7 +154,7 @@ class ImageDataModule(pl.LightningDataModule):
         if val_split == 0 and not spec.has_test_split:
             raise ValueError(f"val_split=0 leaves {name!r} (no test split) without validation data")
         if max_val_samples is not None:
-            _check_positive_int(max_val_samples, "max_val_samples")
+            check_positive_int(max_val_samples, "max_val_samples")
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         self.root = None if root is None else Path(root).expanduser()
@@ -218,9 +233,7 @@ class ImageDataModule(pl.LightningDataModule):
                 torchvision_dataset(self.name, self.root, train, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            self.world_size = int(trainer.num_devices) * int(trainer.num_nodes)
+        self.world_size = world_size_of(getattr(self, "trainer", None))
         self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
         self.per_device_val_batch_size = max(1, self.val_batch_size // self.world_size)
         self._load()
@@ -302,11 +315,9 @@ class ImageDataModule(pl.LightningDataModule):
             assert test is not None
             return train_all, test
         n = len(train_all)
-        n_val = min(n - 1, max(1, round(self.val_split * n)))
-        if n_val < 1:
+        if n < 2:
             raise ValueError(f"{self.name!r} has {n} image(s): too few to hold out validation data")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+        train_idx, val_idx = split_indices(n, self.val_split, self.seed)
         return self._subset(train_all, train_idx), self._subset(train_all, val_idx)
 
     def _standardizer(self, train: Dataset) -> Normalization:

@@ -135,8 +135,6 @@ def torchvision_dataset(name: str, root: Path, train: bool, download: bool) -> A
         if name == "celeba":
             return cls(str(root), split="train" if train else "test", download=download)
         return cls(str(root), train=train, download=download)
-    except DatasetUnavailableError:
-        raise
     except Exception as exc:  # noqa: BLE001 - missing files, no network (urllib, gdown, ...)
         raise _unavailable(name, root, download, exc) from exc
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ddpm.data.datamodule import check_positive_int, per_device_batch_size, world_size_of
 from ddpm.data.datasets import TensorImages, train_loader
 
 
@@ -82,8 +83,7 @@ class ToyDataModule(pl.LightningDataModule):
         if name not in TOY_DATASETS:
             raise ValueError(f"toy data name must be one of {sorted(TOY_DATASETS)}, got {name!r}")
         for value, what in ((n_train, "n_train"), (n_val, "n_val"), (batch_size, "batch_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{what} must be a positive integer, got {value!r}")
+            check_positive_int(value, what)
         self.name, self.n_train, self.n_val = name, n_train, n_val
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -108,11 +108,7 @@ class ToyDataModule(pl.LightningDataModule):
         return f"{self.name}-{split}-n{n}-seed{self.seed}"
 
     def setup(self, stage: str | None = None) -> None:
-        from ddpm.data.datamodule import per_device_batch_size
-
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            self.world_size = int(trainer.num_devices) * int(trainer.num_nodes)
+        self.world_size = world_size_of(getattr(self, "trainer", None))
         self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
         self._load()
 
