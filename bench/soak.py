@@ -109,7 +109,7 @@ def resume_step(run_dir: Path) -> int:
 
     import torch
 
-    from ddpm.config import find_checkpoint
+    from ddpm.run.checkpoints import find_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.config import ConfigError, resolve_ckpt_path, validate_train_config
+from ddpm.config import ConfigError, validate_train_config
+from ddpm.run.checkpoints import resolve_ckpt_path
 from ddpm.tasks.common import instantiate_dict
 from ddpm.tasks.train import build_module
 from hydra_utils import CONF_DIR, TINY, compose_cfg

@@ -23,7 +23,8 @@ from ddpm.callbacks.checkpoint import CheckpointWriteError
 from ddpm.callbacks.nonfinite import NonFiniteStepError
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.checkpoint import load_model
-from ddpm.config import ConfigError, find_checkpoint, validate_train_config
+from ddpm.config import ConfigError, validate_train_config
+from ddpm.run.checkpoints import find_checkpoint
 from ddpm.tasks.train import train
 from hydra_utils import SRC_DIR, TINY, compose_cfg
 

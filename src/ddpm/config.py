@@ -1,11 +1,8 @@
-"""Config helpers: OmegaConf resolvers, start-up validation with one clear message per problem,
-and resume-path resolution (``ckpt_path=last`` never silently starts from scratch)."""
+"""Config helpers: OmegaConf resolvers and start-up validation with one clear message per problem.
+(What a launch resumes from, and with which config, is decided in :mod:`ddpm.run`.)"""
 
 from __future__ import annotations
 
-import glob
-import os
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -27,12 +24,21 @@ def _model_out_channels(channels: int, variance_type: str) -> int:
     return int(channels) * (2 if variance_type in ("learned", "learned_range") else 1)
 
 
+def _launch_subdir(output_dir: str, stamp: str) -> str:
+    from ddpm.run.directory import launch_subdir
+
+    return launch_subdir(str(output_dir), str(stamp))
+
+
 def register_resolvers() -> None:
-    """Register ``${ddpm_first:a,b}`` and ``${model_out_channels:C,variance_type}``."""
+    """Register ``${ddpm_first:a,b}``, ``${model_out_channels:C,variance_type}`` and
+    ``${ddpm_launch_subdir:run_dir,stamp}`` (:func:`ddpm.run.directory.launch_subdir`)."""
     if not OmegaConf.has_resolver("ddpm_first"):
         OmegaConf.register_new_resolver("ddpm_first", _first_not_none)
     if not OmegaConf.has_resolver("model_out_channels"):
         OmegaConf.register_new_resolver("model_out_channels", _model_out_channels)
+    if not OmegaConf.has_resolver("ddpm_launch_subdir"):
+        OmegaConf.register_new_resolver("ddpm_launch_subdir", _launch_subdir)
 
 
 register_resolvers()
@@ -189,91 +195,3 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
 
     walk(cfg, "")
     return problems
-
-
-def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Open a checkpoint the way a resume will (``torch.load(weights_only=True)``, memory-mapped,
-    so cheap) and return its ``global_step`` and ``epoch``; :class:`ConfigError` if the file is
-    truncated, not a checkpoint, or holds objects other than tensors and plain data."""
-    import torch
-
-    path = os.fspath(path)
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) serialization cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"checkpoint {path} cannot be loaded with torch.load(weights_only=True): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It is truncated, "
-            "not a checkpoint, or holds arbitrary Python objects (refused for safety)."
-        ) from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a training checkpoint (no 'state_dict')")
-    return {"global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0))}
-
-
-def _checkpoint_files(run_dir: Path) -> list[str]:
-    return [
-        p for p in glob.glob(str(run_dir / "**" / "*.ckpt"), recursive=True) if os.path.isfile(p)
-    ]
-
-
-def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """The newest loadable checkpoint of a run directory, or None.
-
-    Newest = highest ``global_step`` stored in the file; ties go to ``last.ckpt``, then to the
-    newer file. Files that cannot be loaded (e.g. corrupted on disk) are skipped with a warning.
-    """
-    import warnings
-
-    ranked, broken = [], []
-    for p in _checkpoint_files(Path(run_dir)):
-        try:
-            info = checkpoint_info(p)
-        except ConfigError as e:
-            broken.append(str(e))
-            continue
-        ranked.append(
-            (info["global_step"], os.path.basename(p) == "last.ckpt", os.path.getmtime(p), p)
-        )
-    if broken:
-        warnings.warn("skipping unloadable checkpoint(s):\n  " + "\n  ".join(broken), stacklevel=2)
-    return max(ranked)[3] if ranked else None
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | None) -> str | None:
-    """Turn the user's ``ckpt_path`` into a checkpoint file, or fail clearly.
-
-    * ``null``: a new run.
-    * ``last``: the newest checkpoint of ``run_dir``; an error if there is none (Lightning's own
-      ``"last"`` would silently train from scratch in a fresh run directory).
-    * ``auto``: the newest checkpoint of ``run_dir`` if there is one, else a new run there (for
-      job scripts that are re-run after preemption, e.g. SLURM requeue).
-    * a path: that file, which must load with ``torch.load(weights_only=True)``.
-    """
-    if ckpt_path in (None, "", "null", "None"):
-        return None
-    ckpt_path = str(ckpt_path)
-    if ckpt_path in ("last", "auto"):
-        if not run_dir:
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} needs the run to resume: add run_dir=<that run's "
-                "directory> (e.g. run_dir=outputs/train/runs/2026-01-01_12-00-00_000000)"
-            )
-        if ckpt_path == "last" and not os.path.isdir(run_dir):
-            raise ConfigError(f"ckpt_path=last: run_dir={run_dir} does not exist")
-        found = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-        if found is None and ckpt_path == "last":
-            raise ConfigError(
-                f"ckpt_path=last: no checkpoint (*.ckpt) found under {run_dir}. Nothing to resume; "
-                "drop ckpt_path to start a new run (or use ckpt_path=auto)."
-            )
-        return found
-    if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    checkpoint_info(ckpt_path)
-    return ckpt_path

@@ -1,76 +1,28 @@
 """The LightningModule: an ε-network (or x₀/v-network) trained with a diffusion objective.
 
 Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
-the optimizer and LR schedule from config (``_partial_`` callables). Validation uses a seeded
-generator so ``val/loss`` is comparable across evaluations.
+the optimizer and LR schedule from config (``_partial_`` callables). Every random draw of a
+training step (timesteps, noise, dropout) comes from streams seeded by (seed, rank, epoch, batch)
+(:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew without any RNG
+state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
+``val/loss`` is comparable across evaluations.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, LossSecondMomentSampler, UniformSampler
+from ddpm.run.rng import seed_global_rngs, seeded_generator, step_seed
 
 CONFIG_KEY = "ddpm_config"
-GENERATOR_KEY = "ddpm_generator_state"
-RNG_KEY = "ddpm_rng_states"
-
-
-def rng_state_tensors(device: torch.device | None = None) -> dict[str, Tensor]:
-    """This process's global RNG states (torch CPU, CUDA of ``device``, NumPy, Python) as tensors,
-    so that checkpoints holding them stay loadable with ``torch.load(weights_only=True)``."""
-    py_version, py_internal, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
-        "python": torch.tensor(py_internal, dtype=torch.int64),
-        "python_extra": torch.tensor(
-            [py_version, py_gauss is not None, 0.0 if py_gauss is None else py_gauss],
-            dtype=torch.float64,
-        ),
-    }
-    if device is not None and device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None) -> None:
-    """Inverse of :func:`rng_state_tensors`."""
-    # clone(): torch.set_rng_state crashes (segfault) on a view with a storage offset, such as
-    # one rank's row of the gathered (world, n) states.
-    states = {k: v.detach().cpu().clone() for k, v in states.items()}
-    torch.set_rng_state(states["torch"].to(torch.uint8))
-    ne = states["numpy_extra"].tolist()
-    np.random.set_state(  # noqa: NPY002 - the global legacy RNG is what we restore
-        (
-            "MT19937",
-            states["numpy"].cpu().numpy().astype(np.uint32),
-            int(ne[0]),
-            int(ne[1]),
-            float(ne[2]),
-        )
-    )
-    pe = states["python_extra"].tolist()
-    random.setstate(
-        (
-            int(pe[0]),
-            tuple(int(v) for v in states["python"].tolist()),
-            float(pe[2]) if pe[1] else None,
-        )
-    )
-    if "cuda" in states and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
+T_SAMPLER_KEY = "ddpm_t_sampler"
+_GLOBAL_STREAM, _NOISE_STREAM = 0, 1
 
 
 class LinearWarmup:
@@ -154,22 +106,16 @@ class DiffusionModule(pl.LightningModule):
         self.train_seed = int(train_seed)
         self.run_config = run_config
         self.compile = bool(compile)
+        self.validated_step: int | None = None  # global step of the latest validation
         # Kept out of the module registry (no duplicate keys in the state_dict).
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
-        self.__dict__["_generator"] = None
 
-    def _train_generator(self, device: torch.device) -> torch.Generator:
-        """The training-noise generator: seeded per rank (ranks draw different t and ε), saved
-        in checkpoints so a resumed run draws the same noise as an uninterrupted one."""
-        g = self.__dict__["_generator"]
-        if g is None or g.device != device:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.train_seed * 1_000_003 + 7919 * self.global_rank)
-            pending = self.__dict__.pop("_pending_generator_state", None)
-            if pending is not None:
-                g.set_state(pending)
-            self.__dict__["_generator"] = g
-        return g
+    def _seed_step(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """Seed the global RNGs (dropout) for this micro-batch and return the generator of its
+        timesteps and noise, both keyed by (train_seed, rank, epoch, batch_idx)."""
+        position = (self.global_rank, self.current_epoch, batch_idx)
+        seed_global_rngs(step_seed(self.train_seed, _GLOBAL_STREAM, *position))
+        return seeded_generator(step_seed(self.train_seed, _NOISE_STREAM, *position), device)
 
     # ------------------------------------------------------------------ inference helpers
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -188,7 +134,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        g = self._train_generator(x0.device)
+        g = self._seed_step(x0.device, batch_idx)
         t, weights = self.t_sampler.sample(x0.shape[0], x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         terms = self._losses(self.__dict__["_train_net"], x0, t, noise)
@@ -241,6 +187,9 @@ class DiffusionModule(pl.LightningModule):
             ema_terms = self._losses(ema.ema_net, x0, t, noise)
             self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
 
+    def on_validation_epoch_end(self) -> None:
+        self.validated_step = self.global_step
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(params=self.net.parameters())
@@ -249,92 +198,17 @@ class DiffusionModule(pl.LightningModule):
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ------------------------------------------------------------------ RNG around validation
-    def on_validation_model_zero_grad(self) -> None:
-        """Validation inside ``fit`` must not move the global RNG streams (its DataLoader draws a
-        seed from them): snapshot here, restore in :meth:`on_validation_end`. Training then draws
-        the same dropout masks and data order whether or not (and how often) it validates, and a
-        run resumed from a checkpoint draws what the uninterrupted run drew."""
-        super().on_validation_model_zero_grad()
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            self.__dict__["_rng_before_val"] = rng_state_tensors(self.device)
-
-    def on_fit_start(self) -> None:
-        self.__dict__.pop("_rng_before_val", None)  # left over by a failed earlier fit
-
-    def on_validation_end(self) -> None:
-        states = self.__dict__.pop("_rng_before_val", None)
-        if states is not None:
-            set_rng_states(states, self.device)
-
     # ------------------------------------------------------------------ checkpoints
-    def _gather_rows(self, state: Tensor) -> Tensor:
-        """(world, n): every rank's 1-D ``state`` (collective when world > 1)."""
-        world = self.trainer.world_size
-        if world > 1:
-            return self.all_gather(state.to(self.device)).cpu().reshape(world, -1)
-        return state.reshape(1, -1).clone()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add the run config (plain data), every rank's training-noise generator and global RNG
-        states (tensors only: the checkpoint stays ``weights_only``-loadable). Collective: runs
-        on every rank."""
+        """Add the run config (plain data) and the importance sampler's loss history (tensors):
+        the checkpoint stays ``weights_only``-loadable."""
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
-        if self._trainer is None:
-            return
-        # Creates the generator if no step ran yet (applying a state loaded from a checkpoint).
-        g = self._train_generator(self.device)
-        checkpoint[GENERATOR_KEY] = self._gather_rows(g.get_state())
-        # Inside validation the live state was moved by validation: store the training stream's.
-        states = self.__dict__.get("_rng_before_val") or rng_state_tensors(self.device)
-        checkpoint[RNG_KEY] = {k: self._gather_rows(v.flatten()) for k, v in sorted(states.items())}
         if isinstance(self.t_sampler, LossSecondMomentSampler):
-            checkpoint["ddpm_t_sampler"] = {
-                k: torch.from_numpy(v) for k, v in self.t_sampler.state_dict().items()
-            }
+            state = self.t_sampler.state_dict()
+            checkpoint[T_SAMPLER_KEY] = {k: torch.from_numpy(v) for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get(GENERATOR_KEY)
-        self.__dict__["_generator"] = None
-        self.__dict__.pop("_pending_generator_state", None)
-        world = self._trainer.world_size if self._trainer is not None else 1
-        if states is not None and states.shape[0] == world:
-            self.__dict__["_pending_generator_state"] = states[self.global_rank].clone()
-        elif states is not None:
-            # Resumed on another number of devices: fresh per-rank streams, offset by the step.
-            self.train_seed += int(checkpoint.get("global_step", 0))
-        state = checkpoint.get("ddpm_t_sampler")
+        state = checkpoint.get(T_SAMPLER_KEY)
         if state is not None and isinstance(self.t_sampler, LossSecondMomentSampler):
             self.t_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})
-        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
-        rng = checkpoint.get(RNG_KEY)
-        if fitting and rng is not None:
-            if all(v.shape[0] == world for v in rng.values()):
-                states = {k: v[self.global_rank].clone() for k, v in rng.items()}
-                set_rng_states(states, self._trainer.strategy.root_device)
-                # Lightning then creates a train-loader iterator (drawing from the global RNG).
-                # It is used when the checkpoint was written mid-epoch or at the last batch's end;
-                # when Lightning instead finishes the epoch and starts a new one (checkpoint written
-                # at the validation after the last batch), the state is applied again in
-                # on_train_epoch_start, before that epoch's iterator.
-                self.__dict__["_pending_rng"] = states
-            else:
-                rank_zero_warn(
-                    f"the checkpoint's RNG states are from {next(iter(rng.values())).shape[0]} "
-                    f"processes, this run has {world}: dropout and data order continue from "
-                    "fresh streams (training itself resumes normally)."
-                )
-
-    def on_train_epoch_start(self) -> None:
-        states = self.__dict__.get("_pending_rng")
-        if states is not None:
-            set_rng_states(states, self.device)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        states = self.__dict__.pop("_pending_rng", None)  # first batch after a resume
-        if states is not None and batch_idx > 0:
-            # Mid-epoch: the uninterrupted run drew nothing between this batch and the previous
-            # one; the resumed run's loader iterator did. (The batch itself comes from a
-            # restarted loader unless the data loader is resumable.)
-            set_rng_states(states, self.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 from weakref import proxy
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 PARTIAL_SUFFIX = ".partial"
@@ -111,14 +111,11 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A run stopped by ``trainer.max_time`` also leaves its final weights in ``last.ckpt``
-        (Lightning saves at train end only when nothing was saved before)."""
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        timed_out = timer is not None and (timer.time_remaining() or 0.0) <= 0.0
-        if self.save_last and timed_out and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            return
-        super().on_train_end(trainer, pl_module)
+        """Never save here. Lightning writes ``last.ckpt`` at train end when this fit saved nothing
+        yet, but after the loops finished: that checkpoint records the epoch one too high, and a
+        run resumed from it shuffles its data with the wrong epoch's order. The final step is
+        saved inside the loop instead (:class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`
+        with ``save_on_train_end``)."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         atomic_save_checkpoint(trainer, filepath, self.save_weights_only)

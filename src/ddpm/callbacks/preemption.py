@@ -1,4 +1,6 @@
-"""Save ``last.ckpt`` and stop cleanly on SIGTERM / SIGINT (preemption, ``scancel``, Ctrl+C).
+"""Save ``last.ckpt`` and stop cleanly on a stop signal: SIGTERM (preemption, ``scancel``), SIGINT
+(Ctrl+C), SIGUSR1 (Lightning's SLURM auto-requeue signal), SIGUSR2 (submitit's time-limit and
+preemption signal, hydra-submitit-launcher's default).
 
 A signal handler must not save a checkpoint itself: it runs between two bytecodes of whatever the
 main thread was doing (say, between the optimizer step and the LR-scheduler step), and under DDP
@@ -8,13 +10,18 @@ next optimizer-step boundary (``on_train_batch_end``) the ranks agree on it (one
 code 128 + signal number), which ends ``trainer.fit`` without running end-of-training work
 (sample grids, FID). ``python src/train.py ckpt_path=last run_dir=<run dir>`` continues the run.
 
+* Requeue: the handler that was in charge of the signal before training (submitit's, Lightning's
+  SLURM requeue) is carried in :attr:`TrainingInterrupted.previous_handler`;
+  :func:`ddpm.run.requeue.hand_over` lets exactly that mechanism requeue once the run is saved.
+* Lightning's own SIGTERM / SIGUSR1 handlers (which stop or save at different points on different
+  ranks, from inside the signal handler) are replaced while training runs.
+* After the final training step (``last.ckpt`` written), a signal during end-of-training work
+  (the final validation, sample grids, FID) stops at once: nothing is left to save.
 * A second Ctrl+C aborts at once (``KeyboardInterrupt``, no checkpoint).
-* Lightning's own SIGTERM handler (which stops at different points on different ranks and may
-  exit before anything is saved) is replaced while training runs; SLURM's SIGUSR1 auto-requeue
-  (``SLURMEnvironment``) is left to Lightning.
-* With ``save_on_train_end`` the final step of a run (``max_steps`` or ``max_epochs``) is written
-  to ``last.ckpt`` too (``ModelCheckpoint`` only saves every N steps), so a finished run can be
-  continued with a larger ``trainer.max_steps``.
+* With ``save_on_train_end`` the final step of a run (``max_steps``, ``max_epochs``, a
+  ``trainer.max_time`` or early stop) is written to ``last.ckpt`` inside the training loop (never
+  after it: Lightning cannot restart its loops exactly from a state saved after they finished), so
+  a finished run can be continued with a larger ``trainer.max_steps``.
 * Long work inside a step (FID, sample grids) can poll :func:`preemption_requested` and cut short.
 """
 
@@ -30,6 +37,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ddpm.callbacks.checkpoint import atomic_save_checkpoint
@@ -37,17 +45,25 @@ from ddpm.callbacks.checkpoint import atomic_save_checkpoint
 log = logging.getLogger(__name__)
 
 LAST_NAME = "last"
-_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR2", "SIGHUP")
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 
 
 class TrainingInterrupted(SystemExit):
     """Training stopped on a signal after ``last.ckpt`` was written; exit code 128 + signal."""
 
-    def __init__(self, signum: int, global_step: int, ckpt_path: str | None) -> None:
+    def __init__(
+        self,
+        signum: int,
+        global_step: int,
+        ckpt_path: str | None,
+        previous_handler: Any = None,
+    ) -> None:
         super().__init__(128 + int(signum))
         self.signum = int(signum)
         self.global_step = int(global_step)
         self.ckpt_path = ckpt_path
+        self.previous_handler = previous_handler  # the signal's handler before training started
 
     @property
     def signal_name(self) -> str:
@@ -80,18 +96,18 @@ class PreemptionCheckpoint(Checkpoint):
     callbacks (the EMA of the step is in the checkpoint).
 
     Args:
-        signals: names of the signals to handle (SIGTERM, SIGINT, SIGUSR2, SIGHUP).
+        signals: names of the signals to handle (SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP).
         dirpath: where ``last.ckpt`` goes; default: the first ``ModelCheckpoint``'s directory,
             else ``<default_root_dir>/checkpoints``.
         check_every_n_steps: how often the ranks agree on a pending signal under DDP (one tiny
             all-reduce each time); a single process checks a Python flag every step.
-        save_on_train_end: write ``last.ckpt`` after the final training step when the periodic
+        save_on_train_end: write ``last.ckpt`` at the final training step when the periodic
             checkpoint did not already cover it.
     """
 
     def __init__(
         self,
-        signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGINT"),
+        signals: list[str] | tuple[str, ...] = DEFAULT_SIGNALS,
         dirpath: str | os.PathLike | None = None,
         check_every_n_steps: int = 1,
         save_on_train_end: bool = True,
@@ -115,7 +131,10 @@ class PreemptionCheckpoint(Checkpoint):
         self.signum: int | None = None  # first stop signal received
         self.received_at: float | None = None
         self.last_saved_step: int | None = None
+        self.finished = False  # the final step is saved: a signal now stops at once
         self._previous: dict[int, Any] = {}
+        self._handed_over: dict[int, Any] = {}  # previous handlers, kept for the hand-over
+        self._trainer: pl.Trainer | None = None
 
     # ------------------------------------------------------------------ signals
     def request(self, signum: int = signal.SIGTERM) -> None:
@@ -130,6 +149,15 @@ class PreemptionCheckpoint(Checkpoint):
             self._restore_handlers()
             raise KeyboardInterrupt
         self.request(signum)
+        if self.finished:  # end-of-training work: last.ckpt holds the final step already
+            raise self._interrupted(self._trainer)
+
+    def _interrupted(self, trainer: pl.Trainer | None) -> TrainingInterrupted:
+        signum = self.signum if self.signum is not None else int(signal.SIGTERM)
+        self._restore_handlers()
+        step = trainer.global_step if trainer is not None else 0
+        path = None if trainer is None or self.last_saved_step is None else self.last_path(trainer)
+        return TrainingInterrupted(signum, step, path, self._handed_over.get(signum))
 
     def _install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread() or self._previous:
@@ -138,6 +166,7 @@ class PreemptionCheckpoint(Checkpoint):
             sig = getattr(signal, name)
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
+        self._handed_over = dict(self._previous)
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -182,7 +211,7 @@ class PreemptionCheckpoint(Checkpoint):
         return False
 
     def _save_last(self, trainer: pl.Trainer) -> str | None:
-        if trainer.fast_dev_run:  # PITFALLS 9: no checkpoints in fast_dev_run
+        if trainer.fast_dev_run:  # no checkpoints in fast_dev_run (Lightning's own rule)
             return None
         path = self.last_path(trainer)
         if not self._already_saved(trainer, path):
@@ -196,6 +225,8 @@ class PreemptionCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its SIGTERM handler just before; a SIGTERM it already caught counts.
+        self._trainer = trainer
+        self.finished = False
         if trainer.received_sigterm:
             self.request(signal.SIGTERM)
         self._install_handlers()
@@ -219,28 +250,44 @@ class PreemptionCheckpoint(Checkpoint):
         if trainer.fit_loop._should_accumulate():  # only at optimizer-step boundaries
             return
         if not self._pending(trainer):
-            if self.save_on_train_end and self._is_final_step(trainer):
-                self._save_last(trainer)
+            if self._is_final_step(trainer):
+                self._save_final(trainer)
             return
-        signum = self.signum if self.signum is not None else int(signal.SIGTERM)
         t0 = time.monotonic()
         path = self._save_last(trainer)
         waited = t0 - self.received_at if self.received_at is not None else 0.0
-        name = TrainingInterrupted(signum, 0, None).signal_name
+        interrupted = self._interrupted(trainer)
         if path is not None:
             rank_zero_info(
-                f"{name} received: saved {path} at global step {trainer.global_step} "
-                f"({waited:.1f} s after the signal, write {time.monotonic() - t0:.1f} s). Resume "
-                f"with: python src/train.py ckpt_path=last run_dir={os.path.dirname(os.path.dirname(path))}"
+                f"{interrupted.signal_name} received: saved {path} at global step "
+                f"{trainer.global_step} ({waited:.1f} s after the signal, write "
+                f"{time.monotonic() - t0:.1f} s). Resume with: python src/train.py ckpt_path=last "
+                f"run_dir={os.path.dirname(os.path.dirname(path))}"
             )
-        self._restore_handlers()
-        raise TrainingInterrupted(signum, trainer.global_step, path)
+        raise interrupted
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """An early stop decided at validation (``EarlyStopping``) ends the fit after it."""
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and trainer.should_stop and not self.finished:
+            self._save_final(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``trainer.max_time`` is also checked at epoch ends (``Timer``, which runs before)."""
+        if trainer.should_stop and not self.finished:
+            self._save_final(trainer)
+
+    def _save_final(self, trainer: pl.Trainer) -> None:
+        if self.save_on_train_end:
+            self._save_last(trainer)
+        self.finished = True
 
     @staticmethod
     def _is_final_step(trainer: pl.Trainer) -> bool:
-        """Will the fit stop after this batch (``max_steps`` or the last batch of ``max_epochs``)?
-        The final checkpoint is written here, not in ``on_train_end``: Lightning cannot restart
-        its loops from a state saved after they finished."""
+        """Will the fit stop after this batch (``max_steps``, the last batch of ``max_epochs``, or
+        a stop requested by another callback, e.g. ``trainer.max_time``'s ``Timer``)?"""
+        if trainer.should_stop:
+            return True
         if trainer.max_steps is not None and trainer.max_steps > 0:
             if trainer.global_step >= trainer.max_steps:
                 return True
@@ -250,6 +297,10 @@ class PreemptionCheckpoint(Checkpoint):
         return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after the other callbacks' end-of-training work: a signal they polled ends the run
+        # with the interruption's exit code.
+        if self.signum is not None:
+            raise self._interrupted(trainer)
         self._restore_handlers()
 
     def on_exception(

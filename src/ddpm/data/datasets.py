@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm.data.sources import BadImageError, decode_image, resize_center_crop, warn_skipped
+from ddpm.run.rng import step_seed
 
 
 class TensorImages(Dataset):
@@ -64,34 +66,50 @@ class ImageFiles(Dataset):
         raise BadImageError(f"no readable image among the {len(self.files)} files of this split")
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` that is a function of (``seed``, epoch) only, so the data
-    order of every epoch can be rebuilt after a restart; ``skip`` samples of the next iteration
-    are dropped (resuming mid-epoch). Lightning calls :meth:`set_epoch` at every epoch start."""
+class EpochShuffleSampler(DistributedSampler):
+    """This process's share of a permutation of ``range(n)`` that is a function of (``seed``,
+    epoch) only, so the data order of every epoch can be rebuilt after a restart; ``skip`` samples
+    of this process's share are dropped from the next iteration (resuming mid-epoch).
 
-    def __init__(self, n: int, seed: int) -> None:
+    Rank ``r`` of ``num_replicas`` takes every ``num_replicas``-th index of the permutation from
+    ``r`` (the tail that does not divide evenly is dropped), so the union of the ranks' j-th batches
+    is the j-th global batch of a one-process run with the same global batch size. A
+    ``DistributedSampler`` (already sharded), so Lightning does not replace it; Lightning calls
+    :meth:`set_epoch` at every epoch start.
+    """
+
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         self.n, self.seed, self.epoch, self.skip = int(n), int(seed), 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.num_samples = self.n // self.num_replicas
+        self.total_size = self.num_samples * self.num_replicas
+        self.shuffle, self.drop_last = True, True
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
-        perm = torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)[: self.total_size]
         skip, self.skip = self.skip, 0
-        return iter(perm[skip:].tolist())
+        return iter(perm[self.rank :: self.num_replicas][skip:].tolist())
 
 
 class ResumableDataLoader(DataLoader):
     """Training DataLoader whose position Lightning saves in checkpoints and restores on resume
     (``state_dict`` / ``load_state_dict``: Lightning's stateful-loader protocol), so a run resumed
-    mid-epoch sees exactly the batches the uninterrupted run would have seen.
+    mid-epoch sees exactly the batches the uninterrupted run would have seen, on every rank.
 
     ``progress()`` returns (epoch, batches of this epoch the model has consumed): read from the
-    Trainer's loop progress, because Lightning pre-fetches one batch ahead of the model.
+    Trainer's loop progress, because Lightning pre-fetches one batch ahead of the model (a loader
+    that counted the batches it handed out, like torchdata's ``StatefulDataLoader``, would resume
+    one batch late).
+
+    A batch is collated (``collate_fn``: random flips) under a CPU RNG seeded by (seed, epoch,
+    rank, batch), so its augmentation does not depend on when it was fetched either. With
+    ``num_workers > 0`` the collate runs in the workers, whose RNG streams a resume does not restore.
     """
 
     def __init__(
@@ -99,6 +117,23 @@ class ResumableDataLoader(DataLoader):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.progress = progress
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochShuffleSampler) or self.num_workers > 0:
+            yield from super().__iter__()
+            return
+        first = sampler.skip // int(self.batch_size or 1)
+        with torch.random.fork_rng(devices=[]):  # its base seed: drawn, unused without workers
+            it = super().__iter__()
+        for j in itertools.count(first):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(step_seed(sampler.seed, sampler.epoch, sampler.rank, j))
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         sampler = self.sampler
@@ -134,13 +169,11 @@ def trainer_progress(trainer: Any) -> tuple[int, int]:
 def train_loader(
     ds: Dataset, batch_size: int, world_size: int, trainer: Any, **kwargs: Any
 ) -> DataLoader:
-    """Shuffled, drop-last training loader. One process: a :class:`ResumableDataLoader` over an
-    :class:`EpochShuffleSampler` seeded by ``torch.initial_seed()`` (the run's ``seed``), exact
-    when resumed mid-epoch. Several processes: Lightning's ``DistributedSampler`` (seeded by
-    seed + epoch) replaces the sampler, and resumes are exact at epoch boundaries."""
-    if world_size > 1:
-        return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, **kwargs)
-    sampler = EpochShuffleSampler(len(ds), torch.initial_seed())
+    """Shuffled, drop-last training loader of this process (rank ``trainer.global_rank`` of
+    ``world_size``): a :class:`ResumableDataLoader` over an :class:`EpochShuffleSampler` seeded by
+    ``torch.initial_seed()`` (the run's ``seed``), exact when resumed mid-epoch."""
+    rank = int(getattr(trainer, "global_rank", 0) or 0) if world_size > 1 else 0
+    sampler = EpochShuffleSampler(len(ds), torch.initial_seed(), world_size, rank)
     return ResumableDataLoader(
         ds,
         batch_size=batch_size,

@@ -1,42 +1,41 @@
 """``train(cfg)``: build data, network, diffusion and Trainer from a composed config and fit.
 
-Reliability, in order of what happens:
+What a launch does before and after the fit (what happens when a run is killed and restarted is
+told in :mod:`ddpm.run`):
 
-1. The config is validated (one message per problem) and ``ckpt_path`` resolved (``last`` /
-   ``auto`` / a file, opened with ``weights_only=True``) before anything is built.
-2. The run directory is locked (rank 0 holds an ``flock`` on ``<run dir>/.lock`` while training);
-   a new run refuses a directory that already holds checkpoints, and a resume refuses to write a
-   different run's checkpoint into a directory that holds a run of its own.
-3. Resuming from a checkpoint of another directory continues that run's W&B run.
+1. The config is validated (one message per problem).
+2. :func:`ddpm.run.launch.prepare_launch` decides what the launch continues (``ckpt_path``, or a
+   requeued job's own run), checks the run directory and restores the run's own config, all
+   before anything is written there.
+3. Rank 0 locks the run directory for the whole fit and records the scheduler job in it.
 4. ``trainer.fit(..., weights_only=True)``: no pickled code is executed from a checkpoint.
-5. A stop signal ends with ``last.ckpt`` written and :class:`TrainingInterrupted` re-raised
-   (exit code 128 + signal) after ``metrics.json`` recorded it.
+5. In a sweep that optimises ``optimized_metric`` (Optuna), the metric describes the final
+   weights: validated once more at the end if the last validation was at an earlier step.
+6. A stop signal ends with ``last.ckpt`` written, ``metrics.json`` recording it, the requeue
+   handed over (:func:`ddpm.run.requeue.hand_over`) and :class:`TrainingInterrupted` re-raised
+   (exit code 128 + signal).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ddpm.callbacks.checkpoint import remove_partial_files
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
-from ddpm.config import ConfigError, _checkpoint_files, resolve_ckpt_path, validate_train_config
+from ddpm.config import ConfigError, validate_train_config
 from ddpm.module import DiffusionModule
+from ddpm.run.directory import is_launch_rank_zero, warn_if_disk_low
+from ddpm.run.launch import Launch, prepare_launch
+from ddpm.run.requeue import hand_over
+from ddpm.run.resume import check_weights_fit
 from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, to_plain, write_json
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
-WANDB_ID_FILE = "wandb_run_id.txt"  # ddpm.loggers.RUN_ID_FILE
 
 
 def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
@@ -56,134 +55,6 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionMo
         compile=bool(cfg.get("compile", False)),
         run_config=run_config,
     )
-
-
-def _is_launch_rank_zero() -> bool:
-    """Whether this process is global rank 0, judged from the environment before any Trainer
-    exists (Lightning's DDP launcher, torchrun and SLURM set these for the other ranks)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        value = os.environ.get(var)
-        if value not in (None, "", "0"):
-            return False
-    return True
-
-
-def _inside(path: str, directory: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(directory.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
-    """A run never writes into another run's directory."""
-    existing = _checkpoint_files(run_dir) if run_dir.is_dir() else []
-    if not existing:
-        return
-    if ckpt_path is None:
-        raise ConfigError(
-            f"{run_dir} already holds a run with checkpoints. Resume it with "
-            f"ckpt_path=last run_dir={run_dir}, or start a new run without run_dir."
-        )
-    if not _inside(ckpt_path, run_dir):
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} belongs to another run, but {run_dir} already holds a run "
-            "with checkpoints of its own: drop run_dir to continue from that checkpoint in a new "
-            "directory, or resume this directory with ckpt_path=last."
-        )
-
-
-def check_writable(directory: Path) -> None:
-    """Fail before any work when checkpoints could not be written at all."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"the output directory {directory} is not writable ({type(e).__name__}: {e}); "
-            "choose another one with paths.log_dir=... or run_dir=..."
-        ) from e
-
-
-def warn_if_disk_low(directory: Path, module: DiffusionModule) -> None:
-    """Warn when the free space cannot hold a few checkpoints (weights + Adam moments + EMA)."""
-    import shutil
-
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    need = 4 * n_bytes * 3  # ~4 copies of the weights per checkpoint, 3 checkpoints
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return
-    if free < need:
-        log.warning(
-            "only %.1f MB free in %s; a checkpoint takes ~%.1f MB: saving may fail",
-            free / 2**20,
-            directory,
-            4 * n_bytes / 2**20,
-        )
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
-    SIGKILL): two live processes never train in the same directory."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = path.read_text().strip() or "unknown"
-            raise ConfigError(
-                f"{run_dir} is in use by another training process ({owner}); a run never writes "
-                "into another run's directory. Wait for it to end or stop it first."
-            ) from None
-        except OSError as e:  # a file system without locks (some network file systems)
-            log.warning("cannot lock %s (%s): concurrent runs in it are not detected", path, e)
-        else:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _source_run_dir(ckpt_path: str) -> Path:
-    """The run directory a checkpoint file belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
-    parent = Path(ckpt_path).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
-def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
-    """Continuing another directory's checkpoint continues its W&B run: copy its run id into this
-    run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
-    the id carried over."""
-    loggers = cfg.get("logger") or {}
-    wandb_nodes = [
-        n
-        for n in loggers.values()
-        if isinstance(n, DictConfig) and "wandb" in str(n.get("_target_", "")).lower()
-    ]
-    if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
-        return None
-    if _inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
-        return None
-    source = _source_run_dir(ckpt_path) / WANDB_ID_FILE
-    if not source.is_file():
-        return None
-    run_id = source.read_text().strip()
-    if run_id:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / WANDB_ID_FILE).write_text(run_id)
-        log.info("continuing W&B run %s of %s", run_id, source.parent)
-    return run_id or None
 
 
 def _finish_wandb(trainer: pl.Trainer, exit_code: int, preempted: bool = False) -> None:
@@ -213,30 +84,50 @@ def _order_callbacks(callbacks: list) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train; returns the final metrics (``trainer.callback_metrics``) as floats."""
     validate_train_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("run_dir"))
-    run_dir = output_dir(cfg)
-    check_run_dir(run_dir, ckpt_path)
-    if _is_launch_rank_zero():
-        check_writable(run_dir)
-    lock = run_dir_lock(run_dir) if _is_launch_rank_zero() else contextlib.nullcontext()
-    with lock:
-        if ckpt_path is not None:
-            log.info("resuming from %s", ckpt_path)
-            if _is_launch_rank_zero():
-                remove_partial_files(run_dir / "checkpoints")  # stale: no other writer (lock)
-                carry_over_wandb_id(cfg, run_dir, ckpt_path)
-        return _fit(cfg, run_dir, ckpt_path)
+    launch = prepare_launch(cfg, output_dir(cfg))
+    with launch.hold():
+        return _fit(launch)
 
 
-def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+def optimising_sweep() -> bool:
+    """Whether this launch is a job of a sweep that optimises its return value (a Hydra sweeper
+    other than the basic one, e.g. ``hparams_search=optuna``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    target = str(hydra_cfg.sweeper.get("_target_", ""))
+    return hydra_cfg.mode == RunMode.MULTIRUN and not target.endswith("BasicSweeper")
+
+
+def _validate_final_weights(
+    trainer: pl.Trainer, module: DiffusionModule, datamodule: Any, metric: str | None
+) -> None:
+    """Make ``metric`` describe the final weights: when the fit's last validation was at an
+    earlier step (or there was none), validate once more."""
+    if not metric or trainer.limit_val_batches == 0:
+        return
+    if metric in trainer.callback_metrics and module.validated_step == trainer.global_step:
+        return
+    log.info("validating the final weights (step %d) for %s", trainer.global_step, metric)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+def _fit(launch: Launch) -> dict[str, float]:
+    cfg, run_dir, ckpt_path = launch.cfg, launch.run_dir, launch.ckpt_path
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_config = to_plain(cfg)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, run_config)
-    if _is_launch_rank_zero():
-        warn_if_disk_low(run_dir, module)
+    if launch.checkpoint is not None:
+        check_weights_fit(module, launch.checkpoint, str(ckpt_path))
+        launch.checkpoint = None  # release the memory map
+    if is_launch_rank_zero():
+        warn_if_disk_low(run_dir, sum(p.numel() * p.element_size() for p in module.parameters()))
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -248,6 +139,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
         # weights_only=True: a downloaded checkpoint cannot run code (everything we store is
         # tensors and plain data; see ddpm.module.DiffusionModule.on_save_checkpoint).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if optimising_sweep():
+            _validate_final_weights(trainer, module, datamodule, cfg.get("optimized_metric"))
     except TrainingInterrupted as e:
         interrupted = e
     except BaseException:
@@ -257,6 +150,13 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
 
     metrics = metrics_dict(trainer)
     metrics["global_step"] = float(trainer.global_step)
+    metric = cfg.get("optimized_metric")
+    if interrupted is None and metric and metric not in metrics and optimising_sweep():
+        raise ConfigError(
+            f"optimized_metric={metric} was not logged by this run, so the sweep has nothing to "
+            f"optimise (logged: {sorted(metrics)}). Pick one of those, or make sure validation "
+            "runs (trainer.limit_val_batches > 0; val/loss_ema needs the EMA callback)."
+        )
     if interrupted is not None:
         metrics["interrupted_by_signal"] = float(interrupted.signum)
     if trainer.is_global_zero:
@@ -269,5 +169,6 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
                 interrupted,
                 run_dir,
             )
+        hand_over(interrupted.signum, interrupted.previous_handler)
         raise interrupted
     return metrics

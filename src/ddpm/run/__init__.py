@@ -1,0 +1,42 @@
+"""Run bookkeeping: what happens when a training run is killed and restarted.
+
+A run lives in one directory (``run_dir``): its record (``.hydra/``, ``train.log``, ``run.json``),
+``checkpoints/`` and ``metrics.json``. Everything that keeps a run whole across kills, restarts
+and requeues is here or named here.
+
+While it trains
+    * Randomness is a function of position (:mod:`ddpm.run.rng`): the timesteps, noise and
+      dropout of a micro-batch come from streams seeded by (seed, rank, epoch, batch); data order
+      from a permutation seeded by (seed, epoch), sharded by rank
+      (:class:`ddpm.data.datasets.EpochShuffleSampler`); random flips from (seed, epoch, rank,
+      batch). No RNG state needs saving: a resumed run draws what the uninterrupted one drew.
+    * Checkpoints are written atomically (:mod:`ddpm.callbacks.checkpoint`) and always inside the
+      training loop, including the final step's ``last.ckpt``; they hold the weights, EMA,
+      optimizer and LR-schedule state, loop counters, the loader's position in the epoch, the
+      importance sampler's history and the resolved run config.
+
+When it is stopped
+    * SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (:mod:`ddpm.callbacks.preemption`): the step in flight
+      finishes, all ranks agree, ``last.ckpt`` is written, the process exits with 128 + signal.
+      A signal during end-of-training work (final validation, sample grids) stops at once.
+    * Requeue (:mod:`ddpm.run.requeue`): exactly one mechanism requeues, the one that was in
+      charge of the signal: submitit on SIGUSR2 (``hydra/launcher=slurm``), ``scontrol requeue``
+      in place of Lightning's SLURM handler on SIGUSR1; nothing otherwise.
+    * SIGKILL, a crash, a node failure: the newest complete checkpoint stays loadable (at worst a
+      stale ``*.partial`` is left and removed on the next start); the steps since are redone.
+
+When it is started again (:func:`ddpm.run.launch.prepare_launch`), before anything is written
+    1. ``ckpt_path=last|auto|<file>`` is resolved to a loadable checkpoint, or fails clearly
+       (:mod:`ddpm.run.checkpoints`). A scheduler job whose run directory records its own job id
+       (a requeued job) resumes from its newest checkpoint without being asked; any other launch
+       into a directory holding checkpoints without ``ckpt_path`` is refused
+       (:mod:`ddpm.run.directory`).
+    2. The run's own config is restored from the checkpoint; the command may change only when
+       to stop, cadences, logging, paths and devices, else it is refused listing the differences
+       (``resume_overrides=force`` overrides). A finished run says how to extend it; a network
+       that does not fit the weights is refused by name (:mod:`ddpm.run.resume`).
+    3. Hydra keeps each later launch's own record apart (``launches/<time>/``), so a refused or
+       resumed launch never rewrites the run's record.
+    4. Rank 0 takes the directory's lock (one live process per run), records the scheduler job,
+       removes stale ``*.partial`` files and continues the W&B run; Lightning restores the rest.
+"""

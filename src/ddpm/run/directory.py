@@ -1,0 +1,172 @@
+"""The run directory: one run per directory, one live process per run, and a record of which
+scheduler jobs trained in it (so a requeued job recognises its own run)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from ddpm.config import ConfigError
+from ddpm.run.checkpoints import checkpoint_files, inside
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+RECORD_FILE = "run.json"
+LAUNCHES_DIR = "launches"
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0, judged from the environment before any Trainer
+    exists (Lightning's DDP launcher, torchrun and SLURM set these for the other ranks)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        if os.environ.get(var) not in (None, "", "0"):
+            return False
+    return True
+
+
+def scheduler_job_id() -> str | None:
+    """The id a scheduler keeps when it requeues a job: SLURM's job id (``<array job>_<task>`` for
+    array jobs) or the id of a submitit local job; None outside a scheduler."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm:{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}"
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return f"submitit-local:{env['SUBMITIT_LOCAL_JOB_ID']}"
+    return None
+
+
+def read_record(run_dir: Path) -> dict:
+    """``<run_dir>/run.json``: ``{"jobs": [scheduler job ids that trained here]}`` (empty if absent)."""
+    try:
+        record = json.loads((run_dir / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return {"jobs": []}
+    return record if isinstance(record, dict) else {"jobs": []}
+
+
+def record_job(run_dir: Path) -> None:
+    """Add this process's scheduler job id to the run's record (rank 0, under the lock)."""
+    job = scheduler_job_id()
+    record = read_record(run_dir)
+    if job is None or job in record.get("jobs", []):
+        return
+    record["jobs"] = [*record.get("jobs", []), job]
+    tmp = run_dir / (RECORD_FILE + ".partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, run_dir / RECORD_FILE)
+
+
+def requeued_job(run_dir: Path) -> bool:
+    """Is this process a requeued (or restarted) scheduler job whose run is ``run_dir``? True when
+    the directory holds checkpoints and its record names this very job id: SLURM and submitit
+    keep the id across a requeue, and hydra-submitit-launcher re-runs the job in the same
+    directory."""
+    job = scheduler_job_id()
+    return (
+        job is not None
+        and run_dir.is_dir()
+        and job in read_record(run_dir).get("jobs", [])
+        and bool(checkpoint_files(run_dir))
+    )
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run (its Hydra record or checkpoints)."""
+    return run_dir.is_dir() and ((run_dir / ".hydra").is_dir() or bool(checkpoint_files(run_dir)))
+
+
+def launch_subdir(output_dir: str, stamp: str) -> str:
+    """Where this launch's Hydra record (``.hydra/``) and log go, relative to the run directory:
+    ``""`` for a new run, ``launches/<stamp>/`` when the directory already holds a run (a resume,
+    a requeue, or a launch that will be refused), so that no launch rewrites the run's own record.
+    The OmegaConf resolver ``${ddpm_launch_subdir:dir,stamp}`` (``conf/hydra/default.yaml``).
+    DDP processes other than the first (``hydra.output_subdir=null``) log at the top."""
+    if not is_launch_rank_zero() or not holds_run(Path(output_dir)):
+        return ""
+    sub = Path(output_dir) / LAUNCHES_DIR / stamp
+    sub.mkdir(parents=True, exist_ok=True)  # the log file is opened before Hydra writes here
+    return f"{LAUNCHES_DIR}/{stamp}/"
+
+
+def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """A run never writes into another run's directory."""
+    if not run_dir.is_dir() or not checkpoint_files(run_dir):
+        return
+    if ckpt_path is None:
+        raise ConfigError(
+            f"{run_dir} already holds a run with checkpoints. Resume it with "
+            f"ckpt_path=last run_dir={run_dir}, or start a new run without run_dir."
+        )
+    if not inside(ckpt_path, run_dir):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} belongs to another run, but {run_dir} already holds a run "
+            "with checkpoints of its own: drop run_dir to continue from that checkpoint in a new "
+            "directory, or resume this directory with ckpt_path=last."
+        )
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any work when checkpoints could not be written at all."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"the output directory {directory} is not writable ({type(e).__name__}: {e}); "
+            "choose another one with paths.log_dir=... or run_dir=..."
+        ) from e
+
+
+def warn_if_disk_low(directory: Path, n_bytes: int) -> None:
+    """Warn when the free space cannot hold a few checkpoints of a network of ``n_bytes``
+    (weights + Adam moments + EMA: ~4 copies per checkpoint, 3 checkpoints)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < 4 * n_bytes * 3:
+        log.warning(
+            "only %.1f MB free in %s; a checkpoint takes ~%.1f MB: saving may fail",
+            free / 2**20,
+            directory,
+            4 * n_bytes / 2**20,
+        )
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
+    SIGKILL): two live processes never train in the same directory."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = path.read_text().strip() or "unknown"
+            raise ConfigError(
+                f"{run_dir} is in use by another training process ({owner}); a run never writes "
+                "into another run's directory. Wait for it to end or stop it first."
+            ) from None
+        except OSError as e:  # a file system without locks (some network file systems)
+            log.warning("cannot lock %s (%s): concurrent runs in it are not detected", path, e)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,0 +1,111 @@
+"""Start-up of a training launch: decide what it continues, refuse what it must not do, and only
+then touch the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ddpm.run.checkpoints import (
+    find_checkpoint,
+    inside,
+    load_checkpoint,
+    resolve_ckpt_path,
+    source_run_dir,
+)
+from ddpm.run.directory import (
+    check_run_dir,
+    check_writable,
+    is_launch_rank_zero,
+    record_job,
+    requeued_job,
+    run_dir_lock,
+)
+from ddpm.run.resume import check_not_finished, restore_run_config
+
+log = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_run_id.txt"  # ddpm.loggers.RUN_ID_FILE
+
+
+@dataclass
+class Launch:
+    """What a launch does: train ``cfg`` in ``run_dir``, from ``ckpt_path`` (None: from scratch)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    ckpt_path: str | None = None
+    requeued: bool = False
+    checkpoint: dict[str, Any] | None = None  # memory-mapped, for the weights check
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Rank 0: lock the run directory for the whole fit, record this scheduler job in the
+        run's record, remove the ``*.partial`` files of a killed save, carry the W&B run over."""
+        from ddpm.callbacks.checkpoint import remove_partial_files
+
+        if not is_launch_rank_zero():
+            yield
+            return
+        check_writable(self.run_dir)
+        with run_dir_lock(self.run_dir):
+            record_job(self.run_dir)
+            if self.ckpt_path is not None:
+                remove_partial_files(self.run_dir / "checkpoints")  # no other writer (lock)
+                carry_over_wandb_id(self.cfg, self.run_dir, self.ckpt_path)
+            yield
+
+
+def prepare_launch(cfg: DictConfig, run_dir: Path) -> Launch:
+    """Resolve what the launch resumes (``ckpt_path``, or a requeued job's own run), check the run
+    directory, and restore the run's config: :class:`~ddpm.config.ConfigError` before anything is
+    written when the launch must not run."""
+    from ddpm.module import CONFIG_KEY
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("run_dir"))
+    requeued = ckpt_path is None and requeued_job(run_dir)
+    if requeued:
+        ckpt_path = find_checkpoint(run_dir)
+        log.info("requeued job: resuming its own run in %s from %s", run_dir, ckpt_path)
+    check_run_dir(run_dir, ckpt_path)
+    if ckpt_path is None:
+        return Launch(cfg, run_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    stored = ckpt.get(CONFIG_KEY)
+    if isinstance(stored, dict):
+        cfg = restore_run_config(cfg, stored, ckpt_path)
+    else:
+        log.warning("%s stores no run config: resuming with this command's config", ckpt_path)
+    check_not_finished(cfg, ckpt, source_run_dir(ckpt_path))
+    return Launch(cfg, run_dir, ckpt_path, requeued, ckpt)
+
+
+def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
+    """Continuing another directory's checkpoint continues its W&B run: copy its run id into this
+    run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
+    the id carried over."""
+    loggers = cfg.get("logger") or {}
+    wandb_nodes = [
+        n
+        for n in loggers.values()
+        if isinstance(n, (dict, DictConfig)) and "wandb" in str(n.get("_target_", "")).lower()
+    ]
+    if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
+        return None
+    if inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
+        return None
+    source = source_run_dir(ckpt_path) / WANDB_ID_FILE
+    if not source.is_file():
+        return None
+    run_id = source.read_text().strip()
+    if run_id:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / WANDB_ID_FILE).write_text(run_id)
+        log.info("continuing W&B run %s of %s", run_id, source.parent)
+    return run_id or None

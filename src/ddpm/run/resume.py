@@ -1,0 +1,243 @@
+"""A resume continues the run with the run's own config.
+
+The config a checkpoint was trained with is stored in it (``ddpm_config``, the resolved config).
+:func:`restore_run_config` rebuilds the resumed launch's config from it: every setting comes from
+the run, except those the resume command sets explicitly *and* that may change mid-run (when to
+stop, cadences, logging, paths, devices: :func:`may_change`). A command that sets anything else to
+a different value (network, schedule, T, objective, optimizer, data, seed, EMA, ...) is refused
+with the list of differences, unless it says ``resume_overrides=force``. A network whose weights do
+not fit the checkpoint is refused in any case (:func:`check_weights_fit`), and a finished run says
+how to extend it (:func:`check_not_finished`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESUME_OVERRIDES = ("refuse", "force")
+
+# Settings a resume may change: when to stop, how often to validate, checkpoint, log and draw
+# pictures, where files go, how the work is spread over devices. Prefixes of dotted paths.
+_MAY_CHANGE = (
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "trainer.min_steps",
+    "trainer.min_epochs",
+    "trainer.log_every_n_steps",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.num_sanity_val_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
+    "trainer.profiler",
+    "trainer.default_root_dir",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.sync_batchnorm",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.val_batch_size",
+    "data.max_val_samples",
+    "data.verify_images",
+    "logger",
+    "paths",
+    "sampler",
+    "tags",
+    "task_name",
+    "num_threads",
+    "compile",
+    "optimized_metric",
+    "run_dir",
+    "ckpt_path",
+    "resume_overrides",
+)
+# Always taken from the launch: where it runs and what it resumes.
+_LAUNCH_KEYS = ("paths", "run_dir", "ckpt_path", "resume_overrides")
+_GLOBAL = ""  # the prefix of every path
+_MISSING = object()
+_REF = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${a.b}, also inside ${resolver:${a.b},...}
+
+
+def may_change(path: str) -> bool:
+    """Whether a resume may change the setting at dotted ``path`` (callbacks' settings may, except
+    the EMA's, which is part of the training state)."""
+    if path == "callbacks.ema" or path.startswith("callbacks.ema."):
+        return False
+    if path.startswith("callbacks."):
+        return True
+    return any(path == p or path.startswith(p + ".") for p in _MAY_CHANGE)
+
+
+def _under(path: str, prefixes: set[str]) -> bool:
+    return any(p == _GLOBAL or path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _leaves(node: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{path}.{k}" if path else str(k)))
+        return out
+    return {path: node}
+
+
+def touched_paths(cfg: DictConfig, overrides: list[str], choices: dict[str, Any]) -> set[str]:
+    """Dotted paths the command line sets: its ``key=value`` overrides, the packages of the config
+    groups it picks (a group of the global package, like ``experiment``, touches everything), and
+    every setting that interpolates one of those (``${sampler}``, ``${schedule.num_timesteps}``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    touched = set(_LAUNCH_KEYS)
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if o.is_hydra_override() or key.startswith("hydra"):
+            continue
+        if key in choices:  # a config group
+            path = key.replace("/", ".")
+            here = OmegaConf.select(cfg, path, default=_MISSING) is not _MISSING
+            touched.add(path if here else _GLOBAL)
+        else:
+            touched.add(key)
+    raw = _leaves(OmegaConf.to_container(cfg, resolve=False))
+    raw.pop("hydra", None)
+    raw = {p: v for p, v in raw.items() if not p.startswith("hydra.")}
+    grew = True
+    while grew:
+        grew = False
+        for path, value in raw.items():
+            if not isinstance(value, str) or _under(path, touched):
+                continue
+            if any(
+                _under(ref, touched) or any(t.startswith(ref + ".") for t in touched)
+                for ref in _REF.findall(value)
+            ):
+                touched.add(path)
+                grew = True
+    return touched
+
+
+def merge_run_config(
+    current: dict, stored: dict, touched: set[str], force: bool
+) -> tuple[dict, list[str]]:
+    """The resumed config (plain data) and the differences a non-forced resume refuses."""
+    differences: list[str] = []
+
+    def merge(cur: Any, sto: Any, path: str) -> Any:
+        if path and _under(path, touched) and may_change(path):
+            return cur
+        if isinstance(cur, dict) and isinstance(sto, dict):
+            out = {}
+            for k in [*sto, *(k for k in cur if k not in sto)]:
+                v = merge(cur.get(k, _MISSING), sto.get(k, _MISSING), f"{path}.{k}" if path else k)
+                if v is not _MISSING:
+                    out[k] = v
+            return out
+        if path and _under(path, touched) and sto is not _MISSING and cur != sto:
+            shown = "(not set)" if cur is _MISSING else repr(cur)
+            differences.append(f"{path}: {sto!r} (the run) -> {shown} (this command)")
+            return cur if force else sto
+        return sto if sto is not _MISSING else cur
+
+    return merge(current, stored, ""), differences
+
+
+def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig:
+    """The config of a launch that resumes the run whose resolved config is ``stored`` (from the
+    checkpoint ``source``): the run's settings, plus what the command may and did change.
+    :class:`ConfigError` lists the settings the command would change that define the run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ddpm.tasks.common import to_plain
+
+    mode = cfg.get("resume_overrides", "refuse")
+    if mode not in RESUME_OVERRIDES:
+        raise ConfigError(f"resume_overrides must be one of {list(RESUME_OVERRIDES)}, got {mode!r}")
+    overrides: list[str] = []
+    choices: dict[str, Any] = {}
+    if HydraConfig.initialized():
+        overrides = list(HydraConfig.get().overrides.task)
+        choices = dict(HydraConfig.get().runtime.choices)
+    touched = touched_paths(cfg, overrides, choices)
+    merged, differences = merge_run_config(to_plain(cfg), stored, touched, mode == "force")
+    if differences and mode != "force":
+        raise ConfigError(
+            f"this command would change settings of the run it resumes ({source}):\n  - "
+            + "\n  - ".join(differences)
+            + "\nA resume continues the run with its own config (stored in the checkpoint); it "
+            "may change only when to stop, cadences, logging, paths and devices. Drop these "
+            "overrides, start a new run (with ckpt_path=<a checkpoint> to start from its weights "
+            "in a new directory is a resume too), or pass resume_overrides=force to change them "
+            "anyway."
+        )
+    if differences:
+        log.warning("resume_overrides=force: changing the run's\n  %s", "\n  ".join(differences))
+    _warn_devices(stored, merged)
+    return OmegaConf.create(merged)
+
+
+def _world(config: dict) -> Any:
+    trainer = config.get("trainer", {}) or {}
+    return trainer.get("devices"), trainer.get("num_nodes", 1)
+
+
+def _warn_devices(stored: dict, merged: dict) -> None:
+    if _world(stored) != _world(merged):
+        (d0, n0), (d1, n1) = _world(stored), _world(merged)
+        log.warning(
+            "resuming on devices=%s x num_nodes=%s (the run used devices=%s x num_nodes=%s): "
+            "training continues from the checkpoint, but the data shards of each device and "
+            "therefore the data order and noise from here on differ from an uninterrupted run",
+            d1,
+            n1,
+            d0,
+            n0,
+        )
+
+
+def check_not_finished(cfg: DictConfig, ckpt: dict, run_dir: Path) -> None:
+    """Refuse to 'resume' a run that already reached ``trainer.max_steps``; say how to extend it."""
+    step = int(ckpt.get("global_step", 0))
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    if isinstance(max_steps, int) and 0 < max_steps <= step:
+        raise ConfigError(
+            f"the run in {run_dir} already finished: its checkpoint is at global step {step} and "
+            f"trainer.max_steps={max_steps}. To train it longer: python src/train.py "
+            f"run_dir={run_dir} ckpt_path=last trainer.max_steps={2 * step}"
+        )
+
+
+def check_weights_fit(module: Any, ckpt: dict, source: str) -> None:
+    """Refuse, naming the settings to look at, a network whose parameters do not fit the
+    checkpoint's (instead of Lightning's raw size-mismatch error)."""
+    have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    problems = [
+        f"{k}: {saved[k]} in the checkpoint, {have[k]} here"
+        for k in saved.keys() & have.keys()
+        if saved[k] != have[k]
+    ]
+    problems += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - have.keys())]
+    problems += [f"{k}: not in the checkpoint" for k in sorted(have.keys() - saved.keys())]
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise ConfigError(
+            f"the network built from this config does not fit the weights in {source} (model / "
+            "objective settings differ from the run's):\n  - " + "\n  - ".join(shown)
+        )
