@@ -416,8 +416,6 @@ def test_checkpoints_hold_only_tensors_and_plain_data(trained_run: Path) -> None
     assert {
         "ema_state_dict",
         "ema_state",
-        "ddpm_generator_state",
-        "ddpm_rng_states",
         "optimizer_states",
         "lr_schedulers",
         "loops",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 from weakref import proxy
 
 import pytorch_lightning as pl
@@ -109,6 +110,25 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 )
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """As Lightning, except that a checkpoint due at the last batch of an epoch is written
+        there when the monitor is ``step`` / ``epoch``: Lightning defers it to the validation it
+        expects after that batch (for a fresh metric), which with ``check_val_every_n_epoch=null``
+        may not run then, so the checkpoint came late under the wrong step, or never."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._defer_save_until_validation and self.monitor in ("step", "epoch"):
+            self._defer_save_until_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Never save here. Lightning writes ``last.ckpt`` at train end when this fit saved nothing
