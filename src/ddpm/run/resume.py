@@ -139,19 +139,25 @@ def merge_run_config(
     """The resumed config (plain data) and the differences a non-forced resume refuses."""
     differences: list[str] = []
 
+    def shown(value: Any) -> str:
+        return "(not set)" if value is _MISSING else repr(value)
+
     def merge(cur: Any, sto: Any, path: str) -> Any:
-        if path and _under(path, touched) and may_change(path):
+        touched_here = path != _GLOBAL and _under(path, touched)
+        if touched_here and may_change(path):
             return cur
         if isinstance(cur, dict) and isinstance(sto, dict):
+            # Below the root an untouched node is the run's as a whole: keys that only the
+            # command's defaults have (another group's, e.g. linear's beta_start) stay out.
+            extra = [k for k in cur if k not in sto] if touched_here or path == _GLOBAL else []
             out = {}
-            for k in [*sto, *(k for k in cur if k not in sto)]:
+            for k in [*sto, *extra]:
                 v = merge(cur.get(k, _MISSING), sto.get(k, _MISSING), f"{path}.{k}" if path else k)
                 if v is not _MISSING:
                     out[k] = v
             return out
-        if path and _under(path, touched) and sto is not _MISSING and cur != sto:
-            shown = "(not set)" if cur is _MISSING else repr(cur)
-            differences.append(f"{path}: {sto!r} (the run) -> {shown} (this command)")
+        if touched_here and cur != sto:
+            differences.append(f"{path}: {shown(sto)} (the run) -> {shown(cur)} (this command)")
             return cur if force else sto
         return sto if sto is not _MISSING else cur
 
@@ -182,9 +188,8 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
             + "\n  - ".join(differences)
             + "\nA resume continues the run with its own config (stored in the checkpoint); it "
             "may change only when to stop, cadences, logging, paths and devices. Drop these "
-            "overrides, start a new run (with ckpt_path=<a checkpoint> to start from its weights "
-            "in a new directory is a resume too), or pass resume_overrides=force to change them "
-            "anyway."
+            "overrides, or pass resume_overrides=force to change them anyway (e.g. to fine-tune "
+            "with another schedule)."
         )
     if differences:
         log.warning("resume_overrides=force: changing the run's\n  %s", "\n  ".join(differences))
