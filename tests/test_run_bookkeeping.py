@@ -273,7 +273,7 @@ def test_submitit_local_job_survives_usr2_by_requeue(tmp_path: Path) -> None:
             **os.environ,
             "WANDB_MODE": "offline",
             "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).parent), str(SRC_DIR.parent / "bench")]
+                [str(SRC_DIR), str(Path(__file__).parent), str(SRC_DIR.parent / "bench")]
             ),
         },
         stdin=subprocess.DEVNULL,
