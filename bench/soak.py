@@ -138,6 +138,20 @@ def max_difference(a_path: Path, b_path: Path) -> float:
     return diff
 
 
+def run_reference(common: list[str], reference_dir: Path, out: Path, env: dict) -> None:
+    """The uninterrupted run the soaked one must equal."""
+    ref = subprocess.run(
+        [*common, f"run_dir={reference_dir}"],
+        cwd=out,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if ref.returncode != 0:
+        sys.exit(f"the reference run failed:\n{ref.stderr[-3000:]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--kills", type=int, default=6)
@@ -181,19 +195,13 @@ def main() -> None:
     cmd = [*common, f"run_dir={run_dir}", "ckpt_path=auto"]
     print("command:", " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()
-    ref = subprocess.run(
-        [*common, f"run_dir={reference_dir}"],
-        cwd=out,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    if ref.returncode != 0:
-        sys.exit(f"the reference run failed:\n{ref.stderr[-3000:]}")
-    print(
-        f"reference: {args.steps} steps uninterrupted in {time.monotonic() - t0:.0f} s", flush=True
-    )
+    if run_dir.exists():
+        sys.exit(f"{run_dir} exists: remove it (a finished reference run next to it is reused)")
+    if resume_step(reference_dir) == args.steps:
+        print(f"reusing the uninterrupted reference run in {reference_dir}", flush=True)
+    else:
+        run_reference(common, reference_dir, out, env)
+        print(f"reference: {args.steps} steps in {time.monotonic() - t0:.0f} s", flush=True)
 
     rounds: list[dict[str, Any]] = []
     expected_start, finished = 0, False
@@ -219,7 +227,9 @@ def main() -> None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=rng.uniform(0.0, 6.0))
             else:  # at a random step of the rest of the run, plus a fraction of a step
-                target = rng.randint(expected_start, args.steps - 1)
+                # (the remaining kills share what is left of the run, so all of them land)
+                span = max(1, (args.steps - 1 - expected_start) // (args.kills - kills_done))
+                target = expected_start + rng.randrange(span)
                 where = f"step {target}+"
                 while proc.poll() is None and _read_probe(probe).get("step", -1) < target:
                     time.sleep(0.02)
@@ -266,6 +276,7 @@ def main() -> None:
             print((rec["log_tail"]), flush=True)
             break
         expected_start = resume
+        finished = finished or resume == args.steps  # a kill after the final save
         print(
             f"round {rec['round']:2d}: {rec['signal'] or 'no kill'} at {rec['at'] or '-'}"
             f" exit={rec['exit_code']} started at {started} last done {state.get('step')}"
@@ -287,8 +298,11 @@ def main() -> None:
         if exact
         and not r["load_failures"]
         and not r["escalated_to_sigkill"]
-        and r["round"] + 1 < len(rounds)
-        and rounds[r["round"] + 1]["start_ok"]
+        and (
+            rounds[r["round"] + 1]["start_ok"]
+            if r["round"] + 1 < len(rounds)
+            else r["resume_step"] == args.steps  # killed after the final save
+        )
     ]
     summary = {
         "steps": args.steps,

