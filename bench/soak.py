@@ -81,6 +81,12 @@ class StepProbe(pl.Callback):
             self._write(trainer.global_step)
 
 
+def _default_sigint() -> None:
+    """A soak started in the background (``nohup ... &``) inherits an ignored SIGINT, and so would
+    the training process: give it Python's usual Ctrl+C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _read_probe(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -218,6 +224,7 @@ def main() -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
         kill, target, where = None, None, "finish"
         if kills_done < args.kills:

@@ -226,7 +226,7 @@ class PreemptionCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registered its SIGTERM handler just before; a SIGTERM it already caught counts.
         self._trainer = trainer
-        self.finished = False
+        self.finished, self.signum, self.received_at = False, None, None  # a new fit
         if trainer.received_sigterm:
             self.request(signal.SIGTERM)
         self._install_handlers()
