@@ -30,13 +30,14 @@ from omegaconf import DictConfig
 from ddpm.callbacks.checkpoint import remove_partial_files
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.config import ConfigError, _checkpoint_files, resolve_ckpt_path, validate_train_config
+from ddpm.loggers import carry_over_wandb_id, finish_wandb, log_hyperparameters
 from ddpm.module import DiffusionModule
 from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, to_plain, write_json
+from ddpm.utils.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-WANDB_ID_FILE = "wandb_run_id.txt"  # ddpm.loggers.RUN_ID_FILE
 
 
 def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
@@ -155,55 +156,6 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _source_run_dir(ckpt_path: str) -> Path:
-    """The run directory a checkpoint file belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
-    parent = Path(ckpt_path).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
-def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
-    """Continuing another directory's checkpoint continues its W&B run: copy its run id into this
-    run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
-    the id carried over."""
-    loggers = cfg.get("logger") or {}
-    wandb_nodes = [
-        n
-        for n in loggers.values()
-        if isinstance(n, DictConfig) and "wandb" in str(n.get("_target_", "")).lower()
-    ]
-    if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
-        return None
-    if _inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
-        return None
-    source = _source_run_dir(ckpt_path) / WANDB_ID_FILE
-    if not source.is_file():
-        return None
-    run_id = source.read_text().strip()
-    if run_id:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / WANDB_ID_FILE).write_text(run_id)
-        log.info("continuing W&B run %s of %s", run_id, source.parent)
-    return run_id or None
-
-
-def _finish_wandb(trainer: pl.Trainer, exit_code: int, preempted: bool = False) -> None:
-    """End this process's W&B run with the fit, so the next ``train()`` in the same process (a
-    Hydra multirun, a test) starts its own run instead of logging into this one."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
-        return
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            if preempted:
-                wandb.run.mark_preempting()
-            wandb.finish(exit_code=exit_code)
-    except Exception as e:  # a logger must never turn a result into a crash
-        log.warning("could not finish the W&B run: %s: %s", type(e).__name__, e)
-
-
 def _order_callbacks(callbacks: list) -> list:
     """Preemption checkpoints after the ModelCheckpoints (so ``trainer.checkpoint_callback`` is a
     ModelCheckpoint and a checkpoint written at the same step is not written twice)."""
@@ -229,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+    print_config_tree(cfg, run_dir)  # rank 0: on screen and in <run dir>/config_tree.log
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -240,8 +193,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(run_config)
+    log_hyperparameters(trainer, module, run_config)
 
     interrupted: TrainingInterrupted | None = None
     try:
@@ -251,9 +203,9 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, flo
     except TrainingInterrupted as e:
         interrupted = e
     except BaseException:
-        _finish_wandb(trainer, exit_code=1)
+        finish_wandb(trainer, exit_code=1)
         raise
-    _finish_wandb(trainer, exit_code=0, preempted=interrupted is not None)
+    finish_wandb(trainer, exit_code=0, preempted=interrupted is not None)
 
     metrics = metrics_dict(trainer)
     metrics["global_step"] = float(trainer.global_step)
