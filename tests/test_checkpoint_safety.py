@@ -186,5 +186,8 @@ def test_allowed_modules_admit_their_own_public_builders(
     for name in ("system", "savetxt", "_private", "missing", "UNet2DModel.__init__"):
         assert not is_loadable(f"fake_interop.{name}"), name
     assert is_loadable("ddpm.nn.UNet") and not is_loadable("ddpm.nn.unet.torch")
+    assert is_loadable("ddpm.diffusion.samplers.DDIMSampler")
+    for name in ("np", "torch", "math", "Model", "Generator", "_Sampler"):
+        assert not is_loadable(f"ddpm.diffusion.samplers.{name}"), name
     assert not is_loadable("ddpm.interop.diffusers.os")
     sys.modules.pop("fake_interop", None)

@@ -44,15 +44,13 @@ LOADABLE_TARGETS: set[str] = {
     "ddpm.nn.MLPDenoiser",
     "ddpm.diffusion.GaussianDiffusion",
     "ddpm.diffusion.DiffusionLoss",
-    "ddpm.diffusion.samplers.DDPMSampler",
-    "ddpm.diffusion.samplers.DDIMSampler",
-    "ddpm.diffusion.samplers.DPMSolverSampler",
     "ddpm.data.ImageDataModule",
     "ddpm.data.ToyDataModule",
 }
 # Modules whose public builders are all loadable: a name in the module's ``__all__`` (when it
-# has one) that is a class or function defined in that very module (not one it imported).
-LOADABLE_MODULES: set[str] = {"ddpm.interop.diffusers"}
+# has one) that is a class or function defined in that module or its package (not one it
+# imported from elsewhere, such as ``os.system``).
+LOADABLE_MODULES: set[str] = {"ddpm.diffusion.samplers", "ddpm.interop.diffusers"}
 # The sections of a stored config that loading builds (the others are a record of the run).
 BUILT_SECTIONS = ("model", "diffusion", "objective", "sampler", "data")
 _HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
@@ -80,10 +78,11 @@ def is_loadable(target: str) -> bool:
         return False
     public = getattr(mod, "__all__", None)
     obj = getattr(mod, name, None)
+    defined_in = str(getattr(obj, "__module__", ""))
     return (
         (public is None or name in public)
         and callable(obj)
-        and getattr(obj, "__module__", None) == module
+        and (defined_in == module or defined_in.startswith(module + "."))
     )
 
 
