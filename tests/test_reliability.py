@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddpm.callbacks.checkpoint import CheckpointWriteError
-from ddpm.callbacks.nonfinite import NonFiniteStepError
+from ddpm.callbacks.nonfinite import NonFiniteStepError, NonFiniteWeightsError
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.checkpoint import load_model
 from ddpm.config import ConfigError, validate_train_config
@@ -66,6 +66,18 @@ class NaNAt(pl.Callback):
         s = trainer.global_step
         if s in self.steps or (self.from_step is not None and s >= self.from_step):
             batch.fill_(float("nan"))
+
+
+class InfWeightAfter(pl.Callback):
+    """After optimizer step ``step``, overwrite one weight with Inf (an update that overflowed)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.net.parameters()).view(-1)[0] = float("inf")
 
 
 DISK = {"full": False, "where": "write"}
@@ -295,6 +307,35 @@ def test_k_consecutive_nonfinite_steps_stop_the_run(tmp_path: Path) -> None:
         assert torch.equal(v, last["state_dict"][k]), k
 
 
+@pytest.mark.parametrize(
+    ("step", "caught_by"),
+    [(3, "after optimizer step 3"), (4, "so step_0000004.ckpt is not written")],
+)
+def test_nonfinite_weights_are_never_saved_and_the_finite_checkpoint_is_named(
+    step: int, caught_by: str, tmp_path: Path
+) -> None:
+    """Inf in a weight after step 3 (no save due) is caught by the next step's guard; after step
+    4 by the checkpoint writer. Either way last.ckpt keeps step 2's finite weights."""
+    cfg = compose_cfg(
+        [
+            *FAST,
+            "trainer.max_steps=8",
+            "+callbacks.inf._target_=test_reliability.InfWeightAfter",
+            f"+callbacks.inf.step={step}",
+        ],
+        tmp_path,
+    )
+    with pytest.raises(NonFiniteWeightsError, match=caught_by) as info:
+        train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert f"finite weights is {ckpts / 'last.ckpt'}" in str(info.value)
+    last = _load(ckpts / "last.ckpt")
+    assert last["global_step"] == 2
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt"]
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.isfinite(v).all() for v in last[key].values() if v.is_floating_point())
+
+
 # ====================================================================== disk faults
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch):
@@ -359,6 +400,16 @@ def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(
         (["lr_scheduler.warmup_steps=-1"], "warmup_steps"),
         (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
         (["ckpt_path=last"], "run_dir"),
+        (["optimizer.lr=inf"], r"optimizer.lr must be a finite number > 0, got inf"),
+        (["optimizer.lr=nan"], r"optimizer.lr must be a finite number > 0, got nan"),
+        (["optimizer.lr=-0.1"], "optimizer.lr"),
+        (["trainer.max_steps=abc"], r"trainer.max_steps must be an integer >= 1, or -1, got 'abc'"),
+        (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas\[1\]"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay"),
+        (["trainer.gradient_clip_val=inf"], "trainer.gradient_clip_val"),
+        (["callbacks.ema.decay=1.5"], "callbacks.ema.decay"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["schedule.num_timesteps=1.5"], "schedule.num_timesteps"),
     ],
 )
 def test_bad_config_is_rejected_before_any_work(

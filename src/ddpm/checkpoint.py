@@ -1,5 +1,13 @@
 """Load a trained model from a checkpoint alone: the resolved config inside rebuilds the network
-and the diffusion; weights load with ``weights_only=True`` (no pickle code execution).
+and the diffusion. Checkpoints are data, never code:
+
+* :func:`open_checkpoint` is the one way a ``.ckpt`` file is opened (loading a model, resuming,
+  finding a run's checkpoints): ``torch.load(weights_only=True)``, so a pickled object cannot run
+  code, with a message of ours for unsafe, truncated and empty files.
+* The stored config may only name the project's own classes (:data:`LOADABLE_TARGETS`, plus the
+  public builders of the modules in :data:`LOADABLE_MODULES`): anything else is refused before
+  anything is built, wherever it hides (nested nodes, lists, ``_partial_`` nodes), and so are
+  ``${...}`` interpolations (a stored config is resolved; a resolver could build objects).
 
 Checkpoint layout (a Lightning checkpoint plus):
     ``ddpm_config``     the resolved run config (plain data)
@@ -10,8 +18,11 @@ Exported files (``src/export.py``) are safetensors with the config as JSON metad
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +37,143 @@ from ddpm.module import CONFIG_KEY
 
 EMA_KEY = "ema_state_dict"
 
+# What a stored config may build: our networks, processes, losses, samplers and data modules
+# (everything `sample.py`, `evaluate.py` and `visualize.py` build from a checkpoint).
+LOADABLE_TARGETS: set[str] = {
+    "ddpm.nn.UNet",
+    "ddpm.nn.MLPDenoiser",
+    "ddpm.diffusion.GaussianDiffusion",
+    "ddpm.diffusion.DiffusionLoss",
+    "ddpm.data.ImageDataModule",
+    "ddpm.data.ToyDataModule",
+}
+# Modules whose public builders are all loadable: a name in the module's ``__all__`` (when it
+# has one) that is a class or function defined in that module or its package (not one it
+# imported from elsewhere, such as ``os.system``).
+LOADABLE_MODULES: set[str] = {"ddpm.diffusion.samplers", "ddpm.interop.diffusers"}
+# The sections of a stored config that loading builds (the others are a record of the run).
+BUILT_SECTIONS = ("model", "diffusion", "objective", "sampler", "data")
+_HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not match the requested network."""
+    """A checkpoint is missing, unreadable, unsafe, or does not match the requested network."""
+
+
+def register_loadable(target: str) -> None:
+    """Allow a stored config to build ``target`` (a dotted path to one of our classes)."""
+    LOADABLE_TARGETS.add(target)
+
+
+def is_loadable(target: str) -> bool:
+    """Whether a stored config may build ``target`` (imports nothing outside our modules)."""
+    if target in LOADABLE_TARGETS:
+        return True
+    module, _, name = target.rpartition(".")
+    if module not in LOADABLE_MODULES or not name.isidentifier() or name.startswith("_"):
+        return False
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    public = getattr(mod, "__all__", None)
+    obj = getattr(mod, name, None)
+    defined_in = str(getattr(obj, "__module__", ""))
+    return (
+        (public is None or name in public)
+        and callable(obj)
+        and (defined_in == module or defined_in.startswith(module + "."))
+    )
+
+
+def check_stored_config(config: Any, source: str) -> None:
+    """Refuse a stored config whose built sections name anything but our own classes.
+
+    Every ``_target_`` under :data:`BUILT_SECTIONS` (in nested nodes and lists too) must be
+    loadable, Hydra's special keys are limited to the ones our configs use, and no string may
+    be an interpolation. Raises :class:`CheckpointError` naming the first offending key.
+    """
+
+    def refuse(path: str, why: str) -> None:
+        raise CheckpointError(
+            f"{source} is refused: its stored config {why} at {path}. A checkpoint may only "
+            "build this project's own networks, processes, samplers and data modules; it was "
+            "not written by ddpm or was altered."
+        )
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    refuse(f"{path}[{key!r}]", "has a non-string key")
+                if key == "_target_":
+                    if not isinstance(value, str) or not is_loadable(value):
+                        refuse(f"{path}._target_", f"names {value!r}, which is not ours")
+                elif key.startswith("_") and key.endswith("_") and key not in _HYDRA_KEYS:
+                    refuse(f"{path}.{key}", "uses an unknown special key")
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+        elif isinstance(node, str) and "${" in node:
+            refuse(path, f"holds an interpolation {node!r}")
+        elif node is not None and not isinstance(node, (int, float, bool, str)):
+            refuse(path, f"holds a {type(node).__name__}, not plain data")
+
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{source} holds no ddpm config ('{CONFIG_KEY}'): was it written by this framework?"
+        )
+    for section in BUILT_SECTIONS:
+        if section in config:
+            walk(config[section], section)
+
+
+def _unsafe_reason(message: str) -> str:
+    """What torch's weights-only unpickler refused, without its "re-run with
+    weights_only=False" advice (which would run the file's code)."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    if found:
+        return f"a reference to the Python object {found.group(1)}"
+    return "pickled Python objects other than tensors and plain data"
+
+
+def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Open a ``.ckpt`` file with ``torch.load(weights_only=True)`` (memory-mapped when ``mmap``:
+    cheap for reading a few fields) on the CPU; :class:`CheckpointError` with an actionable
+    message when the file is missing, empty, truncated, or holds code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded: the file is empty (0 bytes), e.g. from an "
+            "interrupted copy. Use another checkpoint of the run."
+        )
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:  # legacy (non-zip) serialization cannot be memory-mapped
+            if not mmap or "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded: it holds {_unsafe_reason(str(e))}, which "
+            "could run code when opened, so it is refused (checkpoints are opened with "
+            "torch.load(weights_only=True); ddpm's hold only tensors and plain data). It was "
+            "not written by ddpm or was altered: use one of your run's own checkpoints."
+        ) from None
+    except Exception as e:  # truncated zip, EOF, not a torch file
+        first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded (torch.load(weights_only=True): {first}): the "
+            "file is truncated (an interrupted save or copy?) or not a PyTorch checkpoint. Use "
+            "another checkpoint of the run."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
 
 
 @dataclass
@@ -48,36 +193,45 @@ class LoadedModel:
         return (int(self.config["model"].get("data_dim", 2)),)
 
 
+def _read_safetensors(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} cannot be loaded ({e}): the file is truncated or not a safetensors file."
+        ) from None
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} has no '{CONFIG_KEY}' metadata: not a ddpm export")
+    try:
+        config = json.loads(meta[CONFIG_KEY])
+        step = int(meta.get("global_step", 0))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable '{CONFIG_KEY}' metadata ({e})") from None
+    return {CONFIG_KEY: config, EMA_KEY: tensors, "global_step": step, "exported": True}
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``.ckpt`` (weights_only) or exported ``.safetensors`` file into a plain dict."""
+    """Read a ``.ckpt`` or exported ``.safetensors`` file into a plain dict whose stored config
+    passed :func:`check_stored_config`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        if CONFIG_KEY not in meta:
-            raise CheckpointError(f"{path} has no '{CONFIG_KEY}' metadata: not a ddpm export")
-        return {
-            CONFIG_KEY: json.loads(meta[CONFIG_KEY]),
-            EMA_KEY: load_file(path),
-            "global_step": int(meta.get("global_step", 0)),
-            "exported": True,
-        }
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, unsafe pickle content
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    ckpt = _read_safetensors(path) if path.endswith(".safetensors") else open_checkpoint(path)
+    check_stored_config(ckpt.get(CONFIG_KEY), path)
+    return ckpt
 
 
 def build_from_config(config: dict[str, Any]) -> tuple[nn.Module, GaussianDiffusion]:
-    """Instantiate the network and the diffusion described by a stored run config."""
-    cfg = OmegaConf.create({k: config[k] for k in ("model", "diffusion") if k in config})
-    if "model" not in cfg or "diffusion" not in cfg:
+    """Instantiate the network and the diffusion described by a stored run config (checked with
+    :func:`check_stored_config` first)."""
+    check_stored_config(config, "the checkpoint")
+    if "model" not in config or "diffusion" not in config:
         raise CheckpointError("the stored config lacks 'model' or 'diffusion'")
+    cfg = OmegaConf.create({k: config[k] for k in ("model", "diffusion")})
     return instantiate(cfg.model), instantiate(cfg.diffusion)
 
 
@@ -98,11 +252,7 @@ def load_model(
 ) -> LoadedModel:
     """Rebuild network + diffusion from a checkpoint and load its (EMA) weights, in eval mode."""
     ckpt = read_checkpoint(path)
-    config = ckpt.get(CONFIG_KEY)
-    if not isinstance(config, dict):
-        raise CheckpointError(
-            f"{path} holds no ddpm config ('{CONFIG_KEY}'): was it written by this framework?"
-        )
+    config = ckpt[CONFIG_KEY]
     net, diffusion = build_from_config(config)
     sd, used_ema = net_state_dict(ckpt, use_ema)
     try:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -65,6 +67,104 @@ def _devices_count(devices: Any, accelerator: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Range:
+    """Allowed values of a numeric setting: an integer or a finite number within bounds."""
+
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    also: tuple[Any, ...] = ()  # special values also allowed (e.g. -1 = no limit)
+
+    def accepts(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if v in self.also:
+            return True
+        if (self.integer and not isinstance(v, int)) or not math.isfinite(v):
+            return False
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        also = " or ".join(repr(a) for a in self.also)
+        text = f"{kind} {' and '.join(bounds)}".strip()
+        return f"{text}, or {also}" if also else text
+
+
+_POSITIVE = _Range(low=0, low_open=True)
+_NON_NEGATIVE = _Range(low=0)
+_COUNT = _Range(integer=True, low=1)
+_STEPS = _Range(integer=True, low=0)
+_UNIT_OPEN = _Range(low=0, high=1, high_open=True)
+# Numeric settings checked at start-up (null = not set, always fine). Each class checks its own
+# arguments again when built; these catch a bad value before any work and say which setting.
+NUMERIC_SETTINGS: dict[str, _Range] = {
+    "seed": _Range(integer=True),
+    "optimizer.lr": _POSITIVE,
+    "optimizer.eps": _NON_NEGATIVE,
+    "optimizer.weight_decay": _NON_NEGATIVE,
+    "optimizer.momentum": _NON_NEGATIVE,
+    "optimizer.betas[0]": _UNIT_OPEN,
+    "optimizer.betas[1]": _UNIT_OPEN,
+    "lr_scheduler.warmup_steps": _STEPS,
+    "lr_scheduler.total_steps": _Range(integer=True, low=1),
+    "lr_scheduler.min_lr_ratio": _Range(low=0, high=1),
+    "schedule.num_timesteps": _COUNT,
+    "data.batch_size": _COUNT,
+    "trainer.max_steps": _Range(integer=True, low=1, also=(-1,)),
+    "trainer.max_epochs": _Range(integer=True, low=0, also=(-1,)),
+    "trainer.accumulate_grad_batches": _COUNT,
+    "trainer.gradient_clip_val": _NON_NEGATIVE,
+    "trainer.log_every_n_steps": _COUNT,
+    "trainer.val_check_interval": _Range(low=0, low_open=True),
+    "objective.loss.lambda_vlb": _NON_NEGATIVE,
+    "objective.loss.min_snr_gamma": _POSITIVE,
+    "callbacks.ema.decay": _Range(low=0, high=1, low_open=True, high_open=True),
+    "callbacks.ema.half_life_kimg": _POSITIVE,
+    "callbacks.ema.update_every": _COUNT,
+    "callbacks.ema.start_step": _STEPS,
+    "callbacks.model_checkpoint.every_n_train_steps": _STEPS,
+    "callbacks.nonfinite_guard.max_consecutive": _COUNT,
+}
+
+
+def _select_setting(cfg: DictConfig, key: str) -> Any:
+    """``cfg``'s value at ``key`` (``a.b[i]`` indexes a list), None when absent or unset."""
+    base, _, index = key.partition("[")
+    value = _get(cfg, base)
+    if index and value is not None:
+        i = int(index.rstrip("]"))
+        if not (OmegaConf.is_list(value) or isinstance(value, (list, tuple))) or len(value) <= i:
+            return value  # reported as not a number
+        value = value[i]
+    return value
+
+
+def numeric_problems(cfg: DictConfig) -> list[str]:
+    """One message per numeric setting (:data:`NUMERIC_SETTINGS`) outside its allowed values:
+    non-finite (``optimizer.lr=inf``), out of range, or not a number (``trainer.max_steps=abc``)."""
+    problems = []
+    for key, allowed in NUMERIC_SETTINGS.items():
+        try:
+            value = _select_setting(cfg, key)
+        except Exception as e:  # an interpolation that cannot resolve
+            problems.append(f"{key} cannot be read: {type(e).__name__}: {e}")
+            continue
+        if value is not None and not allowed.accepts(value):
+            problems.append(f"{key} must be {allowed.describe()}, got {value!r}")
+    return problems
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a training config before any work; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -74,19 +174,8 @@ def validate_train_config(cfg: DictConfig) -> None:
             continue
         hint = " (e.g. data=image_folder data.root=/path/to/images)" if key == "data.root" else ""
         problems.append(f"{key} is required but was not given{hint}")
-
-    lr = _get(cfg, "optimizer.lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        problems.append(f"optimizer.lr must be a number > 0, got {lr!r}")
-    T = _get(cfg, "schedule.num_timesteps")
-    if T is not None and not (isinstance(T, int) and not isinstance(T, bool) and T >= 1):
-        problems.append(f"schedule.num_timesteps (T) must be an integer >= 1, got {T!r}")
+    problems += numeric_problems(cfg)
     bs = _get(cfg, "data.batch_size")
-    if bs is not None and not (isinstance(bs, int) and bs >= 1):
-        problems.append(f"data.batch_size must be an integer >= 1, got {bs!r}")
-    steps = _get(cfg, "trainer.max_steps")
-    if steps is not None and isinstance(steps, int) and steps == 0:
-        problems.append("trainer.max_steps must be > 0 or -1 (no limit), got 0")
     devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
     if isinstance(bs, int) and bs >= 1 and devices:
@@ -117,14 +206,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     in_ch, data_ch = _get(cfg, "model.in_channels"), _get(cfg, "data.channels")
     if isinstance(in_ch, int) and isinstance(data_ch, int) and in_ch != data_ch:
         problems.append(f"model.in_channels={in_ch} does not match data.channels={data_ch}")
-    warmup = _get(cfg, "lr_scheduler.warmup_steps")
-    if warmup is not None and not (isinstance(warmup, int) and warmup >= 0):
-        problems.append(f"lr_scheduler.warmup_steps must be an integer >= 0, got {warmup!r}")
-    accumulate = _get(cfg, "trainer.accumulate_grad_batches")
-    if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):
-        problems.append(
-            f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}"
-        )
     ckpt = _get(cfg, "ckpt_path")
     if ckpt in ("last", "auto") and not _get(cfg, "run_dir"):
         problems.append(f"ckpt_path={ckpt} needs run_dir=<the run's directory>")

@@ -21,6 +21,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from ddpm.callbacks.nonfinite import refuse_nonfinite_weights
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -48,6 +50,7 @@ def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str, weights_only: boo
     filepath = os.fspath(filepath)
     tmp = filepath + PARTIAL_SUFFIX
     error: BaseException | None = None
+    refuse_nonfinite_weights(trainer, filepath)  # never write NaN/Inf weights (collective)
     # The state dump is collective (hooks may all_gather), so every rank does it first.
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
     try:

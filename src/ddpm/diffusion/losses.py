@@ -254,13 +254,33 @@ class LossSecondMomentSampler(UniformSampler):
         return w * (1 - self.uniform_prob) + self.uniform_prob / len(w)
 
     def update(self, t: Tensor, losses: Tensor) -> None:
+        """Record per-sample ``losses`` at timesteps ``t``; non-finite losses are dropped.
+
+        Under DDP every rank's pairs are gathered (collective: every rank calls it each step).
+        Ranks may hold different counts (a NaN dropped on one rank only), so the counts are
+        gathered first and every rank pads to the largest, as improved-diffusion's
+        ``LossAwareSampler.update_with_local_losses`` does.
+        """
         t, losses = t.detach().long().flatten(), losses.detach().float().flatten()
+        if t.numel() != losses.numel():
+            raise ValueError(f"got {t.numel()} timesteps but {losses.numel()} losses")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-            ls = [torch.zeros_like(losses) for _ in range(dist.get_world_size())]
+            world = dist.get_world_size()
+            count = torch.tensor([t.numel()], device=t.device)
+            counts = [torch.zeros_like(count) for _ in range(world)]
+            dist.all_gather(counts, count)
+            sizes = [int(c) for c in counts]
+            pad = max(sizes) - t.numel()
+            t = torch.cat([t, t.new_zeros(pad)])
+            losses = torch.cat([losses, losses.new_zeros(pad)])
+            ts = [torch.zeros_like(t) for _ in range(world)]
+            ls = [torch.zeros_like(losses) for _ in range(world)]
             dist.all_gather(ts, t)
             dist.all_gather(ls, losses)
-            t, losses = torch.cat(ts), torch.cat(ls)
+            t = torch.cat([x[:n] for x, n in zip(ts, sizes, strict=True)])
+            losses = torch.cat([x[:n] for x, n in zip(ls, sizes, strict=True)])
+        finite = torch.isfinite(losses)
+        t, losses = t[finite], losses[finite]
         for ti, li in zip(t.cpu().tolist(), losses.cpu().tolist(), strict=True):
             if self._count[ti] == self.history:
                 self._hist[ti, :-1] = self._hist[ti, 1:]

@@ -14,26 +14,16 @@ from ddpm.config import ConfigError
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Open a checkpoint the way a resume will (``torch.load(weights_only=True)``, memory-mapped,
-    so cheap); :class:`ConfigError` if the file is truncated, not a checkpoint, or holds objects
-    other than tensors and plain data."""
-    import torch
+    """Open a training checkpoint the way a resume will (:func:`ddpm.checkpoint.open_checkpoint`:
+    weights only, memory-mapped, so cheap); :class:`ConfigError` if the file is missing, truncated,
+    not a training checkpoint, or holds objects other than tensors and plain data."""
+    from ddpm.checkpoint import CheckpointError, open_checkpoint
 
-    path = os.fspath(path)
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) serialization cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(
-            f"checkpoint {path} cannot be loaded with torch.load(weights_only=True): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. It is truncated, "
-            "not a checkpoint, or holds arbitrary Python objects (refused for safety)."
-        ) from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        ckpt = open_checkpoint(path, mmap=True)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    if "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a training checkpoint (no 'state_dict')")
     return ckpt
 

@@ -14,21 +14,13 @@ from pathlib import Path
 
 from ddpm.config import ConfigError
 from ddpm.run.checkpoints import checkpoint_files, inside
+from ddpm.utils.distributed import is_launch_rank_zero  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 RECORD_FILE = "run.json"
 LAUNCHES_DIR = "launches"
-
-
-def is_launch_rank_zero() -> bool:
-    """Whether this process is global rank 0, judged from the environment before any Trainer
-    exists (Lightning's DDP launcher, torchrun and SLURM set these for the other ranks)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        if os.environ.get(var) not in (None, "", "0"):
-            return False
-    return True
 
 
 def scheduler_job_id() -> str | None:

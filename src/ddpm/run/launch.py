@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 
 from ddpm.run.checkpoints import (
     find_checkpoint,
-    inside,
     load_checkpoint,
     resolve_ckpt_path,
     source_run_dir,
@@ -30,8 +29,6 @@ from ddpm.run.directory import (
 from ddpm.run.resume import check_not_finished, restore_run_config
 
 log = logging.getLogger(__name__)
-
-WANDB_ID_FILE = "wandb_run_id.txt"  # ddpm.loggers.RUN_ID_FILE
 
 
 @dataclass
@@ -49,6 +46,7 @@ class Launch:
         """Rank 0: lock the run directory for the whole fit, record this scheduler job in the
         run's record, remove the ``*.partial`` files of a killed save, carry the W&B run over."""
         from ddpm.callbacks.checkpoint import remove_partial_files
+        from ddpm.loggers import carry_over_wandb_id
 
         if not is_launch_rank_zero():
             yield
@@ -84,28 +82,3 @@ def prepare_launch(cfg: DictConfig, run_dir: Path) -> Launch:
         log.warning("%s stores no run config: resuming with this command's config", ckpt_path)
     check_not_finished(cfg, ckpt, source_run_dir(ckpt_path))
     return Launch(cfg, run_dir, ckpt_path, requeued, ckpt)
-
-
-def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
-    """Continuing another directory's checkpoint continues its W&B run: copy its run id into this
-    run directory (where ``ddpm.loggers.wandb_logger`` looks) unless one is set already. Returns
-    the id carried over."""
-    loggers = cfg.get("logger") or {}
-    wandb_nodes = [
-        n
-        for n in loggers.values()
-        if isinstance(n, (dict, DictConfig)) and "wandb" in str(n.get("_target_", "")).lower()
-    ]
-    if ckpt_path is None or not wandb_nodes or any(n.get("id") for n in wandb_nodes):
-        return None
-    if inside(ckpt_path, run_dir) or (run_dir / WANDB_ID_FILE).exists():
-        return None
-    source = source_run_dir(ckpt_path) / WANDB_ID_FILE
-    if not source.is_file():
-        return None
-    run_id = source.read_text().strip()
-    if run_id:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / WANDB_ID_FILE).write_text(run_id)
-        log.info("continuing W&B run %s of %s", run_id, source.parent)
-    return run_id or None

@@ -19,7 +19,7 @@ import signal
 import subprocess
 from typing import Any
 
-from ddpm.run.directory import is_launch_rank_zero
+from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 

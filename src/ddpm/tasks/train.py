@@ -28,12 +28,15 @@ from omegaconf import DictConfig
 
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.config import ConfigError, validate_train_config
+from ddpm.loggers import finish_wandb, log_hyperparameters
 from ddpm.module import DiffusionModule
-from ddpm.run.directory import is_launch_rank_zero, warn_if_disk_low
+from ddpm.run.directory import warn_if_disk_low
 from ddpm.run.launch import Launch, prepare_launch
 from ddpm.run.requeue import hand_over
 from ddpm.run.resume import check_weights_fit
 from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, to_plain, write_json
+from ddpm.utils.config_tree import print_config_tree
+from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +58,6 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionMo
         compile=bool(cfg.get("compile", False)),
         run_config=run_config,
     )
-
-
-def _finish_wandb(trainer: pl.Trainer, exit_code: int, preempted: bool = False) -> None:
-    """End this process's W&B run with the fit, so the next ``train()`` in the same process (a
-    Hydra multirun, a test) starts its own run instead of logging into this one."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
-        return
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            if preempted:
-                wandb.run.mark_preempting()
-            wandb.finish(exit_code=exit_code)
-    except Exception as e:  # a logger must never turn a result into a crash
-        log.warning("could not finish the W&B run: %s: %s", type(e).__name__, e)
 
 
 def _order_callbacks(callbacks: list) -> list:
@@ -117,6 +102,7 @@ def _validate_final_weights(
 
 def _fit(launch: Launch) -> dict[str, float]:
     cfg, run_dir, ckpt_path = launch.cfg, launch.run_dir, launch.ckpt_path
+    print_config_tree(cfg, run_dir)  # rank 0: on screen and in <run dir>/config_tree.log
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -131,8 +117,7 @@ def _fit(launch: Launch) -> dict[str, float]:
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(run_config)
+    log_hyperparameters(trainer, module, run_config)
 
     interrupted: TrainingInterrupted | None = None
     try:
@@ -144,9 +129,9 @@ def _fit(launch: Launch) -> dict[str, float]:
     except TrainingInterrupted as e:
         interrupted = e
     except BaseException:
-        _finish_wandb(trainer, exit_code=1)
+        finish_wandb(trainer, exit_code=1)
         raise
-    _finish_wandb(trainer, exit_code=0, preempted=interrupted is not None)
+    finish_wandb(trainer, exit_code=0, preempted=interrupted is not None)
 
     metrics = metrics_dict(trainer)
     metrics["global_step"] = float(trainer.global_step)
