@@ -269,7 +269,7 @@ def test_respaced_bound_and_loss_call_the_network_at_the_original_timesteps() ->
     kept = space_timesteps(1000, 10)
     assert kept == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     short = respace(full, kept)
-    c = (torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5)
+    c = torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5
     c = (c - 1).float()
     oracle = KnownX0Oracle(full, c)
     out = calc_bpd_loop(short, oracle, c, generator=torch.Generator().manual_seed(1))
