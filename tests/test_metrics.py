@@ -166,6 +166,8 @@ def test_identical_sets_score_zero_and_grayscale_is_repeated_to_rgb() -> None:
     metrics.load()
     f = metrics.extract(x)
     assert torch.equal(f.features, metrics.extract(x.expand(-1, 3, -1, -1)).features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. sampling under bf16-mixed
+        assert torch.equal(f.features, metrics.extract(x).features)
     scores = metrics.compute(f, f)
     assert abs(scores["fid"]) < 1e-4 and abs(scores["kid"]) < 1e-3
     assert scores["kid_subset_size"] == 20

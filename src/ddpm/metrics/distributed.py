@@ -9,11 +9,14 @@ so the result does not depend on the number of processes.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -79,6 +82,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_zero_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, then on the other ranks (a download into a shared directory happens
+    once). Collective; if rank 0 fails, every rank raises."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"failed on rank 0: {failed}")
+    return fn() if rank != 0 else result
 
 
 def barrier() -> None:

@@ -252,7 +252,8 @@ class SampleMetrics:
             x = x.to(self.device)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            out = self.net.convert_features_tuple_to_dict(self.net(x.contiguous()))
+            with torch.autocast(self.device.type, enabled=False):  # the extractor's own dtype
+                out = self.net.convert_features_tuple_to_dict(self.net(x.contiguous()))
             feats.append(out[self.spec.features].float().cpu())
             if self.needs_logits:
                 logits.append(out[self.spec.logits].float().cpu())

@@ -41,7 +41,7 @@ from ddpm.metrics import (
     rank_and_world,
     shard,
 )
-from ddpm.metrics.distributed import all_reduce_sum
+from ddpm.metrics.distributed import all_reduce_sum, rank_zero_first
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch
 from ddpm.utils.images import to_uint8
@@ -137,9 +137,8 @@ def reference_source(
     if "image_size" not in data:
         raise ConfigError(f"ref={ref}: the data config {data.get('name')!r} holds no images")
     dm = build_datamodule(data, cfg, image_size=w, channels=c)
-    return DatasetImages(
-        dm.dataset(split), key=dm.data_key_for(split), num_workers=int(dm.num_workers)
-    )
+    images = rank_zero_first(lambda: dm.dataset(split))  # a download happens once
+    return DatasetImages(images, key=dm.data_key_for(split), num_workers=int(dm.num_workers))
 
 
 # ---------------------------------------------------------------------------------- NLL
@@ -161,7 +160,7 @@ def nll_bpd(
             "images scaled to [-1, 1] (minus_one_one)",
             stacklevel=2,
         )
-    source = DatasetImages(dm.dataset("test"), key="", limit=num_images)
+    source = DatasetImages(rank_zero_first(lambda: dm.dataset("test")), key="", limit=num_images)
     if len(source) == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
     block = shard(len(source))
