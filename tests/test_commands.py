@@ -278,6 +278,7 @@ def test_evaluate_on_a_2d_playground_checkpoint_reports_distances(tmp_path: Path
     assert np.isfinite(metrics["test/energy_distance"]) and "test/nll_bpd" not in metrics
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_two_processes_sample_and_evaluate_like_one(tiny_ckpt: Path, tmp_path: Path) -> None:
     """sample.py devices=2 writes the same file as one process, evaluate.py scores it without a

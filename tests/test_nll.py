@@ -276,13 +276,14 @@ def test_respaced_bound_and_loss_call_the_network_at_the_original_timesteps() ->
     assert [call[0] for call in oracle.calls] == kept[::-1]  # t = 999, 888, ..., 0
     # the network sees the original timesteps, so the oracle predicts x₀ = c exactly and every
     # KL term L_{t-1} of the 10-step chain vanishes
-    assert out["xstart_mse"].max() < 1e-8
+    assert out["xstart_mse"].max() < 1e-6
     assert out["vb"][:, 1:].abs().max() < 1e-4
 
     # DiffusionLoss: the same mapping; the oracle's ε is exact, so L_simple is ~0 at every t
     oracle.c = c.repeat(5, 1, 1, 1)
     oracle.calls.clear()
     t = torch.arange(10)
-    losses = DiffusionLoss("simple")(short, oracle, oracle.c, t)
+    noise = torch.randn(oracle.c.shape, generator=torch.Generator().manual_seed(2))
+    losses = DiffusionLoss("simple")(short, oracle, oracle.c, t, noise)
     assert oracle.calls == [kept]
-    assert losses["mse"].max() < 1e-8
+    assert losses["mse"].max() < 1e-6  # O(1) when the network is called at t = 0..9

@@ -183,7 +183,7 @@ class FIDCallback(PeriodicCallback):
             num_workers=int(getattr(dm, "num_workers", 0) or 0),
         )
         self.reference = self.metrics.reference(source)
-        self.reference_computations += self.metrics.reference_source == "computed"
+        self.reference_computations += int(self.metrics.reference_source == "computed")
         self._reference_done = True
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -195,6 +195,12 @@ class SampleMetrics:
         self.reference_path: Path | None = None
         self._extractor_id: str | None = None
 
+    @property
+    def selected(self) -> list[str]:
+        """Names of the selected metrics (as ``skipped`` reports them)."""
+        on = {"fid": self.fid, "is": self.isc, "kid": self.kid, "precision/recall": self.prc}
+        return [name for name, wanted in on.items() if wanted]
+
     # ------------------------------------------------------------------ extractor
     @property
     def needs_logits(self) -> bool:

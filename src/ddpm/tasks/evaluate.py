@@ -247,7 +247,7 @@ def sample_metrics(
     except WeightsUnavailableError as e:
         if not any(k.startswith("test/") for k in results):  # nothing else to report
             raise
-        names = [k for k in ("fid", "is", "kid", "precision/recall") if _wanted(metrics, k)]
+        names = metrics.selected
         warnings.warn(
             f"evaluate.py skips {', '.join(names)} (the rest is in metrics.json): {e}",
             stacklevel=2,
@@ -272,10 +272,6 @@ def sample_metrics(
     results["extractor"] = metrics.extractor
     results["reference_features"] = metrics.reference_source
     results["metrics_seconds"] = time.time() - t0
-
-
-def _wanted(metrics: SampleMetrics, name: str) -> bool:
-    return {"fid": metrics.fid, "is": metrics.isc, "kid": metrics.kid}.get(name, metrics.prc)
 
 
 # ---------------------------------------------------------------------------------- task
