@@ -57,9 +57,9 @@ class WeightsUnavailableError(RuntimeError):
     points at a local copy; :meth:`for_setting` rewrites it for another setting name (the
     in-training callback's key instead of ``evaluate.py``'s)."""
 
-    def __init__(self, problem: str, fix: str, setting: str = "metrics.weights_path") -> None:
+    def __init__(self, problem: str, fix: str = "", setting: str = "metrics.weights_path") -> None:
         self.problem, self.fix, self.setting = problem, fix, setting
-        super().__init__(f"{problem}. {fix.format(setting=setting)}")
+        super().__init__(f"{problem}. {fix.format(setting=setting)}" if fix else problem)
 
     def for_setting(self, setting: str) -> WeightsUnavailableError:
         return WeightsUnavailableError(self.problem, self.fix, setting)

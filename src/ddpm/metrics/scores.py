@@ -215,7 +215,7 @@ class SampleMetrics:
             return
         rank, _ = D.rank_and_world()
         error: WeightsUnavailableError | None = None
-        for turn in (0, 1):
+        for turn in (0, 1):  # rank 0 at turn 0, the others at turn 1
             if (rank == 0) == (turn == 0):
                 try:
                     self.net = build_extractor(
