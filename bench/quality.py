@@ -108,7 +108,7 @@ def main() -> None:
             "src/evaluate.py",
             f"ckpt_path={ckpt}",
             f"run_dir={eval_dir}",
-            "fid.enabled=false",
+            "metrics.enabled=false",
             "progress=false",
         ]
         if args.nll_images:

@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint: NLL bound in bits/dim on the test split; FID / IS of samples.
+"""Score generated images (FID, IS, KID, precision/recall) and a checkpoint's NLL (bits/dim).
 
-    python src/evaluate.py ckpt_path=PATH
-    python src/evaluate.py ckpt_path=PATH nll.num_images=1000 fid.num_samples=50000 sampler=ddim sampler.steps=100
+    python src/evaluate.py samples=PATH.npz ref=cifar10-train      # a sample file, no checkpoint
+    python src/evaluate.py ckpt_path=PATH num_samples=50000 devices=8   # sample here; + test NLL
+    python src/evaluate.py ckpt_path=PATH metrics.enabled=false        # the NLL only
 
-Writes metrics.json to its run directory and prints it.
+Writes metrics.json to its run directory and prints it (see conf/evaluate.yaml).
 """
 
 import hydra

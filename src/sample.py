@@ -3,8 +3,9 @@
     python src/sample.py ckpt_path=PATH sampler=ddim sampler.steps=50 num_samples=1000 batch_size=250 seed=0
     python src/sample.py ckpt_path=PATH sampler=dpm_solver sampler.steps=20 devices=4
 
-Writes samples.npz (uint8 N x H x W x C under key arr_0), grid.png and the config to its run
-directory and prints the path of samples.npz.
+Writes samples.npz (improved-diffusion's format: uint8 N x H x W x C under key arr_0), grid.png
+and the config to its run directory and prints the path of samples.npz; `evaluate.py samples=...`
+scores it. devices=N splits the samples over N processes (the same images as one).
 """
 
 import hydra

@@ -1,27 +1,27 @@
-"""FID / IS callback with a small offline feature extractor: identical and different sets, the
-reference-statistics cache, 1 vs 2 DDP processes, and the missing-Inception-weights path."""
+"""The in-training FID / IS callback (ddpm.metrics underneath) with the test-sized extractor on the
+digits: identical and different sets, the reference cache, IS, 1 vs 2 DDP processes, and the
+missing-Inception-weights path."""
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm.callbacks.fid import FIDCallback, FIDUnavailableWarning
+from ddpm.data import ImageDataModule
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
-from ddpm.metrics import FeatureStats, RandomConvFeatures, feature_sums
+from ddpm.metrics import DatasetImages, SampleMetrics
 from ddpm.module import DiffusionModule
 
+NUM_REF = 128
 
-# ----------------------------------------------------------------------------------- fixtures
+
 class TinyEpsNet(nn.Module):
     def __init__(self, channels: int = 1) -> None:
         super().__init__()
@@ -41,50 +41,18 @@ def make_module() -> DiffusionModule:
     )
 
 
-def smooth_images(n: int, seed: int, size: int = 8) -> Tensor:
-    """uint8 (n, 1, size, size): blurred noise, so images have some structure."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, stride=1)
-    return (x * 255).round().to(torch.uint8)
-
-
-class SyntheticImages(pl.LightningDataModule):
-    """The datamodule API the FID callback uses: ``reference_dataloader``, ``dataset_id``,
-    ``denormalize``, ``sample_shape``."""
-
-    def __init__(self, n: int = 64, seed: int = 0, dataset_id: str | None = None) -> None:
-        super().__init__()
-        self.uint8 = smooth_images(n, seed)
-        self.images = self.uint8.float() / 127.5 - 1.0
-        self.sample_shape = tuple(self.images.shape[1:])
-        self.dataset_id = dataset_id or f"synthetic-seed{seed}-n{n}"
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images), batch_size=8)
-
-    def reference_dataloader(
-        self,
-        split: str = "train",
-        batch_size: int | None = None,
-        max_samples: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> DataLoader:
-        n = len(self.images) if max_samples is None else min(max_samples, len(self.images))
-        return DataLoader(
-            TensorDataset(self.images[:n][rank::world_size]), batch_size=batch_size or 16
-        )
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        return ((x + 1) / 2).clamp(0, 1)
+def digits() -> ImageDataModule:
+    return ImageDataModule(name="digits", batch_size=32, num_workers=0)
 
 
 class ReplaySampler:
-    """Returns training image ``seed % n`` for each per-sample seed (times ``gain``): with
-    gain 1 the generated set IS the reference set."""
+    """Returns reference image ``seed % n`` for each per-sample seed (times ``gain``): with gain 1
+    and ``num_samples = n`` the generated set IS the reference set."""
 
-    def __init__(self, images: Tensor, gain: float = 1.0) -> None:
-        self.images, self.gain = images, gain
+    def __init__(self, gain: float = 1.0) -> None:
+        dm = digits()
+        self.images = dm.normalizer(dm.dataset("train").data[:NUM_REF])
+        self.gain = gain
 
     def __call__(self, model, diffusion, shape, *, generator=None, device=None, **kw) -> Tensor:
         idx = torch.tensor(generator.seeds) % len(self.images)
@@ -92,23 +60,7 @@ class ReplaySampler:
         return (self.images[idx] * self.gain).to(device)
 
 
-class LogitFeatures(RandomConvFeatures):
-    """Random-conv features plus fixed random "class logits" (so IS can be computed)."""
-
-    provides_logits = True
-
-    def __init__(self) -> None:
-        super().__init__(num_features=16, seed=3)
-        g = torch.Generator().manual_seed(5)
-        self.register_buffer("proj", torch.randn(16, 10, generator=g))
-        self.extractor_id = "logit-features-test"
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        f = super().forward(images)
-        return f, 3 * f @ self.proj
-
-
-def fit(dm: SyntheticImages, callbacks: list, steps: int = 2, **kw) -> pl.Trainer:
+def fit(dm: pl.LightningDataModule, callbacks: list, steps: int = 2, **kw) -> pl.Trainer:
     opts = dict(
         accelerator="cpu",
         devices=1,
@@ -125,92 +77,51 @@ def fit(dm: SyntheticImages, callbacks: list, steps: int = 2, **kw) -> pl.Traine
     return t
 
 
-def fid_callback(dm: SyntheticImages, cache_dir: Path, gain: float = 1.0, **kw) -> FIDCallback:
+def fid_callback(cache_dir: Path | None, gain: float = 1.0, **kw) -> FIDCallback:
     opts = dict(
         every_n_steps=2,
-        num_samples=64,
-        batch_size=16,
-        feature_extractor=RandomConvFeatures(),
-        cache_dir=str(cache_dir),
+        num_samples=NUM_REF,
+        batch_size=32,
+        num_reference=NUM_REF,
+        metrics=dict(
+            extractor="randomconv", isc_splits=2, cache_dir=str(cache_dir) if cache_dir else None
+        ),
     )
     opts.update(kw)
-    return FIDCallback(ReplaySampler(dm.images, gain), **opts)
+    return FIDCallback(ReplaySampler(gain), **opts)
 
 
-# ----------------------------------------------------------------------------------- tests
-def test_random_conv_features_are_deterministic() -> None:
-    x = smooth_images(4, 0).expand(-1, 3, -1, -1)
-    a, b = RandomConvFeatures(seed=1)(x), RandomConvFeatures(seed=1)(x)
-    assert a.shape == (4, 64) and torch.equal(a, b)
-    assert not torch.equal(a, RandomConvFeatures(seed=2)(x))
-
-
-def test_feature_stats_round_trip() -> None:
-    f = torch.randn(50, 6, dtype=torch.float64)
-    stats = FeatureStats.from_sums(f.sum(0), f.T @ f, 50)
-    torch.testing.assert_close(stats.mean, f.mean(0))
-    torch.testing.assert_close(stats.cov, torch.cov(f.T))
-    total, outer, n = stats.sums()
-    torch.testing.assert_close(outer, f.T @ f)
-
-
-def test_fid_zero_for_identical_sets_positive_otherwise_and_cache(tmp_path: Path) -> None:
-    dm = SyntheticImages()
+def test_fid_zero_for_identical_sets_positive_otherwise_and_cached(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-
-    same = fid_callback(dm, cache)
-    t = fit(dm, [same])
+    same = fid_callback(cache)
+    t = fit(digits(), [same])
     ((step, metrics),) = same.history
-    assert step == 2 and set(metrics) == {"val/fid"}  # no logits -> no IS
+    assert step == 2 and set(metrics) == {"val/fid", "val/is", "val/is_std"}
     assert abs(metrics["val/fid"]) < 1e-4
     assert float(t.callback_metrics["val/fid"]) == pytest.approx(metrics["val/fid"])
-    assert same.reference_source == "computed" and same.reference_computations == 1
-    path = same.reference_path
-    assert path.is_file() and path.parent == cache / "fid_reference"
-    mtime = os.stat(path).st_mtime_ns
-    # the cached statistics are those of the reference images
-    ref = feature_sums(RandomConvFeatures(), dm.reference_dataloader(), dm.denormalize, "cpu", 64)
-    expected = FeatureStats.from_sums(*ref)
-    torch.testing.assert_close(same.reference.mean, expected.mean)
-    torch.testing.assert_close(same.reference.cov, expected.cov)
+    assert 1.0 < metrics["val/is"] < 10.0  # 1 <= IS <= number of classes
+    assert same.metrics.reference_source == "computed" and same.reference_computations == 1
+    path = same.metrics.reference_path
+    assert path is not None and path.is_file() and path.parent == cache / "fid_reference"
+    assert (
+        path.name.startswith("digits-train-16px-1ch-minus_one_one") and f"n{NUM_REF}" in path.name
+    )
+    # the cached features are those of the un-augmented reference images
+    dm = digits()
+    expected = SampleMetrics("randomconv")
+    expected.load()
+    ref = DatasetImages(dm.dataset("train"), key="", limit=NUM_REF)
+    torch.testing.assert_close(same.reference.features, expected.extract_source(ref).features)
 
-    # a different set of images: clearly > 0; the reference comes from the cache, untouched
-    darker = fid_callback(dm, cache, gain=0.5)
-    fit(dm, [darker])
+    # a different set of images: clearly > 0; the reference comes from the cache
+    darker = fid_callback(
+        cache, gain=0.5, metrics=dict(extractor="randomconv", cache_dir=str(cache), isc=False)
+    )
+    fit(digits(), [darker])
+    assert set(darker.history[0][1]) == {"val/fid"}
     assert darker.history[0][1]["val/fid"] > 1e3 * max(abs(metrics["val/fid"]), 1e-6)
-    assert darker.history[0][1]["val/fid"] > 0.01
-    assert darker.reference_source == "cache" and darker.reference_computations == 0
-    assert darker.reference_path == path and os.stat(path).st_mtime_ns == mtime
-
-    # another dataset: another cache entry
-    dm2 = SyntheticImages(seed=1)
-    other = fid_callback(dm2, cache)
-    fit(dm2, [other])
-    assert other.reference_source == "computed" and other.reference_path != path
-    assert len(list((cache / "fid_reference").glob("*.pt"))) == 2
-
-    # same dataset id, changed content: the cache entry is recomputed, not reused
-    dm3 = SyntheticImages(seed=2, dataset_id=dm.dataset_id)
-    changed = fid_callback(dm3, cache)
-    fit(dm3, [changed])
-    assert changed.reference_path == path and changed.reference_source == "computed"
-    assert abs(changed.history[0][1]["val/fid"]) < 1e-4
-
-    # another number of reference images or another extractor: other keys
-    fewer = fid_callback(dm, cache, num_reference=32)
-    fit(dm, [fewer])
-    assert fewer.reference_source == "computed" and fewer.reference_path != path
-    assert fewer.history[0][1]["val/fid"] > 0
-
-
-def test_inception_score_with_an_extractor_that_has_logits(tmp_path: Path) -> None:
-    dm = SyntheticImages()
-    cb = fid_callback(dm, tmp_path, feature_extractor=LogitFeatures(), is_splits=2)
-    fit(dm, [cb])
-    metrics = cb.history[0][1]
-    assert set(metrics) == {"val/fid", "val/is", "val/is_std"}
-    assert 1.0 <= metrics["val/is"] <= 10.0  # 1 <= IS <= number of classes
-    assert abs(metrics["val/fid"]) < 1e-4
+    assert darker.metrics.reference_source == "cache" and darker.reference_computations == 0
+    assert darker.metrics.reference_path == path
 
 
 class DumpMetrics(pl.Callback):
@@ -218,118 +129,82 @@ class DumpMetrics(pl.Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module) -> None:
-        fid_cb = next(cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
+        cb = next(cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
         torch.save(
-            {"fid": fid_cb.history, "source": fid_cb.reference_source},
+            {"fid": cb.history, "source": cb.metrics.reference_source},
             Path(self.out) / f"rank{trainer.global_rank}.pt",
         )
 
 
 @pytest.mark.ddp
-def test_same_fid_on_one_and_two_processes(tmp_path: Path) -> None:
-    dm = SyntheticImages()
-    single = fid_callback(dm, tmp_path / "c1", gain=0.7, num_samples=63, batch_size=8)
-    fit(dm, [single])
-    fid1 = single.history[0][1]["val/fid"]
-    assert fid1 > 0.01
+def test_same_scores_on_one_and_two_processes(tmp_path: Path) -> None:
+    kw = dict(
+        num_samples=63,
+        batch_size=8,
+        metrics=dict(extractor="randomconv", isc_splits=3, kid=True, kid_subset_size=30, prc=True),
+    )
+    single = fid_callback(None, gain=0.7, **kw)
+    fit(digits(), [single])
+    one = single.history[0][1]
+    assert one["val/fid"] > 0.01 and {"val/kid", "val/precision", "val/recall"} <= set(one)
 
-    dm = SyntheticImages()  # a fresh one: the first is attached to the first trainer
-    double = fid_callback(dm, tmp_path / "c2", gain=0.7, num_samples=63, batch_size=8)
-    fit(dm, [double, DumpMetrics(str(tmp_path))], devices=2, strategy="ddp_spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["source"] == r1["source"] == "computed"  # sharded over both ranks, then reduced
-    fid2_rank0, fid2_rank1 = r0["fid"][0][1]["val/fid"], r1["fid"][0][1]["val/fid"]
-    assert fid2_rank0 == pytest.approx(fid1, rel=1e-5)
-    assert fid2_rank1 == pytest.approx(fid1, rel=1e-5)
-    # the reference statistics computed on 2 ranks equal the single-process ones
-    p1 = next((tmp_path / "c1" / "fid_reference").glob("*.pt"))
-    p2 = next((tmp_path / "c2" / "fid_reference").glob("*.pt"))
-    assert p1.name == p2.name
-    s1, s2 = torch.load(p1, weights_only=True), torch.load(p2, weights_only=True)
-    assert s1["n"] == s2["n"] == 64
-    torch.testing.assert_close(s1["mean"], s2["mean"])
-    torch.testing.assert_close(s1["cov"], s2["cov"])
+    double = fid_callback(None, gain=0.7, **kw)
+    fit(digits(), [double, DumpMetrics(str(tmp_path))], devices=2, strategy="ddp_spawn")
+    for r in (0, 1):
+        dump = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert dump["source"] == "computed"  # each rank extracted its block of the reference
+        two = dump["fid"][0][1]
+        assert set(two) == set(one)
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), k
 
 
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No cached weights (empty torch hub dir), and a download URL that refuses at once, so the
-    test never downloads even on a machine with network."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(tf_inception, "URL_INCEPTION_V3", "http://127.0.0.1:9/inception.pth")
-
-
-def _fid_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if issubclass(w.category, FIDUnavailableWarning)]
-
-
-def test_missing_inception_weights_warn_once_and_training_goes_on(
+def test_missing_inception_weights_warn_once_naming_the_callback_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _offline(monkeypatch, tmp_path)
-    dm = SyntheticImages()
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights
+    monkeypatch.setattr(tf_inception, "URL_INCEPTION_V3", "http://127.0.0.1:9/inception.pth")
     cb = FIDCallback(
-        ReplaySampler(dm.images),
+        ReplaySampler(),
         every_n_steps=1,
         num_samples=8,
         batch_size=8,
-        cache_dir=str(tmp_path / "cache"),
-        download_timeout=2.0,
+        metrics=dict(cache_dir=str(tmp_path / "cache"), download_timeout=2.0),
         at_train_end=True,
     )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = fit(dm, [cb], steps=3)
+        t = fit(digits(), [cb], steps=3)
     assert t.global_step == 3
-    msgs = _fid_warnings(record)
+    msgs = [str(w.message) for w in record if issubclass(w.category, FIDUnavailableWarning)]
     assert len(msgs) == 1, msgs
-    assert "feature_extractor_weights_path" in msgs[0] and "weights-inception" in msgs[0]
+    assert "callbacks.fid.metrics.weights_path=/path/to/weights-inception" in msgs[0]
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in msgs[0]
     assert cb.disabled and cb.history == [] and "val/fid" not in t.callback_metrics
     assert not (tmp_path / "cache").exists()
-
-
-def test_missing_local_weights_file_warns_once(tmp_path: Path) -> None:
-    dm = SyntheticImages()
-    missing = tmp_path / "nope" / "weights-inception-2015-12-05-6726825d.pth"
-    cb = FIDCallback(
-        ReplaySampler(dm.images),
-        every_n_steps=1,
-        num_samples=8,
-        cache_dir=str(tmp_path),
-        feature_extractor_weights_path=str(missing),
-    )
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        fit(dm, [cb], steps=2)
-    msgs = _fid_warnings(record)
-    assert len(msgs) == 1 and str(missing) in msgs[0]
-    assert cb.disabled
 
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="num_samples"):
         FIDCallback(num_samples=1)
-    with pytest.raises(ValueError, match="feature_extractor"):
-        FIDCallback(feature_extractor="inception")
+    with pytest.raises(ValueError, match="metrics must be"):
+        FIDCallback(metrics="inception")
+    with pytest.raises(ValueError, match="extractor must be one of"):
+        FIDCallback(metrics=dict(extractor="vgg"))
 
 
-def test_with_the_digits_datamodule(tmp_path: Path) -> None:
-    from ddpm.data import ImageDataModule
+def test_config_composes_the_shared_metric_options(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
 
-    dm = ImageDataModule(name="digits", batch_size=32, num_workers=0)
-    dm.setup("fit")
-    first = torch.cat(list(dm.reference_dataloader("train", max_samples=256)))
-    cb = FIDCallback(
-        ReplaySampler(first),
-        every_n_steps=2,
-        num_samples=256,
-        batch_size=64,
-        num_reference=256,
-        feature_extractor=RandomConvFeatures(),
-        cache_dir=str(tmp_path),
+    from hydra_utils import compose_cfg
+
+    cfg = compose_cfg(
+        ["callbacks=[default,fid]", "callbacks.fid.metrics.extractor=randomconv"], tmp_path
     )
-    fit(dm, [cb])
-    assert abs(cb.history[0][1]["val/fid"]) < 1e-4
-    name = cb.reference_path.name
-    assert name.startswith("digits-train-16px-1ch-minus_one_one") and "n256" in name
+    cb = instantiate(cfg.callbacks.fid)
+    m = cb.metrics
+    assert isinstance(m, SampleMetrics) and m.extractor == "randomconv"
+    assert (m.fid, m.isc, m.kid, m.prc) == (True, True, False, False)
+    assert m.cache_dir == cfg.paths.cache_dir

@@ -128,29 +128,6 @@ def test_checkpoint_from_another_network_is_rejected(tiny_ckpt: Path, tmp_path: 
         sample(sample_cfg(tmp_path, bad))
 
 
-def test_evaluate_writes_finite_metrics(tiny_ckpt: Path, tmp_path: Path) -> None:
-    cfg = compose_cfg(
-        [
-            f"ckpt_path={tiny_ckpt}",
-            "nll.num_images=8",
-            "batch_size=8",
-            "fid.enabled=false",
-            "progress=false",
-            "device=cpu",
-        ],
-        tmp_path,
-        config_name="evaluate",
-    )
-    metrics = evaluate(cfg)
-    assert np.isfinite(metrics["test/nll_bpd"]) and metrics["test/nll_bpd"] > 0
-    parts = (
-        metrics["test/nll_prior_bpd"] + metrics["test/nll_decoder_bpd"] + metrics["test/nll_vb_bpd"]
-    )
-    assert parts == pytest.approx(metrics["test/nll_bpd"], rel=1e-5)
-    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert on_disk["test/nll_bpd"] == pytest.approx(metrics["test/nll_bpd"])
-
-
 @pytest.mark.slow
 def test_sample_cli_prints_the_path(tiny_ckpt: Path, tmp_path: Path) -> None:
     res = run_cli(
@@ -171,56 +148,113 @@ def test_sample_cli_prints_the_path(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert printed.name == "samples.npz" and (tmp_path / printed).is_file() or printed.is_file()
 
 
-def test_evaluate_fid_with_an_offline_extractor(tiny_ckpt: Path, tmp_path: Path) -> None:
-    cfg = compose_cfg(
-        [
+# ------------------------------------------------------------------ evaluate.py
+def eval_cfg(tmp_path: Path, *overrides: str):
+    return compose_cfg(
+        ["accelerator=cpu", "progress=false", *overrides], tmp_path, config_name="evaluate"
+    )
+
+
+RANDOMCONV = ["metrics.extractor=randomconv", "metrics.kid_subset_size=10", "metrics.isc_splits=2"]
+
+
+def test_evaluate_nll_is_finite_and_independent_of_the_batch_size(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    common = [f"ckpt_path={tiny_ckpt}", "nll.num_images=6", "metrics.enabled=false"]
+    metrics = evaluate(eval_cfg(tmp_path / "a", *common, "batch_size=6"))
+    assert np.isfinite(metrics["test/nll_bpd"]) and metrics["test/nll_bpd"] > 0
+    parts = (
+        metrics["test/nll_prior_bpd"] + metrics["test/nll_decoder_bpd"] + metrics["test/nll_vb_bpd"]
+    )
+    assert parts == pytest.approx(metrics["test/nll_bpd"], rel=1e-5)
+    assert metrics["test/nll_num_images"] == 6 and "fid" not in metrics
+    on_disk = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
+    assert on_disk["test/nll_bpd"] == pytest.approx(metrics["test/nll_bpd"])
+    # image i draws its noise from seed + i: the bound does not depend on the batching
+    again = evaluate(eval_cfg(tmp_path / "b", *common, "batch_size=4"))
+    assert again["test/nll_bpd"] == pytest.approx(metrics["test/nll_bpd"], rel=1e-6)
+
+
+def test_evaluate_scores_a_sample_file_like_the_checkpoint_it_came_from(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    npz = sample(
+        sample_cfg(tmp_path / "s", tiny_ckpt, "sampler=ddim", "sampler.steps=3", "num_samples=24")
+    )
+    cache = f"metrics.cache_dir={tmp_path / 'cache'}"
+    from_file = evaluate(
+        eval_cfg(tmp_path / "f", f"samples={npz}", "ref=digits-train", cache, *RANDOMCONV)
+    )
+    assert from_file["num_samples"] == 24 and from_file["num_reference"] == 1617
+    assert from_file["reference_features"] == "computed" and "global_step" not in from_file
+    for key in ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall"):
+        assert np.isfinite(from_file[key]), key
+    assert from_file["fid"] > 0
+    # sampled by evaluate.py itself (same seeds, same sampler): the same images, the same scores;
+    # its default reference (the checkpoint's data, train split) is the cached one
+    sampled = evaluate(
+        eval_cfg(
+            tmp_path / "c",
             f"ckpt_path={tiny_ckpt}",
             "nll.enabled=false",
-            "fid.num_samples=16",
-            "fid.batch_size=8",
-            "+fid.feature_extractor._target_=ddpm.metrics.RandomConvFeatures",
-            "sampler=ddim",
-            "sampler.steps=4",
-            "progress=false",
-            "device=cpu",
-            "batch_size=64",
-        ],
-        tmp_path,
-        config_name="evaluate",
-    )
-    metrics = evaluate(cfg)
-    assert np.isfinite(metrics["test/fid"]) and metrics["test/fid"] > 0
-    # the reference statistics were cached under paths.cache_dir
-    assert list((tmp_path / ".cache").rglob("*.pt"))
-
-
-def test_evaluate_without_inception_weights_still_reports_nll(
-    tiny_ckpt: Path, tmp_path: Path, monkeypatch
-) -> None:
-    import socket
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled in this test")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights
-    cfg = compose_cfg(
-        [
-            f"ckpt_path={tiny_ckpt}",
-            "nll.num_images=4",
-            "batch_size=4",
-            "fid.num_samples=8",
+            "num_samples=24",
+            "batch_size=10",
             "sampler=ddim",
             "sampler.steps=3",
-            "progress=false",
-            "device=cpu",
-        ],
-        tmp_path,
-        config_name="evaluate",
+            cache,
+            *RANDOMCONV,
+        )
     )
-    with pytest.warns(UserWarning, match="Inception"):
-        metrics = evaluate(cfg)
-    assert "test/fid" not in metrics and np.isfinite(metrics["test/nll_bpd"])
+    assert sampled["reference_features"] == "cache"
+    for key in ("fid", "is", "kid", "precision", "recall"):
+        assert sampled[key] == pytest.approx(from_file[key], rel=1e-6), key
+    # the reference can be a sample file too (or a folder); and it must have the same resolution
+    itself = evaluate(eval_cfg(tmp_path / "i", f"samples={npz}", f"ref={npz}", *RANDOMCONV))
+    assert abs(itself["fid"]) < 1e-4 and itself["precision"] == itself["recall"] == 1.0
+    other = tmp_path / "big.npz"
+    np.savez(other, arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="8x8 images, the scored ones are 16x16"):
+        evaluate(eval_cfg(tmp_path / "r", f"samples={npz}", f"ref={other}", *RANDOMCONV))
+
+
+def test_evaluate_bad_input_errors(tmp_path: Path) -> None:
+    from ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="samples=PATH.npz"):
+        evaluate(eval_cfg(tmp_path))
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((4, 16, 16, 1), np.uint8))
+    with pytest.raises(ConfigError, match="needs a reference.*ref=cifar10-train"):
+        evaluate(eval_cfg(tmp_path, f"samples={npz}", *RANDOMCONV))
+    with pytest.raises(ConfigError, match="ref=nope-train: no such file.*cifar10, digits"):
+        evaluate(eval_cfg(tmp_path, f"samples={npz}", "ref=nope-train", *RANDOMCONV))
+
+
+def test_evaluate_offline_without_inception_weights(
+    tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    from ddpm.metrics import WeightsUnavailableError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights
+    monkeypatch.setattr(tf_inception, "URL_INCEPTION_V3", "http://127.0.0.1:9/inception.pth")
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((4, 16, 16, 1), np.uint8))
+    # nothing else to report: the error names the file, where it goes and evaluate.py's setting
+    with pytest.raises(WeightsUnavailableError, match="metrics.weights_path=/path/to/weights"):
+        evaluate(eval_cfg(tmp_path / "a", f"samples={npz}", "ref=digits-train"))
+    # next to the NLL: skipped, and metrics.json says what and why
+    with pytest.warns(UserWarning, match="evaluate.py skips fid, is, kid, precision/recall"):
+        metrics = evaluate(
+            eval_cfg(tmp_path / "b", f"ckpt_path={tiny_ckpt}", "nll.num_images=2", "batch_size=2")
+        )
+    assert np.isfinite(metrics["test/nll_bpd"]) and "fid" not in metrics
+    on_disk = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
+    assert set(on_disk["skipped"]) == {"fid", "is", "kid", "precision/recall"}
+    assert all("metrics.weights_path=" in why for why in on_disk["skipped"].values())
+    assert "callbacks.fid" not in on_disk["skipped"]["fid"]
 
 
 def test_evaluate_on_a_2d_playground_checkpoint_reports_distances(tmp_path: Path) -> None:
@@ -238,16 +272,61 @@ def test_evaluate_on_a_2d_playground_checkpoint_reports_distances(tmp_path: Path
     )
     train(cfg)
     ckpt = tmp_path / "t" / "run" / "checkpoints" / "last.ckpt"
-    cfg = compose_cfg(
-        [
-            f"ckpt_path={ckpt}",
-            "fid.num_samples=200",
-            "batch_size=200",
-            "progress=false",
-            "device=cpu",
-        ],
-        tmp_path / "e",
-        config_name="evaluate",
+    metrics = evaluate(
+        eval_cfg(tmp_path / "e", f"ckpt_path={ckpt}", "num_samples=200", "batch_size=200")
     )
-    metrics = evaluate(cfg)
     assert np.isfinite(metrics["test/energy_distance"]) and "test/nll_bpd" not in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_processes_sample_and_evaluate_like_one(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """sample.py devices=2 writes the same file as one process, evaluate.py scores it without a
+    checkpoint, and evaluate.py devices=2 (sampling, NLL, reference features) equals 1 process."""
+    sampling = ["sampler=ddim", "sampler.steps=3", "num_samples=21", "batch_size=4"]
+    one = sample(sample_cfg(tmp_path / "s1", tiny_ckpt, *sampling))
+    res = run_cli(
+        [
+            f"ckpt_path={tiny_ckpt}",
+            *sampling,
+            "accelerator=cpu",
+            "devices=2",
+            "progress=false",
+            f"run_dir={tmp_path / 's2'}",
+        ],
+        tmp_path,
+        script=str(SRC_DIR / "sample.py"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = tmp_path / "s2" / "samples.npz"
+    np.testing.assert_array_equal(np.load(two)["arr_0"], np.load(one)["arr_0"])
+    scored = evaluate(eval_cfg(tmp_path / "f", f"samples={two}", "ref=digits-train", *RANDOMCONV))
+
+    args = [
+        f"ckpt_path={tiny_ckpt}",
+        *sampling,
+        "nll.num_images=5",
+        *RANDOMCONV,
+        "metrics.batch_size=100",
+    ]
+    single = evaluate(eval_cfg(tmp_path / "e1", *args, f"metrics.cache_dir={tmp_path / 'c1'}"))
+    res = run_cli(
+        [
+            *args,
+            "accelerator=cpu",
+            "devices=2",
+            "progress=false",
+            f"run_dir={tmp_path / 'e2'}",
+            f"metrics.cache_dir={tmp_path / 'c2'}",
+        ],
+        tmp_path,
+        script=str(SRC_DIR / "evaluate.py"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    double = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert double["reference_features"] == single["reference_features"] == "computed"
+    keys = ["test/nll_bpd", "test/nll_vb_bpd", "fid", "is", "kid", "precision", "recall"]
+    for key in keys:
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+    for key in keys[2:]:
+        assert scored[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key

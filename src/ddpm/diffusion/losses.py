@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion, extract
+from ddpm.diffusion.respace import model_timesteps
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 LN2 = math.log(2.0)
@@ -167,7 +168,8 @@ class DiffusionLoss:
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = diffusion.q_sample(x_start, t, noise)
-        model_output = model(x_t, t).float()
+        # a respaced diffusion's index t is the network's timestep timestep_map[t]
+        model_output = model(x_t, model_timesteps(diffusion, t)).float()
         pred, var_values = diffusion.split_model_output(model_output, x_start.shape[1])
         terms: dict[str, Tensor] = {}
         target = diffusion.training_target(x_start, noise, t)

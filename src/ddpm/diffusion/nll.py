@@ -16,7 +16,9 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.losses import LN2, mean_flat, normal_kl, vb_terms_bpd
+from ddpm.diffusion.respace import model_timesteps
 from ddpm.utils.progress import progress_iter
+from ddpm.utils.seeding import PerSampleGenerator, randn
 
 
 def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
@@ -36,14 +38,17 @@ def calc_bpd_loop(
     x_start: Tensor,
     *,
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | PerSampleGenerator | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """The full variational bound for a batch of images in [-1, 1].
 
     Returns per-image tensors: ``total_bpd`` (B,), ``prior_bpd`` (B,), ``vb`` (B, T) with
     ``vb[:, 0]`` = L_0 (decoder NLL) and ``vb[:, t]`` = L_t, ``xstart_mse`` (B, T) and
-    ``mse`` (B, T) of the ε prediction. Noise for each x_t comes from ``generator``.
+    ``mse`` (B, T) of the ε prediction. Noise for each x_t comes from ``generator`` (a
+    :class:`~ddpm.utils.seeding.PerSampleGenerator` makes each image's bound independent of the
+    batch it is in). A respaced diffusion (:func:`~ddpm.diffusion.respace.respace`) is the bound
+    of its K-step chain, with the network called at the original timesteps ``timestep_map``.
     """
     x_start = x_start.float()
     b, T = x_start.shape[0], diffusion.num_timesteps
@@ -51,14 +56,11 @@ def calc_bpd_loop(
     vb, xstart_mse, mse = (torch.zeros(b, T, device=device) for _ in range(3))
     for t_idx in progress_iter(range(T - 1, -1, -1), total=T, desc="NLL bound", enabled=progress):
         t = torch.full((b,), t_idx, device=device, dtype=torch.long)
-        noise = torch.randn(
-            x_start.shape,
-            generator=generator,
-            device=generator.device if generator is not None else device,
-        )
-        noise = noise.to(device)
+        noise = randn(x_start.shape, generator, device)
         x_t = diffusion.q_sample(x_start, t, noise)
-        out = vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t, clip_denoised)
+        out = vb_terms_bpd(
+            diffusion, model(x_t, model_timesteps(diffusion, t)), x_start, x_t, t, clip_denoised
+        )
         vb[:, t_idx] = out["output"]
         xstart_mse[:, t_idx] = mean_flat((out["pred_xstart"] - x_start) ** 2)
         eps = diffusion.predict_noise_from_start(x_t, t, out["pred_xstart"])

@@ -1,24 +1,42 @@
-"""Sample-quality metrics: FID / IS feature extractors and cached reference statistics."""
+"""Sample-quality metrics: FID, IS, KID and precision/recall (torch-fidelity, on features
+extracted across processes), their extractors, image sources and cached reference features; and
+the distances of the 2-D playground."""
 
+from ddpm.metrics.distributed import gather_rows, rank_and_world, shard
 from ddpm.metrics.features import (
-    INCEPTION_URL,
-    InceptionUnavailableError,
-    InceptionV3Features,
+    EXTRACTORS,
+    DinoV2Features,
     RandomConvFeatures,
+    WeightsUnavailableError,
+    build_extractor,
     extractor_id,
-    inception_hub_path,
 )
-from ddpm.metrics.reference import FeatureStats, cache_key, cache_path, feature_sums
+from ddpm.metrics.images import (
+    DatasetImages,
+    FolderImages,
+    ImageSource,
+    NpzImages,
+    open_images,
+    save_npz,
+)
+from ddpm.metrics.scores import Features, SampleMetrics
 
 __all__ = [
-    "INCEPTION_URL",
-    "FeatureStats",
-    "InceptionUnavailableError",
-    "InceptionV3Features",
+    "EXTRACTORS",
+    "DatasetImages",
+    "DinoV2Features",
+    "Features",
+    "FolderImages",
+    "ImageSource",
+    "NpzImages",
     "RandomConvFeatures",
-    "cache_key",
-    "cache_path",
+    "SampleMetrics",
+    "WeightsUnavailableError",
+    "build_extractor",
     "extractor_id",
-    "feature_sums",
-    "inception_hub_path",
+    "gather_rows",
+    "open_images",
+    "rank_and_world",
+    "save_npz",
+    "shard",
 ]

@@ -1,10 +1,24 @@
-"""Feature extractors for FID / IS: the standard Inception-v3 (torch-fidelity's weights) and a
-small deterministic random-conv extractor for tests and offline debugging.
+"""Feature extractors for FID / IS / KID / precision-recall.
 
-Interface: ``extractor(images) -> features (N, D)`` or ``(features (N, D), logits (N, K))``, where
-``images`` are uint8 (N, 3, H, W) in [0, 255] at the data resolution. Extractors carry
-``num_features`` (D), ``extractor_id`` (a string naming the network and its weights; it keys the
-cached reference statistics) and ``provides_logits`` (class logits for the Inception Score).
+All are torch-fidelity ``FeatureExtractorBase`` subclasses in torch-fidelity's registry
+(``torch_fidelity.register_feature_extractor``), so ``torch_fidelity.calculate_metrics`` runs each
+of them by name exactly as it runs its own Inception; they map uint8 (N, 3, H, W) images to a
+tuple of feature tensors named by ``features_list``.
+
+=============  ==============================================================  ===================
+``extractor``  network                                                         layers (FID / IS)
+=============  ==============================================================  ===================
+``inception``  Inception-v3 with the TF 2015-12-05 weights, torch-fidelity's   ``2048`` (pool3) /
+               ``inception-v3-compat`` (the FID protocol: Heusel et al. 2017)  ``logits_unbiased``
+``dinov2``     DINOv2 ViT-L/14 for FD-DINOv2 (Stein et al. 2023), with         ``dinov2`` (CLS) /
+               EDM2's preprocessing; loaded from local files only              none (no IS)
+``randomconv`` a small fixed random conv net: tests and offline debugging,     ``features`` /
+               its numbers are not comparable with published ones              ``logits``
+=============  ==============================================================  ===================
+
+Weights come from a local file (``weights_path``) or the torch hub cache; only the Inception
+weights are ever downloaded (by torch-fidelity, when online). When they cannot be had,
+:class:`WeightsUnavailableError` names the file, where to put it and the setting to use.
 """
 
 from __future__ import annotations
@@ -13,25 +27,42 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+import torch_fidelity
 from torch import Tensor, nn
+from torch_fidelity import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-    "weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-
-
-class InceptionUnavailableError(RuntimeError):
-    """The Inception-v3 weights could not be loaded (no network, wrong path, corrupt file)."""
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+DINOV2_REPO_URL = "https://github.com/facebookresearch/dinov2"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def inception_hub_path() -> str:
-    """Where torch hub (and so torch-fidelity) looks for the downloaded weights."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILENAME)
+def hub_checkpoint(file_name: str) -> Path:
+    """Where torch hub (and so torch-fidelity) keeps a downloaded weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+class WeightsUnavailableError(RuntimeError):
+    """A feature extractor's weights (or code) could not be loaded.
+
+    The message names the missing file, where to get it, where to put it and the setting that
+    points at a local copy; :meth:`for_setting` rewrites it for another setting name (the
+    in-training callback's key instead of ``evaluate.py``'s)."""
+
+    def __init__(self, problem: str, fix: str = "", setting: str = "metrics.weights_path") -> None:
+        self.problem, self.fix, self.setting = problem, fix, setting
+        super().__init__(f"{problem}. {fix.format(setting=setting)}" if fix else problem)
+
+    def for_setting(self, setting: str) -> WeightsUnavailableError:
+        return WeightsUnavailableError(self.problem, self.fix, setting)
 
 
 @contextlib.contextmanager
@@ -45,117 +76,238 @@ def socket_timeout(seconds: float | None) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-class InceptionV3Features(nn.Module):
-    """The FID Inception-v3 (TF 2015-12-05 weights, as torch-fidelity / pytorch-fid / torchmetrics):
-    uint8 (N, 3, H, W) -> (2048-d pool3 features, 1008 ``logits_unbiased``) in one pass.
+def _check_uint8_rgb(x: Tensor) -> None:
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
 
-    Inputs are resized to 299x299 inside, by default with torch-fidelity's TF1-style bilinear
-    resize (``antialias=False``), which is the reference protocol. Always in eval mode.
 
-    Args:
-        weights_path: a local copy of ``weights-inception-2015-12-05-6726825d.pth``; None
-            downloads it (torch hub cache) when online.
-        antialias: torchmetrics' antialiased resize instead of torch-fidelity's (changes FID for
-            images larger than 299 px).
-        timeout: socket timeout in seconds for the download attempt.
+class RandomConvFeatures(FeatureExtractorBase):
+    """Test-sized deterministic extractor: a fixed random conv net with mean/std pooling
+    (``features``, D-dimensional) and ``logits`` for IS, a fixed pseudo-random function of the
+    features, 3 sin(30 f·P) (a linear map would give every image nearly the same class, IS ≈ 1).
+
+    FOR TESTS AND OFFLINE DEBUGGING ONLY: its scores are consistent distances between image sets
+    (FID 0 for identical sets) but not comparable with published numbers. The weights come from
+    ``seed``: the same in every process and run.
     """
 
-    num_features = 2048
-    provides_logits = True
+    NAME = "ddpm-randomconv"
 
     def __init__(
-        self, weights_path: str | None = None, antialias: bool = False, timeout: float | None = 10.0
+        self,
+        name: str = NAME,
+        features_list: Sequence[str] = ("features", "logits"),
+        num_features: int = 64,
+        num_classes: int = 10,
+        seed: int = 0,
+        width: int = 16,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        if weights_path is not None and not os.path.isfile(weights_path):
-            raise InceptionUnavailableError(
-                f"feature_extractor_weights_path={weights_path}: no such file"
-            )
-        try:
-            with socket_timeout(timeout):
-                self.net = NoTrainInceptionV3(
-                    name="inception-v3-compat",
-                    features_list=["2048", "logits_unbiased"],
-                    feature_extractor_weights_path=weights_path,
-                    antialias=antialias,
-                )
-        except Exception as e:  # URLError, socket.timeout, corrupt/partial file, ...
-            raise InceptionUnavailableError(f"{type(e).__name__}: {e}") from e
-        self.antialias = bool(antialias)
-        self.extractor_id = "inception-v3-compat-2015-12-05" + ("-antialias" if antialias else "")
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> InceptionV3Features:
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        pool, logits = self.net._torch_fidelity_forward(images)
-        return pool.reshape(images.shape[0], -1), logits.reshape(images.shape[0], -1)
-
-
-class RandomConvFeatures(nn.Module):
-    """A small fixed random conv net + global average/std pooling: uint8 (N, 3, H, W) -> (N, D).
-
-    FOR TESTS AND OFFLINE DEBUGGING ONLY: its "FID" is a consistent distance between image sets
-    (0 for identical sets, larger for different ones) but not comparable with published FIDs.
-    Deterministic: weights come from ``seed`` (same on every device and run). No logits (no IS).
-    """
-
-    provides_logits = False
-
-    def __init__(self, num_features: int = 64, seed: int = 0, width: int = 16) -> None:
-        super().__init__()
+        super().__init__(name, list(features_list))
         if num_features < 2 or num_features % 2:
             raise ValueError(f"num_features must be an even integer >= 2, got {num_features}")
         g = torch.Generator().manual_seed(int(seed))
-        half = num_features // 2
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1)
-        self.conv2 = nn.Conv2d(width, half, 3, stride=2, padding=1)
-        for conv in (self.conv1, self.conv2):
-            fan_in = conv.in_channels * 9
-            with torch.no_grad():
+        self.conv2 = nn.Conv2d(width, num_features // 2, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                fan_in = conv.in_channels * 9
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) / fan_in**0.5)
                 conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
-        self.num_features = int(num_features)
-        self.extractor_id = f"randomconv-d{num_features}-w{width}-seed{seed}"
+        self.register_buffer("proj", torch.randn(num_features, num_classes, generator=g))
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.float() / 127.5 - 1.0
-        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "logits" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        _check_uint8_rgb(x)
+        h = x.float() / 127.5 - 1.0
+        h = torch.relu(self.conv2(torch.relu(self.conv1(h))))
+        f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+        out = {"features": f, "logits": 3.0 * torch.sin(30.0 * f @ self.proj)}
+        return tuple(out[k] for k in self.features_list)
 
 
-def extractor_id(extractor: nn.Module) -> str:
-    """``extractor.extractor_id`` if set, else the class name and a hash of its weights."""
-    eid = getattr(extractor, "extractor_id", None)
-    if isinstance(eid, str) and eid:
-        return eid
+class DinoV2Features(FeatureExtractorBase):
+    """DINOv2 ViT-L/14 CLS features for FD-DINOv2 (Stein et al. 2023), preprocessed as EDM2's
+    evaluation (Karras et al. 2024): bicubic antialiased resize to 224x224, ImageNet mean/std.
+
+    Loaded from local files only, never downloaded: the facebookresearch/dinov2 code (a clone,
+    ``dinov2_repo``; default: where ``torch.hub.load("facebookresearch/dinov2", ...)`` leaves it,
+    ``<torch hub dir>/facebookresearch_dinov2_main``) and the weights
+    (``feature_extractor_weights_path``; default ``<torch hub dir>/checkpoints/`` +
+    ``dinov2_vitl14_pretrain.pth``).
+    """
+
+    NAME = "ddpm-dinov2-vit-l-14"
+    INPUT_SIZE = 224
+    ENTRYPOINT = "dinov2_vitl14"
+
+    def __init__(
+        self,
+        name: str = NAME,
+        features_list: Sequence[str] = ("dinov2",),
+        feature_extractor_weights_path: str | None = None,
+        dinov2_repo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, list(features_list))
+        repo = Path(dinov2_repo or Path(torch.hub.get_dir()) / "facebookresearch_dinov2_main")
+        weights = Path(feature_extractor_weights_path or hub_checkpoint(Path(DINOV2_URL).name))
+        if not (repo / "hubconf.py").is_file():
+            raise WeightsUnavailableError(
+                f"FD-DINOv2 needs the DINOv2 code and it is not at {repo} (no hubconf.py there)",
+                f"Clone {DINOV2_REPO_URL} there (or anywhere, and set metrics.dinov2_repo=DIR); "
+                "it is loaded with torch.hub.load(DIR, source='local'), nothing is downloaded",
+            )
+        if not weights.is_file():
+            raise WeightsUnavailableError(
+                f"FD-DINOv2 needs the DINOv2 ViT-L/14 weights and {weights} does not exist",
+                f"Download {DINOV2_URL} on a machine with network and put it at "
+                f"{hub_checkpoint(Path(DINOV2_URL).name)} or pass {{setting}}=/path/to/"
+                f"{Path(DINOV2_URL).name}",
+            )
+        self.model = torch.hub.load(str(repo), self.ENTRYPOINT, source="local", pretrained=False)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("dinov2",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "dinov2"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        _check_uint8_rgb(x)
+        size = (self.INPUT_SIZE, self.INPUT_SIZE)
+        x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True) / 255.0
+        x = (x - self.mean) / self.std
+        return (self.model(x).float(),)
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """An extractor: its torch-fidelity class and registry name, the layer holding the features
+    for FID/KID/precision-recall, the layer with class logits for IS (None: no IS)."""
+
+    cls: type[FeatureExtractorBase]
+    registry_name: str
+    features: str
+    logits: str | None
+
+
+EXTRACTORS: dict[str, ExtractorSpec] = {
+    "inception": ExtractorSpec(
+        torch_fidelity.FeatureExtractorInceptionV3, "inception-v3-compat", "2048", "logits_unbiased"
+    ),
+    "dinov2": ExtractorSpec(DinoV2Features, DinoV2Features.NAME, "dinov2", None),
+    "randomconv": ExtractorSpec(RandomConvFeatures, RandomConvFeatures.NAME, "features", "logits"),
+}
+
+
+def _register(name: str, cls: type[FeatureExtractorBase]) -> None:
+    try:
+        torch_fidelity.register_feature_extractor(name, cls)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+_register(RandomConvFeatures.NAME, RandomConvFeatures)
+_register(DinoV2Features.NAME, DinoV2Features)
+
+
+def _inception_fix() -> str:
+    name = Path(URL_INCEPTION_V3).name
+    return (
+        f"Download {URL_INCEPTION_V3} on a machine with network and either put it at "
+        f"{hub_checkpoint(name)} (torch-fidelity's download location, the torch hub cache "
+        f"$TORCH_HOME/hub/checkpoints) or pass {{setting}}=/path/to/{name}"
+    )
+
+
+def _load_inception(
+    spec: ExtractorSpec, layers: list[str], weights_path: str | None, timeout: float | None
+) -> FeatureExtractorBase:
+    cached = hub_checkpoint(Path(URL_INCEPTION_V3).name)
+    if weights_path is not None and not os.path.isfile(weights_path):
+        raise WeightsUnavailableError(
+            f"the Inception-v3 weights file {weights_path} does not exist", _inception_fix()
+        )
+    path = weights_path or (str(cached) if cached.is_file() else None)
+    try:
+        with socket_timeout(timeout):  # path None: torch-fidelity downloads into the hub cache
+            return spec.cls(
+                spec.registry_name, layers, feature_extractor_weights_path=path, verbose=False
+            )
+    except Exception as e:  # URLError, timeout, truncated or foreign file, ...
+        what = f"from {path}" if path else f"(no local copy at {cached}; downloading it failed)"
+        raise WeightsUnavailableError(
+            f"cannot load the Inception-v3 weights of FID, IS, KID and precision/recall {what}: "
+            f"{type(e).__name__}: {e}",
+            _inception_fix(),
+        ) from e
+
+
+def build_extractor(
+    name: str,
+    weights_path: str | None = None,
+    *,
+    logits: bool = True,
+    download_timeout: float | None = 10.0,
+    dinov2_repo: str | None = None,
+) -> FeatureExtractorBase:
+    """The extractor ``name`` (see :data:`EXTRACTORS`) in eval mode, returning its feature layer
+    and, if ``logits`` and it has one, its logits layer. Raises :class:`WeightsUnavailableError`.
+    """
+    if name not in EXTRACTORS:
+        raise ValueError(f"metrics.extractor must be one of {sorted(EXTRACTORS)}, got {name!r}")
+    spec = EXTRACTORS[name]
+    layers = [spec.features] + ([spec.logits] if logits and spec.logits else [])
+    if name == "inception":
+        net = _load_inception(spec, layers, weights_path, download_timeout)
+    elif name == "dinov2":
+        net = spec.cls(spec.registry_name, layers, weights_path, dinov2_repo=dinov2_repo)
+    else:
+        if weights_path is not None:
+            raise ValueError("metrics.extractor=randomconv has no weights: unset weights_path")
+        net = spec.cls(spec.registry_name, layers)
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def extractor_id(net: nn.Module) -> str:
+    """The extractor's registry name and a hash of its weights (keys cached reference features)."""
     h = hashlib.sha1()
-    for name, t in extractor.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return f"{type(extractor).__name__}-{h.hexdigest()[:12]}"
-
-
-def num_features_of(extractor: nn.Module, sample: Tensor) -> int:
-    """``extractor.num_features``, else the width of its output on ``sample``."""
-    n = getattr(extractor, "num_features", None)
-    if isinstance(n, Tensor):
-        n = int(n.item())
-    if isinstance(n, int):
-        return n
-    with torch.no_grad():
-        out = extractor(sample)
-    return int((out[0] if isinstance(out, tuple) else out).shape[-1])
-
-
-def split_output(out: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
-    """(features, logits or None) from an extractor's output."""
-    if isinstance(out, (tuple, list)):
-        return out[0], (out[1] if len(out) > 1 else None)
-    return out, None
+    for key, t in net.state_dict().items():
+        h.update(key.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    name = net.get_name() if isinstance(net, FeatureExtractorBase) else type(net).__name__
+    return f"{name}-{h.hexdigest()[:12]}"

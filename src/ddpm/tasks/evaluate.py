@@ -1,11 +1,26 @@
-"""``evaluate(cfg)``: NLL in bits/dim (exact bound) on the test split, and FID/IS of samples when
-the Inception weights are available; writes and prints ``metrics.json``."""
+"""``evaluate(cfg)``: FID, IS, KID and precision/recall of generated images against reference
+images, and a checkpoint's NLL in bits/dim on its test split; writes and prints ``metrics.json``.
+
+What is scored: ``samples=`` (a sample ``.npz`` as improved-diffusion and ``sample.py`` write it,
+or a folder of images; no checkpoint needed), else ``num_samples`` images sampled here from
+``ckpt_path`` (sample i from seed ``seed + i``). Against ``ref=``: a sample ``.npz``, a folder,
+or ``NAME[-SPLIT]`` of a data config (``cifar10-train``); default with a checkpoint: its training
+data, ``train`` split (the FID protocol). ``devices=N`` splits sampling, feature extraction and
+the NLL over N processes, with the same numbers as one (per-sample seeds).
+
+When the extractor's weights cannot be had: with nothing else to report, the error names the file
+and ``metrics.weights_path``; next to an NLL, the sample metrics are skipped, with a warning, and
+``metrics.json`` records what was skipped and why under ``skipped``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,66 +28,162 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.checkpoint import LoadedModel, load_model
+from ddpm.config import ConfigError
 from ddpm.diffusion import calc_bpd_loop
+from ddpm.metrics import (
+    DatasetImages,
+    Features,
+    ImageSource,
+    SampleMetrics,
+    WeightsUnavailableError,
+    open_images,
+    rank_and_world,
+    shard,
+)
+from ddpm.metrics.distributed import all_reduce_sum, rank_zero_first
 from ddpm.tasks.common import output_dir, write_json
+from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch
+from ddpm.utils.images import to_uint8
+from ddpm.utils.progress import progress_iter
+from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test")
+NLL_KEYS = ("test/nll_bpd", "test/nll_prior_bpd", "test/nll_decoder_bpd", "test/nll_vb_bpd")
 
-def build_datamodule(loaded: LoadedModel, cfg: DictConfig) -> Any:
-    """The run's data module from the stored config (``data_root`` overrides its root)."""
-    data = dict(loaded.config["data"])
+
+def build_datamodule(data: dict[str, Any], cfg: DictConfig, **overrides: Any) -> Any:
+    """A data module from a data config (``data_root`` overrides its root), un-augmented; data
+    is read on first use."""
+    data = dict(data)
     if cfg.get("data_root"):
         data["root"] = str(cfg.data_root)
     if "random_flip" in data:
         data["random_flip"] = False
-    if cfg.get("batch_size"):
-        data["batch_size"] = int(cfg.batch_size)
-        data["val_batch_size"] = int(cfg.batch_size)
-    dm = instantiate(OmegaConf.create(data))
-    dm.setup("test")
-    return dm
+    data.update(overrides)
+    return instantiate(OmegaConf.create(data))
 
 
+# ---------------------------------------------------------------------------------- reference
+@contextlib.contextmanager
+def _hydra() -> Iterator[Any]:
+    """Hydra's config loader (this app's, or one over its config directory when called outside
+    ``@hydra.main``, e.g. from tests)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    gh = GlobalHydra.instance()
+    if gh.is_initialized():
+        yield gh.config_loader()
+        return
+    sources = HydraConfig.get().runtime.config_sources
+    conf = next(s.path for s in sources if s.provider == "main" and s.schema == "file")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
+
+
+def data_config(name: str, cfg: DictConfig) -> dict[str, Any] | None:
+    """``conf/data/<name>.yaml`` resolved with this run's ``paths``; None if there is none."""
+    from hydra import compose
+
+    with _hydra() as loader:
+        if name not in loader.get_group_options("data"):
+            return None
+        node = compose(config_name=f"data/{name}")
+    paths = OmegaConf.to_container(cfg.paths, resolve=False)
+    merged = OmegaConf.merge(OmegaConf.create({"paths": paths}), node)
+    return OmegaConf.to_container(merged.data, resolve=True)  # type: ignore[return-value]
+
+
+def _ref_help() -> str:
+    with _hydra() as loader:
+        names = ", ".join(loader.get_group_options("data"))
+    return (
+        "ref= must be a sample .npz (arr_0 uint8 (N, H, W, C)), a folder of images, or "
+        f"NAME[-SPLIT] with NAME a data config ({names}) and SPLIT one of {', '.join(SPLITS)} "
+        "(default train), e.g. ref=cifar10-train"
+    )
+
+
+def reference_source(
+    cfg: DictConfig, loaded: LoadedModel | None, image_shape: tuple[int, ...]
+) -> ImageSource:
+    """The reference images of ``cfg.ref`` (default: the checkpoint's data, training split), at
+    the resolution of the scored images."""
+    ref = cfg.get("ref")
+    c, h, w = image_shape
+    if ref is None:
+        if loaded is None:
+            raise ConfigError(f"samples= needs a reference to score against: {_ref_help()}")
+        data, split = dict(loaded.config["data"]), "train"
+    elif Path(str(ref)).exists():
+        source = open_images(str(ref))
+        if source.image_shape[1:] != (h, w):
+            raise ValueError(
+                f"ref={ref} holds {source.image_shape[1]}x{source.image_shape[2]} images, the "
+                f"scored ones are {h}x{w}: FID compares sets at one resolution"
+            )
+        return source
+    else:
+        name, _, split = str(ref).rpartition("-")
+        if split not in SPLITS:
+            name, split = str(ref), "train"
+        data = data_config(name, cfg)  # type: ignore[assignment]
+        if data is None:
+            raise ConfigError(f"ref={ref}: no such file, folder or data config. {_ref_help()}")
+    if "image_size" not in data:
+        raise ConfigError(f"ref={ref}: the data config {data.get('name')!r} holds no images")
+    dm = build_datamodule(data, cfg, image_size=w, channels=c)
+    images = rank_zero_first(lambda: dm.dataset(split))  # a download happens once
+    return DatasetImages(images, key=dm.data_key_for(split), num_workers=int(dm.num_workers))
+
+
+# ---------------------------------------------------------------------------------- NLL
 @torch.inference_mode()
 def nll_bpd(
     loaded: LoadedModel,
-    loader: Any,
+    dm: Any,
     num_images: int | None,
+    batch_size: int,
+    seed: int,
     device: torch.device,
-    seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Mean bound (bits/dim) and its breakdown over the first ``num_images`` test images."""
-    g = torch.Generator().manual_seed(seed)
-    totals: dict[str, float] = {"total": 0.0, "prior": 0.0, "decoder": 0.0, "vb": 0.0}
-    n = 0
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if num_images is not None:
-            x = x[: max(0, num_images - n)]
-        if x.shape[0] == 0:
-            break
-        out = calc_bpd_loop(
-            loaded.diffusion, loaded.net, x.to(device), generator=g, progress=progress
+    """Mean bound (bits/dim) and its parts over the first ``num_images`` test images; image i
+    draws its noise from seed ``seed + i``, each process bounds its block. Collective."""
+    if dm.normalization != "minus_one_one":
+        warnings.warn(
+            f"data normalization is {dm.normalization!r}; the bits/dim bound assumes 8-bit "
+            "images scaled to [-1, 1] (minus_one_one)",
+            stacklevel=2,
         )
-        totals["total"] += float(out["total_bpd"].sum())
-        totals["prior"] += float(out["prior_bpd"].sum())
-        totals["decoder"] += float(out["vb"][:, 0].sum())
-        totals["vb"] += float(out["vb"][:, 1:].sum())
-        n += x.shape[0]
-        if num_images is not None and n >= num_images:
-            break
-    if n == 0:
+    source = DatasetImages(rank_zero_first(lambda: dm.dataset("test")), key="", limit=num_images)
+    if len(source) == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
-    return {
-        "test/nll_bpd": totals["total"] / n,
-        "test/nll_prior_bpd": totals["prior"] / n,
-        "test/nll_decoder_bpd": totals["decoder"] / n,
-        "test/nll_vb_bpd": totals["vb"] / n,
-        "test/nll_num_images": float(n),
-    }
+    block = shard(len(source))
+    sums = torch.zeros(5, dtype=torch.float64)  # total, prior, decoder, vb; images
+    i = block.start
+    for u8 in source.batches(block.start, block.stop, batch_size):
+        x = dm.normalizer(u8).to(device)
+        gen = PerSampleGenerator([seed + j for j in range(i, i + len(u8))], device=device)
+        out = calc_bpd_loop(loaded.diffusion, loaded.net, x, generator=gen, progress=progress)
+        vb = out["vb"].double().cpu()
+        sums += torch.stack(
+            [
+                out["total_bpd"].double().sum().cpu(),
+                out["prior_bpd"].double().sum().cpu(),
+                vb[:, 0].sum(),
+                vb[:, 1:].sum(),
+                torch.tensor(float(len(u8)), dtype=torch.float64),
+            ]
+        )
+        i += len(u8)
+    sums = all_reduce_sum(sums)
+    n = float(sums[4])
+    return {**dict(zip(NLL_KEYS, (sums[:4] / n).tolist())), "test/nll_num_images": n}
 
 
 def point_cloud_metrics(
@@ -80,53 +191,131 @@ def point_cloud_metrics(
 ) -> dict[str, float]:
     """Energy distance and MMD between samples and the test points (2-D playground)."""
     from ddpm.metrics.distances import distribution_distances
-    from ddpm.tasks.sample import build_sampler, generate
 
     ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()])
-    n = min(len(ref), int(cfg.fid.num_samples))
+    n = min(len(ref), int(cfg.num_samples))
+    sampler = build_sampler(cfg.get("sampler"), loaded)
     x = generate(
-        loaded,
-        build_sampler(cfg.get("sampler"), loaded),
-        [int(cfg.seed) + i for i in range(n)],
-        int(cfg.batch_size),
-        device,
+        loaded, sampler, [int(cfg.seed) + i for i in range(n)], int(cfg.batch_size), device
     )
     return {f"test/{k}": v for k, v in distribution_distances(x, ref[:n]).items()}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Run the evaluate task; returns the metrics written to ``metrics.json``."""
-    if not cfg.get("ckpt_path"):
-        raise CheckpointError("ckpt_path is required: python src/evaluate.py ckpt_path=PATH")
-    device = torch.device(
-        cfg.device
-        if cfg.get("device") not in (None, "auto")
-        else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=device)
-    metrics: dict[str, float] = {"global_step": float(loaded.global_step)}
-    dm = build_datamodule(loaded, cfg)
-    if len(loaded.sample_shape) == 1:  # 2-D toy data: continuous, so no bits/dim; distances
-        metrics.update(point_cloud_metrics(loaded, dm, cfg, device))
-    elif cfg.nll.enabled:
-        t0 = time.time()
-        metrics.update(
-            nll_bpd(
-                loaded,
-                dm.test_dataloader(),
-                cfg.nll.num_images,
-                device,
-                seed=int(cfg.seed),
-                progress=bool(cfg.progress),
-            )
-        )
-        metrics["test/nll_seconds"] = time.time() - t0
-    if cfg.fid.enabled and len(loaded.sample_shape) == 3:
-        from ddpm.tasks.fid_eval import fid_is_metrics
+# ---------------------------------------------------------------------------------- FID & co
+def _sampled_features(
+    cfg: DictConfig, loaded: LoadedModel, dm: Any, metrics: SampleMetrics, fabric: Any
+) -> Features:
+    """Features of this rank's block of ``num_samples`` samples drawn from the checkpoint."""
+    n = int(cfg.num_samples)
+    sampler = build_sampler(cfg.get("sampler"), loaded)
+    seeds = [int(cfg.seed) + i for i in shard(n)]
+    bs = int(cfg.batch_size)
+    batches = generate_batches(loaded, sampler, seeds, bs, fabric.device)
+    parts = []
+    with fabric.autocast():
+        for x in progress_iter(
+            batches,
+            total=-(-len(seeds) // bs),
+            desc="sampling",
+            enabled=bool(cfg.progress) and fabric.is_global_zero,
+        ):
+            parts.append(metrics.extract(to_uint8(x, dm.denormalize)))
+    return Features.cat(parts)
 
-        metrics.update(fid_is_metrics(loaded, dm, cfg, device))
+
+def sample_metrics(
+    cfg: DictConfig,
+    loaded: LoadedModel | None,
+    dm: Any,
+    fabric: Any,
+    results: dict[str, Any],
+    skipped: dict[str, str],
+) -> None:
+    """FID, IS, KID, precision/recall of ``samples=`` or of samples from the checkpoint."""
+    options = OmegaConf.to_container(cfg.metrics, resolve=True)
+    assert isinstance(options, dict)
+    options.pop("enabled", None)
+    metrics = SampleMetrics(**options)
+    progress = bool(cfg.progress) and fabric.is_global_zero
+    source = open_images(cfg.samples) if cfg.get("samples") else None
+    if source is None and int(cfg.num_samples) < fabric.world_size:
+        raise ValueError(
+            f"num_samples={cfg.num_samples} is fewer than the {fabric.world_size} devices"
+        )
+    try:
+        metrics.load(fabric.device)
+    except WeightsUnavailableError as e:
+        if not any(k.startswith("test/") for k in results):  # nothing else to report
+            raise
+        names = metrics.selected
+        warnings.warn(
+            f"evaluate.py skips {', '.join(names)} (the rest is in metrics.json): {e}",
+            stacklevel=2,
+        )
+        skipped.update(dict.fromkeys(names, str(e)))
+        return
+    shape = source.image_shape if source is not None else tuple(loaded.sample_shape)  # type: ignore[union-attr]
+    ref = reference_source(cfg, loaded, shape)
+    t0 = time.time()
+    ref_features = metrics.reference(ref, progress=progress)
+    if source is not None:
+        if len(source) < fabric.world_size:
+            raise ValueError(f"{cfg.samples} holds {len(source)} images, fewer than the devices")
+        gen = metrics.extract_source(source, progress=progress)
+    else:
+        assert loaded is not None
+        gen = _sampled_features(cfg, loaded, dm, metrics, fabric)
+    results.update(metrics.score(gen, ref_features))
+    skipped.update(metrics.skipped)
+    results["num_samples"] = len(source) if source is not None else int(cfg.num_samples)
+    results["num_reference"] = len(ref)
+    results["extractor"] = metrics.extractor
+    results["reference_features"] = metrics.reference_source
+    results["metrics_seconds"] = time.time() - t0
+
+
+# ---------------------------------------------------------------------------------- task
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluate task; returns what it writes to ``metrics.json``."""
+    if not cfg.get("samples") and not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "nothing to evaluate: give samples=PATH.npz (or a folder of images) with ref=..., "
+            "and/or ckpt_path=PATH (sampled here; also its NLL)"
+        )
+    fabric = launch(cfg)
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    loaded = dm = None
+    images = True
+    if cfg.get("ckpt_path"):
+        loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
+        results["global_step"] = loaded.global_step
+        dm = build_datamodule(loaded.config["data"], cfg)
+        images = len(loaded.sample_shape) == 3
+        if not images:  # 2-D toy data: continuous, so no bits/dim; distances
+            results.update(point_cloud_metrics(loaded, dm, cfg, fabric.device))
+        elif cfg.nll.enabled:
+            t0 = time.time()
+            results.update(
+                nll_bpd(
+                    loaded,
+                    dm,
+                    cfg.nll.num_images,
+                    int(cfg.batch_size),
+                    int(cfg.seed),
+                    fabric.device,
+                    progress=bool(cfg.progress) and fabric.is_global_zero,
+                )
+            )
+            results["test/nll_seconds"] = time.time() - t0
+    if cfg.metrics.enabled and images:
+        sample_metrics(cfg, loaded, dm, fabric, results, skipped)
+    if skipped:
+        results["skipped"] = skipped
     out = output_dir(cfg)
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(Path(out) / "metrics.json")
-    return metrics
+    if rank_and_world()[0] == 0:
+        write_json(out / "metrics.json", results)
+        print(json.dumps(results, indent=2, sort_keys=True))
+        print(Path(out) / "metrics.json")
+    fabric.barrier()
+    return results

@@ -1,32 +1,44 @@
 """``sample(cfg)``: draw N images from a checkpoint and write ``samples.npz`` + a PNG grid.
 
-``samples.npz`` holds ``arr_0``: uint8 (N, H, W, C), the layout OpenAI's guided-diffusion
-evaluator (and others) read. Sample i uses seed ``seed + i`` (EDM's convention), so the images do
-not depend on the batch size or on the number of devices; with several devices each rank draws
-its share of the seeds and rank 0 writes the file.
+``samples.npz`` is improved-diffusion's sample file: ``arr_0`` uint8 (N, H, W, C) (and ``arr_1``
+the class labels of a class-conditional run), what ``evaluate.py samples=...`` and OpenAI's
+guided-diffusion evaluator read. Sample i uses seed ``seed + i`` (EDM's convention), so the images
+do not depend on the batch size or on the number of devices: with ``devices=N`` each process
+draws its block of the indices, the blocks are gathered in order and rank 0 writes the file.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.metrics import gather_rows, save_npz, shard
 from ddpm.tasks.common import output_dir, write_json
+from ddpm.utils.images import save_grid, to_uint8
 from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, C), rounding like guided-diffusion."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+def launch(cfg: DictConfig):  # -> lightning_fabric.Fabric
+    """A launched Fabric from ``cfg.accelerator / devices / strategy / precision``: one process
+    per device (``devices=N`` re-runs the command in N processes with a gloo/NCCL group)."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+    )
+    fabric.launch()
+    return fabric
 
 
 def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object:
@@ -46,7 +58,30 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
     return instantiate(node)
 
 
-@torch.inference_mode()
+def generate_batches(
+    loaded: LoadedModel,
+    sampler: object,
+    seeds: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Samples (B, *sample_shape) in model space, ``batch_size`` seeds at a time (per-sample
+    seeded: the images do not depend on the batching)."""
+    seeds = list(seeds)
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i : i + batch_size]
+        with torch.inference_mode():
+            yield sampler(
+                loaded.net,
+                loaded.diffusion,
+                (len(chunk), *loaded.sample_shape),
+                generator=PerSampleGenerator(chunk, device=device),
+                progress=progress,
+                device=device,
+            )
+
+
 def generate(
     loaded: LoadedModel,
     sampler: object,
@@ -55,32 +90,12 @@ def generate(
     device: torch.device,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Images (len(seeds), *sample_shape) in [-1, 1], batch by batch, per-sample seeded."""
-    out = []
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
-        gen = PerSampleGenerator(chunk, device=device)
-        x = sampler(
-            loaded.net,
-            loaded.diffusion,
-            (len(chunk), *loaded.sample_shape),
-            generator=gen,
-            progress=progress,
-            device=device,
-        )
-        out.append(x.float().cpu())
-    if not out:
-        return torch.zeros(0, *loaded.sample_shape)
-    return torch.cat(out)
-
-
-def save_grid(images: torch.Tensor, path: Path, max_images: int = 64) -> None:
-    """A square grid PNG of the first ``max_images`` images in [-1, 1]."""
-    from torchvision.utils import save_image
-
-    x = images[:max_images]
-    nrow = max(1, int(math.ceil(math.sqrt(x.shape[0]))))
-    save_image((x + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
+    """All the samples of ``seeds`` (len(seeds), *sample_shape), float32 on the CPU."""
+    out = [
+        x.float().cpu()
+        for x in generate_batches(loaded, sampler, seeds, batch_size, device, progress)
+    ]
+    return torch.cat(out) if out else torch.zeros(0, *loaded.sample_shape)
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -90,43 +105,28 @@ def sample(cfg: DictConfig) -> Path:
     n, bs = int(cfg.num_samples), int(cfg.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {n} and {bs}")
-
-    from lightning_fabric import Fabric
-
-    fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-    )
-    fabric.launch()
+    fabric = launch(cfg)
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
     sampler = build_sampler(cfg.get("sampler"), loaded)
-    rank, world = fabric.global_rank, fabric.world_size
-    seeds = [int(cfg.seed) + i for i in range(rank, n, world)]
+    images = len(loaded.sample_shape) == 3
+    seeds = [int(cfg.seed) + i for i in shard(n)]
+    parts = []
     with fabric.autocast():
-        x = generate(
-            loaded, sampler, seeds, bs, fabric.device, progress=bool(cfg.progress) and rank == 0
-        )
-    if world > 1:
-        # pad to equal length, gather, then restore the global order i = rank + k * world
-        per = math.ceil(n / world)
-        padded = torch.zeros(per, *x.shape[1:])
-        padded[: x.shape[0]] = x
-        gathered = fabric.all_gather(padded.to(fabric.device)).cpu()  # (world, per, ...)
-        x = gathered.transpose(0, 1).reshape(per * world, *x.shape[1:])[:n]
+        for x in generate_batches(
+            loaded, sampler, seeds, bs, fabric.device, bool(cfg.progress) and fabric.is_global_zero
+        ):
+            # images: uint8 (B, H, W, C); 2-D points: float32 (B, D)
+            parts.append(to_uint8(x).permute(0, 2, 3, 1).cpu() if images else x.float().cpu())
+    c, *rest = loaded.sample_shape
+    empty = torch.zeros(0, *rest, c, dtype=torch.uint8) if images else torch.zeros(0, c)
+    arr = gather_rows(torch.cat(parts) if parts else empty).numpy()
     out = output_dir(cfg)
     path = out / "samples.npz"
     if fabric.global_rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if x.ndim == 4:
-            arr = to_uint8(x).numpy()
-            save_grid(x, out / "grid.png")
-        else:  # 2-D points: float32 (N, D)
-            arr = x.numpy().astype(np.float32)
-        tmp = out / "samples.partial.npz"
-        np.savez(tmp, arr_0=arr)
-        tmp.replace(path)
+        save_npz(path, arr)
+        if images:
+            grid = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            save_grid(grid, out / "grid.png")
         write_json(
             out / "sample_info.json",
             {
@@ -140,6 +140,7 @@ def sample(cfg: DictConfig) -> Path:
                 else loaded.config.get("sampler"),
                 "shape": list(arr.shape),
                 "dtype": str(arr.dtype),
+                "devices": fabric.world_size,
             },
         )
         print(path)

@@ -1,0 +1,393 @@
+"""FID, Inception Score, KID and precision/recall of generated images, on many processes.
+
+* FID (Heusel et al. 2017): ‖μ_g - μ_r‖² + tr(Σ_g + Σ_r - 2 (Σ_g Σ_r)^½) of the feature Gaussians.
+* IS (Salimans et al. 2016): exp E_x KL(p(y|x) ‖ p(y)), mean ± std over ``isc_splits`` splits.
+* KID (Bińkowski et al. 2018): unbiased MMD² with the kernel (x·y/D + 1)³, mean ± std over
+  ``kid_subsets`` random subsets of ``kid_subset_size``.
+* Precision / recall (Kynkäänniemi et al. 2019): the fraction of generated samples inside the real
+  manifold (union of balls reaching each real sample's k-th nearest real neighbour), and vice
+  versa, k = ``prc_neighborhood`` = 3.
+
+Each process extracts the features of its own block of images; the blocks are gathered in order
+(:mod:`ddpm.metrics.distributed`) and rank 0 has torch-fidelity's ``calculate_metrics`` compute the
+scores from them, through ``ddpm-precomputed``, a registered identity "extractor" over feature
+rows. So the numbers are torch-fidelity's, and equal on one or many processes.
+
+Precision/recall use the same features as FID (Inception pool3 by default), as ADM's evaluator
+(Dhariwal & Nichol 2021) and the diffusion papers scored with it report them; Kynkäänniemi et al.
+used VGG-16 fc2 features (torch-fidelity's own default for ``prc``), so numbers from the two
+are not interchangeable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_fidelity
+from torch import Tensor
+from torch.utils.data import Dataset
+from torch_fidelity import FeatureExtractorBase
+
+from ddpm.metrics import distributed as D
+from ddpm.metrics.features import (
+    EXTRACTORS,
+    WeightsUnavailableError,
+    build_extractor,
+    extractor_id,
+)
+from ddpm.metrics.images import ImageSource, content_probe
+from ddpm.metrics.reference import cache_key, cache_path, load_cached, save_cached
+from ddpm.utils.progress import progress_iter
+
+log = logging.getLogger(__name__)
+
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+class _Precomputed(FeatureExtractorBase):
+    """Identity on feature rows extracted already: torch-fidelity scores them as they are."""
+
+    NAME = "ddpm-precomputed"
+
+    def __init__(self, name: str, features_list: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(name, list(features_list))
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("rows",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "rows"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (x,)
+
+
+try:
+    torch_fidelity.register_feature_extractor(_Precomputed.NAME, _Precomputed)
+except ValueError:  # already registered (module reloaded)
+    pass
+
+
+class _Rows(Dataset):
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.x[i]
+
+
+@dataclass
+class Features:
+    """Feature rows (N, D) float32 on the CPU and, for IS, class logits (N, K)."""
+
+    features: Tensor
+    logits: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence[Features]) -> Features:
+        if not parts:
+            raise ValueError("no features to concatenate")
+        logits = [p.logits for p in parts]
+        return Features(
+            torch.cat([p.features for p in parts]),
+            None if logits[0] is None else torch.cat(logits),  # type: ignore[arg-type]
+        )
+
+    def gather(self) -> Features:
+        """Every rank's rows in rank order (collective)."""
+        return Features(
+            D.gather_rows(self.features),
+            None if self.logits is None else D.gather_rows(self.logits),
+        )
+
+
+def _clamp(name: str, value: int, n: int) -> int:
+    if value > n:
+        log.warning("%s=%d is more than the %d samples: using %d", name, value, n, n)
+        return n
+    return value
+
+
+class SampleMetrics:
+    """Scores of generated images against reference images; see the module docstring.
+
+    Args:
+        extractor: ``inception`` (the standard), ``dinov2`` (FD-DINOv2, local weights only) or
+            ``randomconv`` (tests); see :mod:`ddpm.metrics.features`.
+        weights_path: a local weights file for the extractor (offline machines).
+        fid, isc, kid, prc: which metrics (``isc`` needs an extractor with logits).
+        isc_splits, kid_subsets, kid_subset_size, prc_neighborhood: as torch-fidelity (and the
+            papers): 10, 100, 1000, 3.
+        batch_size: images per extractor call.
+        cache_dir: where reference features are cached (None: not cached).
+        rng_seed: seed of IS's shuffling and KID's subsets (torch-fidelity's default 2020).
+        download_timeout: socket timeout (s) of torch-fidelity's Inception download attempt.
+        dinov2_repo: a local clone of facebookresearch/dinov2 (``extractor=dinov2``).
+    """
+
+    def __init__(
+        self,
+        extractor: str = "inception",
+        weights_path: str | None = None,
+        fid: bool = True,
+        isc: bool = True,
+        kid: bool = True,
+        prc: bool = True,
+        isc_splits: int = 10,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        prc_neighborhood: int = 3,
+        batch_size: int = 250,
+        cache_dir: str | None = None,
+        rng_seed: int = 2020,
+        download_timeout: float | None = 10.0,
+        dinov2_repo: str | None = None,
+    ) -> None:
+        if extractor not in EXTRACTORS:
+            raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {extractor!r}")
+        for name, v in (
+            ("isc_splits", isc_splits),
+            ("kid_subsets", kid_subsets),
+            ("kid_subset_size", kid_subset_size),
+            ("prc_neighborhood", prc_neighborhood),
+            ("batch_size", batch_size),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (fid or isc or kid or prc):
+            raise ValueError("no metric selected: set at least one of fid, isc, kid, prc to true")
+        self.extractor = extractor
+        self.spec = EXTRACTORS[extractor]
+        self.weights_path = weights_path
+        self.fid, self.isc, self.kid, self.prc = bool(fid), bool(isc), bool(kid), bool(prc)
+        self.isc_splits, self.kid_subsets = int(isc_splits), int(kid_subsets)
+        self.kid_subset_size, self.prc_neighborhood = int(kid_subset_size), int(prc_neighborhood)
+        self.batch_size = int(batch_size)
+        self.cache_dir = cache_dir
+        self.rng_seed = int(rng_seed)
+        self.download_timeout = download_timeout
+        self.dinov2_repo = dinov2_repo
+        self.net: FeatureExtractorBase | None = None
+        self.device = torch.device("cpu")
+        self.skipped: dict[str, str] = {}
+        self.reference_source: str | None = None  # "cache" or "computed"
+        self.reference_path: Path | None = None
+        self._extractor_id: str | None = None
+
+    @property
+    def selected(self) -> list[str]:
+        """Names of the selected metrics (as ``skipped`` reports them)."""
+        on = {"fid": self.fid, "is": self.isc, "kid": self.kid, "precision/recall": self.prc}
+        return [name for name, wanted in on.items() if wanted]
+
+    # ------------------------------------------------------------------ extractor
+    @property
+    def needs_logits(self) -> bool:
+        return self.isc and self.spec.logits is not None
+
+    def load(self, device: torch.device | str = "cpu") -> None:
+        """Build the extractor on every rank (rank 0 first: it may download into the shared
+        cache). Collective; raises :class:`WeightsUnavailableError` on every rank if any fails."""
+        self.device = torch.device(device)
+        if self.net is not None:
+            self.net.to(self.device)
+            return
+        rank, _ = D.rank_and_world()
+        error: WeightsUnavailableError | None = None
+        for turn in (0, 1):  # rank 0 at turn 0, the others at turn 1
+            if (rank == 0) == (turn == 0):
+                try:
+                    self.net = build_extractor(
+                        self.extractor,
+                        self.weights_path,
+                        logits=self.needs_logits,
+                        download_timeout=self.download_timeout,
+                        dinov2_repo=self.dinov2_repo,
+                    ).to(self.device)
+                except WeightsUnavailableError as e:
+                    error = e
+            if not D.all_true(error is None):
+                first = D.broadcast_object(None if error is None else (error.problem, error.fix))
+                self.net = None
+                if error is not None:
+                    raise error
+                if first is not None:
+                    raise WeightsUnavailableError(*first)
+                raise WeightsUnavailableError(
+                    "the feature extractor could not be loaded on another rank", "See its log"
+                )
+
+    @property
+    def extractor_id(self) -> str:
+        assert self.net is not None, "call load() first"
+        if self._extractor_id is None:
+            self._extractor_id = extractor_id(self.net)
+        return self._extractor_id
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> Features:
+        """Features of uint8 images (B, 1|3, H, W) (grayscale is repeated to RGB). Local."""
+        assert self.net is not None, "call load() first"
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"expected uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        feats, logits = [], []
+        for x in images.split(self.batch_size):
+            x = x.to(self.device)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            with torch.autocast(self.device.type, enabled=False):  # the extractor's own dtype
+                out = self.net.convert_features_tuple_to_dict(self.net(x.contiguous()))
+            feats.append(out[self.spec.features].float().cpu())
+            if self.needs_logits:
+                logits.append(out[self.spec.logits].float().cpu())
+        return Features(torch.cat(feats), torch.cat(logits) if logits else None)
+
+    def extract_all(
+        self, batches: Iterable[Tensor], total: int | None = None, progress: bool = False
+    ) -> Features:
+        parts = [
+            self.extract(x)
+            for x in progress_iter(batches, total=total, desc="features", enabled=progress)
+        ]
+        if not parts:
+            d = torch.zeros(0, 0)
+            return Features(d, d if self.needs_logits else None)
+        return Features.cat(parts)
+
+    def extract_source(self, source: ImageSource, progress: bool = False) -> Features:
+        """This rank's block of ``source``, extracted (local; gather with ``.gather()``)."""
+        block = D.shard(len(source))
+        batches = source.batches(block.start, block.stop, self.batch_size)
+        total = -(-len(block) // self.batch_size)
+        return self.extract_all(batches, total=total, progress=progress)
+
+    # ------------------------------------------------------------------ reference
+    def reference(self, source: ImageSource, progress: bool = False) -> Features | None:
+        """The reference features (no logits): cached, else extracted by all ranks (each its
+        block) and cached by rank 0. Collective; the features on rank 0, None elsewhere."""
+        rank, _ = D.rank_and_world()
+        key = path = None
+        if self.cache_dir and source.key:
+            key = cache_key(
+                source.key, len(source), source.image_shape, self.extractor_id, self.spec.features
+            )
+            path = cache_path(self.cache_dir, key)
+        cached = probe = None
+        if rank == 0 and key is not None:
+            probe = content_probe(source)
+            cached = load_cached(path, key, probe)  # type: ignore[arg-type]
+        self.reference_path = path
+        if D.broadcast_object(cached is not None):
+            self.reference_source = "cache"
+            log.info("reference features loaded from %s", path)
+            return Features(cached) if rank == 0 else None  # type: ignore[arg-type]
+        local = self.extract_source(source, progress=progress)
+        feats = D.gather_rows(local.features)
+        self.reference_source = "computed"
+        if rank != 0:
+            return None
+        if key is not None:
+            save_cached(path, key, probe, feats)  # type: ignore[arg-type]
+            log.info("reference features (%d images) saved to %s", len(feats), path)
+        return Features(feats)
+
+    # ------------------------------------------------------------------ scores
+    def compute(self, gen: Features, ref: Features | None) -> dict[str, float]:
+        """The scores from all the features (one process): torch-fidelity's numbers."""
+        tf = torch_fidelity
+        self.skipped = {}
+        out: dict[str, float] = {}
+        common = dict(
+            feature_extractor=_Precomputed.NAME,
+            cuda=False,
+            batch_size=4096,
+            verbose=False,
+            cache=False,
+            save_cpu_ram=True,  # no DataLoader workers; batched precision/recall
+            rng_seed=self.rng_seed,
+        )
+        n = len(gen)
+        if self.isc:
+            if gen.logits is None:
+                self.skipped["is"] = (
+                    f"the Inception Score needs class logits and extractor={self.extractor} has "
+                    "none (use extractor=inception)"
+                )
+            else:
+                splits = _clamp("isc_splits", self.isc_splits, n)
+                r = tf.calculate_metrics(
+                    input1=_Rows(gen.logits), isc=True, isc_splits=splits, **common
+                )
+                out["is"] = float(r[tf.KEY_METRIC_ISC_MEAN])
+                out["is_std"] = float(r[tf.KEY_METRIC_ISC_STD])
+        pairs = {"fid": self.fid, "kid": self.kid, "prc": self.prc}
+        if self.prc and min(n, len(ref or [])) <= self.prc_neighborhood:
+            pairs["prc"] = False
+            self.skipped["precision/recall"] = (
+                f"needs more than prc_neighborhood={self.prc_neighborhood} images per set"
+            )
+        if any(pairs.values()):
+            if ref is None or len(ref) < 2 or n < 2:
+                raise ValueError("FID/KID/precision-recall need at least 2 images in each set")
+            subset = _clamp("kid_subset_size", self.kid_subset_size, min(n, len(ref)))
+            r = tf.calculate_metrics(
+                input1=_Rows(gen.features),
+                input2=_Rows(ref.features),
+                **pairs,
+                kid_subsets=self.kid_subsets,
+                kid_subset_size=subset,
+                prc_neighborhood=self.prc_neighborhood,
+                **common,
+            )
+            if self.fid:
+                out["fid"] = float(r[tf.KEY_METRIC_FID])
+            if self.kid:
+                out["kid"] = float(r[tf.KEY_METRIC_KID_MEAN])
+                out["kid_std"] = float(r[tf.KEY_METRIC_KID_STD])
+                out["kid_subset_size"] = float(subset)
+            if pairs["prc"]:
+                out["precision"] = float(r[tf.KEY_METRIC_PRECISION])
+                out["recall"] = float(r[tf.KEY_METRIC_RECALL])
+        return out
+
+    def score(self, gen: Features, ref: Features | None) -> dict[str, float]:
+        """Gather this rank's generated features, compute on rank 0, return the scores on every
+        rank (collective). ``ref`` is needed on rank 0 only."""
+        gen = gen.gather()
+        rank, _ = D.rank_and_world()
+        result: Any = None
+        if rank == 0:
+            try:
+                result = ("ok", self.compute(gen, ref), self.skipped)
+            except Exception as e:  # tell the other ranks instead of leaving them waiting
+                result = ("error", f"{type(e).__name__}: {e}", {})
+                D.broadcast_object(result)
+                raise
+        status, value, skipped = D.broadcast_object(result)
+        if status == "error":
+            raise RuntimeError(f"scoring failed on rank 0: {value}")
+        self.skipped = dict(skipped)
+        return dict(value)
