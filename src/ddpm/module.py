@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
@@ -71,27 +73,6 @@ def set_rng_states(states: dict[str, Tensor], device: torch.device | None = None
     )
     if "cuda" in states and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
-
-
-class LinearWarmup:
-    """LR multiplier min(1, (step + 1) / warmup_steps): DDPM's linear warmup (5000 steps)."""
-
-    def __init__(self, warmup_steps: int = 5000) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
-
-
-def linear_warmup(
-    optimizer: torch.optim.Optimizer, warmup_steps: int = 5000
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with DDPM's linear warmup over ``warmup_steps`` optimizer steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
 
 
 def find_ema(trainer: pl.Trainer | None) -> Any | None:
@@ -248,6 +229,28 @@ class DiffusionModule(pl.LightningModule):
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, also for fused optimizers under mixed precision, which
+        Lightning refuses (Lightning issue #21435) although bf16 scales no gradients and, under
+        fp16, torch's ``GradScaler.unscale_`` before a fused step is supported (the step then
+        does not unscale again)."""
+        plugin = self.trainer.precision_plugin
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if not (gradient_clip_val and fused and isinstance(plugin, MixedPrecision)):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        if plugin.scaler is not None:
+            plugin.scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     # ------------------------------------------------------------------ RNG around validation
     def on_validation_model_zero_grad(self) -> None:
