@@ -103,7 +103,7 @@ class ProgressLines(ProgressBar):
             if key != "v_num":
                 parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
         if now > self._last_time:
-            parts.append(f"{self._images / (now - self._last_time):.0f} img/s")
+            parts.append(f"{self._images / (now - self._last_time):.3g} img/s")
         parts.append(f"elapsed {_hms(now - self._start)}")
         done = step - self._start_step
         if total and done > 0:
