@@ -44,7 +44,8 @@ def test_log_files_get_a_plain_line_every_n_steps(
         "step 5/5 (100%)",
     ]
     assert all(
-        re.search(r"train/loss [\d.e+-]+ \| [\d.e+]+ img/s \| elapsed 0:00:\d\d", ln) for ln in lines
+        re.search(r"train/loss [\d.e+-]+ \| [\d.e+]+ img/s \| elapsed 0:00:\d\d", ln)
+        for ln in lines
     )
     assert all(re.search(r"ETA 0:00:\d\d$", ln) for ln in lines)
 
