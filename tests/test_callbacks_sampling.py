@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +119,16 @@ def test_grid_png_is_the_same_for_any_batch_size(sampler, tmp_path: Path) -> Non
     pa, pb = tmp_path / "a" / "step_0000004.png", tmp_path / "b" / "step_0000004.png"
     assert pa.is_file() and pb.is_file()
     img_a, img_b = read_png(pa), read_png(pb)
-    assert img_a.shape == (grid_side(4), grid_side(4), 3)  # 16 samples -> 4 x 4 grid
+    # 16 samples -> 4 x 4 grid of 42 px, enlarged 13x (nearest) to at least 512 px
+    k = math.ceil(512 / grid_side(4))
+    assert img_a.shape == (k * grid_side(4), k * grid_side(4), 3)
     assert np.array_equal(img_a, img_b)
     assert img_a.std() > 0
-    # denoising strip: 2 seeds x (x_t row, x0 row), ~8 timesteps as columns
+    small = img_a[::k, ::k]  # every pixel is a k x k block
+    assert np.array_equal(np.repeat(np.repeat(small, k, 0), k, 1), img_a)
+    # denoising strip: 2 seeds x (x_t row, x0 row), ~8 timesteps as columns, labelled
     strip = read_png(tmp_path / "a" / "denoise_step_0000004.png")
-    assert strip.shape[0] == grid_side(4)
-    assert strip.shape[1] in {grid_side(k) for k in range(5, 9)}
+    assert strip.shape[1] >= 512 and strip.shape[0] > 4 * SIZE
     assert a.saved == [pa, tmp_path / "a" / "denoise_step_0000004.png"]
 
 
@@ -274,3 +278,55 @@ def test_invalid_arguments() -> None:
         SampleGrid(num_samples=0)
     with pytest.raises(ValueError, match="batch_size"):
         SampleGrid(batch_size=-1)
+
+
+def test_end_of_training_grid_reports_progress_and_stops_between_batches_on_a_signal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop signal during the end-of-training grid (here: during its first batch) ends it
+    before the next batch; the run's final checkpoint is kept. Each batch is announced."""
+    from ddpm.callbacks.preemption import PreemptionCheckpoint
+
+    pre = PreemptionCheckpoint(dirpath=tmp_path / "ckpt")
+    inner, calls = DDIMSampler(steps=3), []
+
+    def sampler(*args, **kwargs):
+        calls.append(len(calls))
+        out = inner(*args, **kwargs)
+        if len(calls) == 2:
+            pre.request()  # what Ctrl-C / SIGTERM does
+        return out
+
+    cb = SampleGrid(
+        sampler, every_n_steps=None, num_samples=8, batch_size=2, output_dir=str(tmp_path / "s")
+    )
+    caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
+    fit(
+        make_module(TinyEpsNet()),
+        image_loader(),
+        [EMA(), cb, pre],
+        steps=3,
+        enable_checkpointing=True,
+    )
+    assert len(calls) == 2 and cb.saved == []  # 2 of 4 batches, no grid, no strip
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    text = caplog.text
+    assert "8 samples in 4 batch(es) of 2" in text and "batch 2/4 done" in text
+    assert "stopped on a signal" in text and "batch 3/4" not in text
+
+
+def test_no_end_of_training_grid_before_the_first_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run shorter than the grid cadence (a smoke test) draws no end-of-training grid."""
+    cb = SampleGrid(
+        DDIMSampler(steps=3),
+        every_n_steps=10,
+        num_samples=4,
+        batch_size=4,
+        output_dir=str(tmp_path),
+    )
+    caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
+    fit(make_module(TinyEpsNet()), image_loader(), [cb], steps=3)
+    assert cb.saved == [] and not list(tmp_path.glob("*.png"))
+    assert "ended at step 3, before its first grid (every 10 steps)" in caplog.text

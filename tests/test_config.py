@@ -84,6 +84,8 @@ def test_data_options_instantiate(name: str, tmp_path: Path) -> None:
     overrides = [f"data={name}"]
     if name == "image_folder":
         overrides.append(f"data.root={tmp_path}")
+    if name == "hf":  # loaded at setup (tests/test_hf_data.py)
+        overrides.append(f"data.path={tmp_path}")
     cfg = compose_cfg(overrides, tmp_path)
     dm = instantiate(cfg.data)
     assert dm is not None

@@ -181,9 +181,13 @@ def test_hybrid_loss_and_stop_gradient() -> None:
     # ... while the full loss trains both
     (grad,) = torch.autograd.grad(terms["loss"].sum(), out_param)
     assert grad[:, :2].abs().sum() > 0 and grad[:, 2:].abs().sum() > 0
-    # loss_type vlb: no stop-gradient
+    # loss_type vlb: no stop-gradient; the one-term estimate of L_vlb is T·L_t (improved-diffusion's
+    # RESCALED_KL), the very term the hybrid loss weights by λ
+    hybrid_vb = terms["loss"] - mse
     terms = DiffusionLoss("vlb")(d, model, x0, t, eps)
-    torch.testing.assert_close(terms["loss"], terms["vb"])
+    torch.testing.assert_close(terms["vb"], vb)
+    torch.testing.assert_close(terms["loss"], T * vb)
+    torch.testing.assert_close(0.001 * terms["loss"], hybrid_vb.detach())
     (grad,) = torch.autograd.grad(terms["loss"].sum(), out_param)
     assert grad[:, :2].abs().sum() > 0
 

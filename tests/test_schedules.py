@@ -104,6 +104,7 @@ def test_alphas_cumprod_strictly_decreasing(name: str, T: int) -> None:
         ("linear", "linear", {}),
         ("scaled_linear", "scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),
         ("cosine", "squaredcos_cap_v2", {}),
+        ("sigmoid_beta", "sigmoid", {}),
     ],
 )
 @pytest.mark.parametrize("zero_snr", [False, True])
@@ -117,6 +118,23 @@ def test_matches_diffusers(ours: str, theirs: str, kwargs: dict, zero_snr: bool)
         1 - make_beta_schedule(ours, 1000, rescale_to_zero_terminal_snr=zero_snr, **kwargs)
     )
     np.testing.assert_allclose(ac, ref, rtol=0, atol=1e-6)
+
+
+def test_the_two_sigmoids_are_different_schedules() -> None:
+    """``sigmoid`` (on ᾱ, denoising-diffusion-pytorch's) and ``sigmoid_beta`` (on β, diffusers'
+    "sigmoid") share a word, not a curve: ᾱ is 0.5 half-way for one (a sigmoid symmetric in ᾱ),
+    0.30 for the other, and at 3T/4 they differ 26-fold."""
+    T = 1000
+    on_ac = np.cumprod(1 - make_beta_schedule("sigmoid", T))
+    on_beta = np.cumprod(1 - make_beta_schedule("sigmoid_beta", T))
+    assert on_ac[T // 2 - 1] == pytest.approx(0.5, abs=2e-3)  # symmetric sigmoid in ᾱ
+    assert on_beta[T // 2 - 1] == pytest.approx(0.302, abs=2e-3)
+    assert on_ac[3 * T // 4 - 1] > 20 * on_beta[3 * T // 4 - 1]
+    # sigmoid_beta: β itself is the sigmoid, from beta_start to beta_end
+    betas = make_beta_schedule("sigmoid_beta", T)
+    sig = 1 / (1 + np.exp(-np.linspace(-6, 6, T)))
+    np.testing.assert_allclose(betas, 1e-4 + (0.02 - 1e-4) * sig, rtol=1e-12)
+    assert make_beta_schedule("sigmoid_beta", 500)[-1] == pytest.approx(2 * betas[-1], rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])

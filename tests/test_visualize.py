@@ -164,11 +164,16 @@ def test_forward_point_cloud_and_zero_terminal_snr(tmp_path: Path) -> None:
     assert torch.equal(x_t[-1], res["noise"])  # ᾱ_T = 0: pure noise
 
 
+def test_forward_without_data_uses_the_training_default(tmp_path: Path) -> None:
+    """The README's first picture, as written: no data= and no checkpoint -> train.py's digits."""
+    res = run(["what=forward", "schedules=[linear,cosine]", "forward.num_images=2"], tmp_path)
+    assert res["x0"].shape == (2, 1, 16, 16)
+    assert_pngs(res, ["forward.png", "schedules.png"])
+
+
 def test_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="what must be one of"):
         run(["what=nope"], tmp_path)
-    with pytest.raises(ValueError, match="data=digits"):
-        run(["what=forward"], tmp_path)
     with pytest.raises(ValueError, match=r"timesteps must .* \[0, T=100\]"):
         run(
             ["what=forward", "data=digits", "num_timesteps=100", "forward.timesteps=[0,101]"],

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, LossSecondMomentSampler, UniformSampler
@@ -23,27 +25,6 @@ from ddpm.run.rng import seed_global_rngs, seeded_generator, step_seed
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
 _GLOBAL_STREAM, _NOISE_STREAM = 0, 1
-
-
-class LinearWarmup:
-    """LR multiplier min(1, (step + 1) / warmup_steps): DDPM's linear warmup (5000 steps)."""
-
-    def __init__(self, warmup_steps: int = 5000) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
-
-
-def linear_warmup(
-    optimizer: torch.optim.Optimizer, warmup_steps: int = 5000
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with DDPM's linear warmup over ``warmup_steps`` optimizer steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
 
 
 def find_ema(trainer: pl.Trainer | None) -> Any | None:
@@ -197,6 +178,28 @@ class DiffusionModule(pl.LightningModule):
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, also for fused optimizers under mixed precision, which
+        Lightning refuses (Lightning issue #21435) although bf16 scales no gradients and, under
+        fp16, torch's ``GradScaler.unscale_`` before a fused step is supported (the step then
+        does not unscale again)."""
+        plugin = self.trainer.precision_plugin
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if not (gradient_clip_val and fused and isinstance(plugin, MixedPrecision)):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        if plugin.scaler is not None:
+            plugin.scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

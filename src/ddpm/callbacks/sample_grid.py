@@ -8,11 +8,19 @@ grid whatever ``batch_size`` or the number of devices. The grid is saved as
 both are logged to W&B / TensorBoard when those loggers are active. 2-D toy data gives scatter
 plots instead of image grids. Other ranks skip (no collective inside), so under DDP they simply
 wait for rank 0 at the next gradient all-reduce.
+
+Sampling is announced in the log with a line per batch (and the sampler's progress bar on a
+terminal); between batches it stops when a stop signal arrived (the checkpoint is written all the
+same). A run that ends before its first grid (``global_step < every_n_steps``, e.g. a smoke test)
+draws no end-of-training grid: an untrained model's samples are noise, and drawing them can take
+longer than the run (64 images x 50 steps through a 64x64 U-Net on a CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,7 @@ from ddpm.callbacks._common import (
     log_metrics_now,
     sample_shape_of,
 )
+from ddpm.callbacks.preemption import preemption_requested
 from ddpm.utils.images import (
     denoising_trajectory,
     save_denoising_strip,
@@ -67,16 +76,41 @@ def sample_with_seeds(
     seeds: Sequence[int],
     batch_size: int,
     device: torch.device | str | None = None,
-) -> Tensor:
-    """Samples for ``seeds`` (one per sample), drawn ``batch_size`` at a time; CPU float32."""
+    stop: Callable[[], bool] | None = None,
+    announce: Callable[[int, int], None] | None = None,
+    **sampler_kwargs: Any,
+) -> Tensor | None:
+    """Samples for ``seeds`` (one per sample), drawn ``batch_size`` at a time; CPU float32.
+
+    Before each batch ``stop()`` is asked (None is returned when it says so) and after each
+    ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler."""
     out = []
     seeds = list(seeds)
-    for start in range(0, len(seeds), batch_size):
+    starts = range(0, len(seeds), batch_size)
+    for i, start in enumerate(starts):
+        if stop is not None and stop():
+            return None
         chunk = seeds[start : start + batch_size]
         gen = PerSampleGenerator(chunk, device=device or "cpu")
-        x = sampler(model, diffusion, (len(chunk), *sample_shape), generator=gen, device=device)
+        x = sampler(
+            model,
+            diffusion,
+            (len(chunk), *sample_shape),
+            generator=gen,
+            device=device,
+            **sampler_kwargs,
+        )
         out.append(x.detach().float().cpu())
+        if announce is not None:
+            announce(i + 1, len(starts))
     return torch.cat(out) if out else torch.empty(0, *sample_shape)
+
+
+def _describe(sampler: Any) -> str:
+    """``ddim (50 steps, η=0)``-style name of a sampler (``ddpm.viz.reverse.sampler_label``)."""
+    from ddpm.viz.reverse import sampler_label
+
+    return sampler_label(sampler)
 
 
 class SampleGrid(PeriodicCallback):
@@ -152,6 +186,26 @@ class SampleGrid(PeriodicCallback):
         self.saved: list[Path] = []  # every PNG written (rank 0)
 
     # ------------------------------------------------------------------ hooks
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The end-of-training grid, unless the run stopped on a signal or ended before its first
+        grid (then the samples would be noise, and could take longer than the run)."""
+        if not self.at_train_end or is_fast_dev_run(trainer):
+            return
+        if preemption_requested(trainer):
+            log.info("SampleGrid: stopping on a signal, no end-of-training grid")
+            return
+        step = trainer.global_step
+        if self.every_n_steps and step < self.every_n_steps:
+            if trainer.is_global_zero:
+                log.info(
+                    "SampleGrid: the run ended at step %d, before its first grid (every %d steps):"
+                    " no end-of-training grid (python src/sample.py ckpt_path=... draws samples)",
+                    step,
+                    self.every_n_steps,
+                )
+            return
+        super().on_train_end(trainer, pl_module)
+
     # ------------------------------------------------------------------ work
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
@@ -174,6 +228,23 @@ class SampleGrid(PeriodicCallback):
         written: list[Path] = []
         was_training = model.training
         model.eval()
+        stop = lambda: preemption_requested(trainer)  # noqa: E731
+        # the sampler's own progress bar on a terminal (log files get the lines below)
+        extra = {"progress": True} if sys.stderr.isatty() else {}
+        n_batches = -(-self.num_samples // self.batch_size)
+        log.info(
+            "SampleGrid: step %d, %d samples in %d batch(es) of %d with %s",
+            step,
+            self.num_samples,
+            n_batches,
+            self.batch_size,
+            _describe(sampler),
+        )
+        start = time.monotonic()
+
+        def announce(done: int, total: int) -> None:
+            log.info("SampleGrid: batch %d/%d done (%.0f s)", done, total, time.monotonic() - start)
+
         try:
             samples = sample_with_seeds(
                 sampler,
@@ -183,7 +254,13 @@ class SampleGrid(PeriodicCallback):
                 range(self.seed, self.seed + self.num_samples),
                 self.batch_size,
                 device=device,
+                stop=stop,
+                announce=announce if n_batches > 1 else None,
+                **extra,
             )
+            if samples is None:
+                log.info("SampleGrid: stopped on a signal before the grid was complete")
+                return []
             path = out_dir / f"step_{step:07d}.png"
             if len(shape) == 1:
                 if shape[0] != 2:
@@ -199,7 +276,7 @@ class SampleGrid(PeriodicCallback):
             strip_seeds = self.strip_seeds
             if len(shape) == 1 and strip_seeds:  # a point cloud needs many points
                 strip_seeds = list(range(self.seed, self.seed + self.num_samples))
-            if strip_seeds:
+            if strip_seeds and not stop():
                 traj = denoising_trajectory(
                     sampler, model, diffusion, shape, strip_seeds, self.strip_frames, device=device
                 )
@@ -209,19 +286,25 @@ class SampleGrid(PeriodicCallback):
                         "x_t": denorm(traj["x_t"]),
                         "pred_xstart": denorm(traj["pred_xstart"]),
                     }
-                strip_path = out_dir / f"denoise_step_{step:07d}.png"
-                strip = save_denoising_strip(
-                    traj, strip_path, denormalize=denorm if len(shape) > 1 else None
+                strip_path = save_denoising_strip(
+                    traj,
+                    out_dir / f"denoise_step_{step:07d}.png",
+                    denormalize=denorm if len(shape) > 1 else None,
+                    seeds=strip_seeds,
+                    title=f"Denoising at step {step}: {_describe(sampler)}",
                 )
                 written.append(strip_path)
-                log_image(trainer, "samples/denoising", strip, strip_path)
+                log_image(trainer, "samples/denoising", None, strip_path)
+            if stop():
+                return written
             if shape == (2,) and self.playground:
                 written += self._playground(trainer, model, diffusion, sampler, out_dir, device)
             if len(shape) == 3:
                 written += self._image_pictures(trainer, model, diffusion, out_dir, device, denorm)
         finally:
             model.train(was_training)
-        self.saved.extend(written)
+            self.saved.extend(written)
+        log.info("SampleGrid: step %d done in %.0f s", step, time.monotonic() - start)
         return written
 
     def _image_pictures(

@@ -52,6 +52,7 @@ DATASETS = {
     "cifar10": _Spec(3, 32, True, True),
     "celeba": _Spec(3, 64, True, False),
     "image_folder": _Spec(3, 64, False, False),
+    "hf": _Spec(3, 64, False, False),  # ddpm.data.hf.HFImageDataModule
 }
 STATS_SAMPLES = 1000  # images used for 'standardize' statistics when decoding from files
 
@@ -149,9 +150,10 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if val_split is not None and not 0.0 <= float(val_split) < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
-        if val_split is None and not spec.has_test_split:
+        has_test_split = self._has_test_split(spec)
+        if val_split is None and not has_test_split:
             val_split = 0.1
-        if val_split == 0 and not spec.has_test_split:
+        if val_split == 0 and not has_test_split:
             raise ValueError(f"val_split=0 leaves {name!r} (no test split) without validation data")
         if max_val_samples is not None:
             check_positive_int(max_val_samples, "max_val_samples")
@@ -189,6 +191,10 @@ class ImageDataModule(pl.LightningDataModule):
             Normalization() if normalization == "minus_one_one" else None
         )
 
+    def _has_test_split(self, spec: _Spec) -> bool:
+        """Whether the source has its own test split (else val/test are held out of training)."""
+        return spec.has_test_split
+
     # -- identity ---------------------------------------------------------------------------------
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -206,15 +212,18 @@ class ImageDataModule(pl.LightningDataModule):
         channels, normalisation and the validation split."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        base = self.name
-        if self.name == "image_folder":
-            base = f"image_folder_{folder_fingerprint(self._folder_files())}"
-        key = f"{base}-{split}-{self.image_size}px-{self.channels}ch-{self.normalization}"
+        key = f"{self._source_key()}-{split}-{self.image_size}px-{self.channels}ch-{self.normalization}"
         if self.val_split and split in ("train", "val"):
             key += f"-val{self.val_split}_seed{self.seed}"
         if split == "val" and self.max_val_samples:
             key += f"-first{self.max_val_samples}"
         return key
+
+    def _source_key(self) -> str:
+        """The data set's part of :meth:`data_key_for` (for folders a fingerprint of the files)."""
+        if self.name == "image_folder":
+            return f"image_folder_{folder_fingerprint(self._folder_files())}"
+        return self.name
 
     @property
     def data_key(self) -> str:
@@ -247,6 +256,17 @@ class ImageDataModule(pl.LightningDataModule):
     def _load(self) -> dict[str, Dataset]:
         if self._splits is not None:
             return self._splits
+        train_all, test = self._sources()
+        train, val = self._split(train_all, test)
+        if self.max_val_samples is not None and len(val) > self.max_val_samples:
+            val = self._subset(val, range(self.max_val_samples))
+        self._splits = {"train": train, "val": val, "test": test if test is not None else val}
+        if self._normalizer is None:
+            self._normalizer = self._standardizer(train)
+        return self._splits
+
+    def _sources(self) -> tuple[Dataset, Dataset | None]:
+        """The uint8 training data and the official test split (None when there is none)."""
         if self.name == "digits":
             data = prepare(load_digits_uint8(), self.image_size, self.channels)
             train_all, test = TensorImages(data), None
@@ -261,15 +281,11 @@ class ImageDataModule(pl.LightningDataModule):
             assert self.root is not None
             sets = [torchvision_dataset(self.name, self.root, t, self.download) for t in (1, 0)]
             train_all, test = (self._files_dataset(celeba_files(s)) for s in sets)
-        else:
+        elif self.name == "image_folder":
             train_all, test = self._files_dataset(self._checked_folder_files()), None
-        train, val = self._split(train_all, test)
-        if self.max_val_samples is not None and len(val) > self.max_val_samples:
-            val = self._subset(val, range(self.max_val_samples))
-        self._splits = {"train": train, "val": val, "test": test if test is not None else val}
-        if self._normalizer is None:
-            self._normalizer = self._standardizer(train)
-        return self._splits
+        else:
+            raise ValueError(f"{type(self).__name__} cannot load data name {self.name!r}")
+        return train_all, test
 
     def _files_dataset(self, files: list[Path]) -> ImageFiles:
         return ImageFiles(files, self.image_size, self.channels, self.on_bad_image)

@@ -6,6 +6,11 @@
 * L_hybrid = L_simple + λ·L_vlb, λ = 0.001, with a stop-gradient on the mean in L_vlb so the
   vlb term trains only the variance (improved DDPM §3.1). As in improved-diffusion, the
   single-term estimate of L_vlb is T·L_t, so λ·L_vlb = 0.001·T·L_t.
+
+L_vlb = Σ_t L_t is estimated from one uniformly drawn t as T·L_t, so ``vlb`` trains on T·L_t
+(improved-diffusion's ``RESCALED_KL``): the gradient has the size the bound has, which gradient
+clipping and Adam's ε are tuned for; L_t alone would be T times smaller. The per-sample ``vb``
+(logged as ``train/vb``) stays L_t in bits/dim.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ class DiffusionLoss:
 
     Args:
         loss_type: ``simple`` (MSE on the target), ``hybrid`` (L_simple + λ·L_vlb, improved
-            DDPM) or ``vlb`` (the bound term alone, in bits/dim).
+            DDPM) or ``vlb`` (the bound alone, T·L_t with L_t in bits/dim).
         lambda_vlb: λ of the hybrid loss (0.001 in improved DDPM).
         min_snr_gamma: if set, weight the MSE by min-SNR-γ (e.g. 5.0).
 
@@ -193,7 +198,7 @@ class DiffusionLoss:
         else:
             vb = vb_terms_bpd(diffusion, model_output, x_start, x_t, t)["output"]
             terms["vb"] = vb
-            terms["loss"] = vb
+            terms["loss"] = diffusion.num_timesteps * vb  # RESCALED_KL: L_vlb ≈ T·L_t
         return terms
 
 

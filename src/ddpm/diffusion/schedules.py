@@ -8,7 +8,10 @@ Names follow diffusers' ``beta_schedule`` vocabulary. Naming traps:
   this one "linear" and call DDPM's linear "sqrt_linear" -- do not mix them up.
 * ``cosine`` is improved DDPM's ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T)+s)/(1+s)·π/2), s=0.008,
   β clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17). diffusers calls it "squaredcos_cap_v2".
-* ``sigmoid`` is the sigmoid schedule of GeoDiff / denoising-diffusion-pytorch (Jabri et al.).
+* ``sigmoid`` is a sigmoid on ᾱ: ᾱ(t) ∝ σ(τ⁻¹ end) - σ(τ⁻¹ (t/T (end - start) + start))
+  (Jabri et al. 2022), denoising-diffusion-pytorch's ``sigmoid_beta_schedule`` and its default.
+  diffusers' ``beta_schedule="sigmoid"`` is a different schedule, a sigmoid on β (GeoDiff, Xu
+  et al. 2022): that one is ``sigmoid_beta`` here. Same word, different ᾱ curves.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "sigmoid_beta")
 
 
 def _check_T(num_timesteps: int) -> None:
@@ -77,7 +80,8 @@ def sigmoid_betas(
     tau: float = 1.0,
     max_beta: float = 0.999,
 ) -> np.ndarray:
-    """Sigmoid schedule on ᾱ (Jabri et al. 2022, used by denoising-diffusion-pytorch)."""
+    """Sigmoid schedule on ᾱ (Jabri et al. 2022; denoising-diffusion-pytorch's default). Not
+    diffusers' ``sigmoid``, which is :func:`sigmoid_beta_betas`."""
     t = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
 
     def sig(x: np.ndarray | float) -> np.ndarray:
@@ -86,6 +90,17 @@ def sigmoid_betas(
     v_start, v_end = sig(start / tau), sig(end / tau)
     f = (-sig((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
     return betas_from_alphas_cumprod(f[1:] / f[0], max_beta)
+
+
+def sigmoid_beta_betas(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
+    """Sigmoid on β (GeoDiff, Xu et al. 2022; diffusers' ``beta_schedule="sigmoid"``):
+    β = beta_start + (beta_end - beta_start) σ(linspace(-6, 6, T)); endpoints given for T=1000 and
+    scaled by 1000/T like ``linear``."""
+    scale = 1000.0 / num_timesteps
+    sig = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)))
+    return scale * (beta_start + (beta_end - beta_start) * sig)
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -108,7 +123,8 @@ def make_beta_schedule(
 ) -> np.ndarray:
     """Return β_1..β_T (float64, shape (T,)) for a named schedule or user-given ``betas``.
 
-    ``name`` is one of ``linear``, ``scaled_linear``, ``cosine``, ``sigmoid``, or ``custom``
+    ``name`` is one of ``linear``, ``scaled_linear``, ``cosine``, ``sigmoid`` (on ᾱ,
+    denoising-diffusion-pytorch's), ``sigmoid_beta`` (on β, diffusers' "sigmoid"), or ``custom``
     (then ``betas`` is required). Extra keyword arguments go to the schedule function
     (``beta_start``/``beta_end``, ``s``, ``start``/``end``/``tau``, ``max_beta``).
     """
@@ -123,6 +139,7 @@ def make_beta_schedule(
             "scaled_linear": scaled_linear_betas,
             "cosine": cosine_betas,
             "sigmoid": sigmoid_betas,
+            "sigmoid_beta": sigmoid_beta_betas,
         }
         if name not in fns:
             raise ValueError(

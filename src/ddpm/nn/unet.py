@@ -214,6 +214,9 @@ class UNet(nn.Module):
         use_scale_shift_norm: FiLM-like conditioning on the timestep (improved DDPM).
         resblock_updown: resample with ResBlocks instead of conv / nearest+conv (BigGAN style).
         norm_groups: GroupNorm groups; must divide every channel count.
+        num_timesteps: if set (T), ``t`` is multiplied by 1000 / T before the embedding, so the
+            network sees t in [0, 1000) for any T (improved-diffusion's ``rescale_timesteps``);
+            None feeds ``t`` as is (DDPM).
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         norm_groups: int = 32,
+        num_timesteps: int | None = None,
     ) -> None:
         super().__init__()
         channel_mult = _as_int_tuple("channel_mult", channel_mult)
@@ -246,6 +250,14 @@ class UNet(nn.Module):
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if num_timesteps is not None and (
+            not isinstance(num_timesteps, int)
+            or isinstance(num_timesteps, bool)
+            or num_timesteps < 1
+        ):
+            raise ValueError(
+                f"num_timesteps must be null or an integer >= 1, got {num_timesteps!r}"
+            )
         if not channel_mult or min(channel_mult) < 1:
             raise ValueError(
                 f"channel_mult must be a non-empty sequence of integers >= 1, got {channel_mult}"
@@ -293,7 +305,9 @@ class UNet(nn.Module):
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
             norm_groups=norm_groups,
+            num_timesteps=num_timesteps,
         )
+        self.t_scale = None if num_timesteps is None else 1000.0 / num_timesteps
 
         emb_channels = 4 * model_channels
 
@@ -382,6 +396,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """``x`` (B, in_channels, H, W), ``t`` (B,) or scalar -> (B, out_channels, H, W)."""
         t = self._check_inputs(x, t)
+        if self.t_scale is not None:
+            t = t * self.t_scale
         emb = timestep_embedding(t, self.model_channels).to(self.input_conv.weight.dtype)
         # Every block starts its timestep projection with SiLU; apply it once here.
         emb = F.silu(self.time_embed(emb))

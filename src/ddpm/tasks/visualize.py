@@ -57,13 +57,16 @@ def _load(cfg: DictConfig, device: torch.device) -> LoadedModel:
 
 
 def build_datamodule(cfg: DictConfig, loaded: LoadedModel | None) -> Any:
-    """``cfg.data`` when given (``data=...``), else the checkpoint's data config."""
+    """``cfg.data`` when given (``data=...``), else the checkpoint's data config, else
+    ``cfg.default_data`` (train.py's default data set)."""
     if cfg.get("data") is not None:
         node = OmegaConf.to_container(cfg.data, resolve=True)
     elif loaded is not None:
         node = dict(loaded.config["data"])
         if cfg.get("data_root") and "root" in node:
             node["root"] = str(cfg.data_root)
+    elif cfg.get("default_data") is not None:
+        node = OmegaConf.to_container(cfg.default_data, resolve=True)
     else:
         raise ValueError(
             f"what={cfg.what} needs data: give data=<name> (e.g. data=digits or "

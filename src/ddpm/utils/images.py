@@ -3,7 +3,9 @@ the denoising strip (x_t and the predicted x̂₀ along one reverse trajectory).
 
 Images are float tensors (B, C, H, W) in [-1, 1] unless a ``denormalize`` function (model space ->
 [0, 1], e.g. ``ImageDataModule.denormalize``) is given. Grids reuse ``torchvision.utils.make_grid``
-and are rounded exactly like ``torchvision.utils.save_image`` (x * 255 + 0.5, clamped).
+and are rounded exactly like ``torchvision.utils.save_image`` (x * 255 + 0.5, clamped). Saved grids
+of small images are enlarged by an integer factor (nearest neighbour: every pixel stays a sharp
+square) to at least ``MIN_WIDTH`` pixels, so a 16x16-digit grid is not 146 pixels wide on screen.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 Denormalize = Callable[[Tensor], Tensor]
+MIN_WIDTH = 512  # pixels: saved grids narrower than this are enlarged (nearest neighbour)
 
 
 def to_unit_range(x: Tensor, denormalize: Denormalize | None = None) -> Tensor:
@@ -66,6 +69,15 @@ def make_grid_uint8(
     return grid.mul(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
 
 
+def upscale_nearest(image: Tensor, min_width: int = MIN_WIDTH) -> Tensor:
+    """A (C, H, W) image enlarged by the smallest integer factor that makes it at least
+    ``min_width`` wide (each pixel becomes a k x k block); unchanged when already that wide."""
+    k = max(1, math.ceil(min_width / image.shape[-1]))
+    if k == 1:
+        return image
+    return image.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
 def save_uint8_png(image: Tensor, path: str | os.PathLike) -> Path:
     """Write a uint8 (C, H, W) tensor as PNG (atomically: temporary file, then rename)."""
     from PIL import Image
@@ -87,9 +99,12 @@ def save_grid(
     nrow: int | None = None,
     denormalize: Denormalize | None = None,
     padding: int = 2,
+    min_width: int = MIN_WIDTH,
 ) -> Tensor:
-    """Save model-space images (B, C, H, W) as one uint8 grid PNG; returns the grid (3, H', W')."""
+    """Save model-space images (B, C, H, W) as one uint8 grid PNG, enlarged to at least
+    ``min_width`` pixels (:func:`upscale_nearest`); returns the saved grid (3, H', W')."""
     grid = make_grid_uint8(images, nrow=nrow, denormalize=denormalize, padding=padding)
+    grid = upscale_nearest(grid, min_width)
     save_uint8_png(grid, path)
     return grid
 
@@ -240,14 +255,18 @@ def save_denoising_strip(
     traj: dict[str, Tensor],
     path: str | os.PathLike,
     denormalize: Denormalize | None = None,
-) -> Tensor | None:
-    """Save a :func:`denoising_trajectory` as PNG: an image grid (rows x_t / x̂₀ per seed) for
-    images, scatter panels of x_t for 2-D points. Returns the uint8 grid for images, else None."""
+    seeds: Sequence[int] | None = None,
+    title: str = "",
+) -> Path:
+    """Save a :func:`denoising_trajectory` as a labelled PNG: for images, rows "seed s: x_t" and
+    "seed s: x̂₀" per seed and one column per recorded t (``ddpm.viz.reverse.reverse_figure``,
+    the picture of ``visualize.py what=reverse``); for 2-D points, scatter panels."""
     if traj["x_t"].ndim == 3:  # (K, N, D) points
-        save_scatter_strip(
+        return save_scatter_strip(
             {"x_t": traj["x_t"], "x̂₀": traj["pred_xstart"]}, traj["timesteps"].tolist(), path
         )
-        return None
-    grid = strip_grid(traj, denormalize)
-    save_uint8_png(grid, path)
-    return grid
+    from ddpm.viz.plots import save_figure
+    from ddpm.viz.reverse import reverse_figure
+
+    seeds = list(range(traj["x_t"].shape[1])) if seeds is None else list(seeds)
+    return save_figure(reverse_figure(traj, seeds, title or "Denoising", denormalize), path)

@@ -1,0 +1,67 @@
+"""Training progress in optimizer steps: a step/max_steps bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar
+
+from ddpm.callbacks.progress import ProgressLines, StepProgressBar, training_progress
+from test_callbacks_sampling import TinyEpsNet, image_loader, make_module
+
+
+def _fit(callbacks: list, steps: int, tmp_path: Path, bar: bool = True) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        max_epochs=-1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bar,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(make_module(TinyEpsNet()), image_loader(16))  # 2 batches an epoch
+    return trainer
+
+
+def test_log_files_get_a_plain_line_every_n_steps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    progress = training_progress(every_n_steps=2)
+    assert isinstance(progress, ProgressLines)  # pytest's stdout is not a terminal
+    caplog.set_level("INFO", logger="ddpm.callbacks.progress")
+    _fit([progress], 5, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ddpm.callbacks.progress"]
+    assert [ln.split(" |")[0] for ln in lines] == [
+        "step 2/5 (40%)",
+        "step 4/5 (80%)",
+        "step 5/5 (100%)",
+    ]
+    assert all(
+        re.search(r"train/loss [\d.e+-]+ \| [\d.e+]+ img/s \| elapsed 0:00:\d\d", ln)
+        for ln in lines
+    )
+    assert all(re.search(r"ETA 0:00:\d\d$", ln) for ln in lines)
+
+
+def test_terminal_bar_counts_steps_of_max_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _fit([StepProgressBar()], 5, tmp_path)  # 3 epochs of 2 batches, max_epochs=-1
+    out = capsys.readouterr().out
+    assert "5/5" in out and "Training (epoch 2)" in out
+    assert "/-2" not in out and "2/2" not in out  # no per-epoch count, no "Epoch 2/-2"
+
+
+def test_disabled_progress_is_accepted_by_lightning(tmp_path: Path) -> None:
+    progress = training_progress(enabled=False)
+    assert not isinstance(progress, ProgressBar)
+    _fit([progress], 1, tmp_path, bar=False)  # Lightning refuses a bar with the bar disabled
+    with pytest.raises(ValueError, match="every_n_steps"):
+        training_progress(every_n_steps=0)
