@@ -151,6 +151,8 @@ def test_scheduler_config_is_our_process_both_ways(kw: dict) -> None:
     ours = GaussianDiffusion(**kw)
     config = scheduler_config(ours, clip_sample=False, timestep_spacing="trailing")
     named = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
+    if kw == dict(schedule="linear"):  # DDPM's, as google/ddpm-cifar10-32's scheduler says it
+        assert (config["beta_start"], config["beta_end"]) == (1e-4, 0.02)
     if kw["schedule"] in named and not kw.get("rescale_zero_terminal_snr"):
         assert config["beta_schedule"] == named[kw["schedule"]] and "trained_betas" not in config
     else:
@@ -169,17 +171,13 @@ def test_scheduler_config_is_our_process_both_ways(kw: dict) -> None:
     assert hints == {"clip_denoised": False, "spacing": "trailing"}
 
 
-def _our_checkpoint(path: Path, net: UNet, spacing: str, T: int = 1000) -> Path:
+def _our_checkpoint(path: Path, net: UNet, spacing: str, **diffusion) -> Path:
     """One of our exported checkpoints (``ddpm-net-v1``) holding ``net`` and its run config."""
     from ddpm.tasks.export import write_safetensors
 
     config = {
         "model": {"_target_": "ddpm.nn.UNet", **net.config},
-        "diffusion": {
-            "_target_": "ddpm.diffusion.GaussianDiffusion",
-            "schedule": "linear",
-            "num_timesteps": T,
-        },
+        "diffusion": {"_target_": "ddpm.diffusion.GaussianDiffusion", **diffusion},
         "data": {"channels": net.in_channels, "image_size": net.image_size},
         "sampler": {
             "_target_": "ddpm.diffusion.samplers.DDIMSampler",
@@ -239,6 +237,35 @@ def test_exported_pipeline_samples_like_our_sampler(tmp_path: Path, spacing: str
     assert imported.config["sampler"]["spacing"] == spacing
 
 
+def test_learned_variance_and_class_conditional_exports(tmp_path: Path) -> None:
+    """learned_range runs in DDPMPipeline (2C outputs split by DDPMScheduler); a conditional
+    U-Net exports with K + 1 class embeddings; the model card says what the pipelines cannot."""
+    from ddpm.tasks.export import export
+
+    learned = _random_unet(dict(PRESETS["tiny"], out_channels=6))
+    ckpt = _our_checkpoint(
+        tmp_path / "learned.safetensors", learned, "uniform", variance_type="learned_range"
+    )
+    out = tmp_path / "learned"
+    export(compose_cfg([f"ckpt_path={ckpt}", "format=diffusers", f"out={out}"], tmp_path, "export"))
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.variance_type == "learned_range"
+    images = pipe(num_inference_steps=3, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    assert "cannot run this model" in (out / "README.md").read_text()
+
+    cond = _random_unet(dict(PRESETS["tiny"], num_classes=4))
+    ckpt = _our_checkpoint(tmp_path / "cond.safetensors", cond, "uniform")
+    out = tmp_path / "cond"
+    export(compose_cfg([f"ckpt_path={ckpt}", "format=diffusers", f"out={out}"], tmp_path, "export"))
+    unet = diffusers.UNet2DModel.from_pretrained(out, subfolder="unet")
+    assert unet.config.num_class_embeds == 5 and unet.config.class_embed_type is None
+    _same_outputs(cond, unet)
+    card = (out / "README.md").read_text().replace("\n", " ")
+    assert "4 classes and the null class 4" in card and "guidance" in card
+
+
 def test_import_train_export_load_in_diffusers(tmp_path: Path) -> None:
     """A random UNet2DModel (diffusers' own defaults: cos-first embedding, 8-channel heads) is
     fine-tuned here with model=diffusers, exported, and loads in diffusers with the new weights."""
@@ -257,6 +284,7 @@ def test_import_train_export_load_in_diffusers(tmp_path: Path) -> None:
         norm_num_groups=8,
     )
     source.save_pretrained(tmp_path / "source")
+    assert unet_from_pretrained(str(tmp_path / "source")).training  # dropout on in fine-tuning
     cfg = compose_cfg(
         [
             *TINY,

@@ -479,13 +479,14 @@ def unet_from_pretrained(
             f"the UNet2DModel in {path} does not fit this run (data / objective):\n  - "
             + "\n  - ".join(wrong)
         )
-    return net
+    return net.train()  # like any freshly built network (from_pretrained gives eval mode)
 
 
 # ---------------------------------------------------------------------------------- scheduler
 def _named_schedules(betas: np.ndarray) -> list[dict[str, Any]]:
     """diffusers' named schedules that could produce ``betas`` (checked numerically after)."""
-    start, end = float(betas[0]), float(betas[-1])
+    # β from float64 ᾱ ratios carry ~1e-12 noise: 9.999999999998899e-05 is written as 1e-4
+    start, end = (float(f"{b:.10g}") for b in (betas[0], betas[-1]))
     return [
         {"beta_schedule": "linear", "beta_start": start, "beta_end": end},
         {"beta_schedule": "scaled_linear", "beta_start": start, "beta_end": end},
