@@ -17,12 +17,9 @@ from torch import Tensor, nn
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def ours(image_size: int = 32, channels: int = 3, dropout: float = 0.1) -> nn.Module:
-    """Our DDPM CIFAR-10 U-Net (35.7M parameters)."""
-    from ddpm.nn import unet_preset
-
-    return unet_preset(
-        "cifar10",
+def _cifar10_kwargs(image_size: int, channels: int, dropout: float) -> dict[str, Any]:
+    """Our ``cifar10`` preset at other sizes (attention at half the input size, as at 32x32)."""
+    return dict(
         image_size=image_size,
         in_channels=channels,
         dropout=dropout,
@@ -30,26 +27,25 @@ def ours(image_size: int = 32, channels: int = 3, dropout: float = 0.1) -> nn.Mo
     )
 
 
+def ours(image_size: int = 32, channels: int = 3, dropout: float = 0.1) -> nn.Module:
+    """Our DDPM CIFAR-10 U-Net (35.7M parameters)."""
+    from ddpm.nn import unet_preset
+
+    return unet_preset("cifar10", **_cifar10_kwargs(image_size, channels, dropout))
+
+
 def diffusers_unet(image_size: int = 32, channels: int = 3, dropout: float = 0.1) -> nn.Module:
-    """diffusers' UNet2DModel with google/ddpm-cifar10-32's configuration (35.7M parameters)."""
+    """diffusers' UNet2DModel with google/ddpm-cifar10-32's configuration (35.7M parameters):
+    our architecture with DDPM's released settings (TF padding, GroupNorm eps 1e-6, freq_shift 1),
+    mapped by ``ddpm.interop.diffusers``; diffusers' own initialisation."""
     from diffusers import UNet2DModel
 
-    net = UNet2DModel(
-        sample_size=image_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        dropout=dropout,
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
-    return _Unwrap(net)
+    from ddpm.interop.diffusers import unet_to_diffusers_config
+    from ddpm.nn import PRESETS
+
+    kwargs = {**PRESETS["cifar10"], **_cifar10_kwargs(image_size, channels, dropout)}
+    release = dict(norm_eps=1e-6, downsample_padding=0, freq_shift=1)
+    return _Unwrap(UNet2DModel(**unet_to_diffusers_config({**kwargs, **release})))
 
 
 def ddp_unet(image_size: int = 32, channels: int = 3, dropout: float = 0.1) -> nn.Module:

@@ -1,7 +1,9 @@
-"""Export a checkpoint's EMA network to safetensors (config as metadata).
+"""Export a checkpoint: our safetensors (default) or a diffusers pipeline folder; import one.
 
 python src/export.py ckpt_path=PATH out=model.safetensors
 python src/sample.py ckpt_path=model.safetensors sampler=ddim
+python src/export.py ckpt_path=PATH format=diffusers out=DIR   # DDPMPipeline.from_pretrained(DIR)
+python src/export.py ckpt_path=DIR out=model.safetensors        # import a diffusers pipeline
 """
 
 import hydra

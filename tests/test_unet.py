@@ -69,6 +69,18 @@ def test_timestep_embedding_known_values():
         timestep_embedding(torch.zeros(2, 1), 8)
 
 
+def test_timestep_embedding_ddpm_variant():
+    """freq_shift=1: ω_i = 10000^(-i/(half-1)) (DDPM's TF code); flip_sin_to_cos: cos half first."""
+    t = torch.tensor([0, 7, 999])
+    emb = timestep_embedding(t, 8, freq_shift=1, flip_sin_to_cos=True)
+    freqs = torch.tensor([10000.0 ** (-i / 3) for i in range(4)], dtype=torch.float64)
+    args = t.double()[:, None] * freqs
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+    torch.testing.assert_close(emb, expected, atol=2e-4, rtol=0)  # float32 args up to ~1e3
+    with pytest.raises(ValueError, match="freq_shift"):
+        timestep_embedding(t, 8, freq_shift=4)
+
+
 # --- U-Net shapes ---------------------------------------------------------------------------
 
 
@@ -306,3 +318,159 @@ def test_mlp_denoiser_fits_a_time_dependent_target():
     with torch.no_grad():
         final = (model(x, t) - y).pow(2).mean().item()
     assert final < 0.02 * first, (first, final)
+
+
+# --- class conditioning ---------------------------------------------------------------------
+
+
+def _unet_parameters_by_formula(
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    image_size: int = 32,
+    model_channels: int = 128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks: int = 2,
+    attention_resolutions=(16,),
+    use_scale_shift_norm: bool = False,
+    resblock_updown: bool = False,
+    **_: object,
+) -> int:
+    """DDPM's U-Net (Ho et al. 2020, App. B) counted layer by layer, independently of the code."""
+
+    def conv(cin, cout, k=3):
+        return k * k * cin * cout + cout
+
+    def lin(i, o):
+        return i * o + o
+
+    def res(cin, cout):
+        e = 4 * model_channels
+        skip = conv(cin, cout, 1) if cin != cout else 0
+        return (
+            2 * cin
+            + conv(cin, cout)
+            + lin(e, cout * (2 if use_scale_shift_norm else 1))
+            + (2 * cout + conv(cout, cout) + skip)
+        )
+
+    def attn(c):
+        return 2 * c + lin(c, 3 * c) + lin(c, c)
+
+    def resample(c):
+        return res(c, c) if resblock_updown else conv(c, c)
+
+    ch = model_channels
+    n = lin(ch, 4 * ch) + lin(4 * ch, 4 * ch) + conv(in_channels, ch)
+    skips, levels = [ch], len(channel_mult)
+    for level, mult in enumerate(channel_mult):
+        size = image_size // 2**level
+        for _ in range(num_res_blocks):
+            n += res(ch, model_channels * mult)
+            ch = model_channels * mult
+            n += attn(ch) if size in attention_resolutions else 0
+            skips.append(ch)
+        if level < levels - 1:
+            n += resample(ch)
+            skips.append(ch)
+    n += 2 * res(ch, ch) + attn(ch)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        size = image_size // 2**level
+        for i in range(num_res_blocks + 1):
+            n += res(ch + skips.pop(), model_channels * mult)
+            ch = model_channels * mult
+            n += attn(ch) if size in attention_resolutions else 0
+            n += resample(ch) if level and i == num_res_blocks else 0
+    return n + 2 * ch + conv(ch, out_channels or in_channels)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_unconditional_presets_keep_their_parameters(name):
+    """num_classes=None is today's network (same count, same keys); K classes add (K+1) x 4ch."""
+    with torch.device("meta"):
+        plain, none, cond = (
+            unet_preset(name, **kw) for kw in ({}, {"num_classes": 0}, {"num_classes": 10})
+        )
+    assert count_parameters(plain) == _unet_parameters_by_formula(**PRESETS[name])
+    assert none.state_dict().keys() == plain.state_dict().keys()
+    assert not any("label" in k for k in plain.state_dict())
+    assert set(cond.state_dict()) - set(plain.state_dict()) == {"label_emb.weight"}
+    emb = 4 * PRESETS[name]["model_channels"]
+    assert count_parameters(cond) == count_parameters(plain) + 11 * emb
+
+
+def test_parameter_formula_covers_scale_shift_and_resblock_updown():
+    with torch.device("meta"):
+        assert count_parameters(UNet(**SMALL)) == _unet_parameters_by_formula(**SMALL)
+
+
+def test_conditional_unet_embeds_labels():
+    torch.manual_seed(0)
+    model = _unzero(unet_preset("tiny", num_classes=3)).eval()
+    assert model.num_classes == model.null_class == 3
+    x = torch.randn(1, 3, 16, 16).expand(4, -1, -1, -1)
+    t = torch.full((4,), 500)
+    with torch.no_grad():
+        out = model(x, t, torch.tensor([0, 1, 2, 3]))
+        null = model(x, t)  # None = the null class for the whole batch
+        single = model(x[:1], t[:1], torch.tensor([1]))
+    for i in range(4):
+        for j in range(i):
+            assert (out[i] - out[j]).abs().max() > 1e-3, (i, j)
+    torch.testing.assert_close(null, out[3:].expand(4, -1, -1, -1))
+    torch.testing.assert_close(single[0], out[1], atol=1e-5, rtol=1e-5)  # no cross-talk
+
+
+def test_conditional_unet_trains_the_class_embedding_and_has_no_host_sync():
+    torch.manual_seed(0)
+    model = _unzero(UNet(**{**SMALL, "dropout": 0.0, "num_classes": 2}))
+    x = torch.randn(3, 3, 8, 8)
+    model(x, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])).square().mean().backward()
+    assert model.label_emb.weight.grad[:3].abs().sum(1).gt(0).all()
+    with torch.device("meta"):
+        meta = unet_preset("tiny", num_classes=4)
+        out = meta(torch.empty(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+        out = meta(torch.empty(2, 3, 16, 16), 0, torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("net", ["unet", "mlp"])
+@pytest.mark.parametrize(
+    ("labels", "needle"),
+    [
+        (torch.tensor([0, 4]), r"\[0, 3\].*\[4\]"),
+        (torch.tensor([-1, 0]), r"\[0, 3\].*\[-1\]"),
+        (torch.tensor([0.0, 1.0]), "integers"),
+        (torch.tensor([True, False]), "integers"),
+        (torch.tensor([0, 1, 2]), r"shape \(2,\)"),
+        ([0, 1], r"LongTensor of shape \(2,\)"),
+    ],
+)
+def test_bad_class_labels_raise(net, labels, needle):
+    model = unet_preset("tiny", num_classes=3) if net == "unet" else MLPDenoiser(num_classes=3)
+    x = torch.randn(2, 3, 16, 16) if net == "unet" else torch.randn(2, 2)
+    with pytest.raises(ValueError, match=needle):
+        model(x, torch.tensor([1, 2]), labels)
+
+
+@pytest.mark.parametrize("net", ["unet", "mlp"])
+def test_labels_on_unconditional_network_and_bad_num_classes_raise(net):
+    build = (lambda **kw: unet_preset("tiny", **kw)) if net == "unet" else MLPDenoiser
+    x = torch.randn(2, 3, 16, 16) if net == "unet" else torch.randn(2, 2)
+    with pytest.raises(ValueError, match="unconditional network.*num_classes=K"):
+        build()(x, 1, torch.tensor([0, 1]))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes"):
+            build(num_classes=bad)
+
+
+def test_conditional_mlp():
+    torch.manual_seed(0)
+    plain, cond = MLPDenoiser(), MLPDenoiser(num_classes=8)
+    assert set(cond.state_dict()) - set(plain.state_dict()) == {"label_emb.weight"}
+    assert count_parameters(cond) == count_parameters(plain) + 9 * 128
+    assert cond.null_class == 8 and plain.null_class is None
+    x, t = torch.randn(1, 2).expand(9, 2), torch.full((9,), 10)
+    with torch.no_grad():
+        out = cond(x, t, torch.arange(9))
+        torch.testing.assert_close(cond(x, t), out[8:].expand(9, 2))
+    assert torch.cdist(out, out).add(torch.eye(9)).min() > 1e-3  # every label differs

@@ -1,4 +1,5 @@
-"""Networks ``forward(x_t, t) -> output``; they know nothing of noise schedules."""
+"""Networks ``forward(x_t, t, class_labels=None) -> output``; they know nothing of noise
+schedules."""
 
 from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
 from ddpm.nn.mlp import MLPDenoiser

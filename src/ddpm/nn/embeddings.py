@@ -8,6 +8,11 @@ Vaswani et al. 2017, §3.5): for ``half = dim // 2`` frequencies
 
 (sin half first, as in DDPM's ``get_timestep_embedding``; the exponent divides by ``half`` as in
 improved-diffusion, so ``dim=2`` is well defined). An odd ``dim`` gets one trailing zero.
+diffusers' ``Timesteps`` options describe the variants: ``freq_shift=1`` divides by ``half - 1``
+(DDPM's TF code and the ``google/ddpm-*`` ports), ``flip_sin_to_cos=True`` puts the cos half first.
+
+Class labels (Ho & Salimans 2022; ADM's ``label_emb``): a conditional network holds ``K + 1``
+embeddings, label ``K`` being the learned "null" class of classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -15,32 +20,51 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def timestep_frequencies(
-    dim: int, max_period: float = 10000.0, device: torch.device | str | None = None
+    dim: int,
+    max_period: float = 10000.0,
+    device: torch.device | str | None = None,
+    freq_shift: float = 0.0,
 ) -> Tensor:
-    """The ``dim // 2`` float32 frequencies ``ω_i = max_period^(-i / half)``."""
+    """The ``dim // 2`` float32 frequencies ``ω_i = max_period^(-i / (half - freq_shift))``."""
     half = dim // 2
+    denominator = half - freq_shift if half > 1 else 1  # one frequency: ω_0 = 1 whatever the shift
+    if denominator <= 0:
+        raise ValueError(f"freq_shift={freq_shift!r} must be < dim // 2 = {half}")
     exponent = torch.arange(half, dtype=torch.float32, device=device) * (
-        -math.log(max_period) / max(half, 1)
+        -math.log(max_period) / denominator
     )
     return torch.exp(exponent)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    freq_shift: float = 0.0,
+    flip_sin_to_cos: bool = False,
+) -> Tensor:
     """Sinusoidal embedding of timesteps ``t`` (shape (B,), int or float) -> float32 (B, dim).
 
-    ``t = 0`` gives ``[0, ..., 0, 1, ..., 1]`` (sin half, then cos half).
+    ``t = 0`` gives ``[0, ..., 0, 1, ..., 1]`` (sin half, then cos half; reversed if
+    ``flip_sin_to_cos``).
     """
     if dim < 1:
         raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
     if t.ndim != 1:
         raise ValueError(f"t must have shape (B,), got shape {tuple(t.shape)}")
-    freqs = timestep_frequencies(dim, max_period, device=t.device)
+    freqs = timestep_frequencies(dim, max_period, device=t.device, freq_shift=freq_shift)
     args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    trig = (
+        (torch.cos(args), torch.sin(args))
+        if flip_sin_to_cos
+        else (torch.sin(args), torch.cos(args))
+    )
+    emb = torch.cat(trig, dim=1)
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
@@ -57,3 +81,50 @@ def broadcast_timesteps(t: Tensor | int | float, batch_size: int, device: torch.
             f"t must be a scalar or have shape (B,) = ({batch_size},), got shape {tuple(t.shape)}"
         )
     return t
+
+
+def class_embedding(num_classes: int | None, dim: int) -> nn.Embedding | None:
+    """``K + 1`` learned class embeddings (the last is the null class), or None for ``K`` None/0."""
+    if num_classes is None or num_classes == 0:
+        return None
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(
+            f"num_classes must be null/0 (unconditional) or an integer >= 1, got {num_classes!r}"
+        )
+    return nn.Embedding(num_classes + 1, dim)
+
+
+def check_class_labels(
+    class_labels: Tensor | None, num_classes: int | None, batch_size: int, device: torch.device
+) -> Tensor | None:
+    """The labels a network embeds: None on an unconditional network, the null class ``K`` for
+    the whole batch when ``class_labels`` is None. Raises ValueError for labels given to an
+    unconditional network, a shape other than (B,), a non-integer dtype or labels outside [0, K].
+    """
+    if not num_classes:
+        if class_labels is not None:
+            raise ValueError(
+                "class_labels were given to an unconditional network; build it with "
+                "num_classes=K to condition on K classes"
+            )
+        return None
+    if class_labels is None:
+        return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
+    if not isinstance(class_labels, Tensor) or class_labels.shape != (batch_size,):
+        shape = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else class_labels
+        raise ValueError(f"class_labels must be a LongTensor of shape ({batch_size},), got {shape}")
+    if (
+        class_labels.dtype.is_floating_point
+        or class_labels.dtype.is_complex
+        or (class_labels.dtype == torch.bool)
+    ):
+        raise ValueError(f"class_labels must be integers, got dtype {class_labels.dtype}")
+    # one host sync; skipped where data-dependent control flow is impossible (compile, meta)
+    if class_labels.device.type != "meta" and not torch.compiler.is_compiling():
+        bad = (class_labels < 0) | (class_labels > num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"class_labels must lie in [0, {num_classes}] ({num_classes} is the null class), "
+                f"got {class_labels[bad].unique().tolist()}"
+            )
+    return class_labels

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
+from ddpm.nn.embeddings import (
+    broadcast_timesteps,
+    check_class_labels,
+    class_embedding,
+    timestep_embedding,
+)
 
 __all__ = ["MLPDenoiser"]
 
@@ -25,13 +30,15 @@ class _ResidualBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """``forward(x (B, data_dim), t (B,)) -> (B, out_dim)`` for low-dimensional data.
+    """``forward(x (B, data_dim), t (B,), class_labels=None) -> (B, out_dim)`` for 2-D toy data.
 
     t -> sinusoidal(time_embed_dim) -> Linear -> SiLU -> Linear -> SiLU (emb, hidden_dim);
     x -> Linear -> ``num_layers`` residual blocks (each adds a projection of emb) -> SiLU ->
     Linear. ``t`` is rescaled by ``1000 / num_timesteps`` before the sinusoidal embedding, so
     the embedding spans the same frequencies for any number of diffusion steps T.
     ``out_dim=None`` means ``data_dim`` (pass ``2 * data_dim`` for a learned variance).
+    ``num_classes=K`` adds a learned class embedding (K + 1, label K the null class) to the
+    time MLP's output, as the U-Net does.
     """
 
     def __init__(
@@ -42,6 +49,7 @@ class MLPDenoiser(nn.Module):
         num_layers: int = 3,
         time_embed_dim: int = 64,
         num_timesteps: int = 1000,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         out_dim = data_dim if out_dim is None else out_dim
@@ -64,20 +72,34 @@ class MLPDenoiser(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
         )
+        self.label_emb = class_embedding(num_classes, hidden_dim)
+        self.num_classes = num_classes or None
         self.input = nn.Linear(data_dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim) for _ in range(num_layers))
         self.output = nn.Linear(hidden_dim, out_dim)
 
-    def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
-        """``x`` (B, data_dim), ``t`` (B,) or scalar -> (B, out_dim)."""
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class (``num_classes``), None when unconditional."""
+        return self.num_classes
+
+    def forward(
+        self, x: Tensor, t: Tensor | int | float, class_labels: Tensor | None = None
+    ) -> Tensor:
+        """``x`` (B, data_dim), ``t`` (B,) or scalar, ``class_labels`` (B,) or None
+        -> (B, out_dim)."""
         if x.ndim != 2 or x.shape[1] != self.data_dim:
             raise ValueError(
                 f"x must have shape (B, data_dim) = (B, {self.data_dim}), "
                 f"got shape {tuple(x.shape)}"
             )
         t = broadcast_timesteps(t, x.shape[0], x.device)
+        labels = check_class_labels(class_labels, self.num_classes, x.shape[0], x.device)
         emb = timestep_embedding(t * self.t_scale, self.time_embed_dim)
-        emb = F.silu(self.time_embed(emb.to(self.input.weight.dtype)))
+        emb = self.time_embed(emb.to(self.input.weight.dtype))
+        if labels is not None:
+            emb = emb + self.label_emb(labels)
+        emb = F.silu(emb)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)

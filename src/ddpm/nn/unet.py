@@ -18,7 +18,10 @@ CIFAR-10 model. GroupNorm uses PyTorch's eps 1e-5 (improved-diffusion; DDPM's TF
 
 The network knows nothing of noise schedules: ``forward(x_t, t)`` returns whatever the caller
 trains it to predict (ε, x_0, v, and optionally the variance interpolation ``v`` of improved
-DDPM, eq. 15, when ``out_channels = 2 * in_channels``).
+DDPM, eq. 15, when ``out_channels = 2 * in_channels``). With ``num_classes=K`` it is class
+conditional: ``forward(x_t, t, class_labels)`` adds a learned class embedding to the timestep
+embedding after its MLP (ADM's ``label_emb``); label ``K`` is the null class of classifier-free
+guidance (Ho & Salimans 2022) and ``class_labels=None`` means it for the whole batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
+from ddpm.nn.embeddings import (
+    broadcast_timesteps,
+    check_class_labels,
+    class_embedding,
+    timestep_embedding,
+    timestep_frequencies,
+)
 
 __all__ = ["PRESETS", "UNet", "count_parameters", "unet_preset"]
 
@@ -142,16 +151,18 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
     """Stride-2 conv3x3 (DDPM's ``resamp_with_conv``), padding 1 as in improved-diffusion.
 
-    DDPM's TensorFlow "SAME" padding is asymmetric (0 left/top, 1 right/bottom): same parameters,
-    one-pixel shift of the sampling grid; matters only when porting DDPM checkpoints.
+    ``padding=0`` is DDPM's TensorFlow "SAME" padding, asymmetric (0 left/top, 1 right/bottom;
+    diffusers' ``downsample_padding=0``): same parameters, one-pixel shift of the sampling grid;
+    needed to run DDPM's released weights (the ``google/ddpm-*`` ports) exactly.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad = (0, 1, 0, 1) if padding == 0 else None
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        return self.conv(x)
+        return self.conv(x if self.pad is None else F.pad(x, self.pad))
 
 
 class Upsample(nn.Module):
@@ -195,7 +206,7 @@ def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
 
 
 class UNet(nn.Module):
-    """The DDPM / improved-DDPM U-Net; ``forward(x, t) -> (B, out_channels, H, W)``.
+    """The DDPM / improved-DDPM U-Net; ``forward(x, t, class_labels=None) -> (B, C_out, H, W)``.
 
     Args:
         in_channels: image channels C.
@@ -217,6 +228,11 @@ class UNet(nn.Module):
         num_timesteps: if set (T), ``t`` is multiplied by 1000 / T before the embedding, so the
             network sees t in [0, 1000) for any T (improved-diffusion's ``rescale_timesteps``);
             None feeds ``t`` as is (DDPM).
+        num_classes: K >= 1 makes the network class conditional (K + 1 embeddings, label K the
+            null class); None or 0 is unconditional.
+        norm_eps, downsample_padding, flip_sin_to_cos, freq_shift: diffusers' ``UNet2DModel``
+            options of the same names, to run DDPM's released weights exactly (1e-6, 0, False, 1;
+            ``ddpm.interop.diffusers``); the defaults are improved-diffusion's.
     """
 
     def __init__(
@@ -235,6 +251,11 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
         norm_groups: int = 32,
         num_timesteps: int | None = None,
+        num_classes: int | None = None,
+        norm_eps: float = 1e-5,
+        downsample_padding: int = 1,
+        flip_sin_to_cos: bool = False,
+        freq_shift: int = 0,
     ) -> None:
         super().__init__()
         channel_mult = _as_int_tuple("channel_mult", channel_mult)
@@ -278,6 +299,17 @@ class UNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
+            raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
+        if downsample_padding not in (0, 1):
+            raise ValueError(
+                f"downsample_padding must be 1 (symmetric) or 0 (TF 'SAME', DDPM), "
+                f"got {downsample_padding!r}"
+            )
+        label_emb = class_embedding(num_classes, 4 * model_channels)  # validates num_classes
+        self.num_classes = num_classes or None
+        self.time_embedding_kw = dict(freq_shift=freq_shift, flip_sin_to_cos=bool(flip_sin_to_cos))
+        timestep_frequencies(model_channels, freq_shift=freq_shift)  # validates freq_shift
         if num_head_channels == -1:
             if not isinstance(num_heads, int) or num_heads < 1:
                 raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
@@ -306,6 +338,11 @@ class UNet(nn.Module):
             resblock_updown=resblock_updown,
             norm_groups=norm_groups,
             num_timesteps=num_timesteps,
+            num_classes=self.num_classes,
+            norm_eps=norm_eps,
+            downsample_padding=downsample_padding,
+            flip_sin_to_cos=bool(flip_sin_to_cos),
+            freq_shift=freq_shift,
         )
         self.t_scale = None if num_timesteps is None else 1000.0 / num_timesteps
 
@@ -338,6 +375,7 @@ class UNet(nn.Module):
             nn.SiLU(),
             nn.Linear(emb_channels, emb_channels),
         )
+        self.label_emb = label_emb  # ADM's label_emb, diffusers' class_embedding
         self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         # Down path: every block's output is a skip for the up path.
@@ -353,7 +391,11 @@ class UNet(nn.Module):
                 self.down.append(UNetBlock(block, attn))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.down.append(res_block(ch, ch, "down") if resblock_updown else Downsample(ch))
+                self.down.append(
+                    res_block(ch, ch, "down")
+                    if resblock_updown
+                    else Downsample(ch, downsample_padding)
+                )
                 skip_channels.append(ch)
 
         # Middle: ResBlock, attention, ResBlock.
@@ -375,6 +417,9 @@ class UNet(nn.Module):
 
         self.out_norm = _group_norm(ch, norm_groups)
         self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+        for m in self.modules():  # one eps for every GroupNorm (DDPM's TF code used 1e-6)
+            if isinstance(m, nn.GroupNorm):
+                m.eps = float(norm_eps)
         # Conv weights in channels_last too (``forward`` feeds NHWC activations): oneDNN then
         # needs no weight reorders and its backward runs 3-8x faster on CPU than in NCHW.
         # ``.to(device)``, ``load_state_dict`` and ``deepcopy`` keep the layout.
@@ -393,14 +438,26 @@ class UNet(nn.Module):
             )
         return broadcast_timesteps(t, B, x.device)
 
-    def forward(self, x: Tensor, t: Tensor | int | float) -> Tensor:
-        """``x`` (B, in_channels, H, W), ``t`` (B,) or scalar -> (B, out_channels, H, W)."""
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class (``num_classes``), None when unconditional."""
+        return self.num_classes
+
+    def forward(
+        self, x: Tensor, t: Tensor | int | float, class_labels: Tensor | None = None
+    ) -> Tensor:
+        """``x`` (B, in_channels, H, W), ``t`` (B,) or scalar, ``class_labels`` (B,) or None
+        -> (B, out_channels, H, W)."""
         t = self._check_inputs(x, t)
         if self.t_scale is not None:
             t = t * self.t_scale
-        emb = timestep_embedding(t, self.model_channels).to(self.input_conv.weight.dtype)
+        labels = check_class_labels(class_labels, self.num_classes, x.shape[0], x.device)
+        emb = timestep_embedding(t, self.model_channels, **self.time_embedding_kw)
+        emb = self.time_embed(emb.to(self.input_conv.weight.dtype))
+        if labels is not None:
+            emb = emb + self.label_emb(labels)
         # Every block starts its timestep projection with SiLU; apply it once here.
-        emb = F.silu(self.time_embed(emb))
+        emb = F.silu(emb)
 
         # channels_last activations: oneDNN's convolutions (above all their backward) are several
         # times faster in NHWC on CPU than in NCHW; the layout propagates through every layer.
