@@ -285,7 +285,7 @@ def test_end_of_training_grid_reports_progress_and_stops_between_batches_on_a_si
 ) -> None:
     """A stop signal during the end-of-training grid (here: during its first batch) ends it
     before the next batch; the run's final checkpoint is kept. Each batch is announced."""
-    from ddpm.callbacks.preemption import PreemptionCheckpoint
+    from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 
     pre = PreemptionCheckpoint(dirpath=tmp_path / "ckpt")
     inner, calls = DDIMSampler(steps=3), []
@@ -301,13 +301,14 @@ def test_end_of_training_grid_reports_progress_and_stops_between_batches_on_a_si
         sampler, every_n_steps=None, num_samples=8, batch_size=2, output_dir=str(tmp_path / "s")
     )
     caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
-    fit(
-        make_module(TinyEpsNet()),
-        image_loader(),
-        [EMA(), cb, pre],
-        steps=3,
-        enable_checkpointing=True,
-    )
+    with pytest.raises(TrainingInterrupted):  # the run then stops at once (exit 128 + signal)
+        fit(
+            make_module(TinyEpsNet()),
+            image_loader(),
+            [EMA(), cb, pre],
+            steps=3,
+            enable_checkpointing=True,
+        )
     assert len(calls) == 2 and cb.saved == []  # 2 of 4 batches, no grid, no strip
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     text = caplog.text

@@ -75,9 +75,9 @@ def _export_ddpm(loaded: LoadedModel, cfg: DictConfig) -> Path:
 
 def _run_metrics(ckpt_path: Path) -> dict[str, float]:
     """The run's ``metrics.json`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/metrics.json``)."""
-    from ddpm.tasks.train import _source_run_dir
+    from ddpm.run.checkpoints import source_run_dir
 
-    path = _source_run_dir(str(ckpt_path)) / "metrics.json"
+    path = source_run_dir(str(ckpt_path)) / "metrics.json"
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
