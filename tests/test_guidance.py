@@ -23,25 +23,12 @@ from ddpm.diffusion import (
     heun_sample,
     unipc_sample,
 )
-from oracles import ClassConditionalOracle
+from oracles import ClassConditionalOracle, gen, one_thread  # noqa: F401
 
 MEANS = [[-0.4, -0.3], [0.4, 0.3], [0.3, -0.5]]  # overlapping classes: guidance matters
 STDS = [0.25, 0.25, 0.2]
 WEIGHTS = [0.3, 0.4, 0.3]
 N = 6000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def class_posterior(x0: Tensor) -> Tensor:

@@ -32,27 +32,13 @@ from ddpm.diffusion import (
     unipc_sample,
 )
 from ddpm.utils.seeding import PerSampleGenerator
-from oracles import GaussianOracle, MixtureOracle
+from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
 MU = [0.2, -0.3]
 MEANS = [[-0.5, -0.5], [0.5, 0.4]]
 STDS = [0.1, 0.15]
 WEIGHTS = [0.3, 0.7]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small (<= 32k elements): intra-op threads only add overhead, and on a
-    busy 2-core machine their spin-waits made a 1000-step run 25x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

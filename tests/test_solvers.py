@@ -29,26 +29,13 @@ from ddpm.diffusion import (
     unipc_sample,
 )
 from ddpm.diffusion.samplers import dpm_solver_coefficients
-from oracles import GaussianOracle, MixtureOracle
+from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
 
 MEANS = [[[-0.5, -0.5]], [[0.5, 0.4]]]  # (1, 2) data: diffusers' thresholding wants (B, C, ...)
 WIDE = [0.1, 0.4]  # wide enough that clipping acts
 WEIGHTS = [0.3, 0.7]
 DIFFUSERS_NUMPY2_WARNING = "ignore:__array__ implementation:DeprecationWarning"
 pytestmark = pytest.mark.filterwarnings(DIFFUSERS_NUMPY2_WARNING)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def setup(prediction_type: str = "epsilon", T: int = 1000):

@@ -115,24 +115,6 @@ def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device)
     return randn(tuple(shape), generator, device).to(device=device, dtype=torch.float32)
 
 
-def start(
-    model: Model,
-    shape: Sequence[int] | None,
-    noise: Tensor | None,
-    generator: Generator,
-    device: torch.device | str | None,
-) -> tuple[Tensor, torch.device]:
-    """(x_T in float32 on the device, device)."""
-    device = model_device(model) if device is None else torch.device(device)
-    if noise is not None:
-        if shape is not None and tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
-        return noise.to(device=device, dtype=torch.float32), device
-    if shape is None:
-        raise ValueError("shape is required when noise is not given")
-    return draw_noise(shape, generator, device), device
-
-
 def timestep_map(diffusion: GaussianDiffusion) -> list[int]:
     """Model timestep of each index of ``diffusion`` (the identity unless it is respaced)."""
     tmap = getattr(diffusion, "timestep_map", None)
@@ -165,14 +147,11 @@ class Denoiser:
         diffusion: GaussianDiffusion,
         alphas_cumprod: Sequence[float],
         model_timesteps: Sequence[int],
-        x: Tensor,
-        *,
         clip_denoised: bool,
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        """``x``: x_T (its batch size and device); ``alphas_cumprod``: ᾱ at each step."""
-        batch, device = x.shape[0], x.device
+        """``alphas_cumprod``: ᾱ at each step; ``model_timesteps``: the network's t there."""
         self.model, self.diffusion, self.clip = model, diffusion, clip_denoised
         self.kind = diffusion.prediction_type
         self.sqrt_ac = [math.sqrt(a) for a in alphas_cumprod]
@@ -180,12 +159,34 @@ class Denoiser:
         if self.kind == "epsilon":  # x₀ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε
             self.recip = [1.0 / math.sqrt(a) for a in alphas_cumprod]
             self.recipm1 = [math.sqrt(1.0 / a - 1.0) for a in alphas_cumprod]
+        self.model_timesteps = [int(s) for s in model_timesteps]
+        self.class_labels = class_labels
         self.scale = check_number(guidance_scale, "guidance_scale")
-        self.labels = _guidance_labels(model, class_labels, self.scale, batch, device)
+
+    def start(
+        self,
+        shape: Sequence[int] | None,
+        noise: Tensor | None,
+        generator: Generator,
+        device: torch.device | str | None,
+    ) -> Tensor:
+        """x_T in float32 on the device (default: the model's); fixes the batch for the calls."""
+        device = model_device(self.model) if device is None else torch.device(device)
+        if noise is not None:
+            if shape is not None and tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
+            x = noise.to(device=device, dtype=torch.float32)
+        elif shape is None:
+            raise ValueError("shape is required when noise is not given")
+        else:
+            x = draw_noise(shape, generator, device)
+        batch = x.shape[0]
+        self.labels = _guidance_labels(self.model, self.class_labels, self.scale, batch, device)
         self.guided = self.labels is not None and self.labels.shape[0] == 2 * batch
         width = 2 * batch if self.guided else batch
-        ts = torch.tensor([int(s) for s in model_timesteps], dtype=torch.long).to(device)
+        ts = torch.tensor(self.model_timesteps, dtype=torch.long).to(device)
         self.t = ts[:, None].expand(len(ts), width).contiguous()  # row k: the input at step k
+        return x
 
     def output(self, x: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """The (guided) network output at step k as (mean prediction, variance values)."""

@@ -20,7 +20,6 @@ from ddpm.diffusion.samplers._core import (
     alphas_cumprod,
     check_options,
     draw_noise,
-    start,
     timestep_map,
 )
 from ddpm.utils.progress import progress_iter
@@ -78,17 +77,9 @@ def ddim_sample(
     check_options({"eta": eta, "clip_denoised": clip_denoised})
     ac, model_t = _ddim_grid(diffusion, steps, spacing)
     b, c, sigma = _ddim_coefficients(ac, float(eta))
-    x, device = start(model, shape, noise, generator, device)
-    den = Denoiser(
-        model,
-        diffusion,
-        ac.tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
+    device = x.device
     n = len(model_t)
     rec = Recorder(return_intermediates, model_t[::-1])
     for i in progress_iter(range(n), total=n, desc="DDIM", enabled=progress):
@@ -140,17 +131,8 @@ def ddim_invert(
     ):
         raise ValueError(f"fixed_point_iters must be an integer >= 0, got {fixed_point_iters!r}")
     ac, model_t = _ddim_grid(diffusion, steps, spacing)
-    x, device = start(model, None, x0, None, device)
-    den = Denoiser(
-        model,
-        diffusion,
-        ac.tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(None, x0, None, device)
     sqrt_ac, sqrt_1m_ac = np.sqrt(ac).tolist(), np.sqrt(1.0 - ac).tolist()
     n = len(model_t)
     rec = Recorder(return_intermediates, model_t)

@@ -19,7 +19,6 @@ from ddpm.diffusion.samplers._core import (
     alphas_cumprod,
     check_options,
     draw_noise,
-    start,
     timestep_map,
 )
 from ddpm.utils.progress import progress_iter
@@ -53,19 +52,12 @@ def ddpm_sample(
     check_options({"clip_denoised": clip_denoised})
     kept = space_timesteps(T, T if steps is None else steps, spacing)
     sched = diffusion if len(kept) == T else respace(diffusion, kept)
-    x, device = start(model, shape, noise, generator, device)
     n = sched.num_timesteps
     model_t = timestep_map(sched)
-    den = Denoiser(
-        model,
-        sched,
-        alphas_cumprod(sched).tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    ac = alphas_cumprod(sched).tolist()
+    den = Denoiser(model, sched, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
+    device = x.device
     coef1 = sched.posterior_mean_coef1.tolist()
     coef2 = sched.posterior_mean_coef2.tolist()
     learned = sched.learned_variance

@@ -21,7 +21,6 @@ from ddpm.diffusion.samplers._core import (
     draw_noise,
     log_snr,
     solver_grid,
-    start,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 from ddpm.utils.progress import progress_iter
@@ -120,17 +119,9 @@ def dpm_solver_sample(
     sde = algorithm_type == "sde-dpmsolver++"
     ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
     coefs = dpm_solver_coefficients(ac, order, lower_order_final, sde)
-    x, device = start(model, shape, noise, generator, device)
-    den = Denoiser(
-        model,
-        diffusion,
-        ac.tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
+    device = x.device
     rec = Recorder(return_intermediates, model_t)
     d1 = d2 = None
     n = len(model_t)

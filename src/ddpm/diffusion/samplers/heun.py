@@ -21,7 +21,6 @@ from ddpm.diffusion.samplers._core import (
     draw_noise,
     solver_alphas_cumprod,
     solver_grid,
-    start,
 )
 from ddpm.diffusion.samplers.timesteps import heun_timesteps
 from ddpm.utils.progress import progress_iter
@@ -90,17 +89,9 @@ def heun_sample(
     scale_in = np.sqrt(ac).tolist()  # x_t = √ᾱ x_σ
     sig_hat = all_sigmas[list(hat)].tolist()
     sig_next = [*sig[1:].tolist(), 0.0]
-    x, device = start(model, shape, noise, generator, device)
-    den = Denoiser(
-        model,
-        diffusion,
-        ac.tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
+    device = x.device
     rec = Recorder(return_intermediates, model_t[:n])
     x = x / math.sqrt(all_ac[ts[0]])  # x_σ
     for i in progress_iter(range(n), total=n, desc="Heun", enabled=progress):

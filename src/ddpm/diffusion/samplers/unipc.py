@@ -20,7 +20,6 @@ from ddpm.diffusion.samplers._core import (
     check_options,
     log_snr,
     solver_grid,
-    start,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 from ddpm.utils.progress import progress_iter
@@ -146,17 +145,8 @@ def unipc_sample(
     check_options({"order": order, "solver_type": solver_type, "clip_denoised": clip_denoised})
     ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
     coefs = unipc_coefficients(ac, order, solver_type)
-    x, device = start(model, shape, noise, generator, device)
-    den = Denoiser(
-        model,
-        diffusion,
-        ac.tolist(),
-        model_t,
-        x,
-        clip_denoised=clip_denoised,
-        class_labels=class_labels,
-        guidance_scale=guidance_scale,
-    )
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
     rec = Recorder(return_intermediates, model_t)
     history: list[Tensor] = []  # x̂₀ of the previous steps, newest first
     x_prev = x
