@@ -133,8 +133,8 @@ def main() -> None:
     print(f"{n_real} training digits: {reference}", flush=True)
 
     rows = []
-    for name in args.samplers:
-        for target in args.nfe:
+    for target in sorted(args.nfe):  # few-step rows first: a partial run is already useful
+        for name in args.samplers:
             sampler, nfe = SAMPLERS[name](target)
             t0 = time.perf_counter()
             try:
@@ -153,6 +153,7 @@ def main() -> None:
         f"\n{args.num_samples} samples per row, seeds 0..{args.num_samples - 1}; checkpoint step "
         f"{loaded.global_step}\n"
     )
+    rows.sort(key=lambda r: (args.samplers.index(r["sampler"]), r["nfe"]))
     print(table(rows, cols))
     pivot = []
     for name in args.samplers:

@@ -4,28 +4,27 @@ Every grid is a list of the network's own (integer) timesteps. After the last on
 goes to the clean end: ᾱ = 1 for DDPM/DDIM, σ = 0 for the σ/λ-space solvers (σ = √((1-ᾱ)/ᾱ),
 EDM's σ(t) of a variance-preserving schedule; λ = log(α/σ) = -log σ).
 
-=============  ==============================  ================================  ==================
-``spacing``    DDPM, DDIM, Heun: n timesteps   DPM-Solver++, UniPC: n timesteps  diffusers
-=============  ==============================  ================================  ==================
-``uniform``    round(linspace(0, T-1, n))      round(linspace(0, T-1, n+1))      ``timestep_spacing
-                                               without the 0                     ="linspace"``
-``leading``    i·(T//n), i = 0..n-1            i·(T//(n+1)), i = 1..n            ``"leading"``
-``trailing``   round(T - i·T/n) - 1, i = 0..n-1 (the same for all)               ``"trailing"``
-``karras``     Heun only: Karras σ_i, ρ = 7    Karras σ_i, ρ = 7                 ``use_karras_sigmas
-                                                                                 =True``
-``quadratic``  DDPM, DDIM, Heun: DDIM paper    --                                --
-``logSNR``     --                              n+1 uniform in λ, without the     --
-                                               last
-=============  ==============================  ================================  ==================
+| ``spacing``   | DDPM, DDIM, Heun: n timesteps | DPM-Solver++, UniPC: n timesteps | diffusers    |
+|---------------|-------------------------------|----------------------------------|--------------|
+| ``uniform``   | round(linspace(0, T-1, n))    | round(linspace(0, T-1, n+1)) > 0 | linspace     |
+| ``leading``   | i·(T//n), i = 0..n-1          | i·(T//(n+1)), i = 1..n           | leading      |
+| ``trailing``  | round(T - i·T/n) - 1          | round(T - i·T/n) - 1             | trailing     |
+| ``karras``    | Heun: Karras σ_i, ρ = 7       | Karras σ_i, ρ = 7                | Karras σ     |
+| ``quadratic`` | the DDIM paper's              | --                               | --           |
+| ``logSNR``    | --                            | n+1 uniform in λ, not the last   | --           |
 
-(diffusers' ``steps_offset=0``; ``time_uniform``, the earlier name of the solvers' ``uniform``,
-is still accepted.) Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) -
+diffusers: ``timestep_spacing="linspace"`` etc. with ``steps_offset=0``; Karras σ is
+``use_karras_sigmas=True``. ``time_uniform``, the earlier name of the solvers' ``uniform``, is
+still accepted. Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) -
 σ_max^(1/ρ)))^ρ from σ_max = σ(T-1) to σ_min = σ(0). A discrete network is evaluated at the
 timestep nearest to σ_i in log σ, the rounding of diffusers' ``_sigma_to_t`` (so the grids equal
 diffusers' ``timesteps``), and the solver then uses the σ of that timestep, as EDM's
 ``round_sigma`` does for discrete models: network and solver agree on the noise level.
 (diffusers keeps the unrounded Karras σ in the update, and its Heun scheduler calls the network
-at fractional timesteps; k-diffusion's discrete wrappers interpolate t by default.)
+at fractional timesteps; k-diffusion's discrete wrappers interpolate t by default.) With ρ = 7
+the σ_i crowd both ends: where one timestep would serve several of them (near σ(0) with many
+steps; near the cosine schedule's σ(T-1) = 2·10⁴ already at 10) the grid is an error, not a
+shorter grid: use fewer steps or ``uniform``.
 """
 
 from __future__ import annotations
