@@ -96,7 +96,7 @@ def check_options(
             canonical_spacing(value, spacings)
         elif name in _CHECKS:
             _CHECKS[name](value)
-    if "s_tmax" in options:
+    if options.get("s_tmax") is not None:  # None: no upper bound
         tmax = options["s_tmax"]
         if check_number(tmax, "s_tmax") < options.get("s_tmin", 0.0):
             raise ValueError(f"s_tmax must be >= s_tmin={options['s_tmin']}, got {tmax!r}")

@@ -7,7 +7,6 @@ the function's keyword arguments). The options are validated once, when the samp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -146,7 +145,7 @@ class HeunSampler(Sampler):
     spacing: str = "karras"
     s_churn: float = 0.0
     s_tmin: float = 0.0
-    s_tmax: float = math.inf
+    s_tmax: float | None = None
     s_noise: float = 1.0
     clip_denoised: bool = True
     guidance_scale: float = 1.0

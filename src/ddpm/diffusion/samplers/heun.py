@@ -30,6 +30,7 @@ def _churned(sigmas: np.ndarray, all_sigmas: np.ndarray, n: int, churn: tuple) -
     """Indices of the discrete σ nearest to σ̂_i = (1 + γ_i) σ_i (Alg. 2, line 4-5, with EDM's
     ``round_sigma`` for discrete models), γ_i = min(S_churn/N, √2 - 1) on [S_tmin, S_tmax]."""
     s_churn, s_tmin, s_tmax = churn
+    s_tmax = math.inf if s_tmax is None else s_tmax
     gamma = np.where(
         (sigmas >= s_tmin) & (sigmas <= s_tmax), min(s_churn / n, math.sqrt(2.0) - 1.0), 0.0
     )
@@ -47,7 +48,7 @@ def heun_sample(
     spacing: str = "karras",
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
+    s_tmax: float | None = None,
     s_noise: float = 1.0,
     generator: Generator = None,
     clip_denoised: bool = True,
@@ -63,11 +64,13 @@ def heun_sample(
     In σ(t) = √((1-ᾱ_t)/ᾱ_t) and x_σ = x_t/√ᾱ_t (the probability-flow ODE dx/dσ = (x - D(x; σ))/σ,
     D = x̂₀): an Euler step to σ_{i+1}, then, unless σ_{i+1} = 0, the trapezoidal correction
     with the slope at the Euler point. ``steps`` = N timesteps (:func:`heun_timesteps`, then
-    σ = 0) cost 2N - 1 network calls. Alg. 2 first raises σ_i to σ̂_i = (1 + γ_i) σ_i, rounded
-    to the nearest σ of the schedule, adding noise of variance σ̂_i² - σ_i² (times
-    ``s_noise``²). x_T = ``noise`` (unit variance, as every sampler here) is x_σ = x_T/√ᾱ.
-    ``s_churn = 0`` is diffusers' ``HeunDiscreteScheduler`` (which takes fractional timesteps
-    on a ``uniform`` grid; ours are the nearest integers).
+    σ = 0) cost 2N - 1 network calls. Alg. 2 first raises σ_i in [S_tmin, S_tmax] (``s_tmax``
+    None: no bound) to σ̂_i = (1 + γ_i) σ_i, rounded to the nearest σ of the schedule, adding
+    noise of variance σ̂_i² - σ_i² (times ``s_noise``²). x_T = ``noise`` (unit variance, as every
+    sampler here) is x_σ = x_T/√ᾱ. ``s_churn = 0`` is diffusers' ``HeunDiscreteScheduler``
+    (which takes fractional timesteps on a ``uniform`` grid; ours are the nearest integers).
+    The first step starts at σ(T-1): a schedule where that is huge (cosine: 2·10⁴; zero
+    terminal SNR) makes it one long, inaccurate trapezoid (EDM starts at σ_max = 80).
     """
     check_options(
         {
