@@ -1,7 +1,7 @@
 """Equal wall-clock on the default task: our default digits recipe vs denoising-diffusion-pytorch.
 
 Both train on the same 1617 training digits (16x16 grayscale) for the same wall-clock minutes on
-this machine, then draw 64 samples (ours: the default DDIM-50 grid sampler and EMA weights;
+this machine, then draw 64 samples (ours: the default grid sampler and EMA weights;
 theirs: their README recipe, ``sampling_timesteps=250`` DDIM and their EMA). Samples are scored
 by the repo's digit classifier (``digits_classifier.py``): mean top-class probability
 ("confidence"), a digits Inception-Score analogue and the number of classes among the

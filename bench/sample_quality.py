@@ -53,11 +53,13 @@ SAMPLERS: dict[str, Callable[[int], tuple[Any, int]]] = {
 }
 
 
-def generate(loaded: Any, sampler: Any, n: int, batch_size: int, device: torch.device) -> Tensor:
-    """n samples in [0, 1], sample i from seed i (independent of the batch size)."""
+def generate(
+    loaded: Any, sampler: Any, all_seeds: range, batch_size: int, device: torch.device
+) -> Tensor:
+    """Samples in [0, 1], one per seed (independent of the batch size)."""
     out = []
-    for start in range(0, n, batch_size):
-        seeds = range(start, min(n, start + batch_size))
+    for start in range(0, len(all_seeds), batch_size):
+        seeds = all_seeds[start : start + batch_size]
         gen = PerSampleGenerator(seeds, device=device)
         shape = (len(seeds), *loaded.sample_shape)
         x = sampler(loaded.net, loaded.diffusion, shape, generator=gen, device=device)
@@ -82,8 +84,8 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path) ->
         style = "--" if name.startswith(("ddpm", "ddim")) else "-"
         axes[0].plot(nfe, fd, style, marker="o", ms=3, label=name)
         axes[1].plot(nfe, conf, style, marker="o", ms=3, label=name)
-    axes[0].axhline(reference["frechet"], color="gray", lw=0.8, ls=":", label="real digits")
-    axes[1].axhline(reference["confidence"], color="gray", lw=0.8, ls=":", label="real digits")
+    axes[0].axhline(reference["frechet"], color="gray", lw=0.8, ls=":", label="500 training digits")
+    axes[1].axhline(reference["confidence"], color="gray", lw=0.8, ls=":", label="500 training digits")
     for ax, ylabel in zip(
         axes,
         ("Fréchet distance (classifier features), lower is better", "mean confidence"),
@@ -108,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint of the default digits recipe")
     p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--first-seed", type=int, default=0, help="sample i uses seed first-seed + i")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
@@ -132,13 +135,14 @@ def main() -> None:
     print(f"classifier accuracy on the held-out digits: {clf.accuracy:.3f}", flush=True)
     print(f"{n_real} training digits: {reference}", flush=True)
 
+    seeds = range(args.first_seed, args.first_seed + args.num_samples)
     rows = []
     for target in sorted(args.nfe):  # few-step rows first: a partial run is already useful
         for name in args.samplers:
             sampler, nfe = SAMPLERS[name](target)
             t0 = time.perf_counter()
             try:
-                images = generate(loaded, sampler, args.num_samples, args.batch_size, device)
+                images = generate(loaded, sampler, seeds, args.batch_size, device)
             except ValueError as e:  # e.g. a Karras grid with repeated timesteps
                 print(f"{name} NFE {target}: skipped ({e})", flush=True)
                 continue
@@ -150,7 +154,7 @@ def main() -> None:
 
     cols = ["sampler", "nfe", "frechet", "confidence", "classes", "digits_IS", "seconds"]
     print(
-        f"\n{args.num_samples} samples per row, seeds 0..{args.num_samples - 1}; checkpoint step "
+        f"\n{args.num_samples} samples per row, seeds {seeds[0]}..{seeds[-1]}; checkpoint step "
         f"{loaded.global_step}\n"
     )
     rows.sort(key=lambda r: (args.samplers.index(r["sampler"]), r["nfe"]))
@@ -170,6 +174,7 @@ def main() -> None:
         "ckpt": str(args.ckpt),
         "global_step": loaded.global_step,
         "num_samples": args.num_samples,
+        "first_seed": args.first_seed,
         "classifier_acc": clf.accuracy,
         "real_train_digits": reference,
         "rows": rows,

@@ -727,10 +727,10 @@ def test_bad_arguments_rejected() -> None:
             "dpm_solver_sde.yaml",
             DPMSolverSampler,
             dpm_solver_sample,
-            {"steps": 50, "order": 2, "algorithm_type": "sde-dpmsolver++"},
+            {"steps": 20, "order": 2, "algorithm_type": "sde-dpmsolver++"},
         ),
         ("unipc.yaml", UniPCSampler, unipc_sample, {"steps": 10, "solver_type": "bh2"}),
-        ("heun.yaml", HeunSampler, heun_sample, {"steps": 10, "spacing": "karras"}),
+        ("heun.yaml", HeunSampler, heun_sample, {"steps": 18, "spacing": "karras"}),
     ],
 )
 def test_sampler_configs_instantiate(file, cls, fn, fields) -> None:
