@@ -1,12 +1,11 @@
 """Equal wall-clock on the default task: our default digits recipe vs denoising-diffusion-pytorch.
 
 Both train on the same 1617 training digits (16x16 grayscale) for the same wall-clock minutes on
-this machine, then draw 64 samples (ours: the default DDIM-50 grid sampler and EMA weights;
+this machine, then draw 64 samples (ours: the default grid sampler and EMA weights;
 theirs: their README recipe, ``sampling_timesteps=250`` DDIM and their EMA). Samples are scored
-by a digit classifier (scikit-learn SVC trained on the training split, 8x8 average-pooled, the
-sklearn digits example): mean top-class probability ("confidence"), a digits Inception-Score
-analogue exp(E KL(p(y|x) || p(y))) (10 = confident and all classes equally often), and the
-number of classes among the samples' predictions. Held-out real digits give the ceiling.
+by the repo's digit classifier (``digits_classifier.py``): mean top-class probability
+("confidence"), a digits Inception-Score analogue and the number of classes among the
+samples' predictions. Held-out real digits give the ceiling.
 
     python bench/peer_quality.py --minutes 5
 
@@ -28,32 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 from ddpm.data import ImageDataModule  # noqa: E402
 from ddpm.utils.images import save_grid  # noqa: E402
-
-
-def to_features(images01: torch.Tensor) -> np.ndarray:
-    """(N, 1, 16, 16) in [0, 1] -> (N, 64) in sklearn digits units (8x8, 0..16)."""
-    return (F.avg_pool2d(images01.float(), 2).flatten(1) * 16.0).numpy()
-
-
-def scores(clf, images01: torch.Tensor) -> dict[str, float]:
-    p = clf.predict_proba(to_features(images01))
-    py = p.mean(0, keepdims=True)
-    kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1)
-    return {
-        "confidence": round(float(p.max(1).mean()), 3),
-        "digits_IS": round(float(np.exp(kl.mean())), 2),
-        "classes": int(len(set(p.argmax(1).tolist()))),
-    }
+from digits_classifier import ROOT, DigitsClassifier  # noqa: E402
 
 
 def train_ours(minutes: float, out: Path, n: int, env: dict[str, str]) -> tuple[torch.Tensor, int]:
@@ -130,29 +110,23 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from sklearn.svm import SVC
-
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = ROOT / "outputs" / "bench" / f"peer_quality_{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    dm = ImageDataModule("digits", root=None)
-    train_u8 = dm.dataset("train").data  # (1617, 1, 16, 16) uint8
-    val_u8 = dm.dataset("val").data
-    clf = SVC(gamma=0.001, probability=True, random_state=0)
-    clf.fit(to_features(train_u8 / 255.0), _labels(dm, "train"))
-    acc = float((clf.predict(to_features(val_u8 / 255.0)) == _labels(dm, "val")).mean())
-
-    rows = [{"model": "held-out real digits", "steps": "", **scores(clf, val_u8[:64] / 255.0)}]
+    clf = DigitsClassifier.fit()
+    acc = clf.accuracy
+    rows = [{"model": "held-out real digits", "steps": "", **clf.scores(clf.held_out01[:64])}]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     ours, ours_steps = train_ours(args.minutes, out, args.num_samples, env)
-    rows.append({"model": "ddpm (ours, default recipe)", "steps": ours_steps, **scores(clf, ours)})
+    rows.append({"model": "ddpm (ours, default recipe)", "steps": ours_steps, **clf.scores(ours)})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        train_u8 = ImageDataModule("digits", root=None).dataset("train").data
         for i, img in enumerate(train_u8):
             Image.fromarray(img[0].numpy(), "L").save(folder / f"{i:05d}.png")
         theirs, their_steps = train_theirs(args.minutes, out, folder, args.num_samples)
     rows.append(
-        {"model": "denoising-diffusion-pytorch", "steps": their_steps, **scores(clf, theirs)}
+        {"model": "denoising-diffusion-pytorch", "steps": their_steps, **clf.scores(theirs)}
     )
     for name, x in (("ours", ours), ("theirs", theirs)):
         save_grid(x * 2 - 1, out / f"{name}.png", nrow=8)
@@ -161,21 +135,6 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     payload = {"machine": machine(), "minutes": args.minutes, "classifier_acc": acc, "rows": rows}
     print(write_json(f"peer_quality_{stamp}", payload, args.out))
-
-
-def _labels(dm: ImageDataModule, split: str) -> np.ndarray:
-    """Digit labels of the datamodule's split (same seeded split of sklearn's digits)."""
-    from sklearn.datasets import load_digits
-
-    from ddpm.data.datamodule import split_indices
-    from ddpm.data.sources import load_digits_uint8, prepare
-
-    target = load_digits().target
-    train_idx, val_idx = split_indices(len(target), dm.val_split, dm.seed)
-    idx = val_idx if split == "val" else train_idx
-    images = prepare(load_digits_uint8(), dm.image_size, dm.channels)[idx]
-    assert torch.equal(images, dm.dataset(split).data), "split differs from ImageDataModule's"
-    return target[idx.numpy()]
 
 
 if __name__ == "__main__":

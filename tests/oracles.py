@@ -15,16 +15,33 @@ Usage: ``model = GaussianOracle(diffusion, mean=0.3, std=0.2, dim=2)``, then
 ``model(x_t, t)`` (``t`` LongTensor (B,) of training timesteps) returns the prediction of
 ``diffusion.prediction_type`` (ε, x₀ or v; for learned variances ``var_output`` is appended as
 the variance channels). Math in float64, output in the dtype of ``x_t``.
+``ClassConditionalOracle`` adds class labels and the null class of classifier-free guidance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import pytest
 import torch
 from torch import Tensor
 
 from ddpm.diffusion import GaussianDiffusion
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """For sampler tests (import it into the module): their tensors are small (<= 32k elements),
+    intra-op threads only add overhead, and on a busy 2-core machine their spin-waits made a
+    1000-step run 25x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 class MixtureOracle:
@@ -91,7 +108,17 @@ class MixtureOracle:
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        x0, eps = self.predictions(x_t, t)
+        return self.output(*self.predictions(x_t, t), x_t, t)
+
+    def output(
+        self,
+        x0: Tensor,
+        eps: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        var_output: float | Tensor | None = None,
+    ) -> Tensor:
+        """The network output of ``diffusion.prediction_type`` for these predictions."""
         kind = self.diffusion.prediction_type
         if kind == "epsilon":
             out = eps
@@ -102,7 +129,9 @@ class MixtureOracle:
             ac = ac.reshape(-1, *([1] * (x0.ndim - 1)))
             out = ac.sqrt() * eps - (1.0 - ac).sqrt() * x0
         if self.diffusion.learned_variance:
-            out = torch.cat([out, torch.full_like(out, self.var_output)], dim=1)
+            var = self.var_output if var_output is None else var_output
+            var = torch.as_tensor(var, dtype=out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
+            out = torch.cat([out, var.expand_as(out)], dim=1)
         return out.to(device=x_t.device, dtype=x_t.dtype)
 
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -132,3 +161,73 @@ class GaussianOracle(MixtureOracle):
             mean = mean.expand(shape).clone()
         super().__init__(diffusion, mean.unsqueeze(0), [std], var_output=var_output)
         self.mean, self.std = mean, float(std)
+
+
+class ClassConditionalOracle(MixtureOracle):
+    """Optimal class-conditional denoiser for classes y = 0..K-1, p(y) = w_y and
+    x₀ | y ~ N(μ_y, s_y² I), with the null class K of classifier-free guidance.
+
+    ``model(x_t, t, class_labels)``: label y gives the conditional E[ε | x_t, y] (one Gaussian:
+    √(1-ᾱ) (x_t - √ᾱ μ_y) / v_y), the null label K or ``class_labels=None`` the unconditional
+    E[ε | x_t] of the mixture Σ_y w_y N(μ_y, s_y² I) (the responsibilities p(y | x_t) weigh the
+    conditional ones). ``var_output`` may hold one variance value per label (K + 1 of them).
+    ``label_log`` keeps the labels of every call (None for calls without labels).
+    """
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        means: Sequence[Sequence[float]] | Tensor,
+        stds: Sequence[float] | Tensor,
+        weights: Sequence[float] | Tensor | None = None,
+        *,
+        var_output: float | Sequence[float] = 0.0,
+    ) -> None:
+        super().__init__(diffusion, means, stds, weights)
+        self.num_classes = self.null_class = len(self.stds)
+        self.classes = [
+            MixtureOracle(diffusion, m[None], [s])
+            for m, s in zip(self.means, self.stds, strict=True)
+        ]
+        values = torch.as_tensor(var_output, dtype=torch.float64)
+        self.var_values = values.expand(self.num_classes + 1).clone()
+        self.label_log: list[Tensor | None] = []
+
+    def predictions(
+        self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(E[x₀ | x_t, y], E[ε | x_t, y]) in float64; the null class / None: unconditional."""
+        x0, eps = super().predictions(x_t, t)
+        if class_labels is None:
+            return x0, eps
+        labels = class_labels.cpu()
+        if labels.min() < 0 or labels.max() > self.null_class:
+            raise ValueError(f"class_labels must lie in [0, {self.null_class}]")
+        for y, oracle in enumerate(self.classes):
+            rows = labels == y
+            if rows.any():
+                x0[rows], eps[rows] = oracle.predictions(
+                    x_t[rows.to(x_t.device)], t[rows.to(t.device)]
+                )
+        return x0, eps
+
+    def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        self.calls += 1
+        self.label_log.append(None if class_labels is None else class_labels.cpu().clone())
+        var = None
+        if self.diffusion.learned_variance:
+            labels = (
+                torch.full((x_t.shape[0],), self.null_class)
+                if class_labels is None
+                else class_labels.cpu()
+            )
+            var = self.var_values[labels]
+        return self.output(*self.predictions(x_t, t, class_labels), x_t, t, var)
+
+    def sample_data(
+        self, n: int, generator: torch.Generator | None = None, label: int | None = None
+    ) -> Tensor:
+        """n exact samples of x₀: of class ``label``, or of the mixture."""
+        if label is None:
+            return super().sample_data(n, generator)
+        return self.classes[label].sample_data(n, generator)

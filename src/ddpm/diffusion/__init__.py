@@ -20,19 +20,27 @@ from ddpm.diffusion.nll import calc_bpd_loop, prior_bpd
 from ddpm.diffusion.respace import SPACINGS, respace, space_timesteps
 from ddpm.diffusion.samplers import (
     DPM_SPACINGS,
+    HEUN_SPACINGS,
     DDIMSampler,
     DDPMSampler,
     DPMSolverSampler,
+    HeunSampler,
+    UniPCSampler,
     ddim_invert,
     ddim_sample,
     ddpm_sample,
     dpm_solver_sample,
     dpm_solver_timesteps,
+    heun_sample,
+    heun_timesteps,
+    karras_timesteps,
+    unipc_sample,
 )
 from ddpm.diffusion.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = [
     "DPM_SPACINGS",
+    "HEUN_SPACINGS",
     "PREDICTION_TYPES",
     "SCHEDULES",
     "SPACINGS",
@@ -40,6 +48,8 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
+    "HeunSampler",
+    "UniPCSampler",
     "DiffusionLoss",
     "GaussianDiffusion",
     "LossSecondMomentSampler",
@@ -52,6 +62,9 @@ __all__ = [
     "dpm_solver_sample",
     "dpm_solver_timesteps",
     "extract",
+    "heun_sample",
+    "heun_timesteps",
+    "karras_timesteps",
     "make_beta_schedule",
     "mean_flat",
     "min_snr_weight",
@@ -60,5 +73,6 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "respace",
     "space_timesteps",
+    "unipc_sample",
     "vb_terms_bpd",
 ]

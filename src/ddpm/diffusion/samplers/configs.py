@@ -1,0 +1,151 @@
+"""Config-friendly samplers (``conf/sampler/*.yaml``): a sampling function and its options.
+
+``sampler(model, diffusion, shape, *, generator, progress, return_intermediates, device, noise,
+class_labels)`` calls the function with the options stored in the dataclass fields (named as
+the function's keyword arguments). The options are validated once, when the sampler is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.respace import SPACINGS
+from ddpm.diffusion.samplers._core import (
+    Generator,
+    Intermediates,
+    Model,
+    SampleOutput,
+    check_options,
+)
+from ddpm.diffusion.samplers.ddim import ddim_sample
+from ddpm.diffusion.samplers.ddpm import ddpm_sample
+from ddpm.diffusion.samplers.dpm_solver import dpm_solver_sample
+from ddpm.diffusion.samplers.heun import heun_sample
+from ddpm.diffusion.samplers.timesteps import DPM_SPACINGS, HEUN_SPACINGS
+from ddpm.diffusion.samplers.unipc import unipc_sample
+
+
+@dataclass
+class Sampler:
+    """Base of the config samplers: ``sample_fn`` with the dataclass fields as its options."""
+
+    name: ClassVar[str] = ""
+    sample_fn: ClassVar[Callable[..., SampleOutput]]
+    spacings: ClassVar[Sequence[str]] = SPACINGS
+    steps_optional: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_options(self.options(), self.spacings, self.steps_optional)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments this sampler passes to ``sample_fn``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __call__(
+        self,
+        model: Model,
+        diffusion: GaussianDiffusion,
+        shape: Sequence[int] | None,
+        *,
+        generator: Generator = None,
+        progress: bool = False,
+        return_intermediates: Intermediates = False,
+        device: torch.device | str | None = None,
+        noise: Tensor | None = None,
+        class_labels: Tensor | None = None,
+    ) -> SampleOutput:
+        return type(self).sample_fn(
+            model,
+            diffusion,
+            shape,
+            generator=generator,
+            progress=progress,
+            return_intermediates=return_intermediates,
+            device=device,
+            noise=noise,
+            class_labels=class_labels,
+            **self.options(),
+        )
+
+
+@dataclass
+class DDPMSampler(Sampler):
+    """Ancestral DDPM sampling (:func:`ddpm_sample`); ``steps=None`` runs all T steps."""
+
+    name: ClassVar[str] = "ddpm"
+    sample_fn = staticmethod(ddpm_sample)
+    steps_optional: ClassVar[bool] = True
+    steps: int | None = None
+    clip_denoised: bool = True
+    spacing: str = "uniform"
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class DDIMSampler(Sampler):
+    """DDIM sampling (:func:`ddim_sample`): η = 0 deterministic, η = 1 DDPM-like."""
+
+    name: ClassVar[str] = "ddim"
+    sample_fn = staticmethod(ddim_sample)
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "uniform"
+    clip_denoised: bool = True
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++ multistep sampling (:func:`dpm_solver_sample`): order 2 is DPM-Solver++(2M),
+    3 is 3M; ``algorithm_type="sde-dpmsolver++"`` the SDE variant."""
+
+    sample_fn = staticmethod(dpm_solver_sample)
+    spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
+    steps: int = 20
+    order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    spacing: str = "uniform"
+    clip_denoised: bool = True
+    guidance_scale: float = 1.0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "dpm_solver_sde" if self.algorithm_type == "sde-dpmsolver++" else "dpm_solver"
+
+
+@dataclass
+class UniPCSampler(Sampler):
+    """UniPC predictor-corrector sampling (:func:`unipc_sample`)."""
+
+    name: ClassVar[str] = "unipc"
+    sample_fn = staticmethod(unipc_sample)
+    spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
+    steps: int = 10
+    order: int = 2
+    solver_type: str = "bh2"
+    spacing: str = "uniform"
+    clip_denoised: bool = True
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class HeunSampler(Sampler):
+    """EDM's Heun sampling (:func:`heun_sample`): ``steps`` N cost 2N - 1 network calls."""
+
+    name: ClassVar[str] = "heun"
+    sample_fn = staticmethod(heun_sample)
+    spacings: ClassVar[Sequence[str]] = HEUN_SPACINGS
+    steps: int = 10
+    spacing: str = "karras"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None
+    s_noise: float = 1.0
+    clip_denoised: bool = True
+    guidance_scale: float = 1.0

@@ -1,0 +1,140 @@
+"""DPM-Solver++ multistep (Lu et al. 2022), the ODE solver and its SDE variant, orders 1-3."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.samplers._core import (
+    Denoiser,
+    Generator,
+    Intermediates,
+    Model,
+    Recorder,
+    SampleOutput,
+    check_options,
+    draw_noise,
+    log_snr,
+    solver_grid,
+)
+from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
+from ddpm.utils.progress import progress_iter
+
+
+def dpm_solver_coefficients(
+    ac: np.ndarray, order: int, lower_order_final: bool, sde: bool = False
+) -> list[tuple[float, float, float, float, float]]:
+    """Per step (a, c0, c1, c2, s): x_next = a x + c0 D_k + c1 D_{k-1} + c2 D_{k-2} + s z, D = x̂₀.
+
+    DPM-Solver++ multistep (Lu et al. 2022, Alg. 2; third order as in diffusers) in λ = log(α/σ)
+    on the grid ``ac`` followed by σ = 0. With h = λ_t - λ_s, H = h (ODE) or 2h (SDE-DPM-Solver++,
+    Lu et al. 2022 §5 / diffusers' ``sde-dpmsolver++``) and D1, D2 the divided differences of
+    the previous x̂₀: a = (σ_t/σ_s) e^{h-H}, c0 = α_t (1 - e^{-H}), second order (midpoint)
+    adds α_t (1 - e^{-H}) D1/2, third order α_t (φ₁ + 1) D1 - α_t (φ₂ - 1/2) D2 with
+    φ₁ = (e^{-H} - 1)/H, φ₂ = (e^{-H} - 1 + H)/H²; the SDE adds s z, s = σ_t √(1 - e^{-2h}).
+    Order k at the k-th step (warm-up), first order at the last step (to σ = 0: x = x̂₀) and at
+    most second order at the one before when ``lower_order_final`` and fewer than 15 steps (as
+    diffusers).
+    """
+    n = len(ac)
+    alpha, sigma, lam = log_snr(ac)
+    m = np.eye(3)  # D_k, D_{k-1}, D_{k-2} as coefficient vectors
+    out = []
+    for k in range(n):
+        h = lam[k + 1] - lam[k]
+        big_h = 2.0 * h if sde else h
+        em1 = math.expm1(-big_h)
+        a = sigma[k + 1] / sigma[k] * (math.exp(-h) if sde else 1.0)
+        p = -alpha[k + 1] * em1  # α_t (1 - e^{-H})
+        o = min(order, k + 1)
+        if k == n - 1:
+            o = 1
+        elif k == n - 2 and lower_order_final and n < 15:
+            o = min(o, 2)
+        c = p * m[0]
+        if o >= 2:
+            r0 = (lam[k] - lam[k - 1]) / h
+            d1_0 = (m[0] - m[1]) / r0
+            if o == 2:  # midpoint
+                c = c + 0.5 * p * d1_0
+            else:
+                r1 = (lam[k - 1] - lam[k - 2]) / h
+                d1_1 = (m[1] - m[2]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                c = (
+                    c
+                    + alpha[k + 1] * (em1 / big_h + 1.0) * d1
+                    - alpha[k + 1] * ((em1 + big_h) / big_h**2 - 0.5) * d2
+                )
+        s = sigma[k + 1] * math.sqrt(-math.expm1(-2.0 * h)) if sde else 0.0
+        out.append((float(a), float(c[0]), float(c[1]), float(c[2]), float(s)))
+    return out
+
+
+@torch.inference_mode()
+def dpm_solver_sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int] | None,
+    *,
+    steps: int = 20,
+    order: int = 2,
+    algorithm_type: str = "dpmsolver++",
+    spacing: str = "uniform",
+    lower_order_final: bool = True,
+    generator: Generator = None,
+    clip_denoised: bool = True,
+    progress: bool = False,
+    return_intermediates: Intermediates = False,
+    device: torch.device | str | None = None,
+    noise: Tensor | None = None,
+    class_labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> SampleOutput:
+    """DPM-Solver++(2M/3M) (Lu et al. 2022): multistep data-prediction solver of the diffusion ODE,
+    or of the reverse SDE with ``algorithm_type="sde-dpmsolver++"`` (DPM-Solver++(2M) SDE).
+
+    The discrete-time version of diffusers' ``DPMSolverMultistepScheduler(algorithm_type,
+    solver_order=order, final_sigmas_type="zero")``: with h = λ_t - λ_s, the 2M step is
+    x_t = (σ_t/σ_s) x_s + α_t (1 - e^{-h}) (D0 + D1/(2 r)), D0 = x̂₀(x_s), D1 = D0 - x̂₀ of the
+    previous step, r = h_prev/h (coefficients: :func:`dpm_solver_coefficients`). The first step
+    is first order, the last goes to σ = 0 (returns x̂₀). ``clip_denoised`` clips x̂₀ (diffusers'
+    thresholding with max value 1). ``order`` in 1 (DDIM), 2, 3. Timesteps:
+    :func:`dpm_solver_timesteps`.
+    """
+    check_options(
+        {
+            "order": order,
+            "algorithm_type": algorithm_type,
+            "clip_denoised": clip_denoised,
+            "lower_order_final": lower_order_final,
+        }
+    )
+    sde = algorithm_type == "sde-dpmsolver++"
+    ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
+    coefs = dpm_solver_coefficients(ac, order, lower_order_final, sde)
+    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
+    x = den.start(shape, noise, generator, device)
+    device = x.device
+    rec = Recorder(return_intermediates, model_t)
+    d1 = d2 = None
+    n = len(model_t)
+    for k in progress_iter(range(n), total=n, desc="DPM-Solver++", enabled=progress):
+        x0, _, _ = den(x, k)
+        rec(k, x, x0)
+        a, c0, c1, c2, s = coefs[k]
+        x_next = x0 * c0 if a == 0.0 else torch.add(x * a, x0, alpha=c0)
+        if c1 != 0.0:
+            x_next.add_(d1, alpha=c1)
+        if c2 != 0.0:
+            x_next.add_(d2, alpha=c2)
+        if s > 0.0:
+            x_next.add_(draw_noise(x.shape, generator, device), alpha=s)
+        x, d1, d2 = x_next, x0, d1
+    return rec.output(x)
