@@ -85,7 +85,9 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path) ->
         axes[0].plot(nfe, fd, style, marker="o", ms=3, label=name)
         axes[1].plot(nfe, conf, style, marker="o", ms=3, label=name)
     axes[0].axhline(reference["frechet"], color="gray", lw=0.8, ls=":", label="500 training digits")
-    axes[1].axhline(reference["confidence"], color="gray", lw=0.8, ls=":", label="500 training digits")
+    axes[1].axhline(
+        reference["confidence"], color="gray", lw=0.8, ls=":", label="500 training digits"
+    )
     for ax, ylabel in zip(
         axes,
         ("Fréchet distance (classifier features), lower is better", "mean confidence"),
