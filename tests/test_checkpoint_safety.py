@@ -192,3 +192,55 @@ def test_allowed_modules_admit_their_own_public_builders(
         assert not is_loadable(f"ddpm.diffusion.samplers.{name}"), name
     assert not is_loadable("ddpm.interop.diffusers.os")
     sys.modules.pop("fake_interop", None)
+
+
+RESUME_INJECTIONS = {
+    # a resume instantiates the whole stored run config, not only the sections load_model builds
+    "callback": (
+        lambda c, p: c["callbacks"].__setitem__("evil", _savetxt(p)),
+        "callbacks.evil._target_",
+    ),
+    "optimizer": (
+        lambda c, p: c["optimizer"].__setitem__("_target_", "numpy.savetxt"),
+        "optimizer._target_",
+    ),
+    "logger": (lambda c, p: c.__setitem__("logger", {"x": _savetxt(p)}), "logger.x._target_"),
+    "interpolation": (
+        lambda c, p: c["trainer"].__setitem__(
+            "default_root_dir", "${oc.create:{_target_: numpy.savetxt, fname: x, X: [[1]]}}"
+        ),
+        "trainer.default_root_dir",
+    ),
+}
+
+
+@pytest.mark.parametrize("where", list(RESUME_INJECTIONS))
+def test_resume_refuses_targets_injected_anywhere_in_the_run_config(
+    where: str, stored: dict, tmp_path: Path
+) -> None:
+    inject, key = RESUME_INJECTIONS[where]
+    marker = tmp_path / "pwned.txt"
+    config = copy.deepcopy(stored["config"])
+    inject(config, marker)
+    path = _write_ckpt(tmp_path / "crafted.ckpt", config, stored["weights"])
+    cfg = compose_cfg([*TINY, f"ckpt_path={path}", "trainer.max_steps=5"], tmp_path)
+    with pytest.raises(ConfigError, match="refused") as info:
+        train(cfg)
+    assert key in str(info.value)
+    assert not marker.exists()
+
+
+def test_resume_accepts_the_targets_a_genuine_run_config_names(
+    stored: dict, tmp_path: Path
+) -> None:
+    from ddpm.run.resume import check_resumable_config, shipped_targets
+
+    assert {"ddpm.callbacks.ema.EMA", "torch.optim.Adam"} <= shipped_targets()
+    cfg = compose_cfg([*TINY, "logger=tensorboard"], tmp_path)
+    check_resumable_config(to_plain(cfg), cfg, "genuine.ckpt")  # every shipped group's targets
+    custom = copy.deepcopy(stored["config"])
+    custom["callbacks"]["mine"] = {"_target_": "my_lab.MyCallback"}
+    with pytest.raises(ConfigError, match="my_lab.MyCallback"):
+        check_resumable_config(custom, compose_cfg(TINY, tmp_path), "other.ckpt")
+    mine = compose_cfg([*TINY, "+callbacks.mine._target_=my_lab.MyCallback"], tmp_path)
+    check_resumable_config(custom, mine, "own.ckpt")  # the command composes it itself

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,13 +87,20 @@ def is_loadable(target: str) -> bool:
     )
 
 
-def check_stored_config(config: Any, source: str) -> None:
+def check_stored_config(
+    config: Any,
+    source: str,
+    sections: Sequence[str] | None = BUILT_SECTIONS,
+    allowed: Callable[[str, str], bool] | None = None,
+) -> None:
     """Refuse a stored config whose built sections name anything but our own classes.
 
-    Every ``_target_`` under :data:`BUILT_SECTIONS` (in nested nodes and lists too) must be
-    loadable, Hydra's special keys are limited to the ones our configs use, and no string may
-    be an interpolation. Raises :class:`CheckpointError` naming the first offending key.
+    Every ``_target_`` under ``sections`` (default :data:`BUILT_SECTIONS`; None: the whole
+    config), in nested nodes and lists too, must be loadable (or pass ``allowed(target, path)``),
+    Hydra's special keys are limited to the ones our configs use, and no string may be an
+    interpolation. Raises :class:`CheckpointError` naming the first offending key.
     """
+    ok = allowed or (lambda target, path: is_loadable(target))
 
     def refuse(path: str, why: str) -> None:
         raise CheckpointError(
@@ -107,7 +115,7 @@ def check_stored_config(config: Any, source: str) -> None:
                 if not isinstance(key, str):
                     refuse(f"{path}[{key!r}]", "has a non-string key")
                 if key == "_target_":
-                    if not isinstance(value, str) or not is_loadable(value):
+                    if not isinstance(value, str) or not ok(value, path):
                         refuse(f"{path}._target_", f"names {value!r}, which is not ours")
                 elif key.startswith("_") and key.endswith("_") and key not in _HYDRA_KEYS:
                     refuse(f"{path}.{key}", "uses an unknown special key")
@@ -124,7 +132,7 @@ def check_stored_config(config: Any, source: str) -> None:
         raise CheckpointError(
             f"{source} holds no ddpm config ('{CONFIG_KEY}'): was it written by this framework?"
         )
-    for section in BUILT_SECTIONS:
+    for section in config if sections is None else sections:
         if section in config:
             walk(config[section], section)
 

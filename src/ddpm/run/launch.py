@@ -26,7 +26,7 @@ from ddpm.run.directory import (
     requeued_job,
     run_dir_lock,
 )
-from ddpm.run.resume import check_not_finished, restore_run_config
+from ddpm.run.resume import check_not_finished, check_resumable_config, restore_run_config
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def prepare_launch(cfg: DictConfig, run_dir: Path) -> Launch:
     ckpt = load_checkpoint(ckpt_path)
     stored = ckpt.get(CONFIG_KEY)
     if isinstance(stored, dict):
+        check_resumable_config(stored, cfg, ckpt_path)
         cfg = restore_run_config(cfg, stored, ckpt_path)
     else:
         log.warning("%s stores no run config: resuming with this command's config", ckpt_path)

@@ -246,3 +246,34 @@ def check_weights_fit(module: Any, ckpt: dict, source: str) -> None:
             f"the network built from this config does not fit the weights in {source} (model / "
             "objective settings differ from the run's):\n  - " + "\n  - ".join(shown)
         )
+
+
+def shipped_targets() -> set[str]:
+    """Every ``_target_`` the project's own config groups (``conf/``) name."""
+    conf = Path(__file__).resolve().parents[3] / "conf"
+    found: set[str] = set()
+    for path in conf.rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "_target_" and value.strip():
+                found.add(value.strip().strip("'\""))
+    return found
+
+
+def check_resumable_config(stored: dict, cfg: DictConfig, source: str) -> None:
+    """A resume instantiates the stored run config (callbacks, loggers, optimizer ... too), so a
+    checkpoint is data, never code: every ``_target_`` in it must be one of our loadable classes,
+    one that the project's configs name, or the one this command composes at the same place
+    (the user's own config vouches for it). :class:`ConfigError` otherwise."""
+    from ddpm.checkpoint import CheckpointError, check_stored_config, is_loadable
+
+    shipped = shipped_targets()
+
+    def allowed(target: str, path: str) -> bool:
+        here = OmegaConf.select(cfg, f"{path}._target_", default=None, throw_on_missing=False)
+        return is_loadable(target) or target in shipped or target == here
+
+    try:
+        check_stored_config(stored, source, sections=None, allowed=allowed)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
