@@ -162,6 +162,7 @@ def test_resumed_run_equals_the_straight_run(
     common = [*MICRO, *extra]
     reference = straight(recipe)
     run = tmp_path / "run"
+    vouch = []  # a resume instantiates only classes the command names itself (or ours)
     if how == "ckpt":  # from the straight run's step-k checkpoint, in a new directory
         resume = [
             *common,
@@ -178,6 +179,7 @@ def test_resumed_run_equals_the_straight_run(
                 f"+callbacks.sleep.step={k}",
                 "+callbacks.sleep.seconds=1.5",
             ]
+            vouch = ["+callbacks.sleep._target_=test_resume_exact.SleepAtStep"]
         stopped = train(compose_cfg([*common, *stop], tmp_path))
         k = int(stopped["global_step"])
         assert 0 < k < n and _load(run / "checkpoints" / "last.ckpt")["global_step"] == k
@@ -187,6 +189,7 @@ def test_resumed_run_equals_the_straight_run(
             "trainer.max_time=null",
             "ckpt_path=last",
             f"run_dir={run}",
+            *vouch,
         ]
     assert train(compose_cfg(resume, tmp_path))["global_step"] == n
     assert_same_training_state(

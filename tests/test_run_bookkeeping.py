@@ -151,13 +151,14 @@ def test_a_requeued_job_resumes_its_own_run(
     run = tmp_path / "run"
     command = [*BASE, f"run_dir={run}", "trainer.max_steps=4"]
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    interrupted = [*command, "+callbacks.sig._target_=test_run_bookkeeping.SignalAt"]
+    interrupted = [
+        *command,
+        "+callbacks.sig._target_=test_run_bookkeeping.SignalAt",
+        "+callbacks.sig.step=1",
+        "+callbacks.sig.signum=15",
+    ]
     with pytest.raises(TrainingInterrupted):
-        train(
-            compose_cfg(
-                [*interrupted, "+callbacks.sig.step=1", "+callbacks.sig.signum=15"], tmp_path
-            )
-        )
+        train(compose_cfg(interrupted, tmp_path))
     assert json.loads((run / "run.json").read_text())["jobs"] == ["slurm:77"]
     # another job re-running the same command into that directory is refused ...
     monkeypatch.setenv("SLURM_JOB_ID", "78")
@@ -165,7 +166,7 @@ def test_a_requeued_job_resumes_its_own_run(
         train(compose_cfg(command, tmp_path))
     # ... the requeued job itself (same id, same command, no ckpt_path) continues its run
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    assert train(compose_cfg(command, tmp_path))["global_step"] == 4
+    assert train(compose_cfg(interrupted, tmp_path))["global_step"] == 4
 
 
 @pytest.fixture

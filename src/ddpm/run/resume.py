@@ -276,4 +276,7 @@ def check_resumable_config(stored: dict, cfg: DictConfig, source: str) -> None:
     try:
         check_stored_config(stored, source, sections=None, allowed=allowed)
     except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(
+            f"{e} If it is a class of your own (e.g. a callback the run added with "
+            "+callbacks.NAME._target_=...), name it on this command too to vouch for it."
+        ) from None
