@@ -212,7 +212,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) ->
     assert _load(ckpts / "last.ckpt")["global_step"] == 2  # the previous one, intact
     assert int(marker.read_text()) == 4
     assert find_checkpoint(run) == str(ckpts / "step_0000004.ckpt")  # newest complete one
-    res = _cli([*CLI, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}"], tmp_path)
+    # The run's own callback is vouched for by naming it on the resuming command.
+    vouch = "+callbacks.slow._target_=test_reliability.SlowLastSave"
+    res = _cli([*CLI, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}", vouch], tmp_path)
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err[-3000:]
     assert not (ckpts / "last.ckpt.partial").exists()
@@ -237,8 +239,11 @@ def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path) -> None:
     assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert json.loads((run / "metrics.json").read_text())["interrupted_by_signal"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    vouch = "+callbacks.sig._target_=test_reliability.SignalAt"  # the run's own callback
     metrics = train(
-        compose_cfg([*FAST, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}"], tmp_path)
+        compose_cfg(
+            [*FAST, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}", vouch], tmp_path
+        )
     )
     assert metrics["global_step"] == 6
 
