@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= test,sweep
 ARGS ?=
+# pytest-xdist workers: one per core, at most 4 (each test runs on one torch thread)
+WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 
 .PHONY: install train test test-fast lint format bench clean
 
@@ -22,10 +24,10 @@ train: install
 	$(PY) src/train.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not ddp" $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow and not ddp" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
