@@ -186,6 +186,10 @@ def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
         (["data.image_size=18"], "divisible by 4"),
         (["model.attention_resolutions=[5]"], "attention_resolutions"),
         (["data=image_folder"], "data.root"),
+        # T has one override path: the diffusion and the network read schedule.num_timesteps
+        (["diffusion.num_timesteps=500"], r"set schedule\.num_timesteps=500 instead"),
+        (["model=mlp", "data=swiss_roll", "model.num_timesteps=9"], r"schedule\.num_timesteps=9"),
+        (["diffusion.prediction_type=sample"], r"set objective\.prediction_type=sample"),
     ],
 )
 def test_bad_config_gives_one_clear_message(
@@ -194,6 +198,13 @@ def test_bad_config_gives_one_clear_message(
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=needle):
         validate_train_config(cfg)
+
+
+def test_num_timesteps_reaches_the_process_and_the_network(tmp_path: Path) -> None:
+    cfg = compose_cfg(["model=mlp", "data=swiss_roll", "schedule.num_timesteps=37"], tmp_path)
+    validate_train_config(cfg)
+    module = build_module(cfg)
+    assert module.diffusion.num_timesteps == 37 and module.net.num_timesteps == 37
 
 
 def test_unknown_key_is_rejected_by_hydra(tmp_path: Path) -> None:

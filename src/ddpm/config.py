@@ -165,6 +165,40 @@ def numeric_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+# Keys that train.yaml and the model presets derive by interpolation from the groups that own the
+# values: the process from `schedule` (T, betas) and `objective` (parameterisation), and the
+# network's T (model=mlp, cifar10_iddpm) from `schedule.num_timesteps`. Each value has one override
+# path; setting a derived key would make the process, the network and the checks disagree.
+DERIVED_KEYS = ("diffusion", "model.num_timesteps")
+_OWNER_GROUPS = ("schedule", "objective")
+
+
+def derived_key_problems(cfg: DictConfig) -> list[str]:
+    """One message per derived key (:data:`DERIVED_KEYS`) that is set directly instead of
+    interpolated from its owner (e.g. ``diffusion.num_timesteps=500``: T is
+    ``schedule.num_timesteps``)."""
+    problems = []
+    for path in DERIVED_KEYS:
+        parent_path, _, key = path.rpartition(".")
+        parent = _get(cfg, parent_path) if parent_path else cfg
+        if not OmegaConf.is_dict(parent) or key not in parent:
+            continue
+        node = parent[key] if OmegaConf.is_dict(parent._get_node(key)) else None
+        leaves = [(key, parent)] if node is None else [(k, node) for k in node if k != "_target_"]
+        for k, owner in leaves:
+            if OmegaConf.is_interpolation(owner, k):
+                continue
+            name = f"{path}.{k}" if node is not None else path
+            value = OmegaConf.to_container(owner, resolve=False)[k]
+            sources = [f"{g}.{k}" for g in _OWNER_GROUPS if k in (_get(cfg, g) or {})]
+            fix = f"set {sources[0]}={value} instead" if sources else "set the group's key instead"
+            problems.append(
+                f"{name}={value} is derived from the {' / '.join(_OWNER_GROUPS)} groups and "
+                f"cannot be set on its own: {fix}"
+            )
+    return problems
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a training config before any work; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -175,6 +209,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         hint = " (e.g. data=image_folder data.root=/path/to/images)" if key == "data.root" else ""
         problems.append(f"{key} is required but was not given{hint}")
     problems += numeric_problems(cfg)
+    problems += derived_key_problems(cfg)
     bs = _get(cfg, "data.batch_size")
     devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
