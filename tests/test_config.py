@@ -233,3 +233,28 @@ def test_slurm_launcher_composes(tmp_path: Path) -> None:
     cfg = compose_cfg(["hydra/launcher=slurm", "trainer.devices=4"], tmp_path)
     assert cfg.hydra.launcher.gpus_per_node == 4
     assert "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize(("data", "clip"), [({"clip_denoised": False}, False), ({}, True)])
+def test_a_sampler_chosen_at_sampling_time_clips_as_in_training(
+    data: dict, clip: bool, tmp_path: Path
+) -> None:
+    """``sample.py sampler=ddim`` on a checkpoint: the sampler group's data-dependent default
+    (no clipping of x̂₀ for unbounded 2-D data) resolves against the run's own data."""
+    import torch
+
+    from ddpm.checkpoint import LoadedModel
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.tasks.sample import build_sampler
+
+    cfg = compose_cfg(["sampler=ddim", "sampler.steps=10"], tmp_path, config_name="sample")
+    loaded = LoadedModel(
+        net=torch.nn.Identity(),
+        diffusion=GaussianDiffusion(num_timesteps=50),
+        config={"data": data},
+        used_ema=False,
+        global_step=0,
+    )
+    assert build_sampler(cfg.sampler, loaded).clip_denoised is clip
+    cfg = compose_cfg(["sampler=ddim", "sampler.clip_denoised=true"], tmp_path, "sample")
+    assert build_sampler(cfg.sampler, loaded).clip_denoised is True  # the command decides
