@@ -159,20 +159,41 @@ def test_optuna_search_composes(tmp_path: Path) -> None:
     assert cfg.hydra.sweeper.direction == "minimize"
 
 
-def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
-    """conf/model/*.yaml and ddpm.nn.PRESETS must not drift apart."""
+def test_unet_options_are_the_code_presets(tmp_path: Path) -> None:
+    """Every U-Net option of conf/model is ddpm.nn.PRESETS[name] (the one source), wired to the
+    data: composing ``model=<name>`` on data of the preset's size gives exactly its kwargs."""
     from ddpm.nn import PRESETS
 
-    for name in ("cifar10", "tiny", "digits", "mnist", "lsun256"):
-        if name not in PRESETS:
-            continue
-        y = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-        for key, value in PRESETS[name].items():
-            if key in y and key not in ("in_channels", "out_channels", "image_size"):
-                got = y[key]
-                got = list(got) if OmegaConf.is_list(got) else got
-                want = list(value) if isinstance(value, (list, tuple)) else value
-                assert got == want, (name, key)
+    unets = [n for n in options("model") if "preset/" in (CONF / "model" / f"{n}.yaml").read_text()]
+    assert sorted(unets) == sorted(PRESETS)
+    for name, preset in PRESETS.items():
+        cfg = compose_cfg(
+            [
+                f"model={name}",
+                "data=image_folder",
+                f"data.root={tmp_path}",
+                f"data.image_size={preset['image_size']}",
+                f"data.channels={preset['in_channels']}",
+            ],
+            tmp_path,
+        )
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        assert model["_target_"] == "ddpm.nn.UNet"
+        assert {k: model[k] for k in preset} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()
+        }, name
+    # a preset key is a plain override
+    cfg = compose_cfg(["model=celeba64", "model.dropout=0.3"], tmp_path)
+    assert cfg.model.dropout == 0.3 and cfg.model.channel_mult == [1, 2, 2, 2, 4]
+
+
+def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
+    cfg = compose_cfg(["objective=v_prediction"], tmp_path)
+    assert cfg.objective.loss.min_snr_gamma == 5.0 and cfg.objective.loss.loss_type == "simple"
+    assert cfg.objective.loss.lambda_vlb == 0.001 and cfg.objective.timestep_sampler == "uniform"
+    cfg = compose_cfg(["objective=vlb"], tmp_path)
+    assert cfg.objective.loss.loss_type == "vlb"
+    assert cfg.objective.timestep_sampler == "loss_second_moment"
 
 
 # ---------------------------------------------------------------------- validation

@@ -43,7 +43,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("ddpm_launch_subdir", _launch_subdir)
 
 
+def register_model_presets() -> None:
+    """Register :data:`ddpm.nn.PRESETS` as the Hydra config group ``model/preset``: the U-Net
+    options ``conf/model/<name>.yaml`` take their architecture from it (``- preset/<name>@_here_``
+    in their defaults), so it is written once, in the code that builds the network."""
+    from hydra.core.config_store import ConfigStore
+
+    from ddpm.nn.unet import PRESETS
+
+    store = ConfigStore.instance()
+    for name, kwargs in PRESETS.items():
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        store.store(group="model/preset", name=name, node=plain)
+
+
 register_resolvers()
+register_model_presets()
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
