@@ -279,3 +279,38 @@ def test_a_sampler_chosen_at_sampling_time_clips_as_in_training(
     assert build_sampler(cfg.sampler, loaded).clip_denoised is clip
     cfg = compose_cfg(["sampler=ddim", "sampler.clip_denoised=true"], tmp_path, "sample")
     assert build_sampler(cfg.sampler, loaded).clip_denoised is True  # the command decides
+
+
+def test_compose_from_a_notebook_needs_one_import(tmp_path: Path) -> None:
+    """The README's notebook recipe in a fresh interpreter: ``import ddpm.config`` and Hydra's
+    compose API give a config that resolves whole and builds the module."""
+    import os
+    import subprocess
+    import sys
+
+    from hydra_utils import SRC_DIR
+
+    script = f"""
+import ddpm.config
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+with initialize_config_dir(config_dir={CONF_DIR!r}, version_base="1.3"):
+    cfg = compose("train", overrides=["model=tiny", "objective=hybrid",
+                                      "paths.output_dir={tmp_path}", "paths.root_dir={tmp_path}"])
+OmegaConf.to_container(cfg, resolve=True)
+from ddpm.config import validate_train_config
+from ddpm.tasks.train import build_module
+validate_train_config(cfg)
+print(build_module(cfg).net.out_channels)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(SRC_DIR)},  # this checkout's package
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "2"  # digits: 1 channel, doubled by the learned variance

@@ -33,8 +33,12 @@ def _launch_subdir(output_dir: str, stamp: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${ddpm_first:a,b}``, ``${model_out_channels:C,variance_type}`` and
-    ``${ddpm_launch_subdir:run_dir,stamp}`` (:func:`ddpm.run.directory.launch_subdir`)."""
+    """Register the resolvers the YAML uses, each one what OmegaConf cannot express itself:
+    ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
+    ``${model_out_channels:C,variance_type}`` (arithmetic) and
+    ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
+    :func:`ddpm.run.directory.launch_subdir`). Importing this module registers them and the
+    U-Net presets: the one import composing the configs needs (``hydra.compose`` in a notebook)."""
     if not OmegaConf.has_resolver("ddpm_first"):
         OmegaConf.register_new_resolver("ddpm_first", _first_not_none)
     if not OmegaConf.has_resolver("model_out_channels"):
