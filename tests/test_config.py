@@ -50,8 +50,9 @@ def test_schedule_options_build_a_diffusion(name: str, tmp_path: Path) -> None:
 def test_objective_options_build_a_module(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"objective={name}", "model=tiny"], tmp_path)
     module = build_module(cfg)
-    # learned variances double the output channels
-    learned = cfg.objective.variance_type in ("learned", "learned_range")
+    # the network outputs what the process reads (2C channels for a learned variance)
+    assert module.net.out_channels == module.diffusion.model_output_channels(cfg.data.channels)
+    learned = name in ("hybrid", "vlb")
     assert module.net.out_channels == cfg.data.channels * (2 if learned else 1)
 
 
@@ -203,8 +204,15 @@ def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
         (["optimizer.lr=0"], "optimizer.lr"),
         (["optimizer.lr=-1e-4"], "optimizer.lr"),
         (["schedule.num_timesteps=0"], "num_timesteps"),
-        (["data.batch_size=10", "trainer.devices=4", "trainer.accelerator=cpu"], "divisible"),
-        (["data.image_size=18"], "divisible by 4"),
+        (
+            ["data.batch_size=10", "trainer.devices=4", "trainer.accelerator=cpu"],
+            r"batch_size 10 is not divisible by the 4 devices.*trainer.devices=4",
+        ),
+        (["data.image_size=18"], r"model \(ddpm.nn.UNet\): image_size=18 must be divisible"),
+        (["model.channel_mult=[1,2,2,2,2,2]"], r"image_size=16 must be divisible .*=32"),
+        (["model.in_channels=3"], r"model.in_channels=3 is derived from the data.channels"),
+        (["objective=hybrid", "objective.loss.loss_type=simple"], "objective: "),
+        (["schedule.num_timesteps=abc"], r"diffusion \(ddpm.diffusion.GaussianDiffusion\)"),
         (["model.attention_resolutions=[5]"], "attention_resolutions"),
         (["data=image_folder"], "data.root"),
         # T has one override path: the diffusion and the network read schedule.num_timesteps
