@@ -322,3 +322,15 @@ print(build_module(cfg).net.out_channels)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "2"  # digits: 1 channel, doubled by the learned variance
+
+
+def test_debug_mode_overrides_a_local_config(tmp_path: Path) -> None:
+    """``debug`` comes last in the defaults (after ``optional local``): a machine's local file
+    cannot turn debug mode's short run into a long one."""
+    local = tmp_path / "extra" / "local"
+    local.mkdir(parents=True)
+    (local / "default.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 777\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'extra'}]"
+    assert compose_cfg([searchpath], tmp_path).trainer.max_steps == 777  # the local file is read
+    cfg = compose_cfg([searchpath, "debug=default"], tmp_path)
+    assert cfg.trainer.max_steps == 20 and cfg.task_name == "debug"
