@@ -45,15 +45,6 @@ def extract(arr: Tensor, t: Tensor, ndim: int) -> Tensor:
     return out.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
-def _as_timesteps(t: Tensor | int | Sequence[int], batch: int, device: torch.device) -> Tensor:
-    if not torch.is_tensor(t):
-        t = torch.as_tensor(t, device=device)
-    t = t.to(device=device, dtype=torch.long)
-    if t.ndim == 0:
-        t = t.expand(batch)
-    return t
-
-
 class GaussianDiffusion(nn.Module):
     """The forward process q, its posterior, and the reverse-step parameterisation p_θ.
 

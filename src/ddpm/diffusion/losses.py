@@ -46,16 +46,6 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     )
 
 
-def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    """Fast tanh approximation of Φ(x) used by DDPM's decoder (as in the reference code)."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def standard_normal_cdf(x: Tensor) -> Tensor:
-    """Exact Φ(x) via erf."""
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
 def discretized_gaussian_log_likelihood(
     x: Tensor, means: Tensor, log_scales: Tensor, *, bins: int = 256
 ) -> Tensor:
@@ -308,7 +298,6 @@ __all__ = [
     "DiffusionLoss",
     "LossSecondMomentSampler",
     "UniformSampler",
-    "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "extract",
     "mean_flat",
