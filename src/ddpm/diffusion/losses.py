@@ -193,7 +193,9 @@ class DiffusionLoss:
 
 
 # ---------------------------------------------------------------------- timestep samplers
-class UniformSampler:
+# (which t a training step uses; not to be confused with the image samplers of
+# ddpm.diffusion.samplers)
+class UniformTimestepSampler:
     """t ~ U{0..T-1} with unit weights (DDPM)."""
 
     def __init__(self, num_timesteps: int) -> None:
@@ -229,7 +231,7 @@ class UniformSampler:
         """Record per-sample losses (used by importance samplers)."""
 
 
-class LossSecondMomentSampler(UniformSampler):
+class LossSecondMomentTimestepSampler(UniformTimestepSampler):
     """Importance sampling p_t ∝ √E[L_t²] over the last ``history`` losses (improved DDPM §3.3).
 
     Uniform until every t has ``history`` recorded losses; ``uniform_prob`` of uniform mixing.
@@ -294,10 +296,16 @@ class LossSecondMomentSampler(UniformSampler):
         self._count = np.asarray(state["count"], dtype=np.int64)
 
 
+# The names before the rename (public API): the same classes.
+UniformSampler = UniformTimestepSampler
+LossSecondMomentSampler = LossSecondMomentTimestepSampler
+
 __all__ = [
     "DiffusionLoss",
     "LossSecondMomentSampler",
+    "LossSecondMomentTimestepSampler",
     "UniformSampler",
+    "UniformTimestepSampler",
     "discretized_gaussian_log_likelihood",
     "extract",
     "mean_flat",
