@@ -1,4 +1,5 @@
-"""Shared test set-up: offline W&B, one torch thread, tests/ on sys.path (`oracles`, `hydra_utils`).
+"""Shared test set-up: offline W&B, one torch thread. (tests/ is importable through pyproject's
+pythonpath: `oracles`, `hydra_utils`, `fit_utils`.)
 
 One intra-op thread: the tests use small tensors, where a second thread mostly waits, and on a
 busy 2-core machine two threads per process made some tests 10-25x slower. Subprocess runs
@@ -6,14 +7,11 @@ busy 2-core machine two threads per process made some tests 10-25x slower. Subpr
 """
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 

@@ -2,70 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm.callbacks.ema import EMA, half_life_decay, warmup_decay
 from ddpm.checkpoint import EMA_KEY, net_state_dict
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
-from ddpm.module import DiffusionModule
+from fit_utils import TinyEpsNet, make_module, trainer
 
 
 # ----------------------------------------------------------------------------------- fixtures
-class TinyEpsNet(nn.Module):
-    """Two convs and a timestep embedding; a float and an integer buffer exercise buffer EMA."""
-
-    def __init__(self, channels: int = 1, hidden: int = 8, num_timesteps: int = 50) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.emb = nn.Embedding(num_timesteps, hidden)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.conv1(x) + self.emb(t)[:, :, None, None])
-        return self.conv2(h) * self.scale
-
-
-def make_module(seed: int = 0, lr: float = 1e-2) -> DiffusionModule:
-    torch.manual_seed(seed)
-    return DiffusionModule(
-        net=TinyEpsNet(),
-        diffusion=GaussianDiffusion(num_timesteps=50),
-        loss=DiffusionLoss("simple"),
-        optimizer=functools.partial(torch.optim.Adam, lr=lr),
-        train_seed=seed,
-    )
-
-
 def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(123)
     x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
     return DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
-
-
-def trainer(max_steps: int, callbacks: list, **kw) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kw)
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, **defaults)
 
 
 class WeightRecorder(pl.Callback):
@@ -148,7 +102,7 @@ def test_warmup_and_half_life_formulas() -> None:
     ids=["decay", "warmup", "half_life", "every2_start3"],
 )
 def test_ema_matches_closed_form(kwargs: dict) -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema, rec = EMA(**kwargs), WeightRecorder()
     steps = 10
     # validation every 3 steps: the EMA must not be swapped into the model and back
@@ -170,7 +124,7 @@ def test_ema_matches_closed_form(kwargs: dict) -> None:
 
 
 def test_once_per_optimizer_step_under_accumulation() -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema, rec = EMA(decay=0.9, warmup=False), WeightRecorder()
     trainer(5, [rec, ema], accumulate_grad_batches=4).fit(module, loader(n=64))
     assert ema.num_updates == 5  # 20 micro-batches, 5 optimizer steps
@@ -180,14 +134,14 @@ def test_once_per_optimizer_step_under_accumulation() -> None:
 
 
 def test_half_life_counts_images_of_all_micro_batches() -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema = EMA(half_life_kimg=0.1, warmup=False)
     trainer(3, [ema], accumulate_grad_batches=2).fit(module, loader())
     assert ema.last_decay == pytest.approx(half_life_decay(16, 0.1))
 
 
 def test_ema_is_float32_under_mixed_precision() -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema = EMA(decay=0.9)
     trainer(3, [ema], precision="bf16-mixed").fit(module, loader())
     assert all(p.dtype == torch.float32 for p in ema.ema_net.parameters())
@@ -255,7 +209,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_validate_restores_ema_from_checkpoint(tmp_path: Path) -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema = EMA(decay=0.9)
     t = trainer(4, [ema])
     t.fit(module, loader())
@@ -272,14 +226,14 @@ def test_validate_restores_ema_from_checkpoint(tmp_path: Path) -> None:
 
 
 def test_validate_without_fit_or_checkpoint_is_tolerated() -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema = EMA()
     metrics = trainer(1, [ema], limit_val_batches=1).validate(module, loader(), verbose=False)[0]
     assert ema.ema_net is None and "val/loss" in metrics and "val/loss_ema" not in metrics
 
 
 def test_fast_dev_run(tmp_path: Path) -> None:
-    module = make_module()
+    module = make_module(seed=0)
     ema = EMA()
     pl.Trainer(
         fast_dev_run=True,
@@ -317,7 +271,7 @@ class RankDump(pl.Callback):
 
 @pytest.mark.ddp
 def test_ddp_ema_identical_on_every_rank(tmp_path: Path) -> None:
-    module = make_module()
+    module = make_module(seed=0)
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
     ema = EMA(decay=0.9, warmup=True)
     t = trainer(6, [ema, RankDump(str(tmp_path))], devices=2, strategy="ddp_spawn")

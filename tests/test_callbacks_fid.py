@@ -4,41 +4,20 @@ missing-Inception-weights path."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ddpm.callbacks.fid import FIDCallback, FIDUnavailableWarning
 from ddpm.data import ImageDataModule
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
 from ddpm.metrics import DatasetImages, SampleMetrics
-from ddpm.module import DiffusionModule
+from fit_utils import fit, make_module
 
 NUM_REF = 128
-
-
-class TinyEpsNet(nn.Module):
-    def __init__(self, channels: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-def make_module() -> DiffusionModule:
-    torch.manual_seed(0)
-    return DiffusionModule(
-        net=TinyEpsNet(),
-        diffusion=GaussianDiffusion(num_timesteps=50),
-        loss=DiffusionLoss("simple"),
-        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-    )
 
 
 def digits() -> ImageDataModule:
@@ -60,23 +39,6 @@ class ReplaySampler:
         return (self.images[idx] * self.gain).to(device)
 
 
-def fit(dm: pl.LightningDataModule, callbacks: list, steps: int = 2, **kw) -> pl.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    t = pl.Trainer(max_steps=steps, callbacks=callbacks, **opts)
-    t.fit(make_module(), datamodule=dm)
-    return t
-
-
 def fid_callback(cache_dir: Path | None, gain: float = 1.0, **kw) -> FIDCallback:
     opts = dict(
         every_n_steps=2,
@@ -94,7 +56,7 @@ def fid_callback(cache_dir: Path | None, gain: float = 1.0, **kw) -> FIDCallback
 def test_fid_zero_for_identical_sets_positive_otherwise_and_cached(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     same = fid_callback(cache)
-    t = fit(digits(), [same])
+    t = fit(make_module(seed=0, lr=1e-3), digits(), [same], steps=2)
     ((step, metrics),) = same.history
     assert step == 2 and set(metrics) == {"val/fid", "val/is", "val/is_std"}
     assert abs(metrics["val/fid"]) < 1e-4
@@ -117,7 +79,7 @@ def test_fid_zero_for_identical_sets_positive_otherwise_and_cached(tmp_path: Pat
     darker = fid_callback(
         cache, gain=0.5, metrics=dict(extractor="randomconv", cache_dir=str(cache), isc=False)
     )
-    fit(digits(), [darker])
+    fit(make_module(seed=0, lr=1e-3), digits(), [darker], steps=2)
     assert set(darker.history[0][1]) == {"val/fid"}
     assert darker.history[0][1]["val/fid"] > 1e3 * max(abs(metrics["val/fid"]), 1e-6)
     assert darker.metrics.reference_source == "cache" and darker.reference_computations == 0
@@ -144,12 +106,19 @@ def test_same_scores_on_one_and_two_processes(tmp_path: Path) -> None:
         metrics=dict(extractor="randomconv", isc_splits=3, kid=True, kid_subset_size=30, prc=True),
     )
     single = fid_callback(None, gain=0.7, **kw)
-    fit(digits(), [single])
+    fit(make_module(seed=0, lr=1e-3), digits(), [single], steps=2)
     one = single.history[0][1]
     assert one["val/fid"] > 0.01 and {"val/kid", "val/precision", "val/recall"} <= set(one)
 
     double = fid_callback(None, gain=0.7, **kw)
-    fit(digits(), [double, DumpMetrics(str(tmp_path))], devices=2, strategy="ddp_spawn")
+    fit(
+        make_module(seed=0, lr=1e-3),
+        digits(),
+        [double, DumpMetrics(str(tmp_path))],
+        steps=2,
+        devices=2,
+        strategy="ddp_spawn",
+    )
     for r in (0, 1):
         dump = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert dump["source"] == "computed"  # each rank extracted its block of the reference
@@ -176,7 +145,7 @@ def test_missing_inception_weights_warn_once_naming_the_callback_setting(
     )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = fit(digits(), [cb], steps=3)
+        t = fit(make_module(seed=0, lr=1e-3), digits(), [cb], steps=3)
     assert t.global_step == 3
     msgs = [str(w.message) for w in record if issubclass(w.category, FIDUnavailableWarning)]
     assert len(msgs) == 1, msgs

@@ -3,7 +3,6 @@ up; the value does not depend on the number of processes."""
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -15,40 +14,12 @@ from torch import Tensor, nn
 from ddpm.callbacks.ema import EMA
 from ddpm.callbacks.nll import METRICS, NLLCallback
 from ddpm.data import ImageDataModule
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, calc_bpd_loop
-from ddpm.module import DiffusionModule
+from ddpm.diffusion import calc_bpd_loop
+from fit_utils import TinyEpsNet, fit, make_module
 
 
 def digits(batch_size: int = 32) -> ImageDataModule:
     return ImageDataModule(name="digits", batch_size=batch_size, num_workers=0)
-
-
-def make_module(net: nn.Module, lr: float = 2e-3) -> DiffusionModule:
-    return DiffusionModule(
-        net=net,
-        diffusion=GaussianDiffusion(num_timesteps=50),
-        loss=DiffusionLoss("simple"),
-        optimizer=functools.partial(torch.optim.Adam, lr=lr),
-    )
-
-
-def fit(
-    module: DiffusionModule, dm: ImageDataModule, callbacks: list, steps: int, **kw
-) -> pl.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    t = pl.Trainer(max_steps=steps, callbacks=callbacks, **opts)
-    t.fit(module, datamodule=dm)
-    return t
 
 
 class SmallEpsNet(nn.Module):
@@ -85,20 +56,9 @@ def test_bits_per_dim_fall_as_a_tiny_model_trains_on_digits() -> None:
     assert float(t.callback_metrics["val/nll_bpd"]) == pytest.approx(last)
 
 
-class TinyEpsNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.emb = nn.Embedding(50, 8)
-        self.conv2 = nn.Conv2d(8, 1, 3, padding=1)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.conv2(torch.relu(self.conv1(x) + self.emb(t)[:, :, None, None]))
-
-
 def test_matches_calc_bpd_loop_with_the_ema_network() -> None:
     torch.manual_seed(0)
-    module = make_module(TinyEpsNet())
+    module = make_module(TinyEpsNet(), lr=2e-3)
     ema = EMA(decay=0.9)
     nll = NLLCallback(every_n_steps=3, num_images=20, batch_size=8)
     dm = digits()
@@ -122,7 +82,7 @@ def test_two_dimensional_data_disables_with_one_warning(recwarn: pytest.Warnings
     from ddpm.data import ToyDataModule
 
     net = nn.Sequential(nn.Linear(2, 2))
-    module = make_module(_PointNet(net))
+    module = make_module(_PointNet(net), lr=2e-3)
     nll = NLLCallback(every_n_steps=1, num_images=8)
     fit(
         module, ToyDataModule(name="two_moons", n_train=64, n_val=16, batch_size=16), [nll], steps=2

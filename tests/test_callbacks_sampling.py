@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -10,31 +9,18 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm.callbacks.ema import EMA
 from ddpm.callbacks.sample_grid import SampleGrid, sample_with_seeds
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion
 from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler
-from ddpm.module import DiffusionModule
 from ddpm.utils.images import denoising_trajectory, read_png, strip_timesteps, to_uint8
+from fit_utils import TinyEpsNet, fit, make_module
 
 SIZE = 8  # image side
-
-
-class TinyEpsNet(nn.Module):
-    def __init__(self, channels: int = 1, hidden: int = 8, num_timesteps: int = 50) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.emb = nn.Embedding(num_timesteps, hidden)
-        self.drop = nn.Dropout(0.5)  # eval mode matters for sampling
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.drop(F.silu(self.conv1(x) + self.emb(t)[:, :, None, None])))
 
 
 class TinyMLP(nn.Module):
@@ -45,15 +31,6 @@ class TinyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x, (t.float() / self.T)[:, None]], dim=1))
-
-
-def make_module(net: nn.Module) -> DiffusionModule:
-    return DiffusionModule(
-        net=net,
-        diffusion=GaussianDiffusion(num_timesteps=50),
-        loss=DiffusionLoss("simple"),
-        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
-    )
 
 
 def image_loader(n: int = 32) -> DataLoader:
@@ -68,25 +45,6 @@ def point_loader(n: int = 64) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 2, generator=g)), batch_size=16)
 
 
-def fit(
-    module: pl.LightningModule, data: DataLoader, callbacks: list, steps: int = 4, **kw
-) -> pl.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    t = pl.Trainer(max_steps=steps, callbacks=callbacks, **opts)
-    t.fit(module, data)
-    return t
-
-
 def grid_side(n_per_row: int, image: int = SIZE, padding: int = 2) -> int:
     return n_per_row * (image + padding) + padding
 
@@ -96,7 +54,7 @@ def grid_side(n_per_row: int, image: int = SIZE, padding: int = 2) -> int:
 )
 def test_grid_png_is_the_same_for_any_batch_size(sampler, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = make_module(TinyEpsNet())
+    module = make_module(TinyEpsNet(dropout=0.5))
     a = SampleGrid(
         sampler,
         every_n_steps=4,
@@ -134,7 +92,7 @@ def test_grid_png_is_the_same_for_any_batch_size(sampler, tmp_path: Path) -> Non
 
 def test_same_seeds_same_samples_across_batch_sizes_and_model_modes() -> None:
     torch.manual_seed(0)
-    net, diffusion = TinyEpsNet().eval(), GaussianDiffusion(num_timesteps=50)
+    net, diffusion = TinyEpsNet(dropout=0.5).eval(), GaussianDiffusion(num_timesteps=50)
     sampler = DDPMSampler(steps=10)
     x16 = sample_with_seeds(sampler, net, diffusion, (1, SIZE, SIZE), range(16), 16)
     x3 = sample_with_seeds(sampler, net, diffusion, (1, SIZE, SIZE), range(16), 3)
@@ -145,7 +103,7 @@ def test_same_seeds_same_samples_across_batch_sizes_and_model_modes() -> None:
 
 def test_denoising_trajectory_frames() -> None:
     torch.manual_seed(0)
-    net, diffusion = TinyEpsNet().eval(), GaussianDiffusion(num_timesteps=50)
+    net, diffusion = TinyEpsNet(dropout=0.5).eval(), GaussianDiffusion(num_timesteps=50)
     assert strip_timesteps(50, 8) == [49, 42, 35, 28, 21, 14, 7, 0]
     traj = denoising_trajectory(
         DDIMSampler(steps=50), net, diffusion, (1, SIZE, SIZE), [0, 1], num_frames=8
@@ -174,7 +132,7 @@ def test_train_mode_restored_and_raw_net_sampling(tmp_path: Path) -> None:
         output_dir=str(tmp_path),
         strip_seeds=[],
     )
-    fit(make_module(TinyEpsNet()), image_loader(), [cb, check], steps=5)
+    fit(make_module(TinyEpsNet(dropout=0.5)), image_loader(), [cb, check], steps=5)
     assert all(check.modes) and len(check.modes) == 5
     names = sorted(p.name for p in tmp_path.iterdir())
     # steps 2 and 4, and the end of training (step 5); no strip
@@ -205,7 +163,7 @@ def test_loggers_receive_the_images(tmp_path: Path) -> None:
         DDIMSampler(steps=5), every_n_steps=2, num_samples=4, batch_size=4, at_train_end=False
     )
     fit(
-        make_module(TinyEpsNet()),
+        make_module(TinyEpsNet(dropout=0.5)),
         image_loader(),
         [EMA(), cb],
         steps=2,
@@ -236,7 +194,14 @@ def test_image_runs_get_forward_and_loss_by_t_pictures(tmp_path: Path) -> None:
         loss_by_t_images=4,
     )
     dm = ImageDataModule("digits", batch_size=8, val_batch_size=8)
-    fit(make_module(TinyEpsNet()), dm, [EMA(), cb], steps=4, logger=[tb], default_root_dir=tmp_path)
+    fit(
+        make_module(TinyEpsNet(dropout=0.5)),
+        dm,
+        [EMA(), cb],
+        steps=4,
+        logger=[tb],
+        default_root_dir=tmp_path,
+    )
     out = tmp_path / "samples"
     names = sorted(p.name for p in cb.saved)
     assert names == [
@@ -269,7 +234,7 @@ def test_fast_dev_run_skips_sampling(tmp_path: Path) -> None:
         callbacks=[EMA(), cb],
         enable_progress_bar=False,
         default_root_dir=tmp_path,
-    ).fit(make_module(TinyEpsNet()), image_loader(), image_loader())
+    ).fit(make_module(TinyEpsNet(dropout=0.5)), image_loader(), image_loader())
     assert cb.saved == [] and not (tmp_path / "s").exists()
 
 
@@ -303,7 +268,7 @@ def test_end_of_training_grid_reports_progress_and_stops_between_batches_on_a_si
     caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
     with pytest.raises(TrainingInterrupted):  # the run then stops at once (exit 128 + signal)
         fit(
-            make_module(TinyEpsNet()),
+            make_module(TinyEpsNet(dropout=0.5)),
             image_loader(),
             [EMA(), cb, pre],
             steps=3,
@@ -328,6 +293,6 @@ def test_no_end_of_training_grid_before_the_first_one(
         output_dir=str(tmp_path),
     )
     caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
-    fit(make_module(TinyEpsNet()), image_loader(), [cb], steps=3)
+    fit(make_module(TinyEpsNet(dropout=0.5)), image_loader(), [cb], steps=3)
     assert cb.saved == [] and not list(tmp_path.glob("*.png"))
     assert "ended at step 3, before its first grid (every 10 steps)" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -50,8 +51,9 @@ def test_schedule_options_build_a_diffusion(name: str, tmp_path: Path) -> None:
 def test_objective_options_build_a_module(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"objective={name}", "model=tiny"], tmp_path)
     module = build_module(cfg)
-    # learned variances double the output channels
-    learned = cfg.objective.variance_type in ("learned", "learned_range")
+    # the network outputs what the process reads (2C channels for a learned variance)
+    assert module.net.out_channels == module.diffusion.model_output_channels(cfg.data.channels)
+    learned = name in ("hybrid", "vlb")
     assert module.net.out_channels == cfg.data.channels * (2 if learned else 1)
 
 
@@ -92,15 +94,14 @@ def test_data_options_instantiate(name: str, tmp_path: Path) -> None:
         overrides.append(f"data.path={tmp_path}")
     cfg = compose_cfg(overrides, tmp_path)
     dm = instantiate(cfg.data)
-    assert dm is not None
+    assert dm.batch_size == cfg.data.batch_size
 
 
 @pytest.mark.parametrize("name", options("sampler"))
 def test_sampler_options_instantiate(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"sampler={name}"], tmp_path)
     sampler = instantiate(cfg.sampler)
-    assert callable(sampler)
-    assert "steps" in cfg.sampler
+    assert sampler.steps == cfg.sampler.steps and sampler.clip_denoised is True
 
 
 @pytest.mark.parametrize("name", options("trainer"))
@@ -116,7 +117,9 @@ def test_trainer_options_compose(name: str, tmp_path: Path) -> None:
 def test_callback_options_instantiate(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"callbacks={name}"], tmp_path)
     callbacks = instantiate_dict(cfg.callbacks)
-    assert isinstance(callbacks, list)
+    built = [k for k, v in (cfg.callbacks or {}).items() if "_target_" in v]
+    assert len(callbacks) == len(built)
+    assert all(isinstance(cb, pl.Callback) for cb in callbacks)
 
 
 @pytest.mark.parametrize("name", options("logger"))
@@ -159,20 +162,41 @@ def test_optuna_search_composes(tmp_path: Path) -> None:
     assert cfg.hydra.sweeper.direction == "minimize"
 
 
-def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
-    """conf/model/*.yaml and ddpm.nn.PRESETS must not drift apart."""
+def test_unet_options_are_the_code_presets(tmp_path: Path) -> None:
+    """Every U-Net option of conf/model is ddpm.nn.PRESETS[name] (the one source), wired to the
+    data: composing ``model=<name>`` on data of the preset's size gives exactly its kwargs."""
     from ddpm.nn import PRESETS
 
-    for name in ("cifar10", "tiny", "digits", "mnist", "lsun256"):
-        if name not in PRESETS:
-            continue
-        y = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-        for key, value in PRESETS[name].items():
-            if key in y and key not in ("in_channels", "out_channels", "image_size"):
-                got = y[key]
-                got = list(got) if OmegaConf.is_list(got) else got
-                want = list(value) if isinstance(value, (list, tuple)) else value
-                assert got == want, (name, key)
+    unets = [n for n in options("model") if "preset/" in (CONF / "model" / f"{n}.yaml").read_text()]
+    assert sorted(unets) == sorted(PRESETS)
+    for name, preset in PRESETS.items():
+        cfg = compose_cfg(
+            [
+                f"model={name}",
+                "data=image_folder",
+                f"data.root={tmp_path}",
+                f"data.image_size={preset['image_size']}",
+                f"data.channels={preset['in_channels']}",
+            ],
+            tmp_path,
+        )
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        assert model["_target_"] == "ddpm.nn.UNet"
+        assert {k: model[k] for k in preset} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()
+        }, name
+    # a preset key is a plain override
+    cfg = compose_cfg(["model=celeba64", "model.dropout=0.3"], tmp_path)
+    assert cfg.model.dropout == 0.3 and cfg.model.channel_mult == [1, 2, 2, 2, 4]
+
+
+def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
+    cfg = compose_cfg(["objective=v_prediction"], tmp_path)
+    assert cfg.objective.loss.min_snr_gamma == 5.0 and cfg.objective.loss.loss_type == "simple"
+    assert cfg.objective.loss.lambda_vlb == 0.001 and cfg.objective.timestep_sampler == "uniform"
+    cfg = compose_cfg(["objective=vlb"], tmp_path)
+    assert cfg.objective.loss.loss_type == "vlb"
+    assert cfg.objective.timestep_sampler == "loss_second_moment"
 
 
 # ---------------------------------------------------------------------- validation
@@ -182,10 +206,21 @@ def test_yaml_presets_match_code_presets(tmp_path: Path) -> None:
         (["optimizer.lr=0"], "optimizer.lr"),
         (["optimizer.lr=-1e-4"], "optimizer.lr"),
         (["schedule.num_timesteps=0"], "num_timesteps"),
-        (["data.batch_size=10", "trainer.devices=4", "trainer.accelerator=cpu"], "divisible"),
-        (["data.image_size=18"], "divisible by 4"),
+        (
+            ["data.batch_size=10", "trainer.devices=4", "trainer.accelerator=cpu"],
+            r"batch_size 10 is not divisible by the 4 devices.*trainer.devices=4",
+        ),
+        (["data.image_size=18"], r"model \(ddpm.nn.UNet\): image_size=18 must be divisible"),
+        (["model.channel_mult=[1,2,2,2,2,2]"], r"image_size=16 must be divisible .*=32"),
+        (["model.in_channels=3"], r"model.in_channels=3 is derived from the data.channels"),
+        (["objective=hybrid", "objective.loss.loss_type=simple"], "objective: "),
+        (["schedule.num_timesteps=abc"], r"diffusion \(ddpm.diffusion.GaussianDiffusion\)"),
         (["model.attention_resolutions=[5]"], "attention_resolutions"),
         (["data=image_folder"], "data.root"),
+        # T has one override path: the diffusion and the network read schedule.num_timesteps
+        (["diffusion.num_timesteps=500"], r"set schedule\.num_timesteps=500 instead"),
+        (["model=mlp", "data=swiss_roll", "model.num_timesteps=9"], r"schedule\.num_timesteps=9"),
+        (["diffusion.prediction_type=sample"], r"set objective\.prediction_type=sample"),
     ],
 )
 def test_bad_config_gives_one_clear_message(
@@ -196,8 +231,19 @@ def test_bad_config_gives_one_clear_message(
         validate_train_config(cfg)
 
 
+def test_num_timesteps_reaches_the_process_and_the_network(tmp_path: Path) -> None:
+    cfg = compose_cfg(["model=mlp", "data=swiss_roll", "schedule.num_timesteps=37"], tmp_path)
+    validate_train_config(cfg)
+    module = build_module(cfg)
+    assert module.diffusion.num_timesteps == 37 and module.net.num_timesteps == 37
+
+
 def test_unknown_key_is_rejected_by_hydra(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="lerning_rate"):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(
+        ConfigCompositionException, match="Could not override 'optimizer.lerning_rate'"
+    ):
         compose_cfg(["optimizer.lerning_rate=1e-3"], tmp_path)
 
 
@@ -222,3 +268,75 @@ def test_slurm_launcher_composes(tmp_path: Path) -> None:
     cfg = compose_cfg(["hydra/launcher=slurm", "trainer.devices=4"], tmp_path)
     assert cfg.hydra.launcher.gpus_per_node == 4
     assert "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize(("data", "clip"), [({"clip_denoised": False}, False), ({}, True)])
+def test_a_sampler_chosen_at_sampling_time_clips_as_in_training(
+    data: dict, clip: bool, tmp_path: Path
+) -> None:
+    """``sample.py sampler=ddim`` on a checkpoint: the sampler group's data-dependent default
+    (no clipping of x̂₀ for unbounded 2-D data) resolves against the run's own data."""
+    import torch
+
+    from ddpm.checkpoint import LoadedModel
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.tasks.sample import build_sampler
+
+    cfg = compose_cfg(["sampler=ddim", "sampler.steps=10"], tmp_path, config_name="sample")
+    loaded = LoadedModel(
+        net=torch.nn.Identity(),
+        diffusion=GaussianDiffusion(num_timesteps=50),
+        config={"data": data},
+        used_ema=False,
+        global_step=0,
+    )
+    assert build_sampler(cfg.sampler, loaded).clip_denoised is clip
+    cfg = compose_cfg(["sampler=ddim", "sampler.clip_denoised=true"], tmp_path, "sample")
+    assert build_sampler(cfg.sampler, loaded).clip_denoised is True  # the command decides
+
+
+def test_compose_from_a_notebook_needs_one_import(tmp_path: Path) -> None:
+    """The README's notebook recipe in a fresh interpreter: ``import ddpm.config`` and Hydra's
+    compose API give a config that resolves whole and builds the module."""
+    import os
+    import subprocess
+    import sys
+
+    from hydra_utils import SRC_DIR
+
+    script = f"""
+import ddpm.config
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+with initialize_config_dir(config_dir={CONF_DIR!r}, version_base="1.3"):
+    cfg = compose("train", overrides=["model=tiny", "objective=hybrid",
+                                      "paths.output_dir={tmp_path}", "paths.root_dir={tmp_path}"])
+OmegaConf.to_container(cfg, resolve=True)
+from ddpm.config import validate_train_config
+from ddpm.tasks.train import build_module
+validate_train_config(cfg)
+print(build_module(cfg).net.out_channels)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(SRC_DIR)},  # this checkout's package
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "2"  # digits: 1 channel, doubled by the learned variance
+
+
+def test_debug_mode_overrides_a_local_config(tmp_path: Path) -> None:
+    """``debug`` comes last in the defaults (after ``optional local``): a machine's local file
+    cannot turn debug mode's short run into a long one."""
+    local = tmp_path / "extra" / "local"
+    local.mkdir(parents=True)
+    (local / "default.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 777\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'extra'}]"
+    assert compose_cfg([searchpath], tmp_path).trainer.max_steps == 777  # the local file is read
+    cfg = compose_cfg([searchpath, "debug=default"], tmp_path)
+    assert cfg.trainer.max_steps == 20 and cfg.task_name == "debug"

@@ -30,14 +30,7 @@ from hydra_utils import TINY, compose_cfg
 diffusers = pytest.importorskip("diffusers")
 
 # improved DDPM's CIFAR-10 U-Net (Nichol & Dhariwal 2021): scale-shift norm, 3 blocks, 4 heads
-IDDPM = dict(
-    PRESETS["cifar10"],
-    num_res_blocks=3,
-    attention_resolutions=(16, 8),
-    num_heads=4,
-    dropout=0.3,
-    use_scale_shift_norm=True,
-)
+IDDPM = PRESETS["cifar10_iddpm"]
 # every option at once on a small net: BigGAN resampling, scale-shift, heads by width, classes
 SMALL = dict(
     in_channels=3,

@@ -101,7 +101,8 @@ def test_q_sample_moments(diff: GaussianDiffusion, ref: Ref, t_idx: int) -> None
 
 
 def test_q_sample_under_bf16_autocast(diff: GaussianDiffusion, ref: Ref) -> None:
-    """PITFALLS 1: in bf16 ᾱ_t rounds to 1 for the first steps and those get no noise."""
+    """In bf16 ᾱ_t rounds to 1 for the first steps (8 mantissa bits: 1 - 1e-4 == 1), so a
+    schedule kept in bf16 would give those steps no noise: it stays float32 under autocast."""
     # the pitfall is real: rounded to bf16 (fp16), the linear schedule's ᾱ_t is exactly 1 for
     # code index t ≤ 9 (t ≤ 1)
     ac_bf16 = torch.tensor(ref.ac, dtype=torch.bfloat16)

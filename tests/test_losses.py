@@ -11,8 +11,8 @@ import torch
 from ddpm.diffusion import (
     DiffusionLoss,
     GaussianDiffusion,
-    LossSecondMomentSampler,
-    UniformSampler,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
     discretized_gaussian_log_likelihood,
     min_snr_weight,
     normal_kl,
@@ -261,7 +261,7 @@ def test_losses_float32_under_bf16_autocast(loss_type: str, variance_type: str) 
 
 # ------------------------------------------------------------------ timestep samplers
 def test_uniform_sampler() -> None:
-    s = UniformSampler(50)
+    s = UniformTimestepSampler(50)
     t, w = s.sample(10_000, "cpu", torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == 49
     assert torch.all(w == 1)
@@ -271,7 +271,7 @@ def test_uniform_sampler() -> None:
 
 def test_loss_second_moment_sampler() -> None:
     Tn, hist = 20, 4
-    s = LossSecondMomentSampler(Tn, history=hist, uniform_prob=0.01)
+    s = LossSecondMomentTimestepSampler(Tn, history=hist, uniform_prob=0.01)
     rng = np.random.default_rng(0)
     scale = np.linspace(0.1, 3.0, Tn)  # L_t grows with t
     # warm-up: uniform until every t has `history` losses, even with all but one t full
@@ -300,6 +300,13 @@ def test_loss_second_moment_sampler() -> None:
     freq = np.bincount(t.numpy(), minlength=Tn) / n
     np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(p / n).max())
     # state round trip
-    s2 = LossSecondMomentSampler(Tn, history=hist, uniform_prob=0.01)
+    s2 = LossSecondMomentTimestepSampler(Tn, history=hist, uniform_prob=0.01)
     s2.load_state_dict(s.state_dict())
     np.testing.assert_array_equal(s2.weights(), s.weights())
+
+
+def test_timestep_samplers_keep_their_former_names() -> None:
+    from ddpm import diffusion
+
+    assert diffusion.UniformSampler is diffusion.UniformTimestepSampler
+    assert diffusion.LossSecondMomentSampler is diffusion.LossSecondMomentTimestepSampler

@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
 
 from ddpm.callbacks.progress import ProgressLines, StepProgressBar, training_progress
-from test_callbacks_sampling import TinyEpsNet, image_loader, make_module
+from fit_utils import make_module
+from test_callbacks_sampling import image_loader
 
 
 def _fit(callbacks: list, steps: int, tmp_path: Path, bar: bool = True) -> pl.Trainer:
@@ -26,7 +27,7 @@ def _fit(callbacks: list, steps: int, tmp_path: Path, bar: bool = True) -> pl.Tr
         limit_val_batches=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(make_module(TinyEpsNet()), image_loader(16))  # 2 batches an epoch
+    trainer.fit(make_module(), image_loader(16))  # 2 batches an epoch
     return trainer
 
 

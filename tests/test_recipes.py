@@ -253,7 +253,7 @@ TINY_IMAGES = [
 
 
 def _cpu_fp16_autocast() -> str | None:
-    """Why float16 autocast cannot run on this CPU, or None when it can."""
+    """Why float16 autocast cannot run on the test machine's CPU, or None when it can."""
     try:
         with torch.autocast("cpu", dtype=torch.float16):
             torch.nn.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)).sum()

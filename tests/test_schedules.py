@@ -63,7 +63,7 @@ def test_scaled_linear_is_linear_in_sqrt_beta() -> None:
     assert root[-1] == pytest.approx(math.sqrt(0.012), rel=1e-12)
     steps = np.diff(root)
     np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
-    # not linear in β itself (the naming trap of PITFALLS 5)
+    # not linear in β itself: latent diffusion's "linear" is diffusers' scaled_linear
     assert not np.allclose(np.diff(betas), np.diff(betas)[0], rtol=1e-3)
     # endpoints scale by 1000/T like the linear schedule
     b500 = make_beta_schedule("scaled_linear", 500)

@@ -181,7 +181,15 @@ def test_preset_sizes(name, low, high):
     with torch.device("meta"):  # no memory, no init cost
         model = unet_preset(name)
     assert low <= count_parameters(model) <= high
-    assert set(PRESETS) == {"cifar10", "tiny", "digits", "mnist", "celeba64", "lsun256"}
+    assert set(PRESETS) == {
+        *("cifar10", "cifar10_iddpm", "tiny", "digits", "mnist", "celeba64", "lsun256")
+    }
+
+
+def test_iddpm_preset_matches_improved_diffusion_parameter_count():
+    with torch.device("meta"):
+        model = unet_preset("cifar10_iddpm", out_channels=6)  # learned variances
+    assert count_parameters(model) == 52_546_438  # improved-diffusion's UNetModel
 
 
 def test_count_parameters_trainable_only():

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
-from ddpm.diffusion import LossSecondMomentSampler
+from ddpm.diffusion import LossSecondMomentTimestepSampler
 from ddpm.loggers import RUN_ID_ENV, RUN_ID_FILE, log_hyperparameters, wandb_logger
 from ddpm.tasks.common import to_plain
 from ddpm.tasks.train import build_module
@@ -140,7 +140,7 @@ def _rank_worker(rank: int, world: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     out: dict = {}
     # The importance sampler: rank 1 drops a NaN loss, so the ranks hold 4 and 3 pairs.
-    sampler = LossSecondMomentSampler(num_timesteps=4, history=2)
+    sampler = LossSecondMomentTimestepSampler(num_timesteps=4, history=2)
     t = torch.arange(4)
     losses = torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1)
     if rank == 1:
@@ -170,7 +170,7 @@ def test_ddp_ranks_share_the_run_id_and_unequal_sampler_updates(tmp_path: Path) 
     mp.start_processes(_rank_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # both ranks hold the same statistics: every finite pair of both ranks, in rank order
-    reference = LossSecondMomentSampler(num_timesteps=4, history=2)
+    reference = LossSecondMomentTimestepSampler(num_timesteps=4, history=2)
     for _ in range(2):
         reference.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))
         reference.update(torch.tensor([0, 1, 3]), torch.tensor([2.0, 4.0, 8.0]))

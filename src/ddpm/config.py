@@ -22,8 +22,11 @@ def _first_not_none(*values: Any) -> Any:
 
 
 def _model_out_channels(channels: int, variance_type: str) -> int:
-    """Network output channels: doubled when the variance is learned (improved DDPM)."""
-    return int(channels) * (2 if variance_type in ("learned", "learned_range") else 1)
+    """Network output channels for this objective (the rule is the process's:
+    :func:`ddpm.diffusion.gaussian.model_output_channels`)."""
+    from ddpm.diffusion.gaussian import model_output_channels
+
+    return model_output_channels(int(channels), str(variance_type))
 
 
 def _launch_subdir(output_dir: str, stamp: str) -> str:
@@ -33,8 +36,12 @@ def _launch_subdir(output_dir: str, stamp: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${ddpm_first:a,b}``, ``${model_out_channels:C,variance_type}`` and
-    ``${ddpm_launch_subdir:run_dir,stamp}`` (:func:`ddpm.run.directory.launch_subdir`)."""
+    """Register the resolvers the YAML uses, each one what OmegaConf cannot express itself:
+    ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
+    ``${model_out_channels:C,variance_type}`` (arithmetic) and
+    ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
+    :func:`ddpm.run.directory.launch_subdir`). Importing this module registers them and the
+    U-Net presets: the one import composing the configs needs (``hydra.compose`` in a notebook)."""
     if not OmegaConf.has_resolver("ddpm_first"):
         OmegaConf.register_new_resolver("ddpm_first", _first_not_none)
     if not OmegaConf.has_resolver("model_out_channels"):
@@ -43,7 +50,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("ddpm_launch_subdir", _launch_subdir)
 
 
+def register_model_presets() -> None:
+    """Register :data:`ddpm.nn.PRESETS` as the Hydra config group ``model/preset``: the U-Net
+    options ``conf/model/<name>.yaml`` take their architecture from it (``- preset/<name>@_here_``
+    in their defaults), so it is written once, in the code that builds the network."""
+    from hydra.core.config_store import ConfigStore
+
+    from ddpm.nn.unet import PRESETS
+
+    store = ConfigStore.instance()
+    for name, kwargs in PRESETS.items():
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        store.store(group="model/preset", name=name, node=plain)
+
+
 register_resolvers()
+register_model_presets()
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -106,8 +128,10 @@ _NON_NEGATIVE = _Range(low=0)
 _COUNT = _Range(integer=True, low=1)
 _STEPS = _Range(integer=True, low=0)
 _UNIT_OPEN = _Range(low=0, high=1, high_open=True)
-# Numeric settings checked at start-up (null = not set, always fine). Each class checks its own
-# arguments again when built; these catch a bad value before any work and say which setting.
+# Numeric settings checked at start-up (null = not set, always fine) whose owner is not built
+# before the fit (optimizer, scheduler, Trainer, callbacks, ...): these catch a bad value before
+# any work and say which setting. The process, the loss and the network check their own
+# arguments: :func:`build_problems` builds them and collects what they say.
 NUMERIC_SETTINGS: dict[str, _Range] = {
     "seed": _Range(integer=True),
     "optimizer.lr": _POSITIVE,
@@ -119,7 +143,6 @@ NUMERIC_SETTINGS: dict[str, _Range] = {
     "lr_scheduler.warmup_steps": _STEPS,
     "lr_scheduler.total_steps": _Range(integer=True, low=1),
     "lr_scheduler.min_lr_ratio": _Range(low=0, high=1),
-    "schedule.num_timesteps": _COUNT,
     "data.batch_size": _COUNT,
     "trainer.max_steps": _Range(integer=True, low=1, also=(-1,)),
     "trainer.max_epochs": _Range(integer=True, low=0, also=(-1,)),
@@ -165,6 +188,109 @@ def numeric_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+# Keys that train.yaml and the model presets derive by interpolation, with the key that owns the
+# value: the process from `schedule` (T, betas) and `objective` (parameterisation), the network's
+# T and its input from `schedule` and `data`. Each value has one override path; setting a derived
+# key would make the process, the network and the data disagree.
+DERIVED_KEYS: dict[str, str] = {
+    "diffusion": "schedule / objective",
+    "model.num_timesteps": "schedule.num_timesteps",
+    "model.in_channels": "data.channels",
+    "model.image_size": "data.image_size",
+}
+
+
+def derived_key_problems(cfg: DictConfig) -> list[str]:
+    """One message per derived key (:data:`DERIVED_KEYS`) that is set directly instead of
+    interpolated from its owner (e.g. ``diffusion.num_timesteps=500``: T is
+    ``schedule.num_timesteps``)."""
+    problems = []
+    for path, owner_key in DERIVED_KEYS.items():
+        parent_path, _, key = path.rpartition(".")
+        parent = _get(cfg, parent_path) if parent_path else cfg
+        if not OmegaConf.is_dict(parent) or key not in parent:
+            continue
+        node = parent[key] if OmegaConf.is_dict(parent._get_node(key)) else None
+        leaves = [(key, parent)] if node is None else [(k, node) for k in node if k != "_target_"]
+        for k, holder in leaves:
+            if OmegaConf.is_interpolation(holder, k):
+                continue
+            value = OmegaConf.to_container(holder, resolve=False)[k]
+            fix = f"set {owner_key}={value} instead"
+            if node is not None:  # a node built from groups: the group key of the same name
+                found = [f"{g}.{k}" for g in owner_key.split(" / ") if k in (_get(cfg, g) or {})]
+                fix = f"set {found[0]}={value} instead" if found else "set the groups' keys"
+            problems.append(
+                f"{path if node is None else f'{path}.{k}'}={value} is derived from the "
+                f"{owner_key} settings and cannot be set on its own: {fix}"
+            )
+    return problems
+
+
+# The objects built at start-up to let them check their own arguments (cheap: the network is
+# built on the meta device, without memory or initialisation). A network given by a function (a
+# loader such as model=diffusers) is checked when it is called.
+BUILT_AT_START = ("diffusion", "objective.loss", "model")
+
+
+def build_problems(cfg: DictConfig) -> list[str]:
+    """What the objects of :data:`BUILT_AT_START` say about their arguments (each class
+    validates its own: T and the schedule in GaussianDiffusion, the image size and attention
+    resolutions in the U-Net, ...), one message per object, and the loss's check against the
+    process (a learned variance needs a loss that trains it)."""
+    import contextlib
+    import inspect
+
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+
+    problems: list[str] = []
+    built: dict[str, Any] = {}
+    for path in BUILT_AT_START:
+        node = _get(cfg, path)
+        if not OmegaConf.is_dict(node) or "_target_" not in node:
+            continue
+        try:
+            if OmegaConf.missing_keys(node):
+                continue  # reported as missing
+            target = get_object(str(node._target_))
+            if path == "model" and not inspect.isclass(target):
+                continue
+            with torch.device("meta") if path == "model" else contextlib.nullcontext():
+                built[path] = instantiate(node)
+        except InstantiationException as e:
+            cause = e.__cause__
+            if isinstance(cause, (ValueError, TypeError)):
+                problems.append(f"{path} ({node._target_}): {cause}{_settings_named(node, cause)}")
+        except Exception:  # unresolvable or unimportable: the other checks report it
+            continue
+    loss, diffusion = built.get("objective.loss"), built.get("diffusion")
+    if loss is not None and diffusion is not None and hasattr(loss, "check"):
+        try:
+            loss.check(diffusion)
+        except ValueError as e:
+            problems.append(f"objective: {e}")
+    return problems
+
+
+def _settings_named(node: DictConfig, error: BaseException) -> str:
+    """`` (num_timesteps is schedule.num_timesteps)``: the settings behind the arguments an
+    object's message names, where the node interpolates them from elsewhere."""
+    import re
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    assert isinstance(raw, dict)
+    named = [
+        f"{k} is {v[2:-1]}"
+        for k, v in raw.items()
+        if isinstance(v, str)
+        and re.fullmatch(r"\$\{[\w.]+\}", v)
+        and re.search(rf"\b{re.escape(str(k))}\b", str(error))
+    ]
+    return f" ({'; '.join(named)})" if named else ""
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a training config before any work; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -175,37 +301,18 @@ def validate_train_config(cfg: DictConfig) -> None:
         hint = " (e.g. data=image_folder data.root=/path/to/images)" if key == "data.root" else ""
         problems.append(f"{key} is required but was not given{hint}")
     problems += numeric_problems(cfg)
+    problems += derived_key_problems(cfg)
+    problems += build_problems(cfg)
     bs = _get(cfg, "data.batch_size")
     devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
-    if isinstance(bs, int) and bs >= 1 and devices:
-        world = devices * int(nodes)
-        if bs % world:
-            problems.append(
-                f"data.batch_size={bs} is the global batch size and must be divisible by the "
-                f"{world} devices (trainer.devices={devices} x trainer.num_nodes={nodes}); "
-                f"use e.g. data.batch_size={max(world, bs // world * world)}"
-            )
-    image_size = _get(cfg, "data.image_size")
-    mult = _get(cfg, "model.channel_mult")
-    if isinstance(image_size, int) and mult is not None:
-        factor = 2 ** (len(mult) - 1)
-        if image_size % factor:
-            problems.append(
-                f"data.image_size={image_size} must be divisible by {factor}: the network "
-                f"down-samples {len(mult) - 1} times (model.channel_mult={list(mult)})"
-            )
-        else:
-            sizes = [image_size // 2**i for i in range(len(mult))]
-            for r in _get(cfg, "model.attention_resolutions") or []:
-                if r not in sizes:
-                    problems.append(
-                        f"model.attention_resolutions contains {r}, but the feature maps of this "
-                        f"network are {sizes} pixels wide (data.image_size={image_size})"
-                    )
-    in_ch, data_ch = _get(cfg, "model.in_channels"), _get(cfg, "data.channels")
-    if isinstance(in_ch, int) and isinstance(data_ch, int) and in_ch != data_ch:
-        problems.append(f"model.in_channels={in_ch} does not match data.channels={data_ch}")
+    if isinstance(bs, int) and bs >= 1 and devices and isinstance(nodes, int):
+        from ddpm.data.datamodule import per_device_batch_size
+
+        try:
+            per_device_batch_size(bs, devices * nodes)
+        except ValueError as e:
+            problems.append(f"{e} (trainer.devices={devices} x trainer.num_nodes={nodes})")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt in ("last", "auto") and not _get(cfg, "run_dir"):
         problems.append(f"ckpt_path={ckpt} needs run_dir=<the run's directory>")
@@ -221,9 +328,9 @@ def _accepted_names(target: str) -> set[str] | None:
     """Keyword names ``target`` accepts, or None when it takes ``**kwargs`` (or is opaque)."""
     import inspect
 
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
-    obj = _locate(target)
+    obj = get_object(target)
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):

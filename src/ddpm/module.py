@@ -19,7 +19,12 @@ from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, LossSecondMomentSampler, UniformSampler
+from ddpm.diffusion import (
+    DiffusionLoss,
+    GaussianDiffusion,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
+)
 from ddpm.run.rng import seed_global_rngs, seeded_generator, step_seed
 
 CONFIG_KEY = "ddpm_config"
@@ -75,9 +80,9 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         if timestep_sampler == "uniform":
-            self.t_sampler = UniformSampler(diffusion.num_timesteps)
+            self.t_sampler = UniformTimestepSampler(diffusion.num_timesteps)
         elif timestep_sampler == "loss_second_moment":
-            self.t_sampler = LossSecondMomentSampler(diffusion.num_timesteps)
+            self.t_sampler = LossSecondMomentTimestepSampler(diffusion.num_timesteps)
         else:
             raise ValueError(
                 "timestep_sampler must be one of ['uniform', 'loss_second_moment'], "
@@ -119,7 +124,7 @@ class DiffusionModule(pl.LightningModule):
         t, weights = self.t_sampler.sample(x0.shape[0], x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         terms = self._losses(self.__dict__["_train_net"], x0, t, noise)
-        if isinstance(self.t_sampler, LossSecondMomentSampler):
+        if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
             per_sample = (terms["vb"] if "vb" in terms else terms["loss"]).detach()
             finite = torch.isfinite(per_sample)  # a NaN must not poison the sampler's history
             self.t_sampler.update(t[finite], per_sample[finite])
@@ -207,11 +212,11 @@ class DiffusionModule(pl.LightningModule):
         the checkpoint stays ``weights_only``-loadable."""
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
-        if isinstance(self.t_sampler, LossSecondMomentSampler):
+        if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
             state = self.t_sampler.state_dict()
             checkpoint[T_SAMPLER_KEY] = {k: torch.from_numpy(v) for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(T_SAMPLER_KEY)
-        if state is not None and isinstance(self.t_sampler, LossSecondMomentSampler):
+        if state is not None and isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
             self.t_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})

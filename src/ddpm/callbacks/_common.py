@@ -15,15 +15,6 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}"
-        )
-
-
 def is_fast_dev_run(trainer: pl.Trainer) -> bool:
     return bool(getattr(trainer, "fast_dev_run", False))
 

@@ -21,7 +21,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
+from ddpm.callbacks._lightning import check_internals, dump_checkpoint
 from ddpm.callbacks.nonfinite import refuse_nonfinite_weights
+
+check_internals()  # the ModelCheckpoint methods overridden below still exist, unchanged
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -52,7 +55,7 @@ def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str, weights_only: boo
     error: BaseException | None = None
     refuse_nonfinite_weights(trainer, filepath)  # never write NaN/Inf weights (collective)
     # The state dump is collective (hooks may all_gather), so every rank does it first.
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only)
+    checkpoint = dump_checkpoint(trainer, weights_only)
     try:
         # Writes on rank 0 only for the usual strategies (single device, DDP).
         trainer.strategy.save_checkpoint(checkpoint, tmp)

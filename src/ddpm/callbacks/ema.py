@@ -1,4 +1,4 @@
-"""Exponential moving average of the network weights (DDPM: decay 0.9999), PITFALLS 2.
+"""Exponential moving average of the network weights (DDPM: decay 0.9999; Ho et al. 2020, App. B).
 
 Built on Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging` (torch's
 :class:`~torch.optim.swa_utils.AveragedModel` underneath), keeping its once-per-optimizer-step

@@ -29,14 +29,15 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from ddpm.callbacks._common import (
     PeriodicCallback,
     StepCadence,
-    check_positive_int,
     denormalizer,
     is_fast_dev_run,
     log_metrics_now,
     sample_shape_of,
 )
-from ddpm.callbacks.sample_grid import default_sampler, model_device
+from ddpm.callbacks.sample_grid import default_sampler
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
+from ddpm.utils.checks import check_positive_int
+from ddpm.utils.devices import model_device
 from ddpm.utils.images import to_rgb_uint8
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator

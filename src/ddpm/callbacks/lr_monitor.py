@@ -9,7 +9,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor as _LearningRateMoni
 
 
 class LearningRateMonitor(_LearningRateMonitor):
-    """Logs ``lr-*`` every step; a no-op under ``logger=none`` or ``fast_dev_run`` (PITFALLS 9)."""
+    """Logs ``lr-*`` every step; a no-op under ``logger=none`` or ``fast_dev_run`` (which turns
+    the loggers off: Lightning's monitor raises a MisconfigurationException without a logger)."""
 
     def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         self._enabled = bool(trainer.loggers)

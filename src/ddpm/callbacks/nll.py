@@ -26,13 +26,13 @@ from torch import Tensor
 from ddpm.callbacks._common import (
     PeriodicCallback,
     StepCadence,
-    check_positive_int,
     first_samples,
     is_fast_dev_run,
     log_metrics_now,
 )
-from ddpm.callbacks.sample_grid import model_device
 from ddpm.diffusion import calc_bpd_loop
+from ddpm.utils.checks import check_positive_int
+from ddpm.utils.devices import model_device
 
 log = logging.getLogger(__name__)
 

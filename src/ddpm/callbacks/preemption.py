@@ -40,6 +40,7 @@ from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from ddpm.callbacks._lightning import accumulating, epoch_batches_done
 from ddpm.callbacks.checkpoint import atomic_save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class PreemptionCheckpoint(Checkpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.fit_loop._should_accumulate():  # only at optimizer-step boundaries
+        if accumulating(trainer):  # only at optimizer-step boundaries
             return
         if not self._pending(trainer):
             if self._is_final_step(trainer):
@@ -293,7 +294,7 @@ class PreemptionCheckpoint(Checkpoint):
                 return True
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs:
-            return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+            return epoch_batches_done(trainer)
         return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

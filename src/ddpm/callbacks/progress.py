@@ -17,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 
-from ddpm.callbacks._common import check_positive_int
+from ddpm.utils.checks import check_positive_int
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from torch import Tensor
 from ddpm.callbacks._common import (
     PeriodicCallback,
     StepCadence,
-    check_positive_int,
     denormalizer,
     first_samples,
     is_fast_dev_run,
@@ -41,6 +40,8 @@ from ddpm.callbacks._common import (
     sample_shape_of,
 )
 from ddpm.callbacks.preemption import preemption_requested
+from ddpm.utils.checks import check_positive_int
+from ddpm.utils.devices import model_device
 from ddpm.utils.images import (
     denoising_trajectory,
     save_denoising_strip,
@@ -50,14 +51,6 @@ from ddpm.utils.images import (
 from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
-
-
-def model_device(model: Any, default: torch.device | str = "cpu") -> torch.device:
-    """Device of ``model``'s first parameter or buffer (``default`` if it has none)."""
-    if isinstance(model, torch.nn.Module):
-        for t in (*model.parameters(), *model.buffers()):
-            return t.device
-    return torch.device(default)
 
 
 def default_sampler() -> Callable[..., Any]:

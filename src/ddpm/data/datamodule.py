@@ -33,6 +33,7 @@ from ddpm.data.sources import (
     warn_skipped,
 )
 from ddpm.data.transforms import NORMALIZATIONS, BatchTransform, Normalization
+from ddpm.utils.checks import check_positive_int
 
 SPLITS = ("train", "val", "test")
 
@@ -81,12 +82,6 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{n} item(s): too few to hold out validation data")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def check_positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -138,11 +133,11 @@ class ImageDataModule(pl.LightningDataModule):
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.image_size = check_positive_int(
-            spec.image_size if image_size is None else image_size, "image_size"
+            "image_size", spec.image_size if image_size is None else image_size
         )
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_positive_int("batch_size", batch_size)
         self.val_batch_size = check_positive_int(
-            batch_size if val_batch_size is None else val_batch_size, "val_batch_size"
+            "val_batch_size", batch_size if val_batch_size is None else val_batch_size
         )
         if normalization not in NORMALIZATIONS:
             raise ValueError(
@@ -156,7 +151,7 @@ class ImageDataModule(pl.LightningDataModule):
         if val_split == 0 and not has_test_split:
             raise ValueError(f"val_split=0 leaves {name!r} (no test split) without validation data")
         if max_val_samples is not None:
-            check_positive_int(max_val_samples, "max_val_samples")
+            check_positive_int("max_val_samples", max_val_samples)
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         self.root = None if root is None else Path(root).expanduser()

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ddpm.data.datamodule import check_positive_int, per_device_batch_size, world_size_of
+from ddpm.data.datamodule import per_device_batch_size, world_size_of
 from ddpm.data.datasets import TensorImages, train_loader
+from ddpm.utils.checks import check_positive_int
 
 
 def swiss_roll(n: int, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -83,7 +84,7 @@ class ToyDataModule(pl.LightningDataModule):
         if name not in TOY_DATASETS:
             raise ValueError(f"toy data name must be one of {sorted(TOY_DATASETS)}, got {name!r}")
         for value, what in ((n_train, "n_train"), (n_val, "n_val"), (batch_size, "batch_size")):
-            check_positive_int(value, what)
+            check_positive_int(what, value)
         self.name, self.n_train, self.n_val = name, n_train, n_val
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size

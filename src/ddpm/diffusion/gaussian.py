@@ -24,6 +24,17 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 
 
+LEARNED_VARIANCE_TYPES = ("learned_range", "learned")
+
+
+def model_output_channels(data_channels: int, variance_type: str) -> int:
+    """Channels a network outputs for ``data_channels`` of data: 2C when the variance is learned
+    (improved DDPM, Nichol & Dhariwal 2021, sec. 3.1: v is output next to ε), else C."""
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    return int(data_channels) * (2 if variance_type in LEARNED_VARIANCE_TYPES else 1)
+
+
 def _no_autocast(x: Tensor) -> AbstractContextManager:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -32,15 +43,6 @@ def extract(arr: Tensor, t: Tensor, ndim: int) -> Tensor:
     """Gather ``arr[t]`` (float32) and reshape to (B, 1, ..., 1) with ``ndim`` dims."""
     out = arr.to(t.device)[t.long()].float()
     return out.reshape(t.shape[0], *([1] * (ndim - 1)))
-
-
-def _as_timesteps(t: Tensor | int | Sequence[int], batch: int, device: torch.device) -> Tensor:
-    if not torch.is_tensor(t):
-        t = torch.as_tensor(t, device=device)
-    t = t.to(device=device, dtype=torch.long)
-    if t.ndim == 0:
-        t = t.expand(batch)
-    return t
 
 
 class GaussianDiffusion(nn.Module):
@@ -152,11 +154,11 @@ class GaussianDiffusion(nn.Module):
 
     @property
     def learned_variance(self) -> bool:
-        return self.variance_type in ("learned", "learned_range")
+        return self.variance_type in LEARNED_VARIANCE_TYPES
 
     def model_output_channels(self, data_channels: int) -> int:
         """How many channels the network must output for ``data_channels`` of data."""
-        return data_channels * (2 if self.learned_variance else 1)
+        return model_output_channels(data_channels, self.variance_type)
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32, shape like ``t``."""

@@ -46,16 +46,6 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     )
 
 
-def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    """Fast tanh approximation of Φ(x) used by DDPM's decoder (as in the reference code)."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def standard_normal_cdf(x: Tensor) -> Tensor:
-    """Exact Φ(x) via erf."""
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
 def discretized_gaussian_log_likelihood(
     x: Tensor, means: Tensor, log_scales: Tensor, *, bins: int = 256
 ) -> Tensor:
@@ -203,7 +193,9 @@ class DiffusionLoss:
 
 
 # ---------------------------------------------------------------------- timestep samplers
-class UniformSampler:
+# (which t a training step uses; not to be confused with the image samplers of
+# ddpm.diffusion.samplers)
+class UniformTimestepSampler:
     """t ~ U{0..T-1} with unit weights (DDPM)."""
 
     def __init__(self, num_timesteps: int) -> None:
@@ -239,7 +231,7 @@ class UniformSampler:
         """Record per-sample losses (used by importance samplers)."""
 
 
-class LossSecondMomentSampler(UniformSampler):
+class LossSecondMomentTimestepSampler(UniformTimestepSampler):
     """Importance sampling p_t ∝ √E[L_t²] over the last ``history`` losses (improved DDPM §3.3).
 
     Uniform until every t has ``history`` recorded losses; ``uniform_prob`` of uniform mixing.
@@ -304,11 +296,16 @@ class LossSecondMomentSampler(UniformSampler):
         self._count = np.asarray(state["count"], dtype=np.int64)
 
 
+# The names before the rename (public API): the same classes.
+UniformSampler = UniformTimestepSampler
+LossSecondMomentSampler = LossSecondMomentTimestepSampler
+
 __all__ = [
     "DiffusionLoss",
     "LossSecondMomentSampler",
+    "LossSecondMomentTimestepSampler",
     "UniformSampler",
-    "approx_standard_normal_cdf",
+    "UniformTimestepSampler",
     "discretized_gaussian_log_likelihood",
     "extract",
     "mean_flat",

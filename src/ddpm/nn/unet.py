@@ -472,7 +472,16 @@ class UNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h))).contiguous()
 
 
-# Constructor kwargs of named configurations; ``unet_preset(name, **overrides)`` builds one.
+# Constructor kwargs of named configurations; ``unet_preset(name, **overrides)`` builds one. The
+# one source of the architectures: ``conf/model/<name>.yaml`` takes them from here (registered
+# for Hydra by ``ddpm.config``), so every key a config can override is spelled out.
+_DDPM_BLOCKS: dict[str, Any] = dict(
+    num_heads=1,
+    num_head_channels=-1,
+    use_scale_shift_norm=False,
+    resblock_updown=False,
+    norm_groups=32,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # DDPM CIFAR-10 (Ho et al. 2020, App. B): 35.7M parameters.
     "cifar10": dict(
@@ -483,6 +492,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=2,
         attention_resolutions=(16,),
         dropout=0.1,
+        **_DDPM_BLOCKS,
+    ),
+    # improved-diffusion's CIFAR-10 U-Net (Nichol & Dhariwal 2021; its README's CIFAR-10 flags
+    # --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 on the defaults
+    # attention_resolutions 16,8, num_heads 4, use_scale_shift_norm): 52,546,438 parameters with
+    # learned variances (6 output channels), as its UNetModel.
+    "cifar10_iddpm": dict(
+        in_channels=3,
+        image_size=32,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=3,
+        attention_resolutions=(16, 8),
+        dropout=0.3,
+        **{**_DDPM_BLOCKS, "num_heads": 4, "use_scale_shift_norm": True},
     ),
     # For unit tests on CPU (0.18M parameters).
     "tiny": dict(
@@ -493,7 +517,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=1,
         attention_resolutions=(8,),
         dropout=0.0,
-        norm_groups=8,
+        **{**_DDPM_BLOCKS, "norm_groups": 8},
     ),
     # 8x8 sklearn digits upscaled to 16x16, for minutes of CPU training (1.1M parameters):
     # 16 -> 8 -> 4 with 32, 64, 64 channels, one ResBlock a level, attention at 8, no dropout
@@ -506,7 +530,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=1,
         attention_resolutions=(8,),
         dropout=0.0,
-        norm_groups=16,
+        **{**_DDPM_BLOCKS, "norm_groups": 16},
     ),
     # MNIST 28x28: 28 -> 14 -> 7, attention at 14.
     "mnist": dict(
@@ -517,6 +541,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=2,
         attention_resolutions=(14,),
         dropout=0.1,
+        **_DDPM_BLOCKS,
     ),
     # CelebA 64x64: DDIM's CelebA-64 model (Song et al. 2021, configs/celeba.yml):
     # 64 -> 32 -> 16 -> 8 -> 4, attention at 16.
@@ -528,6 +553,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=2,
         attention_resolutions=(16,),
         dropout=0.1,
+        **_DDPM_BLOCKS,
     ),
     # DDPM LSUN / CelebA-HQ 256x256 (Ho et al. 2020, App. B): 114M parameters, no dropout.
     "lsun256": dict(
@@ -538,6 +564,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_res_blocks=2,
         attention_resolutions=(16,),
         dropout=0.0,
+        **_DDPM_BLOCKS,
     ),
 }
 

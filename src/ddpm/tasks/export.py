@@ -101,7 +101,7 @@ def _export_diffusers(loaded: LoadedModel, cfg: DictConfig) -> Path:
     diffusers = interop.require_diffusers()
     out = Path(cfg.out) if cfg.get("out") else output_dir(cfg) / "diffusers"
     sampler = loaded.config.get("sampler") or {}
-    clip = sampler.get("clip_denoised", loaded.config.get("data", {}).get("clip_denoised", True))
+    clip = sampler.get("clip_denoised", True)
     spacing = interop.TIMESTEP_SPACINGS.get(sampler.get("spacing"), "leading")
     unet = interop.to_diffusers_unet(loaded.net.cpu()).eval()
     scheduler = diffusers.DDPMScheduler(

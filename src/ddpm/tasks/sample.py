@@ -46,11 +46,11 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
     node = cfg_sampler if cfg_sampler is not None else loaded.config.get("sampler")
     if node is None:
         raise CheckpointError("no sampler given and none stored in the checkpoint's config")
-    node = OmegaConf.create(
-        OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    )
-    if loaded.config.get("data", {}).get("clip_denoised") is False and "clip_denoised" in node:
-        node.clip_denoised = False  # unbounded data (2-D toy sets): never clip x̂₀
+    # The sampler group's settings that depend on the data (``clip_denoised``: not for unbounded
+    # 2-D data) resolve against the data the model was trained on, as they did in training.
+    raw = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    node = OmegaConf.create({"data": loaded.config.get("data", {}), "sampler": raw}).sampler
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     steps = node.get("steps")
     T = loaded.diffusion.num_timesteps
     if steps is not None and int(steps) > T:

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.utils.devices import model_device
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
 Model = Callable[..., Tensor]
@@ -103,13 +104,6 @@ def check_options(
 
 
 # ---------------------------------------------------------------------------------------- x_T
-def model_device(model: Model) -> torch.device:
-    if isinstance(model, nn.Module):
-        for tensor in (*model.parameters(), *model.buffers()):
-            return tensor.device
-    return torch.device("cpu")
-
-
 def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device) -> Tensor:
     """Standard normal float32 noise on ``device`` (a PerSampleGenerator draws on its own)."""
     return randn(tuple(shape), generator, device).to(device=device, dtype=torch.float32)
