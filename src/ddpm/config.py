@@ -110,6 +110,7 @@ _UNIT_OPEN = _Range(low=0, high=1, high_open=True)
 # arguments again when built; these catch a bad value before any work and say which setting.
 NUMERIC_SETTINGS: dict[str, _Range] = {
     "seed": _Range(integer=True),
+    "p_uncond": _Range(low=0, high=1),
     "optimizer.lr": _POSITIVE,
     "optimizer.eps": _NON_NEGATIVE,
     "optimizer.weight_decay": _NON_NEGATIVE,
