@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
@@ -228,3 +229,81 @@ def test_conditional_toy_run_with_guided_playground(tmp_path: Path) -> None:
     train(cfg)
     assert cfg.data.num_classes == 8 and cfg.model.num_classes == 8
     assert (tmp_path / "run" / "samples" / "reverse_step_0000003.png").is_file()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_ranks_get_each_image_with_its_label(tmp_path: Path) -> None:
+    """Two CPU processes (gloo): every example of every rank's batches carries its own digit,
+    and both ranks train the same conditional network."""
+    from test_train import CLI_TINY, run_cli
+
+    dump = tmp_path / "ranks"
+    res = run_cli(
+        [
+            *CLI_TINY,
+            "data.conditional=true",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=4",
+            "trainer.limit_val_batches=0",
+            "callbacks.sample_grid.every_n_steps=100",
+            "logger=none",
+            "+callbacks.labels._target_=ddp_probe.LabelProbe",
+            f"+callbacks.labels.out_dir={dump}",
+            "+callbacks.rank_dump._target_=ddp_probe.RankWeightDump",
+            f"+callbacks.rank_dump.out_dir={dump}",
+        ],
+        tmp_path,
+        timeout=400,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    for rank in (0, 1):
+        probe = json.loads((dump / f"labels_rank{rank}.json").read_text())
+        assert probe["checked"] == 4 * 8 and probe["wrong"] == 0, probe  # 16 a batch, 8 a rank
+        assert len(probe["seen"]) > 1
+    w0 = torch.load(dump / "rank0.pt", weights_only=True)
+    w1 = torch.load(dump / "rank1.pt", weights_only=True)
+    assert "net.label_emb.weight" in w0
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+
+
+def test_cifar10_cfg_recipe_is_ddpm_s_unet_with_a_class_embedding(tmp_path: Path) -> None:
+    from omegaconf import open_dict
+
+    cfg = compose_cfg(["experiment=cifar10_cfg"], tmp_path)
+    ddpm = compose_cfg(["experiment=cifar10_ddpm"], tmp_path)
+    assert cfg.data.conditional and cfg.p_uncond == 0.1 and cfg.sampler.guidance_scale == 1.3
+    assert cfg.trainer.max_steps == ddpm.trainer.max_steps == 800_000
+    with open_dict(cfg):
+        cfg.data.num_classes = 10  # what train() records from the data
+    net = instantiate(cfg.model)
+    plain = sum(p.numel() for p in instantiate(ddpm.model).parameters())
+    assert sum(p.numel() for p in net.parameters()) == plain + 11 * 512  # (K + 1) x 4 x 128
+    assert net.null_class == 10
+
+
+def test_visualize_guidance_same_seeds_at_every_scale(cond_ckpt: Path, tmp_path: Path) -> None:
+    from ddpm.tasks.visualize import visualize
+
+    cfg = compose_cfg(
+        [
+            f"ckpt_path={cond_ckpt / 'checkpoints' / 'last.ckpt'}",
+            "what=guidance",
+            "device=cpu",
+            "sampler=ddim",
+            "sampler.steps=3",
+            "guidance.scales=[0,1,3]",
+            "guidance.seeds=[0,1]",
+            "guidance.classes=[2,5]",
+        ],
+        tmp_path,
+        config_name="visualize",
+    )
+    out = visualize(cfg)
+    x = out["samples"]  # (scale, class x seed, C, H, W): [2/seed 0, 2/seed 1, 5/seed 0, 5/seed 1]
+    assert x.shape == (3, 4, 1, 16, 16) and out["paths"][0].name == "guidance.png"
+    assert torch.equal(x[0, 0], x[0, 2])  # s = 0: the null class, whatever the class asked for
+    assert not torch.equal(x[2, 0], x[2, 2])  # s = 3: the class changes the image
+    assert not torch.equal(x[1, 0], x[1, 1])  # another seed, another image
