@@ -307,3 +307,16 @@ def test_visualize_guidance_same_seeds_at_every_scale(cond_ckpt: Path, tmp_path:
     assert torch.equal(x[0, 0], x[0, 2])  # s = 0: the null class, whatever the class asked for
     assert not torch.equal(x[2, 0], x[2, 2])  # s = 3: the class changes the image
     assert not torch.equal(x[1, 0], x[1, 1])  # another seed, another image
+
+
+def test_visualize_reverse_with_the_run_s_guided_sampler(cond_ckpt: Path, tmp_path: Path) -> None:
+    from ddpm.tasks.visualize import visualize
+
+    ckpt = cond_ckpt / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(
+        [f"ckpt_path={ckpt}", "what=reverse", "device=cpu", "reverse.seeds=[0,1]"],
+        tmp_path,
+        config_name="visualize",
+    )
+    out = visualize(cfg)  # the stored sampler guides (s = 2): seed i is drawn for class i mod K
+    assert out["sampler"].guidance_scale == 2.0 and out["samples"].shape == (2, 1, 16, 16)

@@ -162,7 +162,7 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.tasks.sample import build_sampler
+    from ddpm.tasks.sample import build_sampler, sample_labels
     from ddpm.viz import reverse_figure, reverse_trajectory, sampler_label
 
     device = _device(cfg)
@@ -185,6 +185,7 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
         timesteps=None if ts is None else [int(t) for t in ts],
         num_frames=int(cfg.reverse.num_frames),
         device=device,
+        class_labels=sample_labels(loaded, len(seeds)),  # conditional: seed i, class i mod K
     )
     denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
     title = f"Reverse trajectory: {sampler_label(sampler)}, T={loaded.diffusion.num_timesteps}"
