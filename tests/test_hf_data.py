@@ -112,3 +112,19 @@ def test_training_through_the_config(saved, tmp_path: Path) -> None:
         tmp_path,
     )  # fmt: skip
     assert train(cfg)["global_step"] == 2
+
+
+def test_conditional_batches_carry_the_label_column(saved, tmp_path: Path) -> None:
+    path, pixels = saved
+    kw = dict(path=str(path), image_column="img", image_size=SIDE, batch_size=4, num_workers=0)
+    dm = HFImageDataModule(label_column="label", conditional=True, test_split="test", **kw)
+    dm.setup("fit")
+    assert dm.class_names == ["a", "b", "c"]
+    want = _model_space(pixels)
+    for x, y in dm.train_dataloader():  # each image with its row's label (i % 3)
+        rows = [int((want - img).abs().flatten(1).amax(1).argmin()) for img in x]
+        assert y.tolist() == [i % 3 for i in rows]
+    x, y = next(iter(dm.val_dataloader()))  # the test split: rows 0..3
+    assert y.tolist() == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="set data.label_column"):
+        HFImageDataModule(conditional=True, **kw).setup("fit")

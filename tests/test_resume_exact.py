@@ -61,6 +61,8 @@ RECIPES = {
     # importance sampling of t (loss_second_moment) with gradient accumulation: 4 steps an epoch
     "vlb_accumulate": (["objective=vlb", "trainer.accumulate_grad_batches=3"], 10),
     "hybrid": (["objective=hybrid"], 8),
+    # class-conditional: labels in the batches, label dropout from the step's noise stream
+    "conditional": (["data.conditional=true", "p_uncond=0.3"], 14),
 }
 
 
@@ -151,6 +153,8 @@ SPLITS = [
     ("vlb_accumulate", "stop", 5),  # mid-epoch, 15 batches in
     ("vlb_accumulate", "ckpt", 4),  # an epoch boundary
     ("hybrid", "stop", 5),
+    ("conditional", "stop", 5),
+    ("conditional", "ckpt", 12),  # an epoch boundary
 ]
 
 

@@ -134,6 +134,7 @@ _UNIT_OPEN = _Range(low=0, high=1, high_open=True)
 # arguments: :func:`build_problems` builds them and collects what they say.
 NUMERIC_SETTINGS: dict[str, _Range] = {
     "seed": _Range(integer=True),
+    "p_uncond": _Range(low=0, high=1),
     "optimizer.lr": _POSITIVE,
     "optimizer.eps": _NON_NEGATIVE,
     "optimizer.weight_decay": _NON_NEGATIVE,

@@ -2,7 +2,7 @@
 
 Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
 the optimizer and LR schedule from config (``_partial_`` callables). Every random draw of a
-training step (timesteps, noise, dropout) comes from streams seeded by (seed, rank, epoch, batch)
+training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed, rank, epoch, batch)
 (:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew without any RNG
 state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
 ``val/loss`` is comparable across evaluations.
@@ -46,8 +46,9 @@ class DiffusionModule(pl.LightningModule):
     """Wraps ``net`` and the diffusion loss.
 
     Args:
-        net: ``net(x_t, t) -> output`` (``ddpm.nn``); output channels must match the diffusion's
-            ``model_output_channels``.
+        net: ``net(x_t, t, class_labels=None) -> output`` (``ddpm.nn``); output channels must
+            match the diffusion's ``model_output_channels``. A class-conditional network (with
+            a ``null_class``) trains on ``(x, labels)`` batches.
         diffusion: the :class:`GaussianDiffusion` (schedule, prediction and variance type).
         loss: a :class:`DiffusionLoss` (simple / hybrid / vlb).
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
@@ -57,6 +58,9 @@ class DiffusionModule(pl.LightningModule):
         train_seed: seed of the training t/noise generator (offset by rank).
         compile: wrap the network in ``torch.compile`` for training.
         run_config: the resolved run config (plain dict) stored in every checkpoint.
+        p_uncond: probability that a training label is replaced by the null class, so one
+            network learns ε(x_t, y) and ε(x_t) for classifier-free guidance (Ho & Salimans
+            2022, Alg. 1: 0.1-0.2); drawn from the step's seeded noise stream.
     """
 
     def __init__(
@@ -71,9 +75,13 @@ class DiffusionModule(pl.LightningModule):
         train_seed: int = 0,
         compile: bool = False,
         run_config: dict | None = None,
+        p_uncond: float = 0.1,
     ) -> None:
         super().__init__()
         loss.check(diffusion)
+        if isinstance(p_uncond, bool) or not 0.0 <= float(p_uncond) <= 1.0:
+            raise ValueError(f"p_uncond must be a probability in [0, 1], got {p_uncond!r}")
+        self.p_uncond = float(p_uncond)
         self.net = net
         self.diffusion = diffusion
         self.loss_fn = loss
@@ -104,8 +112,10 @@ class DiffusionModule(pl.LightningModule):
         return seeded_generator(step_seed(self.train_seed, _NOISE_STREAM, *position), device)
 
     # ------------------------------------------------------------------ inference helpers
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t, t)
+    def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        if class_labels is None:
+            return self.net(x_t, t)
+        return self.net(x_t, t, class_labels=class_labels)
 
     def denoiser(self, use_ema: bool = True) -> nn.Module:
         """The network to sample with: the EMA copy when an EMA callback runs, else ``net``."""
@@ -114,16 +124,45 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _losses(
-        self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor | None
+        self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor | None
     ) -> dict[str, Tensor]:
         return self.loss_fn(self.diffusion, net, x0, t, noise)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """(x0, labels): labels of a class-conditional network's ``(x, labels)`` batch, else
+        None (an unconditional network ignores any labels the data carries)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if getattr(self.net, "null_class", None) is None:
+            return x0, None
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError(
+                f"the network is class-conditional (num_classes={self.net.null_class}) but the "
+                "training batches carry no labels: train with data.conditional=true"
+            )
+        return x0, batch[1]
+
+    @staticmethod
+    def _conditioned(net: nn.Module, labels: Tensor | None) -> Callable[..., Tensor]:
+        """``net`` as ``model(x_t, t)`` for the loss, with the labels bound when given."""
+        if labels is None:
+            return net
+        return lambda x_t, t: net(x_t, t, class_labels=labels)
+
+    def drop_labels(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes
+        the null class with probability ``p_uncond`` (one uniform draw per label)."""
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.p_uncond
+        return torch.where(drop, torch.full_like(labels, int(self.net.null_class)), labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x0, labels = self._split_batch(batch)
         g = self._seed_step(x0.device, batch_idx)
         t, weights = self.t_sampler.sample(x0.shape[0], x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
-        terms = self._losses(self.__dict__["_train_net"], x0, t, noise)
+        if labels is not None:  # after t and noise: those draws are the unconditional run's
+            labels = self.drop_labels(labels, g)
+        net = self._conditioned(self.__dict__["_train_net"], labels)
+        terms = self._losses(net, x0, t, noise)
         if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
             per_sample = (terms["vb"] if "vb" in terms else terms["loss"]).detach()
             finite = torch.isfinite(per_sample)  # a NaN must not poison the sampler's history
@@ -162,15 +201,15 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=g)
         return t.to(x0.device), noise.to(x0.device, x0.dtype)
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x0, labels = self._split_batch(batch)  # the conditional loss: no label dropout
         t, noise = self._val_noise(x0, batch_idx)
-        terms = self._losses(self.net, x0, t, noise)
+        terms = self._losses(self._conditioned(self.net, labels), x0, t, noise)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
         self._log_quartiles("val", t, terms["loss"], sync_dist=True)
         ema = find_ema(self._trainer)
         if ema is not None:
-            ema_terms = self._losses(ema.ema_net, x0, t, noise)
+            ema_terms = self._losses(self._conditioned(ema.ema_net, labels), x0, t, noise)
             self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

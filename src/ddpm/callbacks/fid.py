@@ -37,6 +37,7 @@ from ddpm.callbacks._common import (
 from ddpm.callbacks.sample_grid import default_sampler
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
 from ddpm.utils.checks import check_positive_int
+from ddpm.utils.classes import balanced_labels, num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.images import to_rgb_uint8
 from ddpm.utils.progress import progress_iter
@@ -213,6 +214,7 @@ class FIDCallback(PeriodicCallback):
         block = shard(self.num_samples, trainer.global_rank, trainer.world_size)
         chunks = [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
         parts = []
+        k, extra = num_classes_of(model), {}
         was_training = model.training
         model.eval()
         try:
@@ -223,6 +225,8 @@ class FIDCallback(PeriodicCallback):
                 enabled=self.progress and trainer.is_global_zero,
             ):
                 gen = PerSampleGenerator([self.seed + i for i in chunk], device=device)
+                if k is not None:  # sample i for class i % K: balanced over the classes
+                    extra = {"class_labels": balanced_labels(chunk, k).to(device)}
                 with torch.inference_mode():
                     x = sampler(
                         model,
@@ -230,6 +234,7 @@ class FIDCallback(PeriodicCallback):
                         (len(chunk), *shape),
                         generator=gen,
                         device=device,
+                        **extra,
                     )
                 parts.append(self.metrics.extract(to_rgb_uint8(x, denorm)))
         finally:

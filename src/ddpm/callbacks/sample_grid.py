@@ -6,7 +6,8 @@ sampler and the EMA weights (``pl_module.denoiser(use_ema=True)``), sample i fro
 grid whatever ``batch_size`` or the number of devices. The grid is saved as
 ``<output_dir>/step_0001000.png`` and the strip as ``<output_dir>/denoise_step_0001000.png``, and
 both are logged to W&B / TensorBoard when those loggers are active. 2-D toy data gives scatter
-plots instead of image grids. Other ranks skip (no collective inside), so under DDP they simply
+plots instead of image grids. A class-conditional network gets one row per class (row k drawn
+for class k, with the sampler's ``guidance_scale``), and the strip's row j is drawn for class j. Other ranks skip (no collective inside), so under DDP they simply
 wait for rank 0 at the next gradient all-reduce.
 
 Sampling is announced in the log with a line per batch (and the sampler's progress bar on a
@@ -18,6 +19,7 @@ longer than the run (64 images x 50 steps through a 64x64 U-Net on a CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -41,6 +43,7 @@ from ddpm.callbacks._common import (
 )
 from ddpm.callbacks.preemption import preemption_requested
 from ddpm.utils.checks import check_positive_int
+from ddpm.utils.classes import balanced_labels, class_rows, num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.images import (
     denoising_trajectory,
@@ -71,9 +74,11 @@ def sample_with_seeds(
     device: torch.device | str | None = None,
     stop: Callable[[], bool] | None = None,
     announce: Callable[[int, int], None] | None = None,
+    class_labels: Tensor | None = None,
     **sampler_kwargs: Any,
 ) -> Tensor | None:
-    """Samples for ``seeds`` (one per sample), drawn ``batch_size`` at a time; CPU float32.
+    """Samples for ``seeds`` (one per sample; ``class_labels`` one per sample for a conditional
+    network), drawn ``batch_size`` at a time; CPU float32.
 
     Before each batch ``stop()`` is asked (None is returned when it says so) and after each
     ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler."""
@@ -85,6 +90,10 @@ def sample_with_seeds(
             return None
         chunk = seeds[start : start + batch_size]
         gen = PerSampleGenerator(chunk, device=device or "cpu")
+        if class_labels is not None:
+            sampler_kwargs["class_labels"] = class_labels[start : start + batch_size].to(
+                device or "cpu"
+            )
         x = sampler(
             model,
             diffusion,
@@ -224,11 +233,16 @@ class SampleGrid(PeriodicCallback):
         stop = lambda: preemption_requested(trainer)  # noqa: E731
         # the sampler's own progress bar on a terminal (log files get the lines below)
         extra = {"progress": True} if sys.stderr.isatty() else {}
-        n_batches = -(-self.num_samples // self.batch_size)
+        k = num_classes_of(model)
+        labels, nrow, num_samples = None, self.nrow, self.num_samples
+        if k is not None:  # one row per class
+            labels, nrow = class_rows(self.num_samples, k)
+            num_samples = len(labels)
+        n_batches = -(-num_samples // self.batch_size)
         log.info(
             "SampleGrid: step %d, %d samples in %d batch(es) of %d with %s",
             step,
-            self.num_samples,
+            num_samples,
             n_batches,
             self.batch_size,
             _describe(sampler),
@@ -244,11 +258,12 @@ class SampleGrid(PeriodicCallback):
                 model,
                 diffusion,
                 shape,
-                range(self.seed, self.seed + self.num_samples),
+                range(self.seed, self.seed + num_samples),
                 self.batch_size,
                 device=device,
                 stop=stop,
                 announce=announce if n_batches > 1 else None,
+                class_labels=labels,
                 **extra,
             )
             if samples is None:
@@ -262,16 +277,23 @@ class SampleGrid(PeriodicCallback):
                 save_scatter(denorm(samples) if denorm else samples, path, title=f"step {step}")
                 grid = None
             else:
-                grid = save_grid(samples, path, nrow=self.nrow, denormalize=denorm)
+                grid = save_grid(samples, path, nrow=nrow, denormalize=denorm)
             written.append(path)
             log_image(trainer, "samples/grid", grid, path)
 
             strip_seeds = self.strip_seeds
             if len(shape) == 1 and strip_seeds:  # a point cloud needs many points
-                strip_seeds = list(range(self.seed, self.seed + self.num_samples))
+                strip_seeds = list(range(self.seed, self.seed + num_samples))
             if strip_seeds and not stop():
                 traj = denoising_trajectory(
-                    sampler, model, diffusion, shape, strip_seeds, self.strip_frames, device=device
+                    sampler,
+                    model,
+                    diffusion,
+                    shape,
+                    strip_seeds,
+                    self.strip_frames,
+                    device=device,
+                    class_labels=None if k is None else balanced_labels(range(len(strip_seeds)), k),
                 )
                 if denorm is not None and len(shape) == 1:
                     traj = {
@@ -380,6 +402,10 @@ class SampleGrid(PeriodicCallback):
         ref = first_samples(dm.val_dataloader(), self.num_samples)
         if ref is None:
             return []
+        guided = getattr(sampler, "guidance_scale", 1.0) != 1.0
+        if num_classes_of(model) is not None and guided and dataclasses.is_dataclass(sampler):
+            # the playground compares with all validation points: the unconditional branch
+            sampler = dataclasses.replace(sampler, guidance_scale=1.0)
         report = playground_report(
             model, diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
         )

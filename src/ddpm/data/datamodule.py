@@ -8,6 +8,7 @@ the collate function. ``data.batch_size`` is the *global* batch size, split acro
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,30 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddpm.data.datasets import ImageFiles, TensorImages, train_loader
+from ddpm.data.datasets import (
+    ImageFiles,
+    LabeledCollate,
+    LabeledDataset,
+    TensorImages,
+    train_loader,
+)
 from ddpm.data.sources import (
+    CLASS_NAMES,
     TORCHVISION,
     BadImageError,
     bad_images_message,
     celeba_files,
+    check_labels,
     find_bad_images,
+    folder_classes,
     folder_fingerprint,
+    folder_labels,
     list_images,
+    load_digits_labels,
     load_digits_uint8,
     prepare,
     torchvision_dataset,
+    torchvision_labels,
     torchvision_uint8,
     warn_skipped,
 )
@@ -84,7 +97,68 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[Tensor, Tensor]:
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ClassLabels:
+    """Class-conditional data (mixed into the image and toy datamodules): ``conditional=True``
+    makes the loaders yield ``(x, labels)`` with int64 labels in [0, num_classes).
+
+    ``num_classes`` and ``class_names`` come from the data (:meth:`_class_names`); the training
+    task records them in the run config (``data.num_classes``, which the model configs read, and
+    ``data.class_names``), and a datamodule built from a recorded config checks that the data
+    still has those classes.
+    """
+
+    name: str
+    conditional: bool
+    _recorded: tuple[int | None, list[str] | None]
+    _names: list[str] | None
+
+    def _init_classes(
+        self, conditional: bool, num_classes: int | None, class_names: Any | None
+    ) -> None:
+        self.conditional = bool(conditional)
+        names = None if class_names is None else [str(c) for c in class_names]
+        self._recorded = (None if num_classes is None else int(num_classes), names)
+        self._names = None
+
+    def _class_names(self) -> list[str] | None:
+        """The data's class names (label k = name k), None when it has no labels."""
+        return list(CLASS_NAMES[self.name]) if self.name in CLASS_NAMES else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes of the data (None when it has no labels); checked against the recorded
+        ones, and a conditional run on unlabelled data is an error."""
+        if self._names is None:
+            names = self._class_names()
+            if names is None and self.conditional:
+                raise ValueError(
+                    f"data.conditional=true, but data {self.name!r} has no class labels; "
+                    "labelled data: digits, mnist, fashion_mnist, cifar10, image_folder (one "
+                    "sub-folder per class), hf with data.label_column, eight_gaussians, two_moons"
+                )
+            if names is not None and not names:
+                raise ValueError(f"data {self.name!r} has no classes (data.conditional=true)")
+            recorded_k, recorded_names = self._recorded
+            if names is not None and (
+                (recorded_k is not None and recorded_k != len(names))
+                or (recorded_names is not None and recorded_names != names)
+            ):
+                raise ValueError(
+                    f"the run was recorded with {recorded_k} classes {recorded_names}, but data "
+                    f"{self.name!r} now has {len(names)}: {names}; point the run at the data it "
+                    "was trained on"
+                )
+            self._names = names
+        return self._names
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of the data (None when it has no labels)."""
+        names = self.class_names
+        return None if names is None else len(names)
+
+
+class ImageDataModule(ClassLabels, pl.LightningDataModule):
     """Images scaled to [-1, 1] (or standardised) at ``image_size`` with ``channels`` channels.
 
     Args:
@@ -103,6 +177,10 @@ class ImageDataModule(pl.LightningDataModule):
         seed: seed of the validation split.
         on_bad_image: ``error`` (default: fail naming every bad file) or ``skip`` (warn, count).
         verify_images: decode every file at set-up to find bad ones before training starts.
+        conditional: yield ``(images, labels)`` (:class:`ClassLabels`); ``image_folder`` takes
+            the class of an image from its sub-folder (torchvision's ``ImageFolder``).
+        num_classes, class_names: the classes recorded in a run config, checked against the
+            data (leave unset: they are read from the data).
     """
 
     def __init__(
@@ -123,8 +201,12 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         on_bad_image: str = "error",
         verify_images: bool = True,
+        conditional: bool = False,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        self._init_classes(conditional, num_classes, class_names)
         if name not in DATASETS:
             raise ValueError(f"data name must be one of {sorted(DATASETS)}, got {name!r}")
         spec = DATASETS[name]
@@ -181,6 +263,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.per_device_batch_size = self.batch_size
         self.per_device_val_batch_size = self.val_batch_size
         self._splits: dict[str, Dataset] | None = None
+        self._labels: dict[str, Tensor] | None = None
         self._files: list[Path] | None = None
         self._normalizer: Normalization | None = (
             Normalization() if normalization == "minus_one_one" else None
@@ -194,6 +277,12 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+    def _class_names(self) -> list[str] | None:
+        if self.name == "image_folder":
+            assert self.root is not None
+            return folder_classes(self.root) or None
+        return super()._class_names()
 
     def _folder_files(self) -> list[Path]:
         if self._files is None:
@@ -248,17 +337,56 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self._load()[split]
 
+    def labels(self, split: str) -> Tensor:
+        """The int64 class labels of ``split`` (a conditional datamodule only)."""
+        if not self.conditional:
+            raise ValueError("class labels are loaded with data.conditional=true only")
+        self.dataset(split)
+        assert self._labels is not None
+        return self._labels[split]
+
     def _load(self) -> dict[str, Dataset]:
         if self._splits is not None:
             return self._splits
+        k = self.num_classes if self.conditional else None  # errors for unlabelled data first
         train_all, test = self._sources()
         train, val = self._split(train_all, test)
+        idx_val = range(len(val))
         if self.max_val_samples is not None and len(val) > self.max_val_samples:
-            val = self._subset(val, range(self.max_val_samples))
+            idx_val = range(self.max_val_samples)
+            val = self._subset(val, idx_val)
         self._splits = {"train": train, "val": val, "test": test if test is not None else val}
+        if k is not None:
+            y_all, y_test = self._source_labels(train_all, test)
+            what = f"data {self.name!r} ({self.num_classes} classes)"
+            y_all = check_labels(y_all, k, what)
+            if self.val_split:
+                train_idx, val_idx = split_indices(len(train_all), self.val_split, self.seed)
+                y_train, y_val = y_all[train_idx], y_all[val_idx]
+            else:
+                assert y_test is not None
+                y_train, y_val = y_all, check_labels(y_test, k, f"the test split of {what}")
+            y_val = y_val[: len(idx_val)]
+            self._labels = {
+                "train": y_train,
+                "val": y_val,
+                "test": y_val if test is None else check_labels(y_test, k, what),
+            }
         if self._normalizer is None:
             self._normalizer = self._standardizer(train)
         return self._splits
+
+    def _source_labels(self, train_all: Dataset, test: Dataset | None) -> tuple[Tensor, Any]:
+        """Labels of :meth:`_sources`' two datasets (the second None when ``test`` is)."""
+        if self.name == "digits":
+            return load_digits_labels(), None
+        if self.name in TORCHVISION:
+            sets = self._torchvision_sets
+            return torchvision_labels(sets[0]), torchvision_labels(sets[1])
+        if self.name == "image_folder":
+            assert self.root is not None and isinstance(train_all, ImageFiles)
+            return folder_labels(self.root, train_all.files, self.class_names or []), None
+        raise ValueError(f"data {self.name!r} has no class labels")
 
     def _sources(self) -> tuple[Dataset, Dataset | None]:
         """The uint8 training data and the official test split (None when there is none)."""
@@ -268,6 +396,7 @@ class ImageDataModule(pl.LightningDataModule):
         elif self.name in ("mnist", "fashion_mnist", "cifar10"):
             assert self.root is not None
             sets = [torchvision_dataset(self.name, self.root, t, self.download) for t in (1, 0)]
+            self._torchvision_sets = sets  # their labels: _source_labels
             train_all, test = (
                 TensorImages(prepare(torchvision_uint8(s), self.image_size, self.channels))
                 for s in sets
@@ -357,6 +486,12 @@ class ImageDataModule(pl.LightningDataModule):
         return self.normalizer.denormalize(x)
 
     # -- loaders ----------------------------------------------------------------------------------
+    def _labeled(self, split: str, ds: Dataset, collate: Any) -> tuple[Dataset, Any]:
+        """``(ds, collate)``, or with ``conditional`` the labelled dataset and its collate."""
+        if not self.conditional:
+            return ds, collate
+        return LabeledDataset(ds, self.labels(split)), LabeledCollate(collate)
+
     def _loader(
         self,
         split: str,
@@ -366,10 +501,12 @@ class ImageDataModule(pl.LightningDataModule):
         ds: Dataset | None = None,
         persistent: bool = True,
     ) -> DataLoader:
-        ds = self.dataset(split) if ds is None else ds
+        collate: Any = BatchTransform(self.normalizer, random_flip=train and self.random_flip)
+        if ds is None:
+            ds, collate = self._labeled(split, self.dataset(split), collate)
         workers = self.num_workers
         kwargs: dict[str, Any] = dict(
-            collate_fn=BatchTransform(self.normalizer, random_flip=train and self.random_flip),
+            collate_fn=collate,
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
             pin_memory=self.pin_memory,

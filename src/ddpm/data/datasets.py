@@ -31,6 +31,41 @@ class TensorImages(Dataset):
         return self.data[torch.as_tensor(indices, dtype=torch.long)]
 
 
+class LabeledDataset(Dataset):
+    """(example, label) pairs of a dataset and int64 ``labels`` (N,) for class-conditional
+    training; ``__getitems__`` fetches a batch as (the dataset's batch, labels)."""
+
+    def __init__(self, dataset: Dataset, labels: Tensor) -> None:
+        if len(dataset) != len(labels):  # type: ignore[arg-type]
+            raise ValueError(f"{len(dataset)} examples but {len(labels)} labels")  # type: ignore[arg-type]
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        return self.dataset[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Any, Tensor]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        x = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+        return x, self.labels[torch.as_tensor(indices, dtype=torch.long)]
+
+
+class LabeledCollate:
+    """collate_fn of a :class:`LabeledDataset`: ``(collate(examples), labels)``."""
+
+    def __init__(self, collate: Callable[[Any], Tensor]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], Tensor):
+            x, y = batch  # from LabeledDataset.__getitems__
+        else:  # a list of (example, label) pairs
+            x, y = [b[0] for b in batch], torch.stack([torch.as_tensor(b[1]) for b in batch])
+        return self.collate(x), y.to(torch.long)
+
+
 class ImageFiles(Dataset):
     """Image files decoded, converted and resized on access (in DataLoader workers).
 

@@ -75,6 +75,7 @@ class HFImages(Dataset):
     centre-cropped like image files."""
 
     def __init__(self, ds: Any, column: str, image_size: int, channels: int) -> None:
+        self.rows = ds  # every column (the labels' too)
         self.ds = ds.select_columns([column])
         self.column, self.image_size, self.channels = column, image_size, channels
 
@@ -110,7 +111,8 @@ class HFImageDataModule(ImageDataModule):
         path: hub name (``datasets.load_dataset``) or local directory (``load_from_disk`` when
             written by ``save_to_disk``, else ``load_dataset``, e.g. a folder of images).
         image_column: the column holding the images.
-        label_column: optional class-label column; checked and counted (``num_classes``).
+        label_column: the class-label column (``data.conditional=true`` needs it): a
+            ``ClassLabel`` feature (its names are the classes) or integers 0..K-1.
         split: the training split.
         test_split: a split to validate and test on; None holds out ``val_split`` (0.1) of
             ``split``.
@@ -139,7 +141,7 @@ class HFImageDataModule(ImageDataModule):
         kwargs.pop("name", None)
         kwargs.pop("root", None)
         super().__init__(name="hf", root=None, **kwargs)
-        self.num_classes: int | None = None
+        self._hf_train: Any = None
 
     def _has_test_split(self, spec: _Spec) -> bool:
         return self.test_split is not None
@@ -148,17 +150,53 @@ class HFImageDataModule(ImageDataModule):
         raw = f"{self.path}|{self.config_name}|{self.split}|{self.test_split}|{self.image_column}"
         return f"hf_{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
+    def _train_rows(self) -> Any:
+        if self._hf_train is None:
+            self._hf_train = load_hf_split(self.path, self.split, self.config_name)
+        return self._hf_train
+
+    def _class_names(self) -> list[str] | None:
+        """A ``ClassLabel`` column's names, else ``0..max`` of an integer column."""
+        if self.label_column is None:
+            if self.conditional:
+                raise ValueError(
+                    f"data.conditional=true needs the class-label column of {self.path!r}: "
+                    "set data.label_column=<column>"
+                )
+            return None
+        ds = self._train_rows()
+        _check_column(ds, self.label_column, "data.label_column", self.path)
+        names = getattr(ds.features[self.label_column], "names", None)
+        if names:
+            return [str(n) for n in names]
+        values = ds[self.label_column]
+        if not all(isinstance(v, (int, np.integer)) for v in values):
+            raise ValueError(
+                f"data.label_column={self.label_column!r} must hold integer class indices or be "
+                "a ClassLabel feature"
+            )
+        return [str(i) for i in range(int(max(values)) + 1)] if values else []
+
     def _hf_split(self, split: str) -> HFImages:
-        ds = load_hf_split(self.path, split, self.config_name)
+        ds = (
+            self._train_rows()
+            if split == self.split
+            else load_hf_split(self.path, split, self.config_name)
+        )
         _check_column(ds, self.image_column, "data.image_column", self.path)
         if self.label_column is not None and split == self.split:
             _check_column(ds, self.label_column, "data.label_column", self.path)
-            feature = ds.features[self.label_column]
-            names = getattr(feature, "num_classes", None)
-            self.num_classes = int(names) if names else int(max(ds[self.label_column])) + 1
         return HFImages(ds, self.image_column, self.image_size, self.channels)
 
     def _sources(self) -> tuple[Dataset, Dataset | None]:
         train = self._hf_split(self.split)
         test = None if self.test_split is None else self._hf_split(self.test_split)
         return train, test
+
+    def _source_labels(self, train_all: Dataset, test: Dataset | None) -> tuple[Tensor, Any]:
+        def labels(images: Dataset) -> Tensor:
+            assert isinstance(images, HFImages)
+            _check_column(images.rows, str(self.label_column), "data.label_column", self.path)
+            return torch.as_tensor(images.rows[str(self.label_column)], dtype=torch.long)
+
+        return labels(train_all), None if test is None else labels(test)

@@ -77,7 +77,87 @@ def prepare(x: Tensor, image_size: int, channels: int) -> Tensor:
     return resize_center_crop(to_channels(x, channels), image_size)
 
 
+# -- class labels ----------------------------------------------------------------------------------
+
+# class names of the labelled built-in sets, index = label (torchvision's ``classes`` order)
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "digits": tuple(str(d) for d in range(10)),
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
+
+
+def check_labels(labels: Tensor, num_classes: int, what: str) -> Tensor:
+    """``labels`` as int64, or a ValueError naming ``what`` when one lies outside [0, K)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        values = sorted(set(labels[bad].tolist()))[:10]
+        raise ValueError(
+            f"{what}: {int(bad.sum())} label(s) outside [0, {num_classes}) (e.g. {values}); "
+            "class-conditional training needs every example labelled with a class index"
+        )
+    return labels
+
+
+def folder_classes(root: Path) -> list[str]:
+    """torchvision ``ImageFolder``'s classes: the sorted names of ``root``'s sub-folders (hidden
+    ones skipped); label k is the k-th name."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def folder_labels(root: Path, files: Sequence[Path], classes: Sequence[str]) -> Tensor:
+    """Label of each file: the index of the class folder (``root/<class>/...``) it lies under."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels, outside = [], []
+    for f in files:
+        parts = f.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in index:
+            outside.append(f)
+            labels.append(-1)
+        else:
+            labels.append(index[parts[0]])
+    if outside:
+        raise ValueError(
+            f"data.conditional=true reads the class of an image from its sub-folder "
+            f"(root/<class>/<image>, torchvision's ImageFolder convention), but "
+            f"{len(outside)} image(s) under {root} are in no class folder, e.g. {outside[0]}; "
+            "move them into a class folder or set data.conditional=false"
+        )
+    return torch.tensor(labels, dtype=torch.long)
+
+
 # -- scikit-learn digits ---------------------------------------------------------------------------
+
+
+def load_digits_labels() -> Tensor:
+    """The digit (0..9) of each of :func:`load_digits_uint8`'s images."""
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().target.astype(np.int64))
 
 
 def load_digits_uint8() -> Tensor:
@@ -147,6 +227,11 @@ def torchvision_uint8(ds: Any) -> Tensor:
     if data.ndim == 3:
         return data.unsqueeze(1)
     return data.permute(0, 3, 1, 2).contiguous()
+
+
+def torchvision_labels(ds: Any) -> Tensor:
+    """``.targets`` of a torchvision classification dataset as int64 (N,)."""
+    return torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
 
 
 def celeba_files(ds: Any) -> list[Path]:

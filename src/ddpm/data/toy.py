@@ -9,6 +9,8 @@ in their configs).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,40 +18,52 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ddpm.data.datamodule import per_device_batch_size, world_size_of
-from ddpm.data.datasets import TensorImages, train_loader
+from ddpm.data.datamodule import (
+    ClassLabels,
+    per_device_batch_size,
+    world_size_of,
+)
+from ddpm.data.datasets import LabeledCollate, LabeledDataset, TensorImages, train_loader
+from ddpm.data.sources import check_labels
 from ddpm.utils.checks import check_positive_int
 
+Points = tuple[np.ndarray, "np.ndarray | None"]  # (N, 2) points and their (N,) classes or None
 
-def swiss_roll(n: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Sohl-Dickstein et al. (2015)'s figure: scikit-learn's ``make_swiss_roll`` (x, z) plane."""
+
+def swiss_roll(n: int, rng: np.random.Generator, noise: float) -> Points:
+    """Sohl-Dickstein et al. (2015)'s figure: scikit-learn's ``make_swiss_roll`` (x, z) plane.
+    No classes."""
     t = 1.5 * math.pi * (1 + 2 * rng.random(n))
     x = np.stack([t * np.cos(t), t * np.sin(t)], 1)
-    return x + noise * rng.standard_normal((n, 2))
+    return x + noise * rng.standard_normal((n, 2)), None
 
 
-def two_moons(n: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """scikit-learn's ``make_moons``: two interleaved half circles."""
+def two_moons(n: int, rng: np.random.Generator, noise: float) -> Points:
+    """scikit-learn's ``make_moons``: two interleaved half circles (class 0 the upper)."""
     n_out = n // 2
     a = math.pi * rng.random(n_out)
     b = math.pi * rng.random(n - n_out)
     outer = np.stack([np.cos(a), np.sin(a)], 1)
     inner = np.stack([1 - np.cos(b), 1 - np.sin(b) - 0.5], 1)
-    x = np.concatenate([outer, inner])[rng.permutation(n)]
-    return x + noise * rng.standard_normal((n, 2))
+    perm = rng.permutation(n)
+    x = np.concatenate([outer, inner])[perm]
+    labels = (np.arange(n) >= n_out).astype(np.int64)[perm]
+    return x + noise * rng.standard_normal((n, 2)), labels
 
 
-def eight_gaussians(n: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Eight Gaussians (std ``noise``) on a circle of radius 2."""
-    angles = 2 * math.pi * rng.integers(0, 8, n) / 8
+def eight_gaussians(n: int, rng: np.random.Generator, noise: float) -> Points:
+    """Eight Gaussians (std ``noise``) on a circle of radius 2; class k at angle k·45°."""
+    k = rng.integers(0, 8, n)
+    angles = 2 * math.pi * k / 8
     centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
-    return centers + noise * rng.standard_normal((n, 2))
+    return centers + noise * rng.standard_normal((n, 2)), k.astype(np.int64)
 
 
+# name -> (generator, default noise, class names or None)
 TOY_DATASETS = {
-    "swiss_roll": (swiss_roll, 0.5),
-    "two_moons": (two_moons, 0.05),
-    "eight_gaussians": (eight_gaussians, 0.1),
+    "swiss_roll": (swiss_roll, 0.5, None),
+    "two_moons": (two_moons, 0.05, ("upper", "lower")),
+    "eight_gaussians": (eight_gaussians, 0.1, tuple(f"{45 * k}deg" for k in range(8))),
 }
 
 
@@ -61,9 +75,10 @@ def _stack(batch: Tensor | list[Tensor]) -> Tensor:
     return batch if isinstance(batch, Tensor) else torch.stack(batch)
 
 
-class ToyDataModule(pl.LightningDataModule):
+class ToyDataModule(ClassLabels, pl.LightningDataModule):
     """A 2-D point cloud: ``n_train`` training and ``n_val`` held-out points (seed ``seed`` and
-    ``seed + 1``), standardised with the training set's statistics."""
+    ``seed + 1``), standardised with the training set's statistics. ``conditional=True`` yields
+    ``(points, labels)`` (eight_gaussians: 8 classes, two_moons: 2; :class:`ClassLabels`)."""
 
     normalization = None  # not images: no [-1, 1] scaling, no bits/dim
     in_memory = True
@@ -79,8 +94,12 @@ class ToyDataModule(pl.LightningDataModule):
         noise: float | None = None,
         seed: int = 0,
         clip_denoised: bool = False,
+        conditional: bool = False,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        self._init_classes(conditional, num_classes, class_names)
         if name not in TOY_DATASETS:
             raise ValueError(f"toy data name must be one of {sorted(TOY_DATASETS)}, got {name!r}")
         for value, what in ((n_train, "n_train"), (n_val, "n_val"), (batch_size, "batch_size")):
@@ -93,6 +112,7 @@ class ToyDataModule(pl.LightningDataModule):
         self.world_size = 1
         self.per_device_batch_size = batch_size
         self._splits: dict[str, _Points] | None = None
+        self._labels: dict[str, Tensor] = {}
 
     @property
     def sample_shape(self) -> tuple[int]:
@@ -113,11 +133,27 @@ class ToyDataModule(pl.LightningDataModule):
         self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
         self._load()
 
+    def _class_names(self) -> list[str] | None:
+        names = TOY_DATASETS[self.name][2]
+        return None if names is None else list(names)
+
+    def labels(self, split: str) -> Tensor:
+        """The int64 class labels of ``split`` (a conditional datamodule only)."""
+        if not self.conditional:
+            raise ValueError("class labels are loaded with data.conditional=true only")
+        self._load()
+        return self._labels[split]
+
     def _load(self) -> dict[str, _Points]:
         if self._splits is None:
+            k = self.num_classes if self.conditional else None  # unlabelled data: an error
             make = TOY_DATASETS[self.name][0]
-            train = make(self.n_train, np.random.default_rng(self.seed), self.noise)
-            val = make(self.n_val, np.random.default_rng(self.seed + 1), self.noise)
+            train, y_train = make(self.n_train, np.random.default_rng(self.seed), self.noise)
+            val, y_val = make(self.n_val, np.random.default_rng(self.seed + 1), self.noise)
+            if k is not None:
+                what = f"data {self.name!r}"
+                y = [check_labels(torch.from_numpy(a), k, what) for a in (y_train, y_val)]
+                self._labels = {"train": y[0], "val": y[1], "test": y[1]}
             mean = train.mean(0)
             scale = math.sqrt(float(((train - mean) ** 2).mean()))
             train, val = ((torch.from_numpy((a - mean) / scale).float()) for a in (train, val))
@@ -131,24 +167,31 @@ class ToyDataModule(pl.LightningDataModule):
         """Points are their own model space."""
         return x
 
-    def _loader(self, ds: _Points, batch_size: int, train: bool = False) -> DataLoader:
+    def _loader(
+        self, ds: _Points, batch_size: int, train: bool = False, split: str | None = None
+    ) -> DataLoader:
+        data: Any = ds
+        collate: Any = _stack
+        if split is not None and self.conditional:
+            data, collate = LabeledDataset(ds, self.labels(split)), LabeledCollate(_stack)
         if train:
             trainer = getattr(self, "trainer", None)
-            return train_loader(ds, batch_size, self.world_size, trainer, collate_fn=_stack)
-        return DataLoader(ds, batch_size=batch_size, collate_fn=_stack)
+            return train_loader(data, batch_size, self.world_size, trainer, collate_fn=collate)
+        return DataLoader(data, batch_size=batch_size, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         if self.n_train < self.per_device_batch_size:
             raise ValueError(
                 f"n_train={self.n_train} is fewer than batch_size {self.per_device_batch_size}"
             )
-        return self._loader(self.dataset("train"), self.per_device_batch_size, train=True)
+        ds = self.dataset("train")
+        return self._loader(ds, self.per_device_batch_size, train=True, split="train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.val_batch_size)
+        return self._loader(self.dataset("val"), self.val_batch_size, split="val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.val_batch_size)
+        return self._loader(self.dataset("test"), self.val_batch_size, split="test")
 
     def reference_dataloader(
         self,

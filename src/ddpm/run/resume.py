@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.config import ConfigError
 
@@ -181,6 +181,7 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
         overrides = list(HydraConfig.get().overrides.task)
         choices = dict(HydraConfig.get().runtime.choices)
     touched = touched_paths(cfg, overrides, choices)
+    _take_recorded_classes(cfg, stored)
     merged, differences = merge_run_config(to_plain(cfg), stored, touched, mode == "force")
     if differences and mode != "force":
         raise ConfigError(
@@ -195,6 +196,18 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
         log.warning("resume_overrides=force: changing the run's\n  %s", "\n  ".join(differences))
     _warn_devices(stored, merged)
     return OmegaConf.create(merged)
+
+
+def _take_recorded_classes(cfg: DictConfig, stored: dict) -> None:
+    """A conditional run's recorded classes (``data.num_classes`` / ``data.class_names``, which
+    the model config reads) are facts of its data, not settings: the command's config takes them
+    before the comparison (the datamodule checks them against the data at start-up)."""
+    data = stored.get("data") or {}
+    if data.get("num_classes") is None or not OmegaConf.select(cfg, "data.conditional"):
+        return
+    with open_dict(cfg):
+        cfg.data.num_classes = data["num_classes"]
+        cfg.data.class_names = data.get("class_names")
 
 
 def _world(config: dict) -> Any:

@@ -43,7 +43,7 @@ from ddpm.metrics import (
 )
 from ddpm.metrics.distributed import all_reduce_sum, rank_zero_first
 from ddpm.tasks.common import output_dir, write_json
-from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch
+from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch, sample_labels
 from ddpm.utils.images import to_uint8
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator
@@ -195,9 +195,9 @@ def point_cloud_metrics(
     ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()])
     n = min(len(ref), int(cfg.num_samples))
     sampler = build_sampler(cfg.get("sampler"), loaded)
-    x = generate(
-        loaded, sampler, [int(cfg.seed) + i for i in range(n)], int(cfg.batch_size), device
-    )
+    seeds = [int(cfg.seed) + i for i in range(n)]
+    labels = sample_labels(loaded, n)  # a conditional model: balanced over its classes
+    x = generate(loaded, sampler, seeds, int(cfg.batch_size), device, class_labels=labels)
     return {f"test/{k}": v for k, v in distribution_distances(x, ref[:n]).items()}
 
 
@@ -208,9 +208,12 @@ def _sampled_features(
     """Features of this rank's block of ``num_samples`` samples drawn from the checkpoint."""
     n = int(cfg.num_samples)
     sampler = build_sampler(cfg.get("sampler"), loaded)
-    seeds = [int(cfg.seed) + i for i in shard(n)]
+    block = shard(n)
+    seeds = [int(cfg.seed) + i for i in block]
+    labels = sample_labels(loaded, n)  # a conditional model: balanced over its classes
+    mine = None if labels is None else labels[block.start : block.stop]
     bs = int(cfg.batch_size)
-    batches = generate_batches(loaded, sampler, seeds, bs, fabric.device)
+    batches = generate_batches(loaded, sampler, seeds, bs, fabric.device, class_labels=mine)
     parts = []
     with fabric.autocast():
         for x in progress_iter(

@@ -5,6 +5,10 @@ the class labels of a class-conditional run), what ``evaluate.py samples=...`` a
 guided-diffusion evaluator read. Sample i uses seed ``seed + i`` (EDM's convention), so the images
 do not depend on the batch size or on the number of devices: with ``devices=N`` each process
 draws its block of the indices, the blocks are gathered in order and rank 0 writes the file.
+
+A class-conditional checkpoint draws sample i for class ``class_labels[i]`` when given (then
+there are ``len(class_labels)`` samples), else for class ``i % K`` (balanced), with the
+sampler's ``guidance_scale``; ``grid.png`` then shows one row per class.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.metrics import gather_rows, save_npz, shard
 from ddpm.tasks.common import output_dir, write_json
+from ddpm.utils.classes import balanced_labels, num_classes_of, parse_class_labels
 from ddpm.utils.images import save_grid, to_uint8
 from ddpm.utils.seeding import PerSampleGenerator
 
@@ -65,12 +70,16 @@ def generate_batches(
     batch_size: int,
     device: torch.device,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Samples (B, *sample_shape) in model space, ``batch_size`` seeds at a time (per-sample
-    seeded: the images do not depend on the batching)."""
+    seeded: the images do not depend on the batching); ``class_labels``: one per seed."""
     seeds = list(seeds)
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i : i + batch_size]
+        extra = {}
+        if class_labels is not None:
+            extra["class_labels"] = class_labels[i : i + batch_size].to(device)
         with torch.inference_mode():
             yield sampler(
                 loaded.net,
@@ -79,6 +88,7 @@ def generate_batches(
                 generator=PerSampleGenerator(chunk, device=device),
                 progress=progress,
                 device=device,
+                **extra,
             )
 
 
@@ -89,31 +99,69 @@ def generate(
     batch_size: int,
     device: torch.device,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All the samples of ``seeds`` (len(seeds), *sample_shape), float32 on the CPU."""
-    out = [
-        x.float().cpu()
-        for x in generate_batches(loaded, sampler, seeds, batch_size, device, progress)
-    ]
+    batches = generate_batches(loaded, sampler, seeds, batch_size, device, progress, class_labels)
+    out = [x.float().cpu() for x in batches]
     return torch.cat(out) if out else torch.zeros(0, *loaded.sample_shape)
+
+
+def sample_labels(
+    loaded: LoadedModel, n: int, class_labels: Sequence[int] | None = None
+) -> torch.Tensor | None:
+    """The classes of samples 0..n-1: ``class_labels`` (checked against the network's classes),
+    else balanced (``i % K``) for a conditional network, else None."""
+    k = num_classes_of(loaded.net)
+    if class_labels is not None:
+        return parse_class_labels(class_labels, k)
+    return None if k is None else balanced_labels(range(n), k)
+
+
+def class_grid(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> torch.Tensor:
+    """The first ``per_row`` samples of each class present, one row per class (in class order);
+    rows with fewer samples are padded with blank (-1) images."""
+    rows = []
+    for c in labels.unique().tolist():
+        row = samples[labels == c][:per_row]
+        pad = samples.new_full((per_row - len(row), *samples.shape[1:]), -1.0)
+        rows.append(torch.cat([row, pad]))
+    return torch.cat(rows)
 
 
 def sample(cfg: DictConfig) -> Path:
     """Run the sample task; returns the path of ``samples.npz``."""
     if not cfg.get("ckpt_path"):
         raise CheckpointError("ckpt_path is required: python src/sample.py ckpt_path=PATH")
-    n, bs = int(cfg.num_samples), int(cfg.batch_size)
+    given = cfg.get("class_labels")
+    if given is not None and (OmegaConf.is_list(given) or isinstance(given, (list, tuple))):
+        given = [int(v) for v in given]
+        if not given:
+            raise ValueError("class_labels is an empty list: give e.g. class_labels=[3,3,7]")
+    elif given is not None:
+        raise ValueError(f"class_labels must be a list of classes, e.g. [3,3,7], got {given!r}")
+    n = len(given) if given is not None else int(cfg.num_samples)
+    bs = int(cfg.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {n} and {bs}")
     fabric = launch(cfg)
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
     sampler = build_sampler(cfg.get("sampler"), loaded)
+    labels = sample_labels(loaded, n, given)
     images = len(loaded.sample_shape) == 3
-    seeds = [int(cfg.seed) + i for i in shard(n)]
+    block = shard(n)
+    seeds = [int(cfg.seed) + i for i in block]
+    mine = None if labels is None else labels[block.start : block.stop]
     parts = []
     with fabric.autocast():
         for x in generate_batches(
-            loaded, sampler, seeds, bs, fabric.device, bool(cfg.progress) and fabric.is_global_zero
+            loaded,
+            sampler,
+            seeds,
+            bs,
+            fabric.device,
+            bool(cfg.progress) and fabric.is_global_zero,
+            class_labels=mine,
         ):
             # images: uint8 (B, H, W, C); 2-D points: float32 (B, D)
             parts.append(to_uint8(x).permute(0, 2, 3, 1).cpu() if images else x.float().cpu())
@@ -123,8 +171,11 @@ def sample(cfg: DictConfig) -> Path:
     out = output_dir(cfg)
     path = out / "samples.npz"
     if fabric.global_rank == 0:
-        save_npz(path, arr)
-        if images:
+        save_npz(path, arr, None if labels is None else labels.numpy())
+        if images and labels is not None:  # one row per class
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            save_grid(class_grid(x, labels), out / "grid.png", nrow=8)
+        elif images:
             grid = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             save_grid(grid, out / "grid.png")
         write_json(
@@ -139,6 +190,9 @@ def sample(cfg: DictConfig) -> Path:
                 if cfg.get("sampler") is not None
                 else loaded.config.get("sampler"),
                 "shape": list(arr.shape),
+                "class_labels": "balanced (i % K)"
+                if labels is not None and given is None
+                else given,
                 "dtype": str(arr.dtype),
                 "devices": fabric.world_size,
             },

@@ -24,7 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.config import ConfigError, validate_train_config
@@ -57,7 +57,34 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionMo
         train_seed=int(cfg.seed),
         compile=bool(cfg.get("compile", False)),
         run_config=run_config,
+        **({"p_uncond": float(cfg.p_uncond)} if cfg.get("p_uncond") is not None else {}),
     )
+
+
+def record_classes(cfg: DictConfig, datamodule: Any) -> None:
+    """With ``data.conditional=true`` write the data's classes into ``cfg`` (``data.num_classes``,
+    which the model configs read, and ``data.class_names``; stored with the run config), and
+    check the network is conditional on exactly those classes; without it, that it is not."""
+    model_k = OmegaConf.select(cfg, "model.num_classes", default=None)
+    if not cfg.data.get("conditional"):
+        if model_k:
+            raise ConfigError(
+                f"model.num_classes={model_k} makes the network class-conditional, but the data "
+                "is not: set data.conditional=true (the classes then come from the data)"
+            )
+        return
+    k, names = datamodule.num_classes, datamodule.class_names
+    with open_dict(cfg):
+        cfg.data.num_classes = k
+        cfg.data.class_names = list(names)
+    model_k = OmegaConf.select(cfg, "model.num_classes", default=None)
+    if model_k != k:
+        raise ConfigError(
+            f"data.conditional=true: the data has {k} classes but model.num_classes={model_k}; "
+            "the model config should read them from the data: "
+            "num_classes: ${oc.select:data.num_classes,null}"
+        )
+    log.info("class-conditional on %d classes: %s", k, ", ".join(map(str, names)))
 
 
 def _order_callbacks(callbacks: list) -> list:
@@ -106,8 +133,9 @@ def _fit(launch: Launch) -> dict[str, float]:
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    run_config = to_plain(cfg)
     datamodule = instantiate(cfg.data)
+    record_classes(cfg, datamodule)
+    run_config = to_plain(cfg)
     module = build_module(cfg, run_config)
     if launch.checkpoint is not None:
         check_weights_fit(module, launch.checkpoint, str(ckpt_path))

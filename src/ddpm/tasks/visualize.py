@@ -10,6 +10,9 @@
   and the rate-distortion curve (``loss_by_t.png``, numbers in ``loss_by_t.json``).
 * ``interpolate`` (checkpoint): DDIM inversion of two held-out inputs, slerp of their latents,
   decoding (``interpolate.png``).
+* ``guidance`` (class-conditional checkpoint): the same seeds for each class at several
+  classifier-free guidance scales, one panel per scale (rows = classes, columns = seeds;
+  ``guidance.png``).
 * ``playground`` (2-D checkpoint): forward cloud, reverse trajectories, score field, generated vs
   true data with energy distance / MMD for every sampler (``playground_*.png``,
   ``playground.json``).
@@ -35,8 +38,8 @@ from ddpm.tasks.common import output_dir, write_json
 
 log = logging.getLogger(__name__)
 
-WHATS = ("forward", "reverse", "loss_by_t", "interpolate", "playground")
-NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "playground")
+WHATS = ("forward", "reverse", "loss_by_t", "interpolate", "guidance", "playground")
+NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "guidance", "playground")
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -159,7 +162,7 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.tasks.sample import build_sampler
+    from ddpm.tasks.sample import build_sampler, sample_labels
     from ddpm.viz import reverse_figure, reverse_trajectory, sampler_label
 
     device = _device(cfg)
@@ -182,6 +185,7 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
         timesteps=None if ts is None else [int(t) for t in ts],
         num_frames=int(cfg.reverse.num_frames),
         device=device,
+        class_labels=sample_labels(loaded, len(seeds)),  # conditional: seed i, class i mod K
     )
     denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
     title = f"Reverse trajectory: {sampler_label(sampler)}, T={loaded.diffusion.num_timesteps}"
@@ -189,6 +193,60 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
     paths: list[Path] = []
     _save(fig, out / "reverse.png", paths)
     return {**traj, "seeds": seeds, "sampler": sampler, "figures": {"reverse": fig}, "paths": paths}
+
+
+def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    from ddpm.tasks.sample import build_sampler
+    from ddpm.utils.classes import num_classes_of, parse_class_labels
+    from ddpm.viz.guidance import guidance_figure, guidance_sweep
+    from ddpm.viz.reverse import sampler_label
+
+    device = _device(cfg)
+    loaded = _load(cfg, device)
+    k = num_classes_of(loaded.net)
+    if k is None:
+        raise ValueError(
+            "what=guidance needs a class-conditional checkpoint (trained with "
+            "data.conditional=true, e.g. experiment=digits_cfg)"
+        )
+    g = cfg.guidance
+    classes = (
+        list(range(k)) if g.classes is None else parse_class_labels(list(g.classes), k).tolist()
+    )
+    shape = loaded.sample_shape
+    if len(shape) == 1:
+        seeds = list(range(int(cfg.seed), int(cfg.seed) + int(g.num_points)))
+    else:
+        seeds = [int(s) for s in g.seeds]
+    scales = [float(s) for s in g.scales]
+    if not seeds or not scales:
+        raise ValueError("guidance.seeds and guidance.scales must not be empty")
+    sampler = build_sampler(cfg.get("sampler"), loaded)
+    samples = guidance_sweep(
+        sampler, loaded.net, loaded.diffusion, shape, classes, seeds, scales, device
+    )
+    names = loaded.config.get("data", {}).get("class_names") or [str(c) for c in range(k)]
+    title = f"Classifier-free guidance: {sampler_label(sampler)}"
+    denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
+    fig = guidance_figure(
+        samples,
+        scales,
+        [str(names[c]) for c in classes],
+        seeds,
+        denorm,
+        title=title,
+        dpi=int(cfg.dpi),
+    )
+    paths: list[Path] = []
+    _save(fig, out / "guidance.png", paths)
+    return {
+        "samples": samples,
+        "classes": classes,
+        "seeds": seeds,
+        "scales": scales,
+        "figures": {"guidance": fig},
+        "paths": paths,
+    }
 
 
 def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -318,6 +376,7 @@ RUNNERS = {
     "reverse": run_reverse,
     "loss_by_t": run_loss_by_t,
     "interpolate": run_interpolate,
+    "guidance": run_guidance,
     "playground": run_playground,
 }
 

@@ -193,9 +193,10 @@ def denoising_trajectory(
     num_frames: int = 8,
     device: torch.device | str | None = None,
     timesteps: Sequence[int] | None = None,
+    class_labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Run ``sampler`` once for ``seeds`` (one per-sample seed each) and record ~``num_frames``
-    steps. Returns ``timesteps`` (K,), ``x_t`` and ``pred_xstart`` (K, len(seeds), *sample_shape)
+    """Run ``sampler`` once for ``seeds`` (one per-sample seed each; ``class_labels`` one per
+    seed for a class-conditional network) and record ~``num_frames`` steps. Returns ``timesteps`` (K,), ``x_t`` and ``pred_xstart`` (K, len(seeds), *sample_shape)
     on the CPU, and the final ``samples``.
 
     The recorded steps are those of the sampler's own grid nearest to ``strip_timesteps(T, K)``,
@@ -213,6 +214,7 @@ def denoising_trajectory(
     else:
         wanted = strip_timesteps(diffusion.num_timesteps, num_frames)
     gen = PerSampleGenerator(list(seeds), device=device or "cpu")
+    extra = {} if class_labels is None else {"class_labels": class_labels}
     out = sampler(
         model,
         diffusion,
@@ -220,6 +222,7 @@ def denoising_trajectory(
         generator=gen,
         return_intermediates=wanted,
         device=device,
+        **extra,
     )
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
         raise ValueError(

@@ -36,6 +36,7 @@ def reverse_trajectory(
     timesteps: Sequence[int] | None = None,
     num_frames: int = 8,
     device: torch.device | str | None = None,
+    class_labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """:func:`ddpm.utils.images.denoising_trajectory` (``timesteps``: model timesteps to record,
     the nearest steps of the sampler's grid; default ``num_frames`` evenly spaced)."""
@@ -48,6 +49,7 @@ def reverse_trajectory(
         num_frames,
         device=device,
         timesteps=timesteps,
+        class_labels=class_labels,
     )
 
 
