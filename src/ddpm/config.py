@@ -303,7 +303,8 @@ def validate_train_config(cfg: DictConfig) -> None:
         problems.append(f"{key} is required but was not given{hint}")
     problems += numeric_problems(cfg)
     problems += derived_key_problems(cfg)
-    problems += build_problems(cfg)
+    if not _get(cfg, "ckpt_path"):  # a resume builds the run's own objects, not the command's
+        problems += build_problems(cfg)
     bs = _get(cfg, "data.batch_size")
     devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
