@@ -195,7 +195,12 @@ def test_sample_for_given_classes_writes_arr_1(cond_ckpt: Path, tmp_path: Path) 
     data = np.load(given)
     assert data["arr_0"].shape == (3, 16, 16, 1) and data["arr_1"].tolist() == [3, 3, 7]
     info = json.loads((given.parent / "sample_info.json").read_text())
-    assert info["class_labels"] == [3, 3, 7]
+    assert info["class_labels"] == [3, 3, 7] and info["guidance_scale"] == 2.0
+    again = sample(
+        compose_cfg([*common, "class_labels=[3,3,7]", "guidance_scale=1"], tmp_path / "e", "sample")
+    )
+    assert json.loads((again.parent / "sample_info.json").read_text())["guidance_scale"] == 1.0
+    assert not np.array_equal(np.load(again)["arr_0"], data["arr_0"])  # s = 1 draws others
     balanced = sample(compose_cfg([*common, "num_samples=12"], tmp_path / "b", "sample"))
     assert np.load(balanced)["arr_1"].tolist() == balanced_labels(range(12), 10).tolist()
     other = sample(compose_cfg([*common, "class_labels=[5,5,7]"], tmp_path / "d", "sample"))

@@ -46,8 +46,11 @@ def launch(cfg: DictConfig):  # -> lightning_fabric.Fabric
     return fabric
 
 
-def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object:
-    """The sampler from ``cfg.sampler``, or the one the run was trained with."""
+def build_sampler(
+    cfg_sampler: DictConfig | None, loaded: LoadedModel, guidance_scale: float | None = None
+) -> object:
+    """The sampler from ``cfg.sampler``, or the one the run was trained with; ``guidance_scale``
+    (when not None) replaces its classifier-free guidance scale."""
     node = cfg_sampler if cfg_sampler is not None else loaded.config.get("sampler")
     if node is None:
         raise CheckpointError("no sampler given and none stored in the checkpoint's config")
@@ -56,6 +59,10 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
     )
     if loaded.config.get("data", {}).get("clip_denoised") is False and "clip_denoised" in node:
         node.clip_denoised = False  # unbounded data (2-D toy sets): never clip x̂₀
+    if guidance_scale is not None:
+        if "guidance_scale" not in node:
+            raise ValueError(f"guidance_scale: the sampler {node.get('_target_')} has no guidance")
+        node.guidance_scale = float(guidance_scale)
     steps = node.get("steps")
     T = loaded.diffusion.num_timesteps
     if steps is not None and int(steps) > T:
@@ -146,7 +153,7 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {n} and {bs}")
     fabric = launch(cfg)
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
-    sampler = build_sampler(cfg.get("sampler"), loaded)
+    sampler = build_sampler(cfg.get("sampler"), loaded, cfg.get("guidance_scale"))
     labels = sample_labels(loaded, n, given)
     images = len(loaded.sample_shape) == 3
     block = shard(n)
@@ -189,6 +196,7 @@ def sample(cfg: DictConfig) -> Path:
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)
                 if cfg.get("sampler") is not None
                 else loaded.config.get("sampler"),
+                "guidance_scale": getattr(sampler, "guidance_scale", None),  # as used
                 "shape": list(arr.shape),
                 "class_labels": "balanced (i % K)"
                 if labels is not None and given is None
