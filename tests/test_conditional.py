@@ -325,3 +325,33 @@ def test_visualize_reverse_with_the_run_s_guided_sampler(cond_ckpt: Path, tmp_pa
     )
     out = visualize(cfg)  # the stored sampler guides (s = 2): seed i is drawn for class i mod K
     assert out["sampler"].guidance_scale == 2.0 and out["samples"].shape == (2, 1, 16, 16)
+
+
+def test_image_folder_run_records_its_class_names(tmp_path: Path) -> None:
+    """The class names of an image folder go into the run config (and checkpoint); resuming on a
+    folder whose classes changed is refused."""
+    root = _folder(tmp_path / "pets", {"cat": 8, "dog": 8, "emu": 8})
+    small = [
+        *(o for o in CONDITIONAL if not o.startswith("data.batch_size")),
+        "data=image_folder",
+        f"data.root={root}",
+        "data.image_size=8",
+        "data.channels=1",
+        "data.batch_size=8",
+        "data.val_split=0.25",
+        "data.num_workers=0",
+        "model.channel_mult=[1]",
+        "model.attention_resolutions=[]",
+        "model.norm_groups=4",
+        "model.model_channels=8",
+        "callbacks.sample_grid.every_n_steps=100",
+    ]
+    train(compose_cfg([*small, "trainer.max_steps=2"], tmp_path))
+    run = tmp_path / "run"
+    stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ddpm_config"]
+    assert stored["data"]["class_names"] == ["cat", "dog", "emu"]
+    assert stored["model"]["num_classes"] == 3
+    _folder(root, {"fox": 1})
+    resume = [*small, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"]
+    with pytest.raises(ValueError, match="recorded with 3 classes"):
+        train(compose_cfg(resume, tmp_path))
