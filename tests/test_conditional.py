@@ -234,6 +234,12 @@ def test_conditional_toy_run_with_guided_playground(tmp_path: Path) -> None:
     train(cfg)
     assert cfg.data.num_classes == 8 and cfg.model.num_classes == 8
     assert (tmp_path / "run" / "samples" / "reverse_step_0000003.png").is_file()
+    from ddpm.tasks.evaluate import evaluate  # its samples: balanced classes, the run's guidance
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    overrides = ["accelerator=cpu", "progress=false", f"ckpt_path={ckpt}", "num_samples=64"]
+    metrics = evaluate(compose_cfg(overrides, tmp_path / "e", config_name="evaluate"))
+    assert math.isfinite(metrics["test/energy_distance"])
 
 
 @pytest.mark.ddp
