@@ -163,11 +163,16 @@ def cond_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "sampler=ddim",
             "sampler.steps=3",
             "sampler.guidance_scale=2.0",
+            "callbacks=[default,nll]",  # the bound on -log p(x | y), with the images' labels
+            "callbacks.nll.every_n_steps=6",
+            "callbacks.nll.num_images=4",
+            "callbacks.nll.batch_size=4",
         ],
         tmp,
     )
     metrics = train(cfg)
     assert metrics["global_step"] == 6 and math.isfinite(metrics["val/loss"])
+    assert math.isfinite(metrics["val/nll_bpd"])
     return tmp / "run"
 
 
@@ -293,6 +298,22 @@ def test_cifar10_cfg_recipe_is_ddpm_s_unet_with_a_class_embedding(tmp_path: Path
     plain = sum(p.numel() for p in instantiate(ddpm.model).parameters())
     assert sum(p.numel() for p in net.parameters()) == plain + 11 * 512  # (K + 1) x 4 x 128
     assert net.null_class == 10
+
+
+def test_evaluate_nll_with_labels_independent_of_batching(cond_ckpt: Path, tmp_path: Path) -> None:
+    from ddpm.tasks.evaluate import evaluate
+
+    common = [
+        f"ckpt_path={cond_ckpt / 'checkpoints' / 'last.ckpt'}",
+        "accelerator=cpu",
+        "progress=false",
+        "nll.num_images=6",
+        "metrics.enabled=false",
+    ]
+    a = evaluate(compose_cfg([*common, "batch_size=6"], tmp_path / "a", "evaluate"))
+    b = evaluate(compose_cfg([*common, "batch_size=4"], tmp_path / "b", "evaluate"))
+    assert math.isfinite(a["test/nll_bpd"])
+    assert b["test/nll_bpd"] == pytest.approx(a["test/nll_bpd"], rel=1e-6)  # image i, label i
 
 
 def test_visualize_guidance_same_seeds_at_every_scale(cond_ckpt: Path, tmp_path: Path) -> None:
