@@ -125,15 +125,18 @@ def sample_labels(
     return None if k is None else balanced_labels(range(n), k)
 
 
-def class_grid(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    """The first ``per_row`` samples of each class present, one row per class (in class order);
-    rows with fewer samples are padded with blank (-1) images."""
+def class_grid(
+    samples: torch.Tensor, labels: torch.Tensor, per_row: int = 8
+) -> tuple[torch.Tensor, int]:
+    """(images, images per row): the first ``per_row`` samples of each class present, one row per
+    class (in class order); rows with fewer samples are padded with blank (-1) images."""
+    per_row = min(per_row, int(labels.unique(return_counts=True)[1].max()))
     rows = []
     for c in labels.unique().tolist():
         row = samples[labels == c][:per_row]
         pad = samples.new_full((per_row - len(row), *samples.shape[1:]), -1.0)
         rows.append(torch.cat([row, pad]))
-    return torch.cat(rows)
+    return torch.cat(rows), per_row
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -181,7 +184,8 @@ def sample(cfg: DictConfig) -> Path:
         save_npz(path, arr, None if labels is None else labels.numpy())
         if images and labels is not None:  # one row per class
             x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            save_grid(class_grid(x, labels), out / "grid.png", nrow=8)
+            grid, per_row = class_grid(x, labels)
+            save_grid(grid, out / "grid.png", nrow=per_row)
         elif images:
             grid = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             save_grid(grid, out / "grid.png")
