@@ -2,9 +2,9 @@
 
 Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
 the optimizer and LR schedule from config (``_partial_`` callables). Every random draw of a
-training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed, rank, epoch, batch)
-(:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew without any RNG
-state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
+training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed,
+rank, epoch, batch) (:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew
+without any RNG state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
 ``val/loss`` is comparable across evaluations.
 """
 
