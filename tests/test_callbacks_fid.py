@@ -177,3 +177,58 @@ def test_config_composes_the_shared_metric_options(tmp_path: Path) -> None:
     assert isinstance(m, SampleMetrics) and m.extractor == "randomconv"
     assert (m.fid, m.isc, m.kid, m.prc) == (True, True, False, False)
     assert m.cache_dir == cfg.paths.cache_dir
+
+
+class CondTinyEpsNet(TinyEpsNet):
+    """A class-conditional stand-in (10 classes, null class 10) that ignores its labels."""
+
+    null_class = 10
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.conv(x)
+
+
+class LabelRecorder(ReplaySampler):
+    """:class:`ReplaySampler` that records the (seeds, class_labels) of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    def __call__(self, model, diffusion, shape, *, generator=None, device=None, **kw) -> Tensor:
+        self.calls.append((list(generator.seeds), kw["class_labels"].tolist()))
+        return super().__call__(model, diffusion, shape, generator=generator, device=device)
+
+
+def test_conditional_model_samples_balanced_classes(tmp_path: Path) -> None:
+    """Sample i of the FID set is drawn for class i mod K (a conditional network)."""
+    sampler = LabelRecorder()
+    cb = FIDCallback(
+        sampler,
+        every_n_steps=2,
+        num_samples=40,
+        batch_size=16,
+        seed=5,
+        num_reference=NUM_REF,
+        metrics=dict(extractor="randomconv", isc=False, cache_dir=None),
+    )
+    module = DiffusionModule(
+        net=CondTinyEpsNet(),
+        diffusion=GaussianDiffusion(num_timesteps=50),
+        loss=DiffusionLoss("simple"),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    )
+    dm = ImageDataModule(name="digits", batch_size=32, num_workers=0, conditional=True)
+    pl.Trainer(
+        max_steps=2,
+        callbacks=[cb],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=dm)
+    seeds = [s for call in sampler.calls for s in call[0]]
+    labels = [y for call in sampler.calls for y in call[1]]
+    assert seeds == list(range(5, 45)) and labels == [i % 10 for i in range(40)]

@@ -163,11 +163,16 @@ def cond_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "sampler=ddim",
             "sampler.steps=3",
             "sampler.guidance_scale=2.0",
+            "callbacks=[default,nll]",  # the bound on -log p(x | y), with the images' labels
+            "callbacks.nll.every_n_steps=6",
+            "callbacks.nll.num_images=4",
+            "callbacks.nll.batch_size=4",
         ],
         tmp,
     )
     metrics = train(cfg)
     assert metrics["global_step"] == 6 and math.isfinite(metrics["val/loss"])
+    assert math.isfinite(metrics["val/nll_bpd"])
     return tmp / "run"
 
 
@@ -195,7 +200,12 @@ def test_sample_for_given_classes_writes_arr_1(cond_ckpt: Path, tmp_path: Path) 
     data = np.load(given)
     assert data["arr_0"].shape == (3, 16, 16, 1) and data["arr_1"].tolist() == [3, 3, 7]
     info = json.loads((given.parent / "sample_info.json").read_text())
-    assert info["class_labels"] == [3, 3, 7]
+    assert info["class_labels"] == [3, 3, 7] and info["guidance_scale"] == 2.0
+    again = sample(
+        compose_cfg([*common, "class_labels=[3,3,7]", "guidance_scale=1"], tmp_path / "e", "sample")
+    )
+    assert json.loads((again.parent / "sample_info.json").read_text())["guidance_scale"] == 1.0
+    assert not np.array_equal(np.load(again)["arr_0"], data["arr_0"])  # s = 1 draws others
     balanced = sample(compose_cfg([*common, "num_samples=12"], tmp_path / "b", "sample"))
     assert np.load(balanced)["arr_1"].tolist() == balanced_labels(range(12), 10).tolist()
     other = sample(compose_cfg([*common, "class_labels=[5,5,7]"], tmp_path / "d", "sample"))
@@ -229,6 +239,12 @@ def test_conditional_toy_run_with_guided_playground(tmp_path: Path) -> None:
     train(cfg)
     assert cfg.data.num_classes == 8 and cfg.model.num_classes == 8
     assert (tmp_path / "run" / "samples" / "reverse_step_0000003.png").is_file()
+    from ddpm.tasks.evaluate import evaluate  # its samples: balanced classes, the run's guidance
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    overrides = ["accelerator=cpu", "progress=false", f"ckpt_path={ckpt}", "num_samples=64"]
+    metrics = evaluate(compose_cfg(overrides, tmp_path / "e", config_name="evaluate"))
+    assert math.isfinite(metrics["test/energy_distance"])
 
 
 @pytest.mark.ddp
@@ -284,6 +300,22 @@ def test_cifar10_cfg_recipe_is_ddpm_s_unet_with_a_class_embedding(tmp_path: Path
     assert net.null_class == 10
 
 
+def test_evaluate_nll_with_labels_independent_of_batching(cond_ckpt: Path, tmp_path: Path) -> None:
+    from ddpm.tasks.evaluate import evaluate
+
+    common = [
+        f"ckpt_path={cond_ckpt / 'checkpoints' / 'last.ckpt'}",
+        "accelerator=cpu",
+        "progress=false",
+        "nll.num_images=6",
+        "metrics.enabled=false",
+    ]
+    a = evaluate(compose_cfg([*common, "batch_size=6"], tmp_path / "a", "evaluate"))
+    b = evaluate(compose_cfg([*common, "batch_size=4"], tmp_path / "b", "evaluate"))
+    assert math.isfinite(a["test/nll_bpd"])
+    assert b["test/nll_bpd"] == pytest.approx(a["test/nll_bpd"], rel=1e-6)  # image i, label i
+
+
 def test_visualize_guidance_same_seeds_at_every_scale(cond_ckpt: Path, tmp_path: Path) -> None:
     from ddpm.tasks.visualize import visualize
 
@@ -320,3 +352,33 @@ def test_visualize_reverse_with_the_run_s_guided_sampler(cond_ckpt: Path, tmp_pa
     )
     out = visualize(cfg)  # the stored sampler guides (s = 2): seed i is drawn for class i mod K
     assert out["sampler"].guidance_scale == 2.0 and out["samples"].shape == (2, 1, 16, 16)
+
+
+def test_image_folder_run_records_its_class_names(tmp_path: Path) -> None:
+    """The class names of an image folder go into the run config (and checkpoint); resuming on a
+    folder whose classes changed is refused."""
+    root = _folder(tmp_path / "pets", {"cat": 8, "dog": 8, "emu": 8})
+    small = [
+        *(o for o in CONDITIONAL if not o.startswith("data.batch_size")),
+        "data=image_folder",
+        f"data.root={root}",
+        "data.image_size=8",
+        "data.channels=1",
+        "data.batch_size=8",
+        "data.val_split=0.25",
+        "data.num_workers=0",
+        "model.channel_mult=[1]",
+        "model.attention_resolutions=[]",
+        "model.norm_groups=4",
+        "model.model_channels=8",
+        "callbacks.sample_grid.every_n_steps=100",
+    ]
+    train(compose_cfg([*small, "trainer.max_steps=2"], tmp_path))
+    run = tmp_path / "run"
+    stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ddpm_config"]
+    assert stored["data"]["class_names"] == ["cat", "dog", "emu"]
+    assert stored["model"]["num_classes"] == 3
+    _folder(root, {"fox": 1})
+    resume = [*small, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"]
+    with pytest.raises(ValueError, match="recorded with 3 classes"):
+        train(compose_cfg(resume, tmp_path))

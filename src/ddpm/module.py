@@ -2,9 +2,9 @@
 
 Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
 the optimizer and LR schedule from config (``_partial_`` callables). Every random draw of a
-training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed, rank, epoch, batch)
-(:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew without any RNG
-state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
+training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed,
+rank, epoch, batch) (:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew
+without any RNG state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
 ``val/loss`` is comparable across evaluations.
 """
 
@@ -26,6 +26,7 @@ from ddpm.diffusion import (
     UniformTimestepSampler,
 )
 from ddpm.run.rng import seed_global_rngs, seeded_generator, step_seed
+from ddpm.utils.classes import with_labels
 
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
@@ -141,13 +142,6 @@ class DiffusionModule(pl.LightningModule):
             )
         return x0, batch[1]
 
-    @staticmethod
-    def _conditioned(net: nn.Module, labels: Tensor | None) -> Callable[..., Tensor]:
-        """``net`` as ``model(x_t, t)`` for the loss, with the labels bound when given."""
-        if labels is None:
-            return net
-        return lambda x_t, t: net(x_t, t, class_labels=labels)
-
     def drop_labels(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes
         the null class with probability ``p_uncond`` (one uniform draw per label)."""
@@ -161,7 +155,7 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         if labels is not None:  # after t and noise: those draws are the unconditional run's
             labels = self.drop_labels(labels, g)
-        net = self._conditioned(self.__dict__["_train_net"], labels)
+        net = with_labels(self.__dict__["_train_net"], labels)
         terms = self._losses(net, x0, t, noise)
         if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
             per_sample = (terms["vb"] if "vb" in terms else terms["loss"]).detach()
@@ -204,12 +198,12 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0, labels = self._split_batch(batch)  # the conditional loss: no label dropout
         t, noise = self._val_noise(x0, batch_idx)
-        terms = self._losses(self._conditioned(self.net, labels), x0, t, noise)
+        terms = self._losses(with_labels(self.net, labels), x0, t, noise)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
         self._log_quartiles("val", t, terms["loss"], sync_dist=True)
         ema = find_ema(self._trainer)
         if ema is not None:
-            ema_terms = self._losses(self._conditioned(ema.ema_net, labels), x0, t, noise)
+            ema_terms = self._losses(with_labels(ema.ema_net, labels), x0, t, noise)
             self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

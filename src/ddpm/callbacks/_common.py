@@ -86,15 +86,27 @@ def batch_sample_shape(batch: Any) -> tuple[int, ...] | None:
 def first_samples(loader: Any, n: int) -> Tensor | None:
     """The first ``n`` samples of ``loader`` (float32, CPU; fewer if it runs out), reading only
     the batches needed; None for an empty loader."""
+    return first_labelled_samples(loader, n)[0]
+
+
+def first_labelled_samples(loader: Any, n: int) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`first_samples` and their class labels (None unless the batches are
+    ``(x, labels)``, as with ``data.conditional=true``)."""
     got: list[Tensor] = []
+    labels: list[Tensor] = []
     have = 0
     for batch in loader:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         got.append(x.detach().float().cpu())
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            labels.append(torch.as_tensor(batch[1]).detach().cpu())
         have += x.shape[0]
         if have >= n:
             break
-    return torch.cat(got)[:n] if got else None
+    if not got:
+        return None, None
+    y = torch.cat(labels)[:n] if len(labels) == len(got) else None
+    return torch.cat(got)[:n], y
 
 
 def denormalizer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:

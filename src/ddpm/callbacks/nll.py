@@ -10,7 +10,9 @@ The subset is split into chunks of ``batch_size`` images; chunk k uses noise fro
 seeded with ``seed + k`` and is evaluated by rank k mod W, and per-image sums are reduced over the
 ranks, so the value does not depend on the number of devices. There is no timestep stride: the
 bound needs every term, so keep ``num_images`` small instead (it costs T network calls per chunk).
-The bound assumes 8-bit images scaled to [-1, 1] (``normalization=minus_one_one``).
+The bound assumes 8-bit images scaled to [-1, 1] (``normalization=minus_one_one``). A
+class-conditional network is given each image's label: the bound on -log p(x | y), as
+improved-diffusion's ``image_nll.py`` with ``class_cond``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from torch import Tensor
 from ddpm.callbacks._common import (
     PeriodicCallback,
     StepCadence,
-    first_samples,
+    first_labelled_samples,
     is_fast_dev_run,
     log_metrics_now,
 )
 from ddpm.diffusion import calc_bpd_loop
 from ddpm.utils.checks import check_positive_int
+from ddpm.utils.classes import num_classes_of, with_labels
 from ddpm.utils.devices import model_device
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class NLLCallback(PeriodicCallback):
         self.disabled = False
         self.history: list[tuple[int, dict[str, float]]] = []
         self._images: Tensor | None = None
+        self._labels: Tensor | None = None
         self._cadence = StepCadence(self.every_n_steps)
         self._seen_shape: tuple[int, ...] | None = None
         self._warned = False
@@ -112,7 +116,7 @@ class NLLCallback(PeriodicCallback):
                 f"NLLCallback: data normalization is {norm!r}; the bits/dim bound "
                 "assumes 8-bit images scaled to [-1, 1] (minus_one_one)"
             )
-        images = first_samples(loader, self.num_images)
+        images, self._labels = first_labelled_samples(loader, self.num_images)
         if images is None:
             self._warn_disable("the validation loader is empty")
             return None
@@ -144,6 +148,7 @@ class NLLCallback(PeriodicCallback):
         model = pl_module.denoiser(use_ema=self.use_ema)
         device = model_device(model, pl_module.device)
         diffusion = pl_module.diffusion
+        labels = self._labels if num_classes_of(model) is not None else None
         rank, world = trainer.global_rank, trainer.world_size
         # per-image sums: total, prior, decoder, vb; and the image count
         sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -154,11 +159,12 @@ class NLLCallback(PeriodicCallback):
                 if k % world != rank:
                     continue
                 x = images[start : start + self.batch_size].to(device)
+                y = None if labels is None else labels[start : start + self.batch_size]
                 # CPU noise: the same values on any device type
                 g = torch.Generator().manual_seed(self.seed + k)
                 out = calc_bpd_loop(
                     diffusion,
-                    model,
+                    with_labels(model, y, device),
                     x,
                     clip_denoised=self.clip_denoised,
                     generator=g,

@@ -7,8 +7,9 @@ grid whatever ``batch_size`` or the number of devices. The grid is saved as
 ``<output_dir>/step_0001000.png`` and the strip as ``<output_dir>/denoise_step_0001000.png``, and
 both are logged to W&B / TensorBoard when those loggers are active. 2-D toy data gives scatter
 plots instead of image grids. A class-conditional network gets one row per class (row k drawn
-for class k, with the sampler's ``guidance_scale``), and the strip's row j is drawn for class j. Other ranks skip (no collective inside), so under DDP they simply
-wait for rank 0 at the next gradient all-reduce.
+for class k, with the sampler's ``guidance_scale``; ``ddpm.utils.classes.class_rows``), and the
+strip's row j is drawn for class j. Other ranks skip (no collective inside), so under DDP they
+simply wait for rank 0 at the next gradient all-reduce.
 
 Sampling is announced in the log with a line per batch (and the sampler's progress bar on a
 terminal); between batches it stops when a stop signal arrived (the checkpoint is written all the

@@ -36,8 +36,9 @@ class LabeledDataset(Dataset):
     training; ``__getitems__`` fetches a batch as (the dataset's batch, labels)."""
 
     def __init__(self, dataset: Dataset, labels: Tensor) -> None:
-        if len(dataset) != len(labels):  # type: ignore[arg-type]
-            raise ValueError(f"{len(dataset)} examples but {len(labels)} labels")  # type: ignore[arg-type]
+        n = len(dataset)  # type: ignore[arg-type]
+        if n != len(labels):
+            raise ValueError(f"{n} examples but {len(labels)} labels")
         self.dataset, self.labels = dataset, labels
 
     def __len__(self) -> int:

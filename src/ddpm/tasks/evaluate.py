@@ -44,6 +44,7 @@ from ddpm.metrics import (
 from ddpm.metrics.distributed import all_reduce_sum, rank_zero_first
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch, sample_labels
+from ddpm.utils.classes import num_classes_of, with_labels
 from ddpm.utils.images import to_uint8
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator
@@ -161,6 +162,9 @@ def nll_bpd(
             stacklevel=2,
         )
     source = DatasetImages(rank_zero_first(lambda: dm.dataset("test")), key="", limit=num_images)
+    # a class-conditional network: the bound on -log p(x | y) with each image's label
+    conditional = num_classes_of(loaded.net) is not None and getattr(dm, "conditional", False)
+    labels = dm.labels("test") if conditional else None
     if len(source) == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
     block = shard(len(source))
@@ -169,7 +173,9 @@ def nll_bpd(
     for u8 in source.batches(block.start, block.stop, batch_size):
         x = dm.normalizer(u8).to(device)
         gen = PerSampleGenerator([seed + j for j in range(i, i + len(u8))], device=device)
-        out = calc_bpd_loop(loaded.diffusion, loaded.net, x, generator=gen, progress=progress)
+        y = None if labels is None else labels[i : i + len(u8)]
+        net = with_labels(loaded.net, y, device)
+        out = calc_bpd_loop(loaded.diffusion, net, x, generator=gen, progress=progress)
         vb = out["vb"].double().cpu()
         sums += torch.stack(
             [

@@ -46,8 +46,11 @@ def launch(cfg: DictConfig):  # -> lightning_fabric.Fabric
     return fabric
 
 
-def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object:
-    """The sampler from ``cfg.sampler``, or the one the run was trained with."""
+def build_sampler(
+    cfg_sampler: DictConfig | None, loaded: LoadedModel, guidance_scale: float | None = None
+) -> object:
+    """The sampler from ``cfg.sampler``, or the one the run was trained with; ``guidance_scale``
+    (when not None) replaces its classifier-free guidance scale."""
     node = cfg_sampler if cfg_sampler is not None else loaded.config.get("sampler")
     if node is None:
         raise CheckpointError("no sampler given and none stored in the checkpoint's config")
@@ -56,6 +59,10 @@ def build_sampler(cfg_sampler: DictConfig | None, loaded: LoadedModel) -> object
     raw = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
     node = OmegaConf.create({"data": loaded.config.get("data", {}), "sampler": raw}).sampler
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    if guidance_scale is not None:
+        if "guidance_scale" not in node:
+            raise ValueError(f"guidance_scale: the sampler {node.get('_target_')} has no guidance")
+        node.guidance_scale = float(guidance_scale)
     steps = node.get("steps")
     T = loaded.diffusion.num_timesteps
     if steps is not None and int(steps) > T:
@@ -118,15 +125,18 @@ def sample_labels(
     return None if k is None else balanced_labels(range(n), k)
 
 
-def class_grid(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    """The first ``per_row`` samples of each class present, one row per class (in class order);
-    rows with fewer samples are padded with blank (-1) images."""
+def class_grid(
+    samples: torch.Tensor, labels: torch.Tensor, per_row: int = 8
+) -> tuple[torch.Tensor, int]:
+    """(images, images per row): the first ``per_row`` samples of each class present, one row per
+    class (in class order); rows with fewer samples are padded with blank (-1) images."""
+    per_row = min(per_row, int(labels.unique(return_counts=True)[1].max()))
     rows = []
     for c in labels.unique().tolist():
         row = samples[labels == c][:per_row]
         pad = samples.new_full((per_row - len(row), *samples.shape[1:]), -1.0)
         rows.append(torch.cat([row, pad]))
-    return torch.cat(rows)
+    return torch.cat(rows), per_row
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -146,7 +156,7 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {n} and {bs}")
     fabric = launch(cfg)
     loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
-    sampler = build_sampler(cfg.get("sampler"), loaded)
+    sampler = build_sampler(cfg.get("sampler"), loaded, cfg.get("guidance_scale"))
     labels = sample_labels(loaded, n, given)
     images = len(loaded.sample_shape) == 3
     block = shard(n)
@@ -174,7 +184,8 @@ def sample(cfg: DictConfig) -> Path:
         save_npz(path, arr, None if labels is None else labels.numpy())
         if images and labels is not None:  # one row per class
             x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            save_grid(class_grid(x, labels), out / "grid.png", nrow=8)
+            grid, per_row = class_grid(x, labels)
+            save_grid(grid, out / "grid.png", nrow=per_row)
         elif images:
             grid = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             save_grid(grid, out / "grid.png")
@@ -189,6 +200,7 @@ def sample(cfg: DictConfig) -> Path:
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)
                 if cfg.get("sampler") is not None
                 else loaded.config.get("sampler"),
+                "guidance_scale": getattr(sampler, "guidance_scale", None),  # as used
                 "shape": list(arr.shape),
                 "class_labels": "balanced (i % K)"
                 if labels is not None and given is None

@@ -8,7 +8,7 @@ null class of classifier-free guidance).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,3 +50,14 @@ def parse_class_labels(labels: Sequence[int], num_classes: int | None) -> Tensor
             f"got {bad}"
         )
     return out
+
+
+def with_labels(
+    model: Callable[..., Tensor], labels: Tensor | None, device: torch.device | str | None = None
+) -> Callable[..., Tensor]:
+    """``model`` as ``model(x_t, t)`` with ``class_labels=labels`` (moved to ``device`` when
+    given) bound; ``model`` itself when ``labels`` is None."""
+    if labels is None:
+        return model
+    y = labels if device is None else labels.to(device)
+    return lambda x_t, t: model(x_t, t, class_labels=y)
