@@ -15,7 +15,7 @@ from torch import Tensor
 from ddpm.callbacks.fid import FIDCallback, FIDUnavailableWarning
 from ddpm.data import ImageDataModule
 from ddpm.metrics import DatasetImages, SampleMetrics
-from fit_utils import fit, make_module
+from fit_utils import TinyEpsNet, fit, make_module
 
 NUM_REF = 128
 
@@ -185,7 +185,7 @@ class CondTinyEpsNet(TinyEpsNet):
     null_class = 10
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        return self.conv(x)
+        return super().forward(x, t)
 
 
 class LabelRecorder(ReplaySampler):
@@ -212,12 +212,7 @@ def test_conditional_model_samples_balanced_classes(tmp_path: Path) -> None:
         num_reference=NUM_REF,
         metrics=dict(extractor="randomconv", isc=False, cache_dir=None),
     )
-    module = DiffusionModule(
-        net=CondTinyEpsNet(),
-        diffusion=GaussianDiffusion(num_timesteps=50),
-        loss=DiffusionLoss("simple"),
-        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-    )
+    module = make_module(CondTinyEpsNet(), lr=1e-3)
     dm = ImageDataModule(name="digits", batch_size=32, num_workers=0, conditional=True)
     pl.Trainer(
         max_steps=2,
