@@ -260,6 +260,33 @@ def test_unet_bf16_autocast():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_group_norm_under_cpu_autocast_is_the_mixed_kernel_rounded_once():
+    """Our GroupNorm upcasts bf16 input on CPU (the fast float32 kernel): same output dtype,
+    layout and values as torch's mixed-dtype kernel, and gradients within bf16 rounding."""
+    from ddpm.nn.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 16, 8, 8) * 3 + 1).bfloat16().to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+        ref = nn.GroupNorm.forward(norm, x_ref)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=0, rtol=2**-7)  # at most one bf16 ulp apart
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0.05, rtol=0.02)
+    # float32 input: exactly nn.GroupNorm
+    y = torch.randn(2, 16, 8, 8)
+    assert torch.equal(norm(y), nn.GroupNorm.forward(norm, y))
+
+
 @pytest.mark.parametrize("kwargs", [PRESETS["tiny"], SMALL])
 def test_unet_channels_last_matches_contiguous(kwargs):
     torch.manual_seed(0)
