@@ -7,10 +7,11 @@ each of ``--rounds`` rounds. Columns:
 
   saved_MiB      bytes autograd keeps for the backward pass (``saved_tensors_hooks``, counted
                  on the meta device: exact, no compute); with checkpointing, each level's inputs
-  peak_MiB       CPU: growth of the resident set over the built model during the first step
-                 (activations + gradients + Adam state; sampled every ms); CUDA: the allocator's
-                 peak during a step after the warm-up, over the memory allocated before it
+  peak_MiB       growth of memory during a step over the memory before it, with the model,
+                 its gradients and the Adam state already allocated (activations and
+                 temporaries). CPU: resident set, sampled every ms; CUDA: the allocator's peak
   step_s         wall-clock seconds per step (median over rounds)
+  cpu_s          process CPU seconds per step (with ``--threads 1``: insensitive to other jobs)
 
     python bench/checkpointing.py                                  # CPU: celeba64 b4, lsun256 b1
     python bench/checkpointing.py --device cuda --batch-sizes 64 8 --precision bf16
@@ -82,10 +83,13 @@ def probe(args: argparse.Namespace) -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = net(0.7 * x0 + 0.7 * noise, t)
         loss = (out.float() - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated: peaks are activations
         loss.backward()
         opt.step()
 
+    for p in net.parameters():  # allocate gradients and the Adam state (a zero update)
+        p.grad = torch.zeros_like(p)
+    opt.step()
     if device.type == "cuda":
         step()
         torch.cuda.synchronize(device)
@@ -112,7 +116,11 @@ def probe(args: argparse.Namespace) -> None:
     with Clock(device) as c:
         for _ in range(args.steps):
             step()
-    print(json.dumps({"peak_mib": peak / 2**20, "step_s": c.wall / args.steps}))
+    print(
+        json.dumps(
+            {"peak_mib": peak / 2**20, "step_s": c.wall / args.steps, "cpu_s": c.cpu / args.steps}
+        )
+    )
 
 
 def main() -> None:
@@ -157,6 +165,7 @@ def main() -> None:
                     "saved_MiB": saved_mib(preset, ckpt, batch),
                     "peak_MiB": runs[0]["peak_mib"],
                     "step_s": median([x["step_s"] for x in runs]),
+                    "cpu_s": median([x["cpu_s"] for x in runs]),
                     "step_s_all": [x["step_s"] for x in runs],
                 }
             )
@@ -164,6 +173,7 @@ def main() -> None:
         for row in (plain, ck):
             row["x_peak"] = row["peak_MiB"] / plain["peak_MiB"]
             row["x_time"] = row["step_s"] / plain["step_s"]
+            row["x_cpu"] = row["cpu_s"] / plain["cpu_s"]
     print(
         f"{args.precision}, device {args.device}, threads {torch.get_num_threads()}, "
         f"{args.rounds} rounds x {args.steps} steps"
