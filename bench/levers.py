@@ -8,6 +8,7 @@
 
     python bench/levers.py --precision bf16
     python bench/levers.py --precision bf16 --compile --rounds 3
+    python bench/levers.py --precision bf16 --device cuda
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ddpm.nn.unet as U  # noqa: E402
-from _common import MODELS, machine, median, table, write_json  # noqa: E402
+from _common import MODELS, machine, median, sync, table, write_json  # noqa: E402
 
 B = 8
 
@@ -52,13 +53,13 @@ class RandDropout(nn.Module):
         return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
 
 
-def build(name: str, levers: set[str]):
+def build(name: str, levers: set[str], device: torch.device = torch.device("cpu")):
     torch.manual_seed(0)
     make_norm = U._group_norm
     if "gn_dtype" in levers:
         U._group_norm = lambda c, g: AutocastDtypeGroupNorm(g, c)
     try:
-        net = MODELS[name](32, 3).train()
+        net = MODELS[name](32, 3).to(device).train()
     finally:
         U._group_norm = make_norm
     if "rand_dropout" in levers:
@@ -68,14 +69,14 @@ def build(name: str, levers: set[str]):
     kind = {"fused": True} if "fused" in levers else {"foreach": True}
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, **kind)
     fwd = torch.compile(net) if "compile" in levers else net
-    return fwd, opt, torch.rand(B, 3, 32, 32) * 2 - 1
+    return fwd, opt, torch.rand(B, 3, 32, 32, device=device) * 2 - 1
 
 
 def step(net, opt, x0: torch.Tensor, dtype: torch.dtype | None) -> None:
-    t = torch.randint(0, 1000, (B,))
+    t = torch.randint(0, 1000, (B,), device=x0.device)
     noise = torch.randn_like(x0)
     x = 0.7 * x0 + 0.7 * noise
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = net(x, t)
         out = out.sample if hasattr(out, "sample") else out
     loss = (out.float() - noise).pow(2).mean()
@@ -84,17 +85,19 @@ def step(net, opt, x0: torch.Tensor, dtype: torch.dtype | None) -> None:
     opt.step()
 
 
-def adam_ms(repeats: int = 5) -> dict[str, float]:
-    params = list(MODELS["ours"](32, 3).parameters())
+def adam_ms(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    params = list(MODELS["ours"](32, 3).to(device).parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     out = {}
     for kind in ("foreach", "fused"):
         opt = torch.optim.Adam(params, lr=2e-4, **{kind: True})
         opt.step()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
             opt.step()
+        sync(device)
         out[kind] = 1000 * (time.perf_counter() - t0) / repeats
     return out
 
@@ -105,12 +108,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
-    adam = adam_ms()
+    device = torch.device(args.device)
+    adam = adam_ms(device)
     print(
         f"Adam step, 35.7M params: foreach {adam['foreach']:.1f} ms, fused {adam['fused']:.1f} ms"
     )
@@ -124,7 +129,7 @@ def main() -> None:
     ]
     if args.compile:
         configs.append(("ours", ("fused", "compile")))
-    built = {c: build(c[0], set(c[1])) for c in configs}
+    built = {c: build(c[0], set(c[1]), device) for c in configs}
     for c, (net, opt, x0) in built.items():  # warm-up (and compilation)
         t0 = time.perf_counter()
         step(net, opt, x0, dtype)
@@ -133,9 +138,11 @@ def main() -> None:
     img_s: dict[tuple, list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for c, (net, opt, x0) in built.items():
+            sync(device)
             t0 = time.perf_counter()
             step(net, opt, x0, dtype)
             step(net, opt, x0, dtype)
+            sync(device)
             img_s[c].append(2 * B / (time.perf_counter() - t0))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     base = median(img_s[("diffusers", ())])
