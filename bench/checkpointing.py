@@ -187,6 +187,8 @@ def main() -> None:
         "x_peak",
         "step_s",
         "x_time",
+        "cpu_s",
+        "x_cpu",
     ]
     print(table(rows, cols))
     payload = {"args": vars(args), "machine": machine(), "rows": rows}

@@ -141,7 +141,7 @@ def top_ops(prof, device: torch.device, steps: int, n: int) -> list[dict]:
     return [
         {
             "op": a.key,
-            "group": group_of(a.key),
+            "group": "python" if a.key == "train_step" else group_of(a.key),
             "ms_step": getattr(a, key) / 1000 / steps,
             "calls_step": a.count / steps,
         }

@@ -91,3 +91,15 @@ def test_compiled_sampler_samples_what_the_eager_one_samples():
     assert compiled.compiled(net) is compiled.compiled(net)  # built once, then reused
     with pytest.raises(ValueError, match="compile must be true or false"):
         DDIMSampler(compile="yes")
+
+
+def test_model_checkpointing_from_the_command_line(tmp_path):
+    """``model.checkpointing=true`` composes and trains; the network checkpoints its levels."""
+    from ddpm.tasks.train import build_module, train
+    from hydra_utils import TINY, compose_cfg
+
+    cfg = compose_cfg([*TINY, "model.checkpointing=true", "debug=fdr"], tmp_path)
+    assert build_module(cfg).net.checkpointing
+    metrics = train(cfg)
+    assert metrics["global_step"] == 1
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
