@@ -34,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,8 +121,10 @@ def grouped_ms(prof, steps: int, device: torch.device) -> dict[str, float]:
     """ms per step by group: self CPU time of every op (CUDA: self device time)."""
     out: dict[str, float] = defaultdict(float)
     for evt in prof.events():
-        if device.type == "cuda" and evt.name in ("train_step", "optimizer.step"):
-            continue
+        if device.type == "cuda" and (
+            evt.device_type != DeviceType.CPU or evt.name in ("train_step", "optimizer.step")
+        ):
+            continue  # kernels count through the CPU op that launched them (no double count)
         us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
         if not us:
             continue
