@@ -3,10 +3,15 @@
 1. Adam update of the 35.7M parameters: ``foreach=True`` vs ``fused=True`` (ms per step).
 2. Training img/s (fwd + bwd + Adam, batch 8, 32x32x3) in interleaved rounds of: diffusers'
    UNet2DModel, ours (foreach Adam), ours + fused Adam (the shipped default), + dropout drawn with
-   ``rand_like`` instead of ``bernoulli_``, + GroupNorm run in the autocast dtype, and with
-   ``--compile`` ours under ``torch.compile`` (its compile time is printed separately).
+   ``rand_like`` instead of ``bernoulli_``, + GroupNorm run in the autocast dtype, ours + fused
+   Adam with torch's mixed-dtype GroupNorm kernel under autocast (``mixed_gn``: our GroupNorm
+   before 2026-12-06), ours + fused Adam with NCHW-contiguous conv weights (``w_nchw``), and
+   with ``--compile`` ours under ``torch.compile`` (its compile time is printed separately).
+   Wall-clock img/s and CPU-time img/s (per process-CPU-second times the threads: use
+   ``--threads 1`` on a shared machine).
 
     python bench/levers.py --precision bf16
+    python bench/levers.py --precision bf16 --threads 1 --rounds 4
     python bench/levers.py --precision bf16 --compile --rounds 3
     python bench/levers.py --precision bf16 --device cuda
 """
@@ -66,6 +71,14 @@ def build(name: str, levers: set[str], device: torch.device = torch.device("cpu"
         for m in net.modules():
             if isinstance(m, U.ResBlock) and isinstance(m.dropout, nn.Dropout):
                 m.dropout = RandDropout(m.dropout.p)
+    if "mixed_gn" in levers:  # torch's GroupNorm: the mixed-dtype kernel under CPU autocast
+        for m in net.modules():
+            if isinstance(m, U.GroupNorm):
+                m.__class__ = nn.GroupNorm
+    if "w_nchw" in levers:  # conv weights NCHW-contiguous (activations stay channels_last)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous()
     kind = {"fused": True} if "fused" in levers else {"foreach": True}
     opt = torch.optim.Adam(net.parameters(), lr=2e-4, **kind)
     fwd = torch.compile(net) if "compile" in levers else net
@@ -126,6 +139,8 @@ def main() -> None:
         ("ours", ("fused",)),
         ("ours", ("fused", "rand_dropout")),
         ("ours", ("fused", "rand_dropout", "gn_dtype")),
+        ("ours", ("fused", "mixed_gn")),
+        ("ours", ("fused", "w_nchw")),
     ]
     if args.compile:
         configs.append(("ours", ("fused", "compile")))
@@ -136,23 +151,30 @@ def main() -> None:
         if "compile" in c[1]:
             print(f"torch.compile: first step {time.perf_counter() - t0:.0f} s")
     img_s: dict[tuple, list[float]] = {c: [] for c in configs}
+    img_cpu: dict[tuple, list[float]] = {c: [] for c in configs}
+    threads = torch.get_num_threads()
     for r in range(args.rounds):
-        for c, (net, opt, x0) in built.items():
+        items = list(built.items())
+        for c, (net, opt, x0) in items if r % 2 == 0 else items[::-1]:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(net, opt, x0, dtype)
             step(net, opt, x0, dtype)
             sync(device)
             img_s[c].append(2 * B / (time.perf_counter() - t0))
+            img_cpu[c].append(2 * B / (time.process_time() - c0) * threads)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     base = median(img_s[("diffusers", ())])
+    base_cpu = median(img_cpu[("diffusers", ())])
     rows = [
         {
             "model": name,
             "levers": "+".join(levers) or "-",
             "img_s_median": median(v),
             "x_diffusers": median(v) / base,
-            "img_s_rounds": " ".join(f"{x:.2f}" for x in v),
+            "img_per_cpu_s": median(img_cpu[name, levers]),
+            "x_diffusers_cpu": median(img_cpu[name, levers]) / base_cpu,
+            "img_per_cpu_s_rounds": " ".join(f"{x:.2f}" for x in img_cpu[name, levers]),
         }
         for (name, levers), v in img_s.items()
     ]
