@@ -97,13 +97,22 @@ class Clock:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, iters: int = 8) -> float:
     """Achieved GFLOP/s of an n x n x n matmul (the machine's practical peak), wall-clock."""
+    return matmul_peaks(device, dtype, n, iters)[0]
+
+
+def matmul_peaks(
+    device: torch.device, dtype: torch.dtype, n: int = 1024, iters: int = 8
+) -> tuple[float, float]:
+    """GFLOP/s of an n x n x n matmul by wall-clock, and per process-CPU-second times the
+    thread count (the CPU-time peak: what the matmul achieves while it has the cores)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     with Clock(device) as c:
         for _ in range(iters):
             a @ b
-    return 2 * n**3 * iters / c.wall / 1e9
+    flops = 2 * n**3 * iters
+    return flops / c.wall / 1e9, flops / c.cpu * torch.get_num_threads() / 1e9
 
 
 def median(xs: list[float]) -> float:

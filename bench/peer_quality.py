@@ -36,7 +36,9 @@ from ddpm.utils.images import save_grid  # noqa: E402
 from digits_classifier import ROOT, DigitsClassifier  # noqa: E402
 
 
-def train_ours(minutes: float, out: Path, n: int, env: dict[str, str]) -> tuple[torch.Tensor, int]:
+def train_ours(
+    minutes: float, out: Path, n: int, env: dict[str, str], accelerator: str = "auto"
+) -> tuple[torch.Tensor, int]:
     secs = int(minutes * 60)
     run = out / "ours"
     cmd = [
@@ -47,6 +49,7 @@ def train_ours(minutes: float, out: Path, n: int, env: dict[str, str]) -> tuple[
         "trainer.max_steps=-1",
         f"trainer.max_time=00:00:{secs // 60:02d}:{secs % 60:02d}",
         "trainer.enable_progress_bar=false",
+        f"trainer.accelerator={accelerator}",
     ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -60,6 +63,7 @@ def train_ours(minutes: float, out: Path, n: int, env: dict[str, str]) -> tuple[
         f"batch_size={n}",
         f"run_dir={sample_dir}",
         "progress=false",
+        f"accelerator={accelerator}",
     ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     arr = np.load(sample_dir / "samples.npz")["arr_0"]  # (N, H, W, C) uint8
@@ -109,6 +113,11 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu | cuda | auto for our runs (theirs: accelerate's own choice, a GPU if any)",
+    )
     args = p.parse_args()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = ROOT / "outputs" / "bench" / f"peer_quality_{stamp}"
@@ -117,7 +126,8 @@ def main() -> None:
     acc = clf.accuracy
     rows = [{"model": "held-out real digits", "steps": "", **clf.scores(clf.held_out01[:64])}]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    ours, ours_steps = train_ours(args.minutes, out, args.num_samples, env)
+    accelerator = "gpu" if args.device == "cuda" else args.device
+    ours, ours_steps = train_ours(args.minutes, out, args.num_samples, env, accelerator)
     rows.append({"model": "ddpm (ours, default recipe)", "steps": ours_steps, **clf.scores(ours)})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -7,6 +7,7 @@ mark, then computes the exact variational bound on the test split for each check
 
     python bench/quality.py                              # 5 and 10 minutes, default recipe
     python bench/quality.py --minutes 2 4 -- schedule=cosine
+    python bench/quality.py --device cuda -- model=cifar10 data=cifar10   # on a GPU
 
 Sample grids of every run are under the printed run directory (``samples/``).
 """
@@ -56,6 +57,11 @@ def main() -> None:
     p.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0])
     p.add_argument("--nll-images", type=int, default=None, help="test images (default: all)")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu | cuda | auto: the runs' trainer.accelerator (cuda means gpu)",
+    )
     p.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = p.parse_args()
     marks = sorted(args.minutes)
@@ -73,6 +79,7 @@ def main() -> None:
         "trainer.max_steps=-1",
         f"trainer.max_time=00:{hh:02d}:{mm:02d}:{ss:02d}",
         "trainer.enable_progress_bar=false",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else args.device}",
         *args.overrides,
     ]
     for m in marks[:-1]:  # a checkpoint at every earlier minute mark (Lightning's timer)
@@ -110,6 +117,7 @@ def main() -> None:
             f"run_dir={eval_dir}",
             "metrics.enabled=false",
             "progress=false",
+            f"accelerator={'gpu' if args.device == 'cuda' else args.device}",
         ]
         if args.nll_images:
             ev.append(f"nll.num_images={args.nll_images}")

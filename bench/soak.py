@@ -171,6 +171,11 @@ def main() -> None:
     p.add_argument(
         "--grace", type=float, default=120.0, help="seconds before escalating to SIGKILL"
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu | cuda | auto: the runs' trainer.accelerator (cuda means gpu)",
+    )
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = p.parse_args()
 
@@ -196,6 +201,7 @@ def main() -> None:
         f"trainer.max_steps={args.steps}",
         "+callbacks.soak_probe._target_=soak.StepProbe",
         f"+callbacks.soak_probe.path={probe}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else args.device}",
         *args.overrides,
     ]
     cmd = [*common, f"run_dir={run_dir}", "ckpt_path=auto"]

@@ -4,7 +4,9 @@ Ours (``unet_preset("cifar10")``) against diffusers' ``UNet2DModel`` with the sa
 and denoising-diffusion-pytorch's ``Unet(dim=64, dim_mults=(1, 2, 4, 8))`` (35.9M parameters),
 in fp32 and under bf16 autocast. All configurations are timed in interleaved rounds in one
 process (medians over rounds); FLOPs per step come from ``torch.utils.flop_counter``; the matmul
-peak is measured in the same run, before every round. Peak memory: CUDA allocator peak, or on CPU
+peak is measured in the same run, before every round, by wall-clock and by CPU time
+(``*_cpu`` columns: per process-CPU-second times the threads; with ``--threads 1`` these are
+insensitive to other jobs on the machine). Peak memory: CUDA allocator peak, or on CPU
 the growth of the max RSS during training in a fresh subprocess per configuration.
 
     python bench/train_throughput.py                       # CPU defaults: a few minutes
@@ -26,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, Clock, machine, matmul_peak, median, table, write_json  # noqa: E402
+from _common import MODELS, Clock, machine, matmul_peaks, median, table, write_json  # noqa: E402
 
 FUSED = {"ours": {"fused": True}}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -166,9 +168,12 @@ def main() -> None:
         }
         steps[m, pr] = step
     peaks = {pr: [] for pr in args.precisions}
+    cpu_peaks = {pr: [] for pr in args.precisions}
     for r in range(args.repeats):
         for pr in args.precisions:
-            peaks[pr].append(matmul_peak(device, DTYPES[pr] or torch.float32))
+            wall_peak, cpu_peak = matmul_peaks(device, DTYPES[pr] or torch.float32)
+            peaks[pr].append(wall_peak)
+            cpu_peaks[pr].append(cpu_peak)
         for key in configs if r % 2 == 0 else configs[::-1]:
             with Clock(device) as c:
                 for _ in range(args.steps):
@@ -183,6 +188,8 @@ def main() -> None:
         wall, cpu = median(d["wall"]), median(d["cpu"])
         gflops = d["flops"] / wall / 1e9
         peak = median(peaks[pr])
+        gflops_cpu = d["flops"] / cpu * threads / 1e9
+        cpu_peak = median(cpu_peaks[pr])
         rows.append(
             {
                 "model": m,
@@ -194,6 +201,9 @@ def main() -> None:
                 "GFLOP_s": gflops,
                 "matmul_peak_GFLOP_s": peak,
                 "frac_peak": gflops / peak,
+                "GFLOP_per_cpu_s": gflops_cpu,
+                "matmul_peak_cpu": cpu_peak,
+                "frac_peak_cpu": gflops_cpu / cpu_peak,
                 "wall_s_all": d["wall"],
                 "cpu_s_all": d["cpu"],
             }
@@ -221,6 +231,9 @@ def main() -> None:
         "GFLOP_s",
         "matmul_peak_GFLOP_s",
         "frac_peak",
+        "GFLOP_per_cpu_s",
+        "matmul_peak_cpu",
+        "frac_peak_cpu",
         "peak_mem_MiB",
     ]
     print(

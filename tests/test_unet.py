@@ -268,6 +268,33 @@ def test_unet_bf16_autocast():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_group_norm_under_cpu_autocast_is_the_mixed_kernel_rounded_once():
+    """Our GroupNorm upcasts bf16 input on CPU (the fast float32 kernel): same output dtype,
+    layout and values as torch's mixed-dtype kernel, and gradients within bf16 rounding."""
+    from ddpm.nn.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 16, 8, 8) * 3 + 1).bfloat16().to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+        ref = nn.GroupNorm.forward(norm, x_ref)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=0, rtol=2**-7)  # at most one bf16 ulp apart
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=0.05, rtol=0.02)
+    # float32 input: exactly nn.GroupNorm
+    y = torch.randn(2, 16, 8, 8)
+    assert torch.equal(norm(y), nn.GroupNorm.forward(norm, y))
+
+
 @pytest.mark.parametrize("kwargs", [PRESETS["tiny"], SMALL])
 def test_unet_channels_last_matches_contiguous(kwargs):
     torch.manual_seed(0)
@@ -482,3 +509,57 @@ def test_conditional_mlp():
         out = cond(x, t, torch.arange(9))
         torch.testing.assert_close(cond(x, t), out[8:].expand(9, 2))
     assert torch.cdist(out, out).add(torch.eye(9)).min() > 1e-3  # every label differs
+
+
+# --- activation checkpointing ---------------------------------------------------------------
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``model(x, t)``."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, t).sum()
+    return total
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [SMALL, {**PRESETS["celeba64"], "model_channels": 16, "image_size": 32, "norm_groups": 8}],
+    ids=["small_updown_scale_shift", "celeba64_levels"],
+)
+def test_checkpointing_gives_the_same_gradients_with_less_saved_memory(kwargs):
+    """model.checkpointing=true: same outputs and gradients (dropout masks replayed in the
+    recomputation), and autograd keeps much less (only each level's inputs)."""
+    assert kwargs["dropout"] > 0  # the recomputation must replay the dropout masks
+    torch.manual_seed(0)
+    plain = _unzero(UNet(**kwargs)).train()
+    ckpt = UNet(**kwargs, checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert set(ckpt.state_dict()) == set(plain.state_dict()) and "checkpointing" not in ckpt.config
+    size = plain.image_size
+    x, t = torch.randn(2, 3, size, size), torch.tensor([3, 700])
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)
+        out = model(x, t)
+        out.pow(2).mean().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_plain, g_plain), (out_ckpt, g_ckpt) = grads
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert max(g.abs().max() for g in g_plain.values()) > 0
+    torch.manual_seed(1)
+    saved_plain = _saved_bytes(plain, x, t)
+    torch.manual_seed(1)
+    saved_ckpt = _saved_bytes(ckpt, x, t)
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+    with torch.no_grad():  # no recomputation bookkeeping in inference
+        torch.testing.assert_close(ckpt.eval()(x, t), plain.eval()(x, t), rtol=0, atol=0)

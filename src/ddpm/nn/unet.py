@@ -56,6 +56,25 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that, on CPU under bf16/fp16 autocast, normalises the input upcast to
+    float32 and rounds the result back to the input's dtype.
+
+    CPU autocast runs GroupNorm as is, in the mixed-dtype kernel (reduced-precision input,
+    float32 statistics and affine parameters, reduced-precision output); for channels_last
+    inputs that kernel is 3-10x slower (forward and backward) than the float32 one, and
+    GroupNorm was the second-largest cost of a bf16 training step (``bench/profile_step.py``).
+    Same parameters and state_dict; the output differs from the mixed kernel's only by the
+    rounding of float32 sums (it is the float32 result rounded once). On CUDA autocast already
+    runs GroupNorm in float32 and nothing changes.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
         divisors = [g for g in range(1, channels + 1) if channels % g == 0]
@@ -63,7 +82,7 @@ def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
             f"norm_groups={groups} does not divide a feature map with {channels} channels; "
             f"allowed values divide every channel count, e.g. one of {divisors}"
         )
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def _resample(x: Tensor, mode: str) -> Tensor:
@@ -233,6 +252,12 @@ class UNet(nn.Module):
         norm_eps, downsample_padding, flip_sin_to_cos, freq_shift: diffusers' ``UNet2DModel``
             options of the same names, to run DDPM's released weights exactly (1e-6, 0, False, 1;
             ``ddpm.interop.diffusers``); the defaults are improved-diffusion's.
+        checkpointing: activation checkpointing per level (Chen et al. 2016, "Training deep
+            nets with sublinear memory cost"): when gradients are on, each down level, the
+            middle and each up level keep only their inputs and recompute their activations in
+            the backward pass (``torch.utils.checkpoint``, non-reentrant; dropout masks are
+            replayed, so gradients equal the plain ones). Less memory for one more forward
+            pass; not part of the architecture (``config``) or the state_dict.
     """
 
     def __init__(
@@ -256,8 +281,10 @@ class UNet(nn.Module):
         downsample_padding: int = 1,
         flip_sin_to_cos: bool = False,
         freq_shift: int = 0,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         channel_mult = _as_int_tuple("channel_mult", channel_mult)
         attention_resolutions = _as_int_tuple("attention_resolutions", attention_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
@@ -382,7 +409,9 @@ class UNet(nn.Module):
         ch = model_channels
         skip_channels = [ch]
         self.down = nn.ModuleList()
+        self._down_levels: list[tuple[int, int]] = []  # [start, stop) of each level in down
         for level, mult in enumerate(channel_mult):
+            start = len(self.down)
             res = resolutions[level]
             for _ in range(num_res_blocks):
                 block = res_block(ch, model_channels * mult)
@@ -397,6 +426,7 @@ class UNet(nn.Module):
                     else Downsample(ch, downsample_padding)
                 )
                 skip_channels.append(ch)
+            self._down_levels.append((start, len(self.down)))
 
         # Middle: ResBlock, attention, ResBlock.
         self.mid1 = UNetBlock(res_block(ch, ch), attention(ch))
@@ -404,7 +434,9 @@ class UNet(nn.Module):
 
         # Up path: num_res_blocks + 1 blocks per level, each concatenating one skip.
         self.up = nn.ModuleList()
+        self._up_levels: list[tuple[int, int]] = []
         for level, mult in reversed(list(enumerate(channel_mult))):
+            self._up_levels.append((len(self.up), len(self.up) + num_res_blocks + 1))
             res = resolutions[level]
             for i in range(num_res_blocks + 1):
                 block = res_block(ch + skip_channels.pop(), model_channels * mult)
@@ -462,14 +494,49 @@ class UNet(nn.Module):
         # channels_last activations: oneDNN's convolutions (above all their backward) are several
         # times faster in NHWC on CPU than in NCHW; the layout propagates through every layer.
         h = self.input_conv(x.contiguous(memory_format=torch.channels_last))
-        skips = [h]
-        for block in self.down:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.mid2(self.mid1(h, emb), emb)
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        if self.checkpointing and torch.is_grad_enabled():
+            h = self._checkpointed_levels(h, emb)
+        else:
+            skips = [h]
+            for block in self.down:
+                h = block(h, emb)
+                skips.append(h)
+            h = self._middle(h, emb)
+            for block in self.up:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h))).contiguous()
+
+    def _middle(self, h: Tensor, emb: Tensor) -> Tensor:
+        return self.mid2(self.mid1(h, emb), emb)
+
+    def _down_level(self, start: int, stop: int, h: Tensor, emb: Tensor) -> tuple[Tensor, ...]:
+        """Blocks ``down[start:stop]``; returns every block's output (the level's skips)."""
+        outs = []
+        for i in range(start, stop):
+            h = self.down[i](h, emb)
+            outs.append(h)
+        return tuple(outs)
+
+    def _up_level(self, start: int, stop: int, h: Tensor, emb: Tensor, *skips: Tensor) -> Tensor:
+        """Blocks ``up[start:stop]``, each concatenating the last of ``skips`` still unused."""
+        for i, skip in zip(range(start, stop), reversed(skips)):
+            h = self.up[i](torch.cat([h, skip], dim=1), emb)
+        return h
+
+    def _checkpointed_levels(self, h: Tensor, emb: Tensor) -> Tensor:
+        """The down, middle and up paths with one activation checkpoint per level."""
+        from torch.utils.checkpoint import checkpoint
+
+        skips = [h]
+        for start, stop in self._down_levels:
+            skips += checkpoint(self._down_level, start, stop, h, emb, use_reentrant=False)
+            h = skips[-1]
+        h = checkpoint(self._middle, h, emb, use_reentrant=False)
+        for start, stop in self._up_levels:
+            n = stop - start
+            level_skips, skips = skips[-n:], skips[:-n]
+            h = checkpoint(self._up_level, start, stop, h, emb, *level_skips, use_reentrant=False)
+        return h
 
 
 # Constructor kwargs of named configurations; ``unet_preset(name, **overrides)`` builds one. The

@@ -63,6 +63,7 @@ _MAY_CHANGE = (
     "task_name",
     "num_threads",
     "compile",
+    "model.checkpointing",
     "optimized_metric",
     "run_dir",
     "ckpt_path",

@@ -3,12 +3,15 @@
 ``sampler(model, diffusion, shape, *, generator, progress, return_intermediates, device, noise,
 class_labels)`` calls the function with the options stored in the dataclass fields (named as
 the function's keyword arguments). The options are validated once, when the sampler is built.
+``compile=True`` (``sampler.compile=true``) samples with ``torch.compile(model)``, compiled once
+per model and reused by later calls.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -39,13 +42,26 @@ class Sampler:
     sample_fn: ClassVar[Callable[..., SampleOutput]]
     spacings: ClassVar[Sequence[str]] = SPACINGS
     steps_optional: ClassVar[bool] = False
+    compile: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         check_options(self.options(), self.spacings, self.steps_optional)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments this sampler passes to ``sample_fn``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "compile"}
+
+    def compiled(self, model: Model) -> Model:
+        """``torch.compile(model)``, built on the first call for ``model`` and then reused."""
+        try:
+            if model not in self._compiled:
+                self._compiled[model] = torch.compile(model)
+            return self._compiled[model]
+        except TypeError:  # not weak-referenceable (e.g. a bound method): compile every call
+            return torch.compile(model)
 
     def __call__(
         self,
@@ -61,7 +77,7 @@ class Sampler:
         class_labels: Tensor | None = None,
     ) -> SampleOutput:
         return type(self).sample_fn(
-            model,
+            self.compiled(model) if self.compile else model,
             diffusion,
             shape,
             generator=generator,
