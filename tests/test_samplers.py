@@ -703,6 +703,15 @@ def test_bad_arguments_rejected() -> None:
         ddim_invert(o, d, torch.zeros(2, 2), fixed_point_iters=-1)
     with pytest.raises(ValueError, match="logSNR"):  # 20 λ-uniform points hit t = 0 twice
         dpm_solver_sample(o, d, (2, 2), steps=20, spacing="logSNR")
+    # the common options are one list (SampleCall): a typo is a TypeError naming the options
+    with pytest.raises(TypeError, match=r"\['clip_denoise'\].*'clip_denoised'"):
+        heun_sample(o, d, (2, 2), clip_denoise=False)
+    with pytest.raises(ValueError, match="clip_denoised must be True or False"):
+        unipc_sample(o, d, (2, 2), clip_denoised="no")
+    with pytest.raises(TypeError, match=r"\['noise'\]"):  # the image is the inversion's start
+        ddim_invert(o, d, x0 := torch.zeros(2, 2), noise=x0)
+    with pytest.raises(TypeError, match=r"\['guidance_scale'\] are this sampler's settings"):
+        DDIMSampler()(o, d, (2, 2), guidance_scale=2.0)
 
 
 # ------------------------------------------------------------------------ config wrappers

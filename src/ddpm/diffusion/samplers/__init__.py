@@ -4,7 +4,8 @@ EDM's Heun sampler (Karras et al. 2022), all with classifier-free guidance.
 
 Every sampler is a stateless function of a denoiser ``model(x_t, t) -> output`` (``t`` a
 LongTensor (B,) of the model's training timesteps), a :class:`GaussianDiffusion`, a shape and a
-generator. Shared conventions:
+generator. The keyword options they share (below) are listed once, in :class:`SampleCall`, and
+each function takes them as ``**common``. Shared conventions:
 
 * ``generator``: a :class:`~ddpm.utils.seeding.PerSampleGenerator` (sample i depends only on its
   seed, whatever the batch size), a ``torch.Generator`` or None (global RNG). ``noise`` gives
@@ -39,6 +40,7 @@ clipping of x̂₀. Without ``class_labels`` the network is called as ``model(x_
 (unconditional networks need no ``class_labels`` argument) and s must be 1.
 """
 
+from ddpm.diffusion.samplers._core import SampleCall
 from ddpm.diffusion.samplers.configs import (
     DDIMSampler,
     DDPMSampler,
@@ -67,6 +69,7 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverSampler",
     "HeunSampler",
+    "SampleCall",
     "Sampler",
     "UniPCSampler",
     "ddim_invert",
