@@ -28,13 +28,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
-    StepCadence,
     denormalizer,
     is_fast_dev_run,
     log_metrics_now,
     sample_shape_of,
 )
 from ddpm.callbacks.sample_grid import default_sampler
+from ddpm.contracts import HasReferenceImages, optional
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, num_classes_of
@@ -88,7 +88,7 @@ class FIDCallback(PeriodicCallback):
         sample_shape: Sequence[int] | None = None,
         progress: bool = False,
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps or 1)
+        super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_samples", num_samples)
         if num_samples < 2:
             raise ValueError(
@@ -105,7 +105,6 @@ class FIDCallback(PeriodicCallback):
                 f"{type(metrics).__name__}"
             )
         self.sampler = sampler
-        self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -113,7 +112,6 @@ class FIDCallback(PeriodicCallback):
         self.metrics = metrics
         self.reference_split = reference_split
         self.num_reference = num_reference
-        self.at_train_end = bool(at_train_end)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.progress = bool(progress)
 
@@ -123,8 +121,6 @@ class FIDCallback(PeriodicCallback):
         self.reference_computations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
         self._reference_done = False
-        self._cadence = StepCadence(self.every_n_steps)
-        self._seen_shape: tuple[int, ...] | None = None
         self._warned = False
 
     # ------------------------------------------------------------------ state
@@ -150,11 +146,10 @@ class FIDCallback(PeriodicCallback):
 
     # ------------------------------------------------------------------ work
     def _check_usable(self, trainer: pl.Trainer, shape: tuple[int, ...]) -> bool:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is None or not callable(getattr(dm, "dataset", None)):
+        if optional(getattr(trainer, "datamodule", None), HasReferenceImages) is None:
             self._disable(
                 "FIDCallback disabled: the datamodule has no dataset(split) (the un-augmented "
-                "uint8 images of the reference set)"
+                "uint8 images of the reference set; ddpm.contracts.HasReferenceImages)"
             )
             return False
         if len(shape) != 3 or shape[0] not in (1, 3):

@@ -33,7 +33,6 @@ from torch import Tensor
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
-    StepCadence,
     denormalizer,
     first_samples,
     is_fast_dev_run,
@@ -160,7 +159,7 @@ class SampleGrid(PeriodicCallback):
         forward_picture: bool = True,
         loss_by_t_images: int = 0,
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps or 1)
+        super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_samples", num_samples)
         check_positive_int("batch_size", batch_size)
         check_positive_int("nrow", nrow, allow_none=True)
@@ -172,19 +171,15 @@ class SampleGrid(PeriodicCallback):
         self._forward_done = False
         self.sampler = sampler
         self.playground = bool(playground)
-        self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.output_dir = output_dir
-        self.at_train_end = bool(at_train_end)
         self.use_ema = bool(use_ema)
         self.nrow = nrow
         self.strip_seeds = [int(s) for s in strip_seeds]
         self.strip_frames = int(strip_frames)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
-        self._cadence = StepCadence(self.every_n_steps)
-        self._seen_shape: tuple[int, ...] | None = None
         self.saved: list[Path] = []  # every PNG written (rank 0)
 
     # ------------------------------------------------------------------ hooks

@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.contracts import HasReferenceLoader, require
 from ddpm.tasks.common import output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def held_out(dm: Any, split: str, n: int) -> torch.Tensor:
     """The first ``n`` samples of ``split``, normalised as in training, never augmented."""
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
+    dm = require(dm, HasReferenceLoader, "held-out samples (visualize)")
     loader = dm.reference_dataloader(split, batch_size=n, max_samples=n)
     batch = next(iter(loader))
     return (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
