@@ -31,6 +31,7 @@ from ddpm.diffusion import (
     space_timesteps,
     unipc_sample,
 )
+from ddpm.diffusion.samplers import sample_batches
 from ddpm.utils.seeding import PerSampleGenerator
 from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
 
@@ -772,3 +773,17 @@ def test_oracle_is_the_posterior_mean() -> None:
             assert math.isclose(
                 (pred * eps).mean(), (pred * pred).mean(), rel_tol=0.03, abs_tol=2e-3
             )
+
+
+# ------------------------------------------------------------------------ seeded batches
+def test_sample_batches_independent_of_batch_size() -> None:
+    d = GaussianDiffusion(num_timesteps=100)
+    o = GaussianOracle(d, MU, 0.3)
+    sampler = DDIMSampler(steps=5)
+    one = torch.cat(list(sample_batches(sampler, o, d, (2,), range(7), 7)))
+    parts = list(sample_batches(sampler, o, d, (2,), range(7), 3))
+    assert [len(p) for p in parts] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat(parts), one, rtol=0, atol=0)
+    assert not torch.equal(one[0], one[1])  # each seed its own noise
+    with pytest.raises(ValueError, match="2 class_labels for 7 seeds"):
+        next(sample_batches(sampler, o, d, (2,), range(7), 3, class_labels=torch.zeros(2)))

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ddpm.callbacks._common import (
@@ -35,13 +34,13 @@ from ddpm.callbacks._common import (
 )
 from ddpm.callbacks.sample_grid import default_sampler
 from ddpm.contracts import HasReferenceImages, optional
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.images import to_rgb_uint8
 from ddpm.utils.progress import progress_iter
-from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
@@ -207,30 +206,29 @@ class FIDCallback(PeriodicCallback):
         sampler = self.sampler if self.sampler is not None else default_sampler()
         denorm = denormalizer(trainer)
         block = shard(self.num_samples, trainer.global_rank, trainer.world_size)
-        chunks = [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        k = num_classes_of(model)
+        # sample i for class i % K: balanced over the classes
+        labels = None if k is None else balanced_labels(block, k)
         parts = []
-        k, extra = num_classes_of(model), {}
         was_training = model.training
         model.eval()
         try:
-            for chunk in progress_iter(
-                chunks,
-                total=len(chunks),
+            batches = sample_batches(
+                sampler,
+                model,
+                pl_module.diffusion,
+                shape,
+                [self.seed + i for i in block],
+                self.batch_size,
+                device,
+                labels,
+            )
+            for x in progress_iter(
+                batches,
+                total=-(-len(block) // self.batch_size),
                 desc="FID samples",
                 enabled=self.progress and trainer.is_global_zero,
             ):
-                gen = PerSampleGenerator([self.seed + i for i in chunk], device=device)
-                if k is not None:  # sample i for class i % K: balanced over the classes
-                    extra = {"class_labels": balanced_labels(chunk, k).to(device)}
-                with torch.inference_mode():
-                    x = sampler(
-                        model,
-                        pl_module.diffusion,
-                        (len(chunk), *shape),
-                        generator=gen,
-                        device=device,
-                        **extra,
-                    )
                 parts.append(self.metrics.extract(to_rgb_uint8(x, denorm)))
         finally:
             model.train(was_training)

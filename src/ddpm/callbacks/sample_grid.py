@@ -41,6 +41,7 @@ from ddpm.callbacks._common import (
     sample_shape_of,
 )
 from ddpm.callbacks.preemption import preemption_requested
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, class_rows, num_classes_of
 from ddpm.utils.devices import model_device
@@ -50,7 +51,6 @@ from ddpm.utils.images import (
     save_grid,
     save_scatter,
 )
-from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +80,28 @@ def sample_with_seeds(
     network), drawn ``batch_size`` at a time; CPU float32.
 
     Before each batch ``stop()`` is asked (None is returned when it says so) and after each
-    ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler."""
-    out = []
+    ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler. The
+    batches: :func:`~ddpm.diffusion.samplers.sample_batches`."""
     seeds = list(seeds)
-    starts = range(0, len(seeds), batch_size)
-    for i, start in enumerate(starts):
+    n = -(-len(seeds) // batch_size)
+    batches = sample_batches(
+        sampler,
+        model,
+        diffusion,
+        sample_shape,
+        seeds,
+        batch_size,
+        device,
+        class_labels,
+        **sampler_kwargs,
+    )
+    out = []
+    for i in range(n):
         if stop is not None and stop():
             return None
-        chunk = seeds[start : start + batch_size]
-        gen = PerSampleGenerator(chunk, device=device or "cpu")
-        if class_labels is not None:
-            sampler_kwargs["class_labels"] = class_labels[start : start + batch_size].to(
-                device or "cpu"
-            )
-        x = sampler(
-            model,
-            diffusion,
-            (len(chunk), *sample_shape),
-            generator=gen,
-            device=device,
-            **sampler_kwargs,
-        )
-        out.append(x.detach().float().cpu())
+        out.append(next(batches).detach().float().cpu())
         if announce is not None:
-            announce(i + 1, len(starts))
+            announce(i + 1, n)
     return torch.cat(out) if out else torch.empty(0, *sample_shape)
 
 

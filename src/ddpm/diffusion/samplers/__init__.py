@@ -53,6 +53,7 @@ from ddpm.diffusion.samplers.ddim import ddim_invert, ddim_sample
 from ddpm.diffusion.samplers.ddpm import ddpm_sample
 from ddpm.diffusion.samplers.dpm_solver import dpm_solver_coefficients, dpm_solver_sample
 from ddpm.diffusion.samplers.heun import heun_sample
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.diffusion.samplers.timesteps import (
     DPM_SPACINGS,
     HEUN_SPACINGS,
@@ -80,6 +81,7 @@ __all__ = [
     "dpm_solver_timesteps",
     "heun_sample",
     "heun_timesteps",
+    "sample_batches",
     "karras_timesteps",
     "unipc_coefficients",
     "unipc_sample",
