@@ -323,7 +323,7 @@ def test_visualize_guidance_same_seeds_at_every_scale(cond_ckpt: Path, tmp_path:
         [
             f"ckpt_path={cond_ckpt / 'checkpoints' / 'last.ckpt'}",
             "what=guidance",
-            "device=cpu",
+            "accelerator=cpu",
             "sampler=ddim",
             "sampler.steps=3",
             "guidance.scales=[0,1,3]",
@@ -346,7 +346,7 @@ def test_visualize_reverse_with_the_run_s_guided_sampler(cond_ckpt: Path, tmp_pa
 
     ckpt = cond_ckpt / "checkpoints" / "last.ckpt"
     cfg = compose_cfg(
-        [f"ckpt_path={ckpt}", "what=reverse", "device=cpu", "reverse.seeds=[0,1]"],
+        [f"ckpt_path={ckpt}", "what=reverse", "accelerator=cpu", "reverse.seeds=[0,1]"],
         tmp_path,
         config_name="visualize",
     )

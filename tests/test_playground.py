@@ -65,7 +65,7 @@ def test_playground_beats_the_gaussian_with_every_sampler(
                 [
                     "what=playground",
                     f"ckpt_path={swiss_roll_ckpt}",
-                    "playground.num_points=2000",
+                    "playground.num_samples=2000",
                     "playground.grid_size=11",
                 ],
                 tmp_path,

@@ -31,6 +31,7 @@ from ddpm.diffusion import (
     space_timesteps,
     unipc_sample,
 )
+from ddpm.diffusion.samplers import sample_batches
 from ddpm.utils.seeding import PerSampleGenerator
 from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
 
@@ -703,6 +704,15 @@ def test_bad_arguments_rejected() -> None:
         ddim_invert(o, d, torch.zeros(2, 2), fixed_point_iters=-1)
     with pytest.raises(ValueError, match="logSNR"):  # 20 λ-uniform points hit t = 0 twice
         dpm_solver_sample(o, d, (2, 2), steps=20, spacing="logSNR")
+    # the common options are one list (SampleCall): a typo is a TypeError naming the options
+    with pytest.raises(TypeError, match=r"\['clip_denoise'\].*'clip_denoised'"):
+        heun_sample(o, d, (2, 2), clip_denoise=False)
+    with pytest.raises(ValueError, match="clip_denoised must be True or False"):
+        unipc_sample(o, d, (2, 2), clip_denoised="no")
+    with pytest.raises(TypeError, match=r"\['noise'\]"):  # the image is the inversion's start
+        ddim_invert(o, d, x0 := torch.zeros(2, 2), noise=x0)
+    with pytest.raises(TypeError, match=r"\['guidance_scale'\] are this sampler's settings"):
+        DDIMSampler()(o, d, (2, 2), guidance_scale=2.0)
 
 
 # ------------------------------------------------------------------------ config wrappers
@@ -763,3 +773,17 @@ def test_oracle_is_the_posterior_mean() -> None:
             assert math.isclose(
                 (pred * eps).mean(), (pred * pred).mean(), rel_tol=0.03, abs_tol=2e-3
             )
+
+
+# ------------------------------------------------------------------------ seeded batches
+def test_sample_batches_independent_of_batch_size() -> None:
+    d = GaussianDiffusion(num_timesteps=100)
+    o = GaussianOracle(d, MU, 0.3)
+    sampler = DDIMSampler(steps=5)
+    one = torch.cat(list(sample_batches(sampler, o, d, (2,), range(7), 7)))
+    parts = list(sample_batches(sampler, o, d, (2,), range(7), 3))
+    assert [len(p) for p in parts] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat(parts), one, rtol=0, atol=0)
+    assert not torch.equal(one[0], one[1])  # each seed its own noise
+    with pytest.raises(ValueError, match="2 class_labels for 7 seeds"):
+        next(sample_batches(sampler, o, d, (2,), range(7), 3, class_labels=torch.zeros(2)))

@@ -72,7 +72,7 @@ def test_forward_grid_is_the_closed_form(tmp_path: Path) -> None:
             "data=digits",
             "schedules=[linear,cosine]",
             "forward.split=train",
-            f"forward.num_images={n}",
+            f"forward.num_samples={n}",
             "forward.show_images=4",
         ],
         tmp_path,
@@ -136,7 +136,7 @@ def test_schedule_plot_has_one_curve_per_schedule(tmp_path: Path) -> None:
             "data=digits",
             "schedules=[linear,cosine]",
             "num_timesteps=100",
-            "forward.num_images=2",
+            "forward.num_samples=2",
         ],
         tmp_path,
     )
@@ -151,7 +151,7 @@ def test_forward_point_cloud_and_zero_terminal_snr(tmp_path: Path) -> None:
             "data=swiss_roll",
             "num_timesteps=200",
             "schedules=[cosine,{name:linear,rescale_zero_terminal_snr:true}]",
-            "forward.num_points=500",
+            "forward.num_samples=500",
             "forward.timesteps=[0,20,200]",
         ],
         tmp_path,
@@ -166,7 +166,7 @@ def test_forward_point_cloud_and_zero_terminal_snr(tmp_path: Path) -> None:
 
 def test_forward_without_data_uses_the_training_default(tmp_path: Path) -> None:
     """The README's first picture, as written: no data= and no checkpoint -> train.py's digits."""
-    res = run(["what=forward", "schedules=[linear,cosine]", "forward.num_images=2"], tmp_path)
+    res = run(["what=forward", "schedules=[linear,cosine]", "forward.num_samples=2"], tmp_path)
     assert res["x0"].shape == (2, 1, 16, 16)
     assert_pngs(res, ["forward.png", "schedules.png"])
 
@@ -237,9 +237,34 @@ def test_reverse_at_chosen_steps(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert res["timesteps"].tolist() == [49, 30, 10, 0]
 
 
+def test_device_is_the_old_name_of_accelerator(tiny_ckpt: Path, tmp_path: Path) -> None:
+    args = ["what=reverse", f"ckpt_path={tiny_ckpt}", "sampler=ddim", "sampler.steps=2"]
+    args.append("reverse.seeds=[0]")
+    new = run([*args, "accelerator=cpu"], tmp_path / "new")
+    with pytest.warns(FutureWarning, match="write accelerator=cpu"):
+        old = run([*args, "device=cpu"], tmp_path / "old")
+    assert torch.equal(old["x_t"], new["x_t"])
+    with pytest.raises(ValueError, match="accelerator must be auto, cpu, gpu"):
+        run([*args, "accelerator=tpu9"], tmp_path / "bad")
+
+
+def test_old_sample_counts_still_work(tmp_path: Path) -> None:
+    """num_samples is the one name (images or points); num_images / num_points warn."""
+    with pytest.warns(FutureWarning, match="write forward.num_samples=2"):
+        res = run(["what=forward", "forward.num_images=2"], tmp_path / "img")
+    assert res["x0"].shape == (2, 1, 16, 16)
+    res = run(["what=forward", "data=two_moons", "forward.num_images=2"], tmp_path / "pts")
+    assert res["x0"].shape == (2000, 2)  # num_images never applied to points (null: 2000)
+    with pytest.warns(FutureWarning, match="forward.num_points"):
+        res = run(["what=forward", "data=two_moons", "forward.num_points=50"], tmp_path / "p")
+    assert res["x0"].shape == (50, 2)
+    with pytest.raises(ValueError, match="forward.num_samples must be an integer >= 1"):
+        run(["what=forward", "forward.num_samples=0"], tmp_path / "bad")
+
+
 # ------------------------------------------------------------------------------------ loss_by_t
 def test_loss_by_t_terms_add_up(tiny_ckpt: Path, tmp_path: Path) -> None:
-    res = run(["what=loss_by_t", f"ckpt_path={tiny_ckpt}", "loss_by_t.num_images=4"], tmp_path)
+    res = run(["what=loss_by_t", f"ckpt_path={tiny_ckpt}", "loss_by_t.num_samples=4"], tmp_path)
     assert_pngs(res, ["loss_by_t.png"])
     assert (tmp_path / "run" / "loss_by_t.json").is_file()
     vb, mse = res["vb"], res["mse"]
@@ -320,7 +345,7 @@ def test_cli_writes_pngs(tmp_path: Path) -> None:
             "what=forward",
             "data=digits",
             "schedules=[linear,cosine]",
-            "forward.num_images=3",
+            "forward.num_samples=3",
             f"paths.root_dir={tmp_path}",
         ],
         tmp_path,

@@ -19,6 +19,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
+from ddpm.contracts import HoldsEMA
 from ddpm.diffusion import (
     DiffusionLoss,
     GaussianDiffusion,
@@ -33,12 +34,13 @@ T_SAMPLER_KEY = "ddpm_t_sampler"
 _GLOBAL_STREAM, _NOISE_STREAM = 0, 1
 
 
-def find_ema(trainer: pl.Trainer | None) -> Any | None:
-    """The EMA callback attached to ``trainer`` (anything with an ``ema_net`` attribute), if any."""
+def find_ema(trainer: pl.Trainer | None) -> HoldsEMA | None:
+    """The EMA callback attached to ``trainer`` (:class:`~ddpm.contracts.HoldsEMA` with weights),
+    if any."""
     if trainer is None:
         return None
     for cb in trainer.callbacks:
-        if getattr(cb, "ema_net", None) is not None:
+        if isinstance(cb, HoldsEMA) and cb.ema_net is not None:
             return cb
     return None
 

@@ -12,6 +12,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from ddpm.contracts import Denormalizes, KnowsSampleShape, optional
+from ddpm.utils.checks import check_positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -62,19 +65,18 @@ def log_image(trainer: pl.Trainer, key: str, image: Tensor | None, path: Path) -
 def sample_shape_of(
     trainer: pl.Trainer, explicit: Sequence[int] | None, seen: tuple[int, ...] | None
 ) -> tuple[int, ...]:
-    """Shape of one sample: ``explicit``, else ``datamodule.sample_shape``, else the last training
-    batch's."""
+    """Shape of one sample: ``explicit``, else the datamodule's (:class:`KnowsSampleShape`), else
+    the first training batch's."""
     if explicit is not None:
         return tuple(int(s) for s in explicit)
-    dm = getattr(trainer, "datamodule", None)
-    shape = getattr(dm, "sample_shape", None) if dm is not None else None
-    if shape is not None:
-        return tuple(int(s) for s in shape)
+    dm = optional(getattr(trainer, "datamodule", None), KnowsSampleShape)
+    if dm is not None and dm.sample_shape is not None:
+        return tuple(int(s) for s in dm.sample_shape)
     if seen is not None:
         return seen
     raise ValueError(
         "cannot tell the sample shape: give sample_shape=[C, H, W] (or [D]) or use "
-        "a datamodule with a `sample_shape` property"
+        "a datamodule with a `sample_shape` property (ddpm.contracts.KnowsSampleShape)"
     )
 
 
@@ -110,10 +112,10 @@ def first_labelled_samples(loader: Any, n: int) -> tuple[Tensor | None, Tensor |
 
 
 def denormalizer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
-    """``datamodule.denormalize`` (model space -> [0, 1]) when there is one."""
-    dm = getattr(trainer, "datamodule", None)
-    fn = getattr(dm, "denormalize", None) if dm is not None else None
-    return fn if callable(fn) else None
+    """``datamodule.denormalize`` (model space -> [0, 1]; :class:`Denormalizes`) when there is
+    one."""
+    dm = optional(getattr(trainer, "datamodule", None), Denormalizes)
+    return None if dm is None else dm.denormalize
 
 
 class StepCadence:
@@ -135,16 +137,26 @@ class StepCadence:
 
 
 class PeriodicCallback(pl.Callback):
-    """Calls ``self.run(trainer, pl_module)`` every ``every_n_steps`` optimizer steps and, with
-    ``at_train_end``, once more when training ends (unless it just ran at that step).
+    """Calls ``self.run(trainer, pl_module)`` every ``every_n_steps`` optimizer steps (None or 0:
+    never during training) and, with ``at_train_end``, once more when training ends (unless it
+    just ran at that step). Subclasses call ``super().__init__(every_n_steps, at_train_end)``
+    and implement ``run``; ``_seen_shape`` is the shape of one training sample, recorded from
+    the first batch."""
 
-    Subclasses set ``self._cadence = StepCadence(every_n_steps)``, ``self.at_train_end`` and
-    ``self._seen_shape = None`` (the shape of one training sample, recorded from the first batch).
-    """
+    def __init__(self, every_n_steps: int | None, at_train_end: bool) -> None:
+        super().__init__()
+        check_positive_int("every_n_steps", every_n_steps or 1)
+        self.every_n_steps = int(every_n_steps) if every_n_steps else None
+        self.at_train_end = bool(at_train_end)
+        self._cadence = StepCadence(self.every_n_steps)
+        self._seen_shape: tuple[int, ...] | None = None
 
-    _cadence: StepCadence
-    at_train_end: bool
-    _seen_shape: tuple[int, ...] | None
+    def _check_initialized(self) -> None:
+        if "_cadence" not in vars(self):
+            raise TypeError(
+                f"{type(self).__name__}.__init__ must call "
+                "super().__init__(every_n_steps, at_train_end) (PeriodicCallback)"
+            )
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         raise NotImplementedError
@@ -157,6 +169,7 @@ class PeriodicCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._check_initialized()
         if self._seen_shape is None:
             self._seen_shape = batch_sample_shape(batch)
         if self._cadence.due(trainer):
@@ -164,6 +177,7 @@ class PeriodicCallback(pl.Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_initialized()
         if self.at_train_end and trainer.global_step != self._cadence.last_step:
             self._cadence.mark(trainer)
             self.run(trainer, pl_module)

@@ -23,25 +23,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
-    StepCadence,
     denormalizer,
     is_fast_dev_run,
     log_metrics_now,
     sample_shape_of,
 )
 from ddpm.callbacks.sample_grid import default_sampler
+from ddpm.contracts import HasReferenceImages, optional
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.images import to_rgb_uint8
 from ddpm.utils.progress import progress_iter
-from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class FIDCallback(PeriodicCallback):
         sample_shape: Sequence[int] | None = None,
         progress: bool = False,
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps or 1)
+        super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_samples", num_samples)
         if num_samples < 2:
             raise ValueError(
@@ -105,7 +104,6 @@ class FIDCallback(PeriodicCallback):
                 f"{type(metrics).__name__}"
             )
         self.sampler = sampler
-        self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -113,7 +111,6 @@ class FIDCallback(PeriodicCallback):
         self.metrics = metrics
         self.reference_split = reference_split
         self.num_reference = num_reference
-        self.at_train_end = bool(at_train_end)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.progress = bool(progress)
 
@@ -123,8 +120,6 @@ class FIDCallback(PeriodicCallback):
         self.reference_computations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
         self._reference_done = False
-        self._cadence = StepCadence(self.every_n_steps)
-        self._seen_shape: tuple[int, ...] | None = None
         self._warned = False
 
     # ------------------------------------------------------------------ state
@@ -150,11 +145,10 @@ class FIDCallback(PeriodicCallback):
 
     # ------------------------------------------------------------------ work
     def _check_usable(self, trainer: pl.Trainer, shape: tuple[int, ...]) -> bool:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is None or not callable(getattr(dm, "dataset", None)):
+        if optional(getattr(trainer, "datamodule", None), HasReferenceImages) is None:
             self._disable(
                 "FIDCallback disabled: the datamodule has no dataset(split) (the un-augmented "
-                "uint8 images of the reference set)"
+                "uint8 images of the reference set; ddpm.contracts.HasReferenceImages)"
             )
             return False
         if len(shape) != 3 or shape[0] not in (1, 3):
@@ -212,30 +206,29 @@ class FIDCallback(PeriodicCallback):
         sampler = self.sampler if self.sampler is not None else default_sampler()
         denorm = denormalizer(trainer)
         block = shard(self.num_samples, trainer.global_rank, trainer.world_size)
-        chunks = [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        k = num_classes_of(model)
+        # sample i for class i % K: balanced over the classes
+        labels = None if k is None else balanced_labels(block, k)
         parts = []
-        k, extra = num_classes_of(model), {}
         was_training = model.training
         model.eval()
         try:
-            for chunk in progress_iter(
-                chunks,
-                total=len(chunks),
+            batches = sample_batches(
+                sampler,
+                model,
+                pl_module.diffusion,
+                shape,
+                [self.seed + i for i in block],
+                self.batch_size,
+                device,
+                labels,
+            )
+            for x in progress_iter(
+                batches,
+                total=-(-len(block) // self.batch_size),
                 desc="FID samples",
                 enabled=self.progress and trainer.is_global_zero,
             ):
-                gen = PerSampleGenerator([self.seed + i for i in chunk], device=device)
-                if k is not None:  # sample i for class i % K: balanced over the classes
-                    extra = {"class_labels": balanced_labels(chunk, k).to(device)}
-                with torch.inference_mode():
-                    x = sampler(
-                        model,
-                        pl_module.diffusion,
-                        (len(chunk), *shape),
-                        generator=gen,
-                        device=device,
-                        **extra,
-                    )
                 parts.append(self.metrics.extract(to_rgb_uint8(x, denorm)))
         finally:
             model.train(was_training)

@@ -27,11 +27,11 @@ from torch import Tensor
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
-    StepCadence,
     first_labelled_samples,
     is_fast_dev_run,
     log_metrics_now,
 )
+from ddpm.contracts import HasValidationData, optional
 from ddpm.diffusion import calc_bpd_loop
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import num_classes_of, with_labels
@@ -67,23 +67,19 @@ class NLLCallback(PeriodicCallback):
         at_train_end: bool = False,
         progress: bool = False,
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps or 1)
+        super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_images", num_images)
         check_positive_int("batch_size", batch_size)
-        self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_images = int(num_images)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.use_ema = bool(use_ema)
         self.clip_denoised = bool(clip_denoised)
-        self.at_train_end = bool(at_train_end)
         self.progress = bool(progress)
         self.disabled = False
         self.history: list[tuple[int, dict[str, float]]] = []
         self._images: Tensor | None = None
         self._labels: Tensor | None = None
-        self._cadence = StepCadence(self.every_n_steps)
-        self._seen_shape: tuple[int, ...] | None = None
         self._warned = False
 
     def _warn_disable(self, msg: str) -> None:
@@ -99,7 +95,7 @@ class NLLCallback(PeriodicCallback):
         if self._images is not None:
             return self._images
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and callable(getattr(dm, "val_dataloader", None)):
+        if optional(dm, HasValidationData) is not None:
             loader = dm.val_dataloader()
         else:
             # Without a datamodule: the Trainer's own loader (sharded under DDP, so only exact

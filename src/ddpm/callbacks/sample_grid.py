@@ -34,7 +34,6 @@ from torch import Tensor
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
-    StepCadence,
     denormalizer,
     first_samples,
     is_fast_dev_run,
@@ -43,6 +42,7 @@ from ddpm.callbacks._common import (
     sample_shape_of,
 )
 from ddpm.callbacks.preemption import preemption_requested
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, class_rows, num_classes_of
 from ddpm.utils.devices import model_device
@@ -52,7 +52,6 @@ from ddpm.utils.images import (
     save_grid,
     save_scatter,
 )
-from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +81,28 @@ def sample_with_seeds(
     network), drawn ``batch_size`` at a time; CPU float32.
 
     Before each batch ``stop()`` is asked (None is returned when it says so) and after each
-    ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler."""
-    out = []
+    ``announce(batches_done, batches)`` is called; ``sampler_kwargs`` go to the sampler. The
+    batches: :func:`~ddpm.diffusion.samplers.sample_batches`."""
     seeds = list(seeds)
-    starts = range(0, len(seeds), batch_size)
-    for i, start in enumerate(starts):
+    n = -(-len(seeds) // batch_size)
+    batches = sample_batches(
+        sampler,
+        model,
+        diffusion,
+        sample_shape,
+        seeds,
+        batch_size,
+        device,
+        class_labels,
+        **sampler_kwargs,
+    )
+    out = []
+    for i in range(n):
         if stop is not None and stop():
             return None
-        chunk = seeds[start : start + batch_size]
-        gen = PerSampleGenerator(chunk, device=device or "cpu")
-        if class_labels is not None:
-            sampler_kwargs["class_labels"] = class_labels[start : start + batch_size].to(
-                device or "cpu"
-            )
-        x = sampler(
-            model,
-            diffusion,
-            (len(chunk), *sample_shape),
-            generator=gen,
-            device=device,
-            **sampler_kwargs,
-        )
-        out.append(x.detach().float().cpu())
+        out.append(next(batches).detach().float().cpu())
         if announce is not None:
-            announce(i + 1, len(starts))
+            announce(i + 1, n)
     return torch.cat(out) if out else torch.empty(0, *sample_shape)
 
 
@@ -161,7 +158,7 @@ class SampleGrid(PeriodicCallback):
         forward_picture: bool = True,
         loss_by_t_images: int = 0,
     ) -> None:
-        check_positive_int("every_n_steps", every_n_steps or 1)
+        super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_samples", num_samples)
         check_positive_int("batch_size", batch_size)
         check_positive_int("nrow", nrow, allow_none=True)
@@ -173,19 +170,15 @@ class SampleGrid(PeriodicCallback):
         self._forward_done = False
         self.sampler = sampler
         self.playground = bool(playground)
-        self.every_n_steps = int(every_n_steps) if every_n_steps else None
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.output_dir = output_dir
-        self.at_train_end = bool(at_train_end)
         self.use_ema = bool(use_ema)
         self.nrow = nrow
         self.strip_seeds = [int(s) for s in strip_seeds]
         self.strip_frames = int(strip_frames)
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
-        self._cadence = StepCadence(self.every_n_steps)
-        self._seen_shape: tuple[int, ...] | None = None
         self.saved: list[Path] = []  # every PNG written (rank 0)
 
     # ------------------------------------------------------------------ hooks

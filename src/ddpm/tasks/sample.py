@@ -22,11 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import gather_rows, save_npz, shard
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.utils.classes import balanced_labels, num_classes_of, parse_class_labels
 from ddpm.utils.images import save_grid, to_uint8
-from ddpm.utils.seeding import PerSampleGenerator
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +81,17 @@ def generate_batches(
 ) -> Iterator[torch.Tensor]:
     """Samples (B, *sample_shape) in model space, ``batch_size`` seeds at a time (per-sample
     seeded: the images do not depend on the batching); ``class_labels``: one per seed."""
-    seeds = list(seeds)
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i : i + batch_size]
-        extra = {}
-        if class_labels is not None:
-            extra["class_labels"] = class_labels[i : i + batch_size].to(device)
-        with torch.inference_mode():
-            yield sampler(
-                loaded.net,
-                loaded.diffusion,
-                (len(chunk), *loaded.sample_shape),
-                generator=PerSampleGenerator(chunk, device=device),
-                progress=progress,
-                device=device,
-                **extra,
-            )
+    yield from sample_batches(
+        sampler,
+        loaded.net,
+        loaded.diffusion,
+        loaded.sample_shape,
+        seeds,
+        batch_size,
+        device,
+        class_labels,
+        progress=progress,
+    )
 
 
 def generate(

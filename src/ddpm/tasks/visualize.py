@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
+from ddpm.contracts import HasReferenceLoader, require
 from ddpm.tasks.common import output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,43 @@ NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "guidance", "playgrou
 
 # ------------------------------------------------------------------------------------ plumbing
 def _device(cfg: DictConfig) -> torch.device:
-    dev = cfg.get("device")
-    if dev in (None, "auto"):
+    """The device of ``accelerator`` (auto | cpu | gpu | cuda | mps | a torch device such as
+    cuda:1); ``device``, its former name, still works with a warning."""
+    acc = cfg.get("accelerator", "auto")
+    if cfg.get("device") is not None:
+        warnings.warn(
+            f"visualize: `device` is deprecated, write accelerator={cfg.device} (the name sample.py "
+            "and evaluate.py use)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        acc = cfg.device
+    if acc in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(dev)
+    try:
+        return torch.device("cuda" if acc == "gpu" else str(acc))
+    except RuntimeError as e:
+        raise ValueError(
+            f"accelerator must be auto, cpu, gpu, cuda, mps or a torch device, got {acc!r}"
+        ) from e
+
+
+def _num_samples(cfg: DictConfig, section: str, old: str, default: int | None = None) -> int:
+    """``<section>.num_samples`` (images or 2-D points; null: ``default``); ``old``, its former
+    name (num_images / num_points), still works with a warning."""
+    node = cfg[section]
+    n = node.get("num_samples")
+    if node.get(old) is not None:
+        warnings.warn(
+            f"visualize: {section}.{old} is deprecated, write {section}.num_samples={node[old]}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        n = node[old]
+    n = default if n is None else n
+    if n is None or isinstance(n, bool) or int(n) < 1:
+        raise ValueError(f"{section}.num_samples must be an integer >= 1, got {n!r}")
+    return int(n)
 
 
 def _load(cfg: DictConfig, device: torch.device) -> LoadedModel:
@@ -84,6 +119,7 @@ def held_out(dm: Any, split: str, n: int) -> torch.Tensor:
     """The first ``n`` samples of ``split``, normalised as in training, never augmented."""
     if n < 1:
         raise ValueError(f"the number of samples must be >= 1, got {n}")
+    dm = require(dm, HasReferenceLoader, "held-out samples (visualize)")
     loader = dm.reference_dataloader(split, batch_size=n, max_samples=n)
     batch = next(iter(loader))
     return (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
@@ -145,7 +181,9 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
     T = min(d.num_timesteps for d in diffusions.values())
     ts = forward_timesteps(T, cfg.forward.timesteps)
     is_points = len(getattr(dm, "sample_shape", ())) == 1
-    n = int(cfg.forward.num_points if is_points else cfg.forward.num_images)
+    n = _num_samples(
+        cfg, "forward", "num_points" if is_points else "num_images", 2000 if is_points else 8
+    )
     x0 = held_out(dm, cfg.forward.split, n)
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = forward_diffusion(x0, diffusions, ts, generator=g)
@@ -170,7 +208,9 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler = build_sampler(cfg.get("sampler"), loaded)
     shape = loaded.sample_shape
     if len(shape) == 1:
-        seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.reverse.num_points)))
+        seeds = list(
+            range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "reverse", "num_points"))
+        )
     else:
         seeds = [int(s) for s in cfg.reverse.seeds]
     if not seeds:
@@ -215,7 +255,9 @@ def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     shape = loaded.sample_shape
     if len(shape) == 1:
-        seeds = list(range(int(cfg.seed), int(cfg.seed) + int(g.num_points)))
+        seeds = list(
+            range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "guidance", "num_points"))
+        )
     else:
         seeds = [int(s) for s in g.seeds]
     scales = [float(s) for s in g.scales]
@@ -255,7 +297,7 @@ def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
     device = _device(cfg)
     loaded = _load(cfg, device)
     dm = build_datamodule(cfg, loaded)
-    x0 = held_out(dm, cfg.loss_by_t.split, int(cfg.loss_by_t.num_images)).to(device)
+    x0 = held_out(dm, cfg.loss_by_t.split, _num_samples(cfg, "loss_by_t", "num_images")).to(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = loss_by_timestep(
         loaded.net,
@@ -332,7 +374,7 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
             f"model=mlp), this checkpoint makes samples of shape {loaded.sample_shape}"
         )
     dm = build_datamodule(cfg, loaded)
-    n = int(cfg.playground.num_points)
+    n = _num_samples(cfg, "playground", "num_points")
     reference = held_out(dm, "val", n)
     second = held_out(dm, "train", reference.shape[0])
     T = loaded.diffusion.num_timesteps

@@ -4,7 +4,8 @@ EDM's Heun sampler (Karras et al. 2022), all with classifier-free guidance.
 
 Every sampler is a stateless function of a denoiser ``model(x_t, t) -> output`` (``t`` a
 LongTensor (B,) of the model's training timesteps), a :class:`GaussianDiffusion`, a shape and a
-generator. Shared conventions:
+generator. The keyword options they share (below) are listed once, in :class:`SampleCall`, and
+each function takes them as ``**common``. Shared conventions:
 
 * ``generator``: a :class:`~ddpm.utils.seeding.PerSampleGenerator` (sample i depends only on its
   seed, whatever the batch size), a ``torch.Generator`` or None (global RNG). ``noise`` gives
@@ -39,6 +40,7 @@ clipping of x̂₀. Without ``class_labels`` the network is called as ``model(x_
 (unconditional networks need no ``class_labels`` argument) and s must be 1.
 """
 
+from ddpm.diffusion.samplers._core import SampleCall
 from ddpm.diffusion.samplers.configs import (
     DDIMSampler,
     DDPMSampler,
@@ -51,6 +53,7 @@ from ddpm.diffusion.samplers.ddim import ddim_invert, ddim_sample
 from ddpm.diffusion.samplers.ddpm import ddpm_sample
 from ddpm.diffusion.samplers.dpm_solver import dpm_solver_coefficients, dpm_solver_sample
 from ddpm.diffusion.samplers.heun import heun_sample
+from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.diffusion.samplers.timesteps import (
     DPM_SPACINGS,
     HEUN_SPACINGS,
@@ -67,6 +70,7 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverSampler",
     "HeunSampler",
+    "SampleCall",
     "Sampler",
     "UniPCSampler",
     "ddim_invert",
@@ -77,6 +81,7 @@ __all__ = [
     "dpm_solver_timesteps",
     "heun_sample",
     "heun_timesteps",
+    "sample_batches",
     "karras_timesteps",
     "unipc_coefficients",
     "unipc_sample",

@@ -1,9 +1,11 @@
-"""What every sampler shares: the guided network call, x_T, intermediates and option checks."""
+"""What every sampler shares: the common options, the guided network call, x_T, intermediates
+and option checks."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.utils.devices import model_device
+from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
 Model = Callable[..., Tensor]
@@ -301,3 +304,73 @@ def log_snr(ac: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma)
     return alpha, sigma, lam
+
+
+# ---------------------------------------------------------------------------------------- a call
+@dataclass(frozen=True)
+class SampleCall:
+    """The keyword arguments every sampling function takes besides its own options (their
+    meaning: the package docstring). The sampling functions receive them as ``**common``."""
+
+    generator: Generator = None
+    clip_denoised: bool = True
+    progress: bool = False
+    return_intermediates: Intermediates = False
+    device: torch.device | str | None = None
+    noise: Tensor | None = None
+    class_labels: Tensor | None = None
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def parse(cls, caller: str, common: dict[str, Any], exclude: Sequence[str] = ()) -> SampleCall:
+        """The options of a call to ``caller``; an unknown (or ``exclude``-d) name is a TypeError,
+        as for any Python signature, and ``clip_denoised`` must be a bool."""
+        names = [f.name for f in fields(cls) if f.name not in exclude]
+        unknown = sorted(set(common) - set(names))
+        if unknown:
+            raise TypeError(
+                f"{caller}() got unexpected keyword argument(s) {unknown}; besides its own "
+                f"options it takes {names}"
+            )
+        check_flag(common.get("clip_denoised", True), "clip_denoised")
+        return cls(**common)
+
+    def start(
+        self,
+        model: Model,
+        diffusion: GaussianDiffusion,
+        shape: Sequence[int] | None,
+        alphas_cumprod: Sequence[float],
+        model_timesteps: Sequence[int],
+        desc: str,
+        recorded_timesteps: Sequence[int] | None = None,
+    ) -> Run:
+        """x_T and the loop's helpers on the grid (``alphas_cumprod``, ``model_timesteps``);
+        ``recorded_timesteps``: the timestep of each loop step (default: ``model_timesteps``)."""
+        den = Denoiser(
+            model,
+            diffusion,
+            alphas_cumprod,
+            model_timesteps,
+            self.clip_denoised,
+            self.class_labels,
+            self.guidance_scale,
+        )
+        x = den.start(shape, self.noise, self.generator, self.device)
+        rec_t = model_timesteps if recorded_timesteps is None else recorded_timesteps
+        return Run(self, den, x, Recorder(self.return_intermediates, rec_t), desc)
+
+
+class Run:
+    """One sampling loop: x_T (``x``), the network (``den``), the records (``rec``), fresh noise
+    from the call's generator on x_T's device (``noise``) and the progress-reporting steps."""
+
+    def __init__(self, call: SampleCall, den: Denoiser, x: Tensor, rec: Recorder, desc: str):
+        self.call, self.den, self.x, self.rec, self.desc = call, den, x, rec, desc
+        self.device = x.device
+
+    def noise(self, shape: Sequence[int]) -> Tensor:
+        return draw_noise(shape, self.call.generator, self.device)
+
+    def steps(self, n: int) -> Iterator[int]:
+        return progress_iter(range(n), total=n, desc=self.desc, enabled=self.call.progress)

@@ -15,13 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import SPACINGS
 from ddpm.diffusion.samplers._core import (
-    Generator,
-    Intermediates,
     Model,
     SampleOutput,
     check_options,
@@ -42,6 +39,9 @@ class Sampler:
     sample_fn: ClassVar[Callable[..., SampleOutput]]
     spacings: ClassVar[Sequence[str]] = SPACINGS
     steps_optional: ClassVar[bool] = False
+    # options every sampler has (keyword-only, after each sampler's own)
+    clip_denoised: bool = field(default=True, kw_only=True)
+    guidance_scale: float = field(default=1.0, kw_only=True)
     compile: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -64,30 +64,20 @@ class Sampler:
             return torch.compile(model)
 
     def __call__(
-        self,
-        model: Model,
-        diffusion: GaussianDiffusion,
-        shape: Sequence[int] | None,
-        *,
-        generator: Generator = None,
-        progress: bool = False,
-        return_intermediates: Intermediates = False,
-        device: torch.device | str | None = None,
-        noise: Tensor | None = None,
-        class_labels: Tensor | None = None,
+        self, model: Model, diffusion: GaussianDiffusion, shape: Sequence[int] | None, **common: Any
     ) -> SampleOutput:
-        return type(self).sample_fn(
-            self.compiled(model) if self.compile else model,
-            diffusion,
-            shape,
-            generator=generator,
-            progress=progress,
-            return_intermediates=return_intermediates,
-            device=device,
-            noise=noise,
-            class_labels=class_labels,
-            **self.options(),
-        )
+        """``sample_fn(model, diffusion, shape, **common, **options)``; ``common``: the call's
+        ``generator``, ``progress``, ``return_intermediates``, ``device``, ``noise`` and
+        ``class_labels`` (:class:`~ddpm.diffusion.samplers.SampleCall`)."""
+        options = self.options()
+        fixed = sorted(set(common) & set(options))
+        if fixed:
+            raise TypeError(
+                f"{type(self).__name__}: {fixed} are this sampler's settings (its config), not "
+                "arguments of a call"
+            )
+        model = self.compiled(model) if self.compile else model
+        return type(self).sample_fn(model, diffusion, shape, **common, **options)
 
 
 @dataclass
@@ -98,9 +88,7 @@ class DDPMSampler(Sampler):
     sample_fn = staticmethod(ddpm_sample)
     steps_optional: ClassVar[bool] = True
     steps: int | None = None
-    clip_denoised: bool = True
     spacing: str = "uniform"
-    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -112,8 +100,6 @@ class DDIMSampler(Sampler):
     steps: int = 50
     eta: float = 0.0
     spacing: str = "uniform"
-    clip_denoised: bool = True
-    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -127,8 +113,6 @@ class DPMSolverSampler(Sampler):
     order: int = 2
     algorithm_type: str = "dpmsolver++"
     spacing: str = "uniform"
-    clip_denoised: bool = True
-    guidance_scale: float = 1.0
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -146,8 +130,6 @@ class UniPCSampler(Sampler):
     order: int = 2
     solver_type: str = "bh2"
     spacing: str = "uniform"
-    clip_denoised: bool = True
-    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -163,5 +145,3 @@ class HeunSampler(Sampler):
     s_tmin: float = 0.0
     s_tmax: float | None = None
     s_noise: float = 1.0
-    clip_denoised: bool = True
-    guidance_scale: float = 1.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,18 +13,13 @@ from torch import Tensor
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import space_timesteps
 from ddpm.diffusion.samplers._core import (
-    Denoiser,
-    Generator,
-    Intermediates,
     Model,
-    Recorder,
+    SampleCall,
     SampleOutput,
     alphas_cumprod,
     check_options,
-    draw_noise,
     timestep_map,
 )
-from ddpm.utils.progress import progress_iter
 
 
 def _ddim_coefficients(ac: np.ndarray, eta: float) -> tuple[list[float], list[float], list[float]]:
@@ -59,40 +56,33 @@ def ddim_sample(
     steps: int = 50,
     eta: float = 0.0,
     spacing: str = "uniform",
-    generator: Generator = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """DDIM (Song et al. 2021, eq. 12): x_{t-1} = √ᾱ_{t-1} x̂₀ + √(1-ᾱ_{t-1}-σ_t²) ε̂ + σ_t z.
 
     σ_t(η) = η √((1-ᾱ_{t-1})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t-1}) (eq. 16): η = 0 is deterministic, η = 1
     with all T steps is DDPM with σ² = β̃. The last step goes to ᾱ = 1, i.e. returns x̂₀. ε̂ is
     recomputed from the (clipped) x̂₀. Timesteps: ``space_timesteps(T, steps, spacing)``.
+    ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
-    check_options({"eta": eta, "clip_denoised": clip_denoised})
+    call = SampleCall.parse("ddim_sample", common)
+    check_options({"eta": eta})
     ac, model_t = _ddim_grid(diffusion, steps, spacing)
     b, c, sigma = _ddim_coefficients(ac, float(eta))
-    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(shape, noise, generator, device)
-    device = x.device
+    run = call.start(model, diffusion, shape, ac, model_t, "DDIM", model_t[::-1])
+    x = run.x
     n = len(model_t)
-    rec = Recorder(return_intermediates, model_t[::-1])
-    for i in progress_iter(range(n), total=n, desc="DDIM", enabled=progress):
+    for i in run.steps(n):
         k = n - 1 - i
-        x0, _, _ = den(x, k)
-        rec(i, x, x0)
+        x0, _, _ = run.den(x, k)
+        run.rec(i, x, x0)
         if k == 0:  # ᾱ_{t-1} = 1: x₀ = x̂₀
             x = x0
             continue
         x = torch.add(x * c[k], x0, alpha=b[k])  # √ᾱ_{t-1} x̂₀ + √(1-ᾱ_{t-1}-σ_t²) ε̂
         if sigma[k] > 0.0:
-            x.add_(draw_noise(x.shape, generator, device), alpha=sigma[k])
-    return rec.output(x)
+            x.add_(run.noise(x.shape), alpha=sigma[k])
+    return run.rec.output(x)
 
 
 @torch.inference_mode()
@@ -104,12 +94,7 @@ def ddim_invert(
     steps: int = 50,
     spacing: str = "uniform",
     fixed_point_iters: int = 0,
-    clip_denoised: bool = False,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """Deterministic DDIM inversion (image -> noise): ``ddim_sample`` with η = 0 run backwards.
 
@@ -121,9 +106,11 @@ def ddim_invert(
     O(1/steps) error; each fixed-point iteration re-predicts ε̂ at the new x_{τ_k} (one more
     network call per step) and converges to the exact inverse where the map contracts.
     Returns x_{τ_{K-1}}, the noise from which ``ddim_sample(..., noise=x_T)`` gives back ``x0``.
-    No clipping by default (clipping would make the inverse inexact).
+    No clipping by default (clipping would make the inverse inexact). ``**common``: those of
+    :class:`~ddpm.diffusion.samplers.SampleCall` but ``generator`` and ``noise``.
     """
-    check_options({"clip_denoised": clip_denoised})
+    common = {"clip_denoised": False, **common}
+    call = SampleCall.parse("ddim_invert", common, exclude=("generator", "noise"))
     if (
         isinstance(fixed_point_iters, bool)
         or not isinstance(fixed_point_iters, int)
@@ -131,20 +118,19 @@ def ddim_invert(
     ):
         raise ValueError(f"fixed_point_iters must be an integer >= 0, got {fixed_point_iters!r}")
     ac, model_t = _ddim_grid(diffusion, steps, spacing)
-    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(None, x0, None, device)
+    run = replace(call, noise=x0).start(model, diffusion, None, ac, model_t, "DDIM inversion")
+    x = run.x
     sqrt_ac, sqrt_1m_ac = np.sqrt(ac).tolist(), np.sqrt(1.0 - ac).tolist()
     n = len(model_t)
-    rec = Recorder(return_intermediates, model_t)
-    for k in progress_iter(range(n), total=n, desc="DDIM inversion", enabled=progress):
+    for k in run.steps(n):
         x_next = x
         for _ in range(1 + fixed_point_iters):
-            _, eps, _ = den(x_next, k, need_eps=True)
+            _, eps, _ = run.den(x_next, k, need_eps=True)
             if k == 0:  # ᾱ = 1 before the first step: x̂₀ is the image itself
                 x0_hat = x
             else:  # the x̂₀ implied by x_{τ_{k-1}} and ε̂ (DDIM eq. 12 solved for x̂₀)
                 x0_hat = torch.sub(x, eps, alpha=sqrt_1m_ac[k - 1]).mul_(1.0 / sqrt_ac[k - 1])
             x_next = torch.add(x0_hat * sqrt_ac[k], eps, alpha=sqrt_1m_ac[k])
         x = x_next
-        rec(k, x, x0_hat)
-    return rec.output(x)
+        run.rec(k, x, x0_hat)
+    return run.rec.output(x)

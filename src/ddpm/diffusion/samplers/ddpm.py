@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import respace, space_timesteps
 from ddpm.diffusion.samplers._core import (
-    Denoiser,
-    Generator,
-    Intermediates,
     Model,
-    Recorder,
+    SampleCall,
     SampleOutput,
     alphas_cumprod,
-    check_options,
-    draw_noise,
     timestep_map,
 )
-from ddpm.utils.progress import progress_iter
 
 
 @torch.inference_mode()
@@ -32,14 +26,7 @@ def ddpm_sample(
     *,
     steps: int | None = None,
     spacing: str = "uniform",
-    generator: Generator = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """Ancestral sampling, DDPM Algorithm 2: x_{t-1} = μ̃_t(x̂₀, x_t) + σ_t z, z = 0 at the last step.
 
@@ -47,17 +34,17 @@ def ddpm_sample(
     clipping); σ_t² follows the diffusion's ``variance_type``: ``fixed_large`` β_t,
     ``fixed_small`` β̃_t (eq. 6-7), ``learned_range`` / ``learned`` Σ_θ (improved DDPM eq. 15).
     ``steps`` < T respaces the chain to ``space_timesteps(T, steps, spacing)`` (improved DDPM §4).
+    ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
+    call = SampleCall.parse("ddpm_sample", common)
     T = diffusion.num_timesteps
-    check_options({"clip_denoised": clip_denoised})
     kept = space_timesteps(T, T if steps is None else steps, spacing)
     sched = diffusion if len(kept) == T else respace(diffusion, kept)
     n = sched.num_timesteps
     model_t = timestep_map(sched)
     ac = alphas_cumprod(sched).tolist()
-    den = Denoiser(model, sched, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(shape, noise, generator, device)
-    device = x.device
+    run = call.start(model, sched, shape, ac, model_t, "DDPM", model_t[::-1])
+    x = run.x
     coef1 = sched.posterior_mean_coef1.tolist()
     coef2 = sched.posterior_mean_coef2.tolist()
     learned = sched.learned_variance
@@ -66,15 +53,14 @@ def ddpm_sample(
         max_log = sched.log_betas.tolist()
     else:
         std = sched.p_variance(torch.arange(n), (n,))[0].sqrt().tolist()
-    rec = Recorder(return_intermediates, model_t[::-1])
-    for i in progress_iter(range(n), total=n, desc="DDPM", enabled=progress):
+    for i in run.steps(n):
         k = n - 1 - i
-        x0, _, var_values = den(x, k)
-        rec(i, x, x0)
+        x0, _, var_values = run.den(x, k)
+        run.rec(i, x, x0)
         x = torch.add(x0 * coef1[k], x, alpha=coef2[k])  # μ̃_t(x̂₀, x_t); = x̂₀ at k = 0
         if k == 0:
             continue
-        z = draw_noise(x.shape, generator, device)
+        z = run.noise(x.shape)
         if not learned:
             x.add_(z, alpha=std[k])
             continue
@@ -83,4 +69,4 @@ def ddpm_sample(
         else:  # improved DDPM eq. 15: log Σ = v log β + (1-v) log β̃, v = (output+1)/2
             log_var = (var_values + 1.0) * (0.5 * (max_log[k] - min_log[k])) + min_log[k]
         x.addcmul_(torch.exp(0.5 * log_var), z)
-    return rec.output(x)
+    return run.rec.output(x)

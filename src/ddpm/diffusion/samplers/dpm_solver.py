@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Denoiser,
-    Generator,
-    Intermediates,
     Model,
-    Recorder,
+    SampleCall,
     SampleOutput,
     check_options,
-    draw_noise,
     log_snr,
     solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
-from ddpm.utils.progress import progress_iter
 
 
 def dpm_solver_coefficients(
@@ -88,14 +83,7 @@ def dpm_solver_sample(
     algorithm_type: str = "dpmsolver++",
     spacing: str = "uniform",
     lower_order_final: bool = True,
-    generator: Generator = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """DPM-Solver++(2M/3M) (Lu et al. 2022): multistep data-prediction solver of the diffusion ODE,
     or of the reverse SDE with ``algorithm_type="sde-dpmsolver++"`` (DPM-Solver++(2M) SDE).
@@ -106,28 +94,22 @@ def dpm_solver_sample(
     previous step, r = h_prev/h (coefficients: :func:`dpm_solver_coefficients`). The first step
     is first order, the last goes to σ = 0 (returns x̂₀). ``clip_denoised`` clips x̂₀ (diffusers'
     thresholding with max value 1). ``order`` in 1 (DDIM), 2, 3. Timesteps:
-    :func:`dpm_solver_timesteps`.
+    :func:`dpm_solver_timesteps`. ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
+    call = SampleCall.parse("dpm_solver_sample", common)
     check_options(
-        {
-            "order": order,
-            "algorithm_type": algorithm_type,
-            "clip_denoised": clip_denoised,
-            "lower_order_final": lower_order_final,
-        }
+        {"order": order, "algorithm_type": algorithm_type, "lower_order_final": lower_order_final}
     )
     sde = algorithm_type == "sde-dpmsolver++"
     ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
     coefs = dpm_solver_coefficients(ac, order, lower_order_final, sde)
-    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(shape, noise, generator, device)
-    device = x.device
-    rec = Recorder(return_intermediates, model_t)
+    run = call.start(model, diffusion, shape, ac, model_t, "DPM-Solver++")
+    x = run.x
     d1 = d2 = None
     n = len(model_t)
-    for k in progress_iter(range(n), total=n, desc="DPM-Solver++", enabled=progress):
-        x0, _, _ = den(x, k)
-        rec(k, x, x0)
+    for k in run.steps(n):
+        x0, _, _ = run.den(x, k)
+        run.rec(k, x, x0)
         a, c0, c1, c2, s = coefs[k]
         x_next = x0 * c0 if a == 0.0 else torch.add(x * a, x0, alpha=c0)
         if c1 != 0.0:
@@ -135,6 +117,6 @@ def dpm_solver_sample(
         if c2 != 0.0:
             x_next.add_(d2, alpha=c2)
         if s > 0.0:
-            x_next.add_(draw_noise(x.shape, generator, device), alpha=s)
+            x_next.add_(run.noise(x.shape), alpha=s)
         x, d1, d2 = x_next, x0, d1
-    return rec.output(x)
+    return run.rec.output(x)

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Denoiser,
-    Generator,
-    Intermediates,
     Model,
-    Recorder,
+    SampleCall,
     SampleOutput,
     check_options,
-    draw_noise,
     solver_alphas_cumprod,
     solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import heun_timesteps
-from ddpm.utils.progress import progress_iter
 
 
 def _churned(sigmas: np.ndarray, all_sigmas: np.ndarray, n: int, churn: tuple) -> np.ndarray:
@@ -50,14 +45,7 @@ def heun_sample(
     s_tmin: float = 0.0,
     s_tmax: float | None = None,
     s_noise: float = 1.0,
-    generator: Generator = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """EDM's second-order Heun sampler (Karras et al. 2022, Alg. 1; Alg. 2 with ``s_churn`` > 0).
 
@@ -71,16 +59,10 @@ def heun_sample(
     (which takes fractional timesteps on a ``uniform`` grid; ours are the nearest integers).
     The first step starts at σ(T-1): a schedule where that is huge (cosine: 2·10⁴; zero
     terminal SNR) makes it one long, inaccurate trapezoid (EDM starts at σ_max = 80).
+    ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
-    check_options(
-        {
-            "s_churn": s_churn,
-            "s_tmin": s_tmin,
-            "s_tmax": s_tmax,
-            "s_noise": s_noise,
-            "clip_denoised": clip_denoised,
-        }
-    )
+    call = SampleCall.parse("heun_sample", common)
+    check_options({"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise})
     ts = heun_timesteps(diffusion, steps, spacing)
     n = len(ts)
     all_ac = solver_alphas_cumprod(diffusion)
@@ -92,23 +74,20 @@ def heun_sample(
     scale_in = np.sqrt(ac).tolist()  # x_t = √ᾱ x_σ
     sig_hat = all_sigmas[list(hat)].tolist()
     sig_next = [*sig[1:].tolist(), 0.0]
-    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(shape, noise, generator, device)
-    device = x.device
-    rec = Recorder(return_intermediates, model_t[:n])
-    x = x / math.sqrt(all_ac[ts[0]])  # x_σ
-    for i in progress_iter(range(n), total=n, desc="Heun", enabled=progress):
+    run = call.start(model, diffusion, shape, ac, model_t, "Heun", model_t[:n])
+    x = run.x / math.sqrt(all_ac[ts[0]])  # x_σ
+    for i in run.steps(n):
         if sig_hat[i] > sig[i]:  # Alg. 2: x̂ = x + √(σ̂² - σ²) S_noise ε
             std = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
-            x = x + draw_noise(x.shape, generator, device) * std
+            x = x + run.noise(x.shape) * std
         x_t = x * scale_in[i]
-        x0, _, _ = den(x_t, i)
-        rec(i, x_t, x0)
+        x0, _, _ = run.den(x_t, i)
+        run.rec(i, x_t, x0)
         d = (x - x0) / sig_hat[i]
         dt = sig_next[i] - sig_hat[i]
         x_next = x + d * dt  # Euler
         if sig_next[i] > 0.0:  # second order: the mean of the slopes at both ends
-            x0_next, _, _ = den(x_next * scale_in[n + i], n + i)
+            x0_next, _, _ = run.den(x_next * scale_in[n + i], n + i)
             x_next = x + (d + (x_next - x0_next) / sig_next[i]) * (0.5 * dt)
         x = x_next
-    return rec.output(x)
+    return run.rec.output(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,18 +12,14 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Denoiser,
-    Generator,
-    Intermediates,
     Model,
-    Recorder,
+    SampleCall,
     SampleOutput,
     check_options,
     log_snr,
     solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
-from ddpm.utils.progress import progress_iter
 
 
 def _unipc_update(
@@ -123,14 +120,7 @@ def unipc_sample(
     order: int = 2,
     solver_type: str = "bh2",
     spacing: str = "uniform",
-    generator: Generator = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    return_intermediates: Intermediates = False,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
-    class_labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
+    **common: Any,
 ) -> SampleOutput:
     """UniPC (Zhao et al. 2023): UniP-p predictor + UniC-p corrector, one network call per step.
 
@@ -141,23 +131,24 @@ def unipc_sample(
     correction. ``solver_type``: ``bh1`` (B(h) = h, the paper's choice for unconditional
     sampling) or ``bh2`` (B(h) = e^h - 1, diffusers' default). Timesteps as DPM-Solver++
     (:func:`dpm_solver_timesteps`); coefficients: :func:`unipc_coefficients`.
+    ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
-    check_options({"order": order, "solver_type": solver_type, "clip_denoised": clip_denoised})
+    call = SampleCall.parse("unipc_sample", common)
+    check_options({"order": order, "solver_type": solver_type})
     ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
     coefs = unipc_coefficients(ac, order, solver_type)
-    den = Denoiser(model, diffusion, ac, model_t, clip_denoised, class_labels, guidance_scale)
-    x = den.start(shape, noise, generator, device)
-    rec = Recorder(return_intermediates, model_t)
+    run = call.start(model, diffusion, shape, ac, model_t, "UniPC")
+    x = run.x
     history: list[Tensor] = []  # x̂₀ of the previous steps, newest first
     x_prev = x
     n = len(model_t)
-    for k in progress_iter(range(n), total=n, desc="UniPC", enabled=progress):
-        x0, _, _ = den(x, k)
-        rec(k, x, x0)
+    for k in run.steps(n):
+        x0, _, _ = run.den(x, k)
+        run.rec(k, x, x0)
         corr, (a, c) = coefs[k]
         if corr is not None:
             x = _combine(corr[0], x_prev, corr[1], history, x0)
         history = [x0, *history][:3]
         x_prev = x
         x = _combine(a, x, c, history, None)
-    return rec.output(x)
+    return run.rec.output(x)
