@@ -159,7 +159,7 @@ def cond_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "callbacks.sample_grid.every_n_steps=6",
             "callbacks.sample_grid.num_samples=20",
             "callbacks.sample_grid.batch_size=20",
-            "callbacks.sample_grid.forward_picture=false",
+            "~callbacks.forward_picture",
             "sampler=ddim",
             "sampler.steps=3",
             "sampler.guidance_scale=2.0",

@@ -152,7 +152,7 @@ def test_energy_distance_and_mmd() -> None:
 
 
 def test_training_logs_playground_pictures_and_distance(tmp_path) -> None:
-    """The sample-grid callback draws the playground pictures during 2-D training."""
+    """The playground callback draws its pictures during 2-D training and logs the distances."""
     import json
 
     from ddpm.tasks.train import train
@@ -167,6 +167,7 @@ def test_training_logs_playground_pictures_and_distance(tmp_path) -> None:
             "trainer.val_check_interval=30",
             "callbacks.sample_grid.every_n_steps=30",
             "callbacks.sample_grid.num_samples=300",
+            "callbacks.playground.num_samples=300",
         ],
         tmp_path,
     )

@@ -46,7 +46,7 @@ MICRO = [
     "callbacks.sample_grid.num_samples=2",
     "callbacks.sample_grid.batch_size=2",
     "callbacks.sample_grid.strip_seeds=[0]",
-    "callbacks.sample_grid.forward_picture=false",
+    "~callbacks.forward_picture",
     "callbacks.sample_grid.at_train_end=false",
     "sampler.steps=2",
     "+callbacks.probe._target_=test_resume_exact.RngProbe",

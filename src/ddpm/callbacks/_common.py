@@ -1,5 +1,5 @@
 """Helpers shared by the evaluation callbacks: cadence, logging outside Lightning's log cadence,
-image logging, data shapes."""
+image logging, data shapes, and the base of the picture callbacks (:class:`PictureCallback`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ddpm.contracts import Denormalizes, KnowsSampleShape, optional
+from ddpm.callbacks.preemption import preemption_requested
+from ddpm.contracts import Denormalizes, HasValidationData, KnowsSampleShape, optional
 from ddpm.utils.checks import check_positive_int
 
 log = logging.getLogger(__name__)
+
+
+def default_sampler() -> Callable[..., Any]:
+    """DDIM with 50 steps (η = 0), used when no sampler is configured."""
+    from ddpm.diffusion.samplers import DDIMSampler
+
+    return DDIMSampler(steps=50)
 
 
 def is_fast_dev_run(trainer: pl.Trainer) -> bool:
@@ -60,6 +68,19 @@ def log_image(trainer: pl.Trainer, key: str, image: Tensor | None, path: Path) -
             log.warning(
                 "could not log %s to %s: %s: %s", key, type(logger).__name__, type(e).__name__, e
             )
+
+
+def log_figure(trainer: pl.Trainer, fig: Any, path: Path, key: str) -> Path:
+    """Save the matplotlib figure ``fig`` as ``path`` (``ddpm.viz.plots.save_figure``), close it
+    and log the PNG under ``key`` (:func:`log_image`)."""
+    import matplotlib.pyplot as plt
+
+    from ddpm.viz.plots import save_figure
+
+    path = save_figure(fig, path)
+    plt.close(fig)
+    log_image(trainer, key, None, path)
+    return path
 
 
 def sample_shape_of(
@@ -109,6 +130,13 @@ def first_labelled_samples(loader: Any, n: int) -> tuple[Tensor | None, Tensor |
         return None, None
     y = torch.cat(labels)[:n] if len(labels) == len(got) else None
     return torch.cat(got)[:n], y
+
+
+def validation_samples(trainer: pl.Trainer, n: int) -> Tensor | None:
+    """The first ``n`` validation samples of the trainer's datamodule (:func:`first_samples`);
+    None without a datamodule that has validation data."""
+    dm = optional(getattr(trainer, "datamodule", None), HasValidationData)
+    return None if dm is None else first_samples(dm.val_dataloader(), n)
 
 
 def denormalizer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
@@ -181,3 +209,105 @@ class PeriodicCallback(pl.Callback):
         if self.at_train_end and trainer.global_step != self._cadence.last_step:
             self._cadence.mark(trainer)
             self.run(trainer, pl_module)
+
+
+class PictureCallback(PeriodicCallback):
+    """A :class:`PeriodicCallback` that draws pictures on rank 0: the part every picture callback
+    shares (sample grid, forward process, loss by t, playground).
+
+    ``run`` skips non-zero ranks (no collective inside: under DDP the others wait for rank 0 at
+    the next gradient all-reduce), ``fast_dev_run`` and a pending stop signal; it puts the network
+    (the EMA one with ``use_ema``, ``pl_module.denoiser``) in eval mode, calls
+    ``draw(trainer, pl_module, model, shape, out_dir)`` (what a subclass implements; it returns
+    the PNGs it wrote, logged with :func:`log_image`), restores the mode and records the files in
+    ``saved``. PNGs go to ``output_dir`` (default ``<trainer.default_root_dir>/samples``). The
+    end-of-training picture is skipped when the run stops on a signal, or ends before the first
+    picture (``global_step < every_n_steps``: an untrained model's pictures say nothing, and
+    drawing them can take longer than the run).
+    """
+
+    picture = "picture"  # what the log messages call it
+    hint = ""  # appended to the "no end-of-training picture" message
+    skip_log_level = logging.DEBUG  # of that message
+
+    def __init__(
+        self,
+        every_n_steps: int | None,
+        at_train_end: bool,
+        *,
+        output_dir: str | None = None,
+        use_ema: bool = True,
+        seed: int = 0,
+        sample_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, at_train_end)
+        self.output_dir = output_dir
+        self.use_ema = bool(use_ema)
+        self.seed = int(seed)
+        self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
+        self.saved: list[Path] = []  # every PNG written (rank 0)
+
+    @property
+    def _logger(self) -> logging.Logger:
+        """The subclass's module logger (``ddpm.callbacks.sample_grid``, ...)."""
+        return logging.getLogger(type(self).__module__)
+
+    def out_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "samples")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.at_train_end or is_fast_dev_run(trainer):
+            return
+        name = type(self).__name__
+        if preemption_requested(trainer):
+            self._logger.info("%s: stopping on a signal, no end-of-training %s", name, self.picture)
+            return
+        step = trainer.global_step
+        if self.every_n_steps and step < self.every_n_steps:
+            if trainer.is_global_zero:
+                self._logger.log(
+                    self.skip_log_level,
+                    "%s: the run ended at step %d, before its first %s (every %d steps): no "
+                    "end-of-training %s%s",
+                    name,
+                    step,
+                    self.picture,
+                    self.every_n_steps,
+                    self.picture,
+                    self.hint,
+                )
+            return
+        super().on_train_end(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
+        """Draw, save and log the pictures now (rank 0 only; others return [])."""
+        if not trainer.is_global_zero:
+            return []
+        if is_fast_dev_run(trainer):
+            self._logger.info("%s: skipped under fast_dev_run", type(self).__name__)
+            return []
+        if preemption_requested(trainer):
+            return []
+        model = pl_module.denoiser(use_ema=self.use_ema)
+        shape = sample_shape_of(trainer, self.sample_shape, self._seen_shape)
+        was_training = model.training
+        model.eval()
+        written: list[Path] = []
+        try:
+            written = self.draw(trainer, pl_module, model, shape, self.out_dir(trainer))
+        finally:
+            model.train(was_training)
+            self.saved.extend(written)
+        return written
+
+    def draw(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: Any,
+        shape: tuple[int, ...],
+        out_dir: Path,
+    ) -> list[Path]:
+        """Draw, save and log the pictures of ``model`` (in eval mode) for samples of ``shape``;
+        return the PNGs written (rank 0)."""
+        raise NotImplementedError

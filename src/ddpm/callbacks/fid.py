@@ -27,12 +27,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ddpm.callbacks._common import (
     PeriodicCallback,
+    default_sampler,
     denormalizer,
     is_fast_dev_run,
     log_metrics_now,
     sample_shape_of,
 )
-from ddpm.callbacks.sample_grid import default_sampler
 from ddpm.contracts import HasReferenceImages, optional
 from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard

@@ -1,0 +1,99 @@
+"""The 2-D playground while training (``visualize.py what=playground`` from a checkpoint): the
+score field and the reverse trajectory of the samples (``score_step_0001000.png``,
+``reverse_step_0001000.png``, logged as ``samples/score`` / ``samples/reverse``), and the energy
+distance (Székely & Rizzo 2013) and MMD (Gretton et al. 2012) of the samples to validation
+points, logged as ``val/energy_distance`` / ``val/mmd``. Other data: nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from ddpm.callbacks._common import (
+    PictureCallback,
+    default_sampler,
+    log_figure,
+    log_metrics_now,
+    validation_samples,
+)
+from ddpm.utils.checks import check_positive_int
+from ddpm.utils.classes import num_classes_of
+from ddpm.utils.devices import model_device
+
+
+class Playground(PictureCallback):
+    """Draw the playground and log the distances every ``every_n_steps`` steps (2-D data).
+
+    Args:
+        sampler: the sampler (the Hydra ``sampler`` node). Default: DDIM, 50 steps. A
+            class-conditional network is compared unguided (``guidance_scale`` 1): the reference
+            is all validation points.
+        every_n_steps: cadence in optimizer steps (the config follows the sample grid's).
+        at_train_end: also draw when training ends (if not just done at that step).
+        num_samples: validation points, and samples drawn (seeded with ``seed``).
+        seed: seed of the samples.
+        use_ema: sample with the EMA network when an EMA callback runs.
+        output_dir: where the PNGs go (default ``<trainer.default_root_dir>/samples``).
+    """
+
+    picture = "playground"
+
+    def __init__(
+        self,
+        sampler: Callable[..., Any] | None = None,
+        every_n_steps: int | None = 500,
+        at_train_end: bool = True,
+        num_samples: int = 64,
+        seed: int = 0,
+        use_ema: bool = True,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_steps, at_train_end, output_dir=output_dir, use_ema=use_ema, seed=seed
+        )
+        check_positive_int("num_samples", num_samples)
+        self.sampler = sampler
+        self.num_samples = int(num_samples)
+
+    def draw(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        model: Any,
+        shape: tuple[int, ...],
+        out_dir: Path,
+    ) -> list[Path]:
+        if shape != (2,):
+            return []
+        ref = validation_samples(trainer, self.num_samples)
+        if ref is None:
+            return []
+        import matplotlib.pyplot as plt
+
+        from ddpm.viz.playground import playground_figures, playground_report
+
+        sampler = self.sampler if self.sampler is not None else default_sampler()
+        guided = getattr(sampler, "guidance_scale", 1.0) != 1.0
+        if num_classes_of(model) is not None and guided and dataclasses.is_dataclass(sampler):
+            sampler = dataclasses.replace(sampler, guidance_scale=1.0)
+        device = model_device(model, pl_module.device)
+        report = playground_report(
+            model, pl_module.diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
+        )
+        d = report["distances"]["sampler"]
+        log_metrics_now(trainer, {"val/energy_distance": d["energy_distance"], "val/mmd": d["mmd"]})
+        figs = playground_figures(report)
+        step = trainer.global_step
+        written = [
+            log_figure(
+                trainer, figs[name], out_dir / f"{name}_step_{step:07d}.png", f"samples/{name}"
+            )
+            for name in ("score", "reverse")
+        ]
+        for fig in figs.values():
+            plt.close(fig)
+        return written
