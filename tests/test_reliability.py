@@ -221,7 +221,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) ->
     assert _load(ckpts / "last.ckpt")["global_step"] == 6
 
 
-def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path) -> None:
+def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path, default_sigint: None) -> None:
     cfg = compose_cfg(
         [
             *FAST,
@@ -248,7 +248,7 @@ def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path) -> None:
     assert metrics["global_step"] == 6
 
 
-def test_second_sigint_aborts_immediately() -> None:
+def test_second_sigint_aborts_immediately(default_sigint: None) -> None:
     cb = PreemptionCheckpoint()
     cb._install_handlers()
     try:

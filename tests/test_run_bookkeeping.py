@@ -341,7 +341,9 @@ def test_submitit_local_job_survives_usr2_by_requeue(tmp_path: Path) -> None:
 
 
 # ====================================================================== end of training
-def test_a_signal_during_end_of_training_work_stops_at_once(tmp_path: Path) -> None:
+def test_a_signal_during_end_of_training_work_stops_at_once(
+    tmp_path: Path, default_sigint: None
+) -> None:
     cfg = compose_cfg(
         [
             *BASE,
