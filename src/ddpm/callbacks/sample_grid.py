@@ -212,7 +212,7 @@ class SampleGrid(PictureCallback):
             + "; ".join(DEPRECATED_KEYS[k] for k in given)
             + ". This grid draws them as before.",
             FutureWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of SampleGrid(...)
         )
         from ddpm.callbacks.pictures import ForwardProcessPicture, LossByTPicture
         from ddpm.callbacks.playground import Playground
