@@ -382,3 +382,28 @@ def test_an_optimising_sweep_gets_the_metric_of_the_final_weights(tmp_path: Path
                 tmp_path / "b",
             )
         )
+
+
+def test_a_setting_that_follows_another_is_touched_with_it() -> None:
+    """A resume that changes the grid's cadence changes what follows it, through ``${a.b}`` or
+    ``${oc.select:a.b,default}`` (the picture callbacks follow the grid's cadence)."""
+    from omegaconf import OmegaConf
+
+    from ddpm.run.resume import touched_paths
+
+    cfg = OmegaConf.create(
+        {
+            "callbacks": {
+                "sample_grid": {"every_n_steps": 5},
+                "playground": {
+                    "every_n_steps": "${oc.select:callbacks.sample_grid.every_n_steps,4}"
+                },
+                "forward_picture": {"every_n_steps": "${callbacks.sample_grid.every_n_steps}"},
+                "nll": {"every_n_steps": "${oc.select:trainer.val_check_interval,4}"},
+            }
+        }
+    )
+    touched = touched_paths(cfg, ["callbacks.sample_grid.every_n_steps=5"], {})
+    assert "callbacks.playground.every_n_steps" in touched
+    assert "callbacks.forward_picture.every_n_steps" in touched
+    assert "callbacks.nll.every_n_steps" not in touched

@@ -73,7 +73,8 @@ _MAY_CHANGE = (
 _LAUNCH_KEYS = ("paths", "run_dir", "ckpt_path", "resume_overrides")
 _GLOBAL = ""  # the prefix of every path
 _MISSING = object()
-_REF = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${a.b}, also inside ${resolver:${a.b},...}
+# ${a.b}, also inside ${resolver:${a.b},...}; and ${oc.select:a.b,default}
+_REF = re.compile(r"\$\{(?:oc\.select:)?([A-Za-z_][\w.]*)[},]")
 
 
 def may_change(path: str) -> bool:
