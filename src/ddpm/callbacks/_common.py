@@ -235,12 +235,14 @@ class PictureCallback(PeriodicCallback):
         every_n_steps: int | None,
         at_train_end: bool,
         *,
+        num_samples: int,
         output_dir: str | None = None,
         use_ema: bool = True,
         seed: int = 0,
         sample_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(every_n_steps, at_train_end)
+        self.num_samples = check_positive_int("num_samples", num_samples)  # what a picture shows
         self.output_dir = output_dir
         self.use_ema = bool(use_ema)
         self.seed = int(seed)

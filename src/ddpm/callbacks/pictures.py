@@ -25,7 +25,6 @@ from ddpm.callbacks._common import (
     log_figure,
     validation_samples,
 )
-from ddpm.utils.checks import check_positive_int
 from ddpm.utils.devices import model_device
 
 
@@ -51,9 +50,9 @@ class ForwardProcessPicture(PictureCallback):
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, at_train_end, output_dir=output_dir, seed=seed)
-        check_positive_int("num_samples", num_samples)
-        self.num_samples = int(num_samples)
+        super().__init__(
+            every_n_steps, at_train_end, num_samples=num_samples, output_dir=output_dir, seed=seed
+        )
         self.done = False
 
     def draw(
@@ -109,10 +108,13 @@ class LossByTPicture(PictureCallback):
         output_dir: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, at_train_end, output_dir=output_dir, use_ema=use_ema, seed=seed
+            every_n_steps,
+            at_train_end,
+            num_samples=num_samples,
+            output_dir=output_dir,
+            use_ema=use_ema,
+            seed=seed,
         )
-        check_positive_int("num_samples", num_samples)
-        self.num_samples = int(num_samples)
 
     def draw(
         self,

@@ -20,7 +20,6 @@ from ddpm.callbacks._common import (
     log_metrics_now,
     validation_samples,
 )
-from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import num_classes_of
 from ddpm.utils.devices import model_device
 
@@ -53,11 +52,14 @@ class Playground(PictureCallback):
         output_dir: str | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, at_train_end, output_dir=output_dir, use_ema=use_ema, seed=seed
+            every_n_steps,
+            at_train_end,
+            num_samples=num_samples,
+            output_dir=output_dir,
+            use_ema=use_ema,
+            seed=seed,
         )
-        check_positive_int("num_samples", num_samples)
         self.sampler = sampler
-        self.num_samples = int(num_samples)
 
     def draw(
         self,

@@ -165,17 +165,16 @@ class SampleGrid(PictureCallback):
         super().__init__(
             every_n_steps,
             at_train_end,
+            num_samples=num_samples,
             output_dir=output_dir,
             use_ema=use_ema,
             seed=seed,
             sample_shape=sample_shape,
         )
-        check_positive_int("num_samples", num_samples)
         check_positive_int("batch_size", batch_size)
         check_positive_int("nrow", nrow, allow_none=True)
         check_positive_int("strip_frames", strip_frames)
         self.sampler = sampler
-        self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.nrow = nrow
         self.strip_seeds = [int(s) for s in strip_seeds]
