@@ -15,9 +15,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 from ddpm.loggers import carry_over_wandb_id
-from ddpm.run.checkpoints import find_checkpoint, resolve_ckpt_path
+from ddpm.run.checkpoint_files import find_checkpoint, resolve_ckpt_path
 from ddpm.run.directory import check_run_dir, run_dir_lock
 from ddpm.tasks.train import train
 from hydra_utils import SRC_DIR, TINY, compose_cfg
