@@ -6,15 +6,23 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ddpm.config import validate_train_config
-from ddpm.diffusion import LossSecondMomentTimestepSampler, UniformTimestepSampler
+from ddpm.diffusion import (
+    DiffusionLoss,
+    GaussianDiffusion,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
+)
 from ddpm.errors import ConfigError
+from ddpm.module import DiffusionModule
 from ddpm.run.checkpoint_files import resolve_ckpt_path
 from ddpm.tasks.common import instantiate_dict
 from ddpm.tasks.train import build_module
+from fit_utils import TinyEpsNet
 from hydra_utils import CONF_DIR, TINY, compose_cfg
 
 CONF = Path(CONF_DIR)
@@ -203,6 +211,16 @@ def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
     assert type(sampler) is LossSecondMomentTimestepSampler and sampler.num_timesteps == 40
 
 
+def test_timestep_sampler_of_another_T_is_refused() -> None:
+    net = TinyEpsNet()
+    diffusion, loss = GaussianDiffusion(num_timesteps=50), DiffusionLoss("simple")
+    with pytest.raises(ValueError, match=r"20 timesteps, the process has T=50"):
+        DiffusionModule(net, diffusion, loss, torch.optim.Adam, None, UniformTimestepSampler(20))
+    module = DiffusionModule(net, diffusion, loss, torch.optim.Adam)  # default: uniform over T
+    assert type(module.timestep_sampler) is UniformTimestepSampler
+    assert module.timestep_sampler.num_timesteps == 50
+
+
 # ---------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     ("overrides", "needle"),
@@ -319,7 +337,13 @@ with initialize_config_dir(config_dir={CONF_DIR!r}, version_base="1.3"):
                                       "paths.output_dir={tmp_path}", "paths.root_dir={tmp_path}"])
 OmegaConf.to_container(cfg, resolve=True)
 from ddpm.config import validate_train_config
-from ddpm.diffusion import LossSecondMomentTimestepSampler, UniformTimestepSampler
+from ddpm.diffusion import (
+    DiffusionLoss,
+    GaussianDiffusion,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
+)
+from ddpm.module import DiffusionModule
 from ddpm.tasks.train import build_module
 validate_train_config(cfg)
 print(build_module(cfg).net.out_channels)
