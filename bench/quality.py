@@ -85,7 +85,7 @@ def main() -> None:
     for m in marks[:-1]:  # a checkpoint at every earlier minute mark (Lightning's timer)
         key = f"+callbacks.time_{int(m * 60)}s"
         cmd += [
-            f"{key}._target_=ddpm.callbacks.checkpoint.AtomicModelCheckpoint",
+            f"{key}._target_=ddpm.callbacks.atomic_checkpoint.AtomicModelCheckpoint",
             f"{key}.dirpath={run_dir}/checkpoints/time_{int(m * 60)}s",
             f"{key}.filename='step_{{step:07d}}'",
             f"{key}.auto_insert_metric_name=false",

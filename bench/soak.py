@@ -116,7 +116,7 @@ def resume_step(run_dir: Path) -> int:
 
     import torch
 
-    from ddpm.run.checkpoints import find_checkpoint
+    from ddpm.run.checkpoint_files import find_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -10,7 +10,7 @@ Writes metrics.json to its run directory and prints it (see conf/evaluate.yaml).
 import hydra
 from omegaconf import DictConfig
 
-import ddpm.config  # noqa: F401 - registers resolvers and U-Net presets before Hydra composes
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.tasks.evaluate import evaluate
 
 

@@ -9,7 +9,7 @@ python src/export.py ckpt_path=DIR out=model.safetensors        # import a diffu
 import hydra
 from omegaconf import DictConfig
 
-import ddpm.config  # noqa: F401 - registers resolvers and U-Net presets before Hydra composes
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.tasks.export import export
 
 

@@ -11,7 +11,7 @@ scores it. devices=N splits the samples over N processes (the same images as one
 import hydra
 from omegaconf import DictConfig
 
-import ddpm.config  # noqa: F401 - registers resolvers and U-Net presets before Hydra composes
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.tasks.sample import sample
 
 

@@ -10,7 +10,7 @@ python src/train.py run_dir=outputs/train/runs/X ckpt_path=last   # resume run X
 import hydra
 from omegaconf import DictConfig
 
-import ddpm.config  # noqa: F401 - registers resolvers and U-Net presets before Hydra composes
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.tasks.train import train
 
 

@@ -13,7 +13,7 @@ does not work without -m. Prints the paths of the PNGs written.
 import hydra
 from omegaconf import DictConfig
 
-import ddpm.config  # noqa: F401 - registers resolvers and U-Net presets before Hydra composes
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.tasks.visualize import visualize
 
 

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import ddpm.config  # noqa: F401 - resolvers and U-Net presets, before composing
+import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before composing
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SRC_DIR = Path(__file__).resolve().parents[1] / "src"

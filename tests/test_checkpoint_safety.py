@@ -16,17 +16,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ddpm.checkpoint import (
+    CONFIG_KEY,
     LOADABLE_MODULES,
     CheckpointError,
     build_from_config,
     is_loadable,
     load_model,
 )
-from ddpm.config import ConfigError
-from ddpm.module import CONFIG_KEY
-from ddpm.run.checkpoints import checkpoint_info, resolve_ckpt_path
-from ddpm.tasks.common import to_plain
+from ddpm.errors import ConfigError
+from ddpm.run.checkpoint_files import checkpoint_info, resolve_ckpt_path
 from ddpm.tasks.train import train
+from ddpm.utils.config_tree import to_plain
 from hydra_utils import TINY, compose_cfg
 
 TORCH_HINT = ("weights_only` set to `False", "Re-running", "add_safe_globals")

@@ -219,7 +219,7 @@ def test_evaluate_scores_a_sample_file_like_the_checkpoint_it_came_from(
 
 
 def test_evaluate_bad_input_errors(tmp_path: Path) -> None:
-    from ddpm.config import ConfigError
+    from ddpm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="samples=PATH.npz"):
         evaluate(eval_cfg(tmp_path))

@@ -15,15 +15,15 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
-from ddpm.config import ConfigError
 from ddpm.data import ImageDataModule, ToyDataModule
 from ddpm.data.datamodule import split_indices
 from ddpm.data.sources import check_labels, load_digits_labels, load_digits_uint8, prepare
-from ddpm.run.rng import seeded_generator
+from ddpm.errors import ConfigError
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import build_module, train
 from ddpm.utils.classes import balanced_labels, class_rows, parse_class_labels
 from ddpm.utils.images import read_png
+from ddpm.utils.seeding import seeded_generator
 from hydra_utils import TINY, compose_cfg
 
 CONDITIONAL = [*TINY, "data.conditional=true"]

@@ -6,13 +6,23 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm.config import ConfigError, validate_train_config
-from ddpm.run.checkpoints import resolve_ckpt_path
+from ddpm.config import validate_train_config
+from ddpm.diffusion import (
+    DiffusionLoss,
+    GaussianDiffusion,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
+)
+from ddpm.errors import ConfigError
+from ddpm.module import DiffusionModule
+from ddpm.run.checkpoint_files import resolve_ckpt_path
 from ddpm.tasks.common import instantiate_dict
 from ddpm.tasks.train import build_module
+from fit_utils import TinyEpsNet
 from hydra_utils import CONF_DIR, TINY, compose_cfg
 
 CONF = Path(CONF_DIR)
@@ -193,10 +203,22 @@ def test_unet_options_are_the_code_presets(tmp_path: Path) -> None:
 def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
     cfg = compose_cfg(["objective=v_prediction"], tmp_path)
     assert cfg.objective.loss.min_snr_gamma == 5.0 and cfg.objective.loss.loss_type == "simple"
-    assert cfg.objective.loss.lambda_vlb == 0.001 and cfg.objective.timestep_sampler == "uniform"
-    cfg = compose_cfg(["objective=vlb"], tmp_path)
+    assert cfg.objective.loss.lambda_vlb == 0.001
+    assert type(build_module(cfg).timestep_sampler) is UniformTimestepSampler
+    cfg = compose_cfg(["objective=vlb", "schedule.num_timesteps=40"], tmp_path)
     assert cfg.objective.loss.loss_type == "vlb"
-    assert cfg.objective.timestep_sampler == "loss_second_moment"
+    sampler = build_module(cfg).timestep_sampler  # improved DDPM's importance sampling of t
+    assert type(sampler) is LossSecondMomentTimestepSampler and sampler.num_timesteps == 40
+
+
+def test_timestep_sampler_of_another_T_is_refused() -> None:
+    net = TinyEpsNet()
+    diffusion, loss = GaussianDiffusion(num_timesteps=50), DiffusionLoss("simple")
+    with pytest.raises(ValueError, match=r"20 timesteps, the process has T=50"):
+        DiffusionModule(net, diffusion, loss, torch.optim.Adam, None, UniformTimestepSampler(20))
+    module = DiffusionModule(net, diffusion, loss, torch.optim.Adam)  # default: uniform over T
+    assert type(module.timestep_sampler) is UniformTimestepSampler
+    assert module.timestep_sampler.num_timesteps == 50
 
 
 # ---------------------------------------------------------------------- validation
@@ -220,6 +242,7 @@ def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
         # T has one override path: the diffusion and the network read schedule.num_timesteps
         (["diffusion.num_timesteps=500"], r"set schedule\.num_timesteps=500 instead"),
         (["model=mlp", "data=swiss_roll", "model.num_timesteps=9"], r"schedule\.num_timesteps=9"),
+        (["objective.timestep_sampler.num_timesteps=9"], r"set schedule\.num_timesteps=9"),
         (["diffusion.prediction_type=sample"], r"set objective\.prediction_type=sample"),
     ],
 )
@@ -296,7 +319,7 @@ def test_a_sampler_chosen_at_sampling_time_clips_as_in_training(
 
 
 def test_compose_from_a_notebook_needs_one_import(tmp_path: Path) -> None:
-    """The README's notebook recipe in a fresh interpreter: ``import ddpm.config`` and Hydra's
+    """The README's notebook recipe in a fresh interpreter: ``import ddpm.hydra_setup`` and Hydra's
     compose API give a config that resolves whole and builds the module."""
     import os
     import subprocess
@@ -305,7 +328,7 @@ def test_compose_from_a_notebook_needs_one_import(tmp_path: Path) -> None:
     from hydra_utils import SRC_DIR
 
     script = f"""
-import ddpm.config
+import ddpm.hydra_setup
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -314,6 +337,13 @@ with initialize_config_dir(config_dir={CONF_DIR!r}, version_base="1.3"):
                                       "paths.output_dir={tmp_path}", "paths.root_dir={tmp_path}"])
 OmegaConf.to_container(cfg, resolve=True)
 from ddpm.config import validate_train_config
+from ddpm.diffusion import (
+    DiffusionLoss,
+    GaussianDiffusion,
+    LossSecondMomentTimestepSampler,
+    UniformTimestepSampler,
+)
+from ddpm.module import DiffusionModule
 from ddpm.tasks.train import build_module
 validate_train_config(cfg)
 print(build_module(cfg).net.out_channels)

@@ -17,10 +17,10 @@ from ddpm.contracts import (
     HasValidationData,
     HoldsEMA,
     KnowsSampleShape,
+    find_ema,
     require,
 )
 from ddpm.data import ImageDataModule, ToyDataModule
-from ddpm.module import find_ema
 from ddpm.tasks.visualize import held_out
 from fit_utils import fit, make_module
 

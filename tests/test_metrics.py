@@ -27,8 +27,8 @@ from ddpm.metrics import (
     build_extractor,
     open_images,
     save_npz,
-    shard,
 )
+from ddpm.utils.distributed import shard
 
 
 def smooth_images(n: int, seed: int, size: int = 12, gain: float = 1.0) -> Tensor:

@@ -19,12 +19,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ddpm.callbacks.checkpoint import CheckpointWriteError
+from ddpm.callbacks.atomic_checkpoint import CheckpointWriteError
 from ddpm.callbacks.nonfinite import NonFiniteStepError, NonFiniteWeightsError
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.checkpoint import load_model
-from ddpm.config import ConfigError, validate_train_config
-from ddpm.run.checkpoints import find_checkpoint
+from ddpm.config import validate_train_config
+from ddpm.errors import ConfigError
+from ddpm.run.checkpoint_files import find_checkpoint
 from ddpm.tasks.train import train
 from hydra_utils import SRC_DIR, TINY, compose_cfg
 
@@ -348,7 +349,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch):
     once ``DISK['full']`` is set."""
     from lightning_fabric.plugins.io import torch_io
 
-    import ddpm.callbacks.checkpoint as ckpt_mod
+    import ddpm.callbacks.atomic_checkpoint as ckpt_mod
 
     real_save, real_replace = torch_io._atomic_save, os.replace
 

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 from ddpm.loggers import carry_over_wandb_id
-from ddpm.run.checkpoints import find_checkpoint, resolve_ckpt_path
+from ddpm.run import resume_command
+from ddpm.run.checkpoint_files import find_checkpoint, resolve_ckpt_path
 from ddpm.run.directory import check_run_dir, run_dir_lock
+from ddpm.run.resume import check_not_finished
 from ddpm.tasks.train import train
 from hydra_utils import SRC_DIR, TINY, compose_cfg
 
@@ -141,6 +144,29 @@ def test_a_run_never_writes_into_another_runs_directory(tmp_path: Path) -> None:
                 pass
     with run_dir_lock(mine):  # released
         pass
+
+
+def test_refusals_name_the_one_resume_command_and_it_resumes(tmp_path: Path) -> None:
+    """Every refusal that says how to continue a run spells the command one way
+    (:func:`ddpm.run.resume_command`), and its run_dir / ckpt_path resolve to the run's newest
+    checkpoint."""
+    run = tmp_path / "run"
+    _fake_ckpt(run / "checkpoints" / "step_0000003.ckpt", 3)
+    _fake_ckpt(run / "checkpoints" / "last.ckpt", 7)
+    command = resume_command(run)
+    with pytest.raises(ConfigError) as new_run:
+        check_run_dir(run, None)
+    with pytest.raises(ConfigError) as foreign:
+        check_run_dir(run, str(tmp_path / "other" / "last.ckpt"))
+    with pytest.raises(ConfigError) as finished:
+        check_not_finished(OmegaConf.create({"trainer": {"max_steps": 7}}), {"global_step": 7}, run)
+    assert command in str(new_run.value) and command in str(foreign.value)
+    assert f"{command} trainer.max_steps=14" in str(finished.value)
+    python, script, *args = command.split()
+    assert (python, script) == ("python", "src/train.py")
+    given = dict(a.split("=", 1) for a in args)
+    newest = resolve_ckpt_path(given["ckpt_path"], given["run_dir"])
+    assert newest == str(run / "checkpoints" / "last.ckpt")
 
 
 def test_wandb_id_follows_a_checkpoint_into_a_new_directory(tmp_path: Path) -> None:

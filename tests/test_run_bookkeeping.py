@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddpm.callbacks.preemption import TrainingInterrupted
-from ddpm.config import ConfigError
+from ddpm.errors import ConfigError
 from ddpm.tasks.train import train
 from hydra_utils import SRC_DIR, compose_cfg
 from test_resume_exact import MICRO

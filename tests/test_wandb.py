@@ -24,8 +24,8 @@ from omegaconf import open_dict, read_write
 
 from ddpm.diffusion import LossSecondMomentTimestepSampler
 from ddpm.loggers import RUN_ID_ENV, RUN_ID_FILE, log_hyperparameters, wandb_logger
-from ddpm.tasks.common import to_plain
 from ddpm.tasks.train import build_module
+from ddpm.utils.config_tree import to_plain
 from hydra_utils import SRC_DIR, TINY, compose_cfg
 
 

@@ -9,11 +9,15 @@ and the diffusion. Checkpoints are data, never code:
   anything is built, wherever it hides (nested nodes, lists, ``_partial_`` nodes), and so are
   ``${...}`` interpolations (a stored config is resolved; a resolver could build objects).
 
-Checkpoint layout (a Lightning checkpoint plus):
-    ``ddpm_config``     the resolved run config (plain data)
+Checkpoint layout (a Lightning checkpoint plus the keys below, each named once here):
     ``state_dict``      the LightningModule's raw weights (``net.*``)
-    ``ema_state_dict``  the EMA network's weights (keys of ``net``), when EMA ran
-Exported files (``src/export.py``) are safetensors with the config as JSON metadata.
+    ``ddpm_config``     :data:`CONFIG_KEY`: the resolved run config (plain data)
+    ``ddpm_t_sampler``  :data:`T_SAMPLER_KEY`: the timestep sampler's state (tensors), when it
+                        has one (importance sampling's loss history)
+    ``ema_state_dict``  :data:`EMA_KEY`: the EMA network's weights (keys of ``net``), when EMA ran
+    ``ema_state``       :data:`EMA_STATE_KEY`: the EMA's counters
+Exported files (``src/export.py``) are safetensors with the config as JSON metadata (under
+:data:`CONFIG_KEY`).
 """
 
 from __future__ import annotations
@@ -30,21 +34,26 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import ddpm.config  # noqa: F401 - resolvers
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.module import CONFIG_KEY
 
+CONFIG_KEY = "ddpm_config"
+T_SAMPLER_KEY = "ddpm_t_sampler"
 EMA_KEY = "ema_state_dict"
+EMA_STATE_KEY = "ema_state"
 
-# What a stored config may build: our networks, processes, losses, samplers and data modules
-# (everything `sample.py`, `evaluate.py` and `visualize.py` build from a checkpoint).
+# What a stored config may build: our networks, processes, losses and timestep samplers, samplers
+# and data modules (everything `sample.py`, `evaluate.py` and `visualize.py` build from a
+# checkpoint).
 LOADABLE_TARGETS: set[str] = {
     "ddpm.nn.UNet",
     "ddpm.nn.MLPDenoiser",
     "ddpm.diffusion.GaussianDiffusion",
     "ddpm.diffusion.DiffusionLoss",
+    "ddpm.diffusion.UniformTimestepSampler",
+    "ddpm.diffusion.LossSecondMomentTimestepSampler",
     "ddpm.data.ImageDataModule",
     "ddpm.data.ToyDataModule",
 }
@@ -202,8 +211,6 @@ class LoadedModel:
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}

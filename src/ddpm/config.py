@@ -1,71 +1,25 @@
-"""Config helpers: OmegaConf resolvers and start-up validation with one clear message per problem.
-(What a launch resumes from, and with which config, is decided in :mod:`ddpm.run`.)"""
+"""Start-up validation of a training config, with one clear message per problem. (The resolvers
+and presets Hydra composes with are :mod:`ddpm.hydra_setup`; what a launch resumes from, and with
+which config, is decided in :mod:`ddpm.run`.)"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work started."""
-
-
-def _first_not_none(*values: Any) -> Any:
-    for v in values:
-        if v is not None and v != "None" and v != "null":
-            return v
-    return None
-
-
-def _model_out_channels(channels: int, variance_type: str) -> int:
-    """Network output channels for this objective (the rule is the process's:
-    :func:`ddpm.diffusion.gaussian.model_output_channels`)."""
-    from ddpm.diffusion.gaussian import model_output_channels
-
-    return model_output_channels(int(channels), str(variance_type))
-
-
-def _launch_subdir(output_dir: str, stamp: str) -> str:
-    from ddpm.run.directory import launch_subdir
-
-    return launch_subdir(str(output_dir), str(stamp))
-
-
-def register_resolvers() -> None:
-    """Register the resolvers the YAML uses, each one what OmegaConf cannot express itself:
-    ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
-    ``${model_out_channels:C,variance_type}`` (arithmetic) and
-    ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
-    :func:`ddpm.run.directory.launch_subdir`). Importing this module registers them and the
-    U-Net presets: the one import composing the configs needs (``hydra.compose`` in a notebook)."""
-    if not OmegaConf.has_resolver("ddpm_first"):
-        OmegaConf.register_new_resolver("ddpm_first", _first_not_none)
-    if not OmegaConf.has_resolver("model_out_channels"):
-        OmegaConf.register_new_resolver("model_out_channels", _model_out_channels)
-    if not OmegaConf.has_resolver("ddpm_launch_subdir"):
-        OmegaConf.register_new_resolver("ddpm_launch_subdir", _launch_subdir)
-
-
-def register_model_presets() -> None:
-    """Register :data:`ddpm.nn.PRESETS` as the Hydra config group ``model/preset``: the U-Net
-    options ``conf/model/<name>.yaml`` take their architecture from it (``- preset/<name>@_here_``
-    in their defaults), so it is written once, in the code that builds the network."""
-    from hydra.core.config_store import ConfigStore
-
-    from ddpm.nn.unet import PRESETS
-
-    store = ConfigStore.instance()
-    for name, kwargs in PRESETS.items():
-        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-        store.store(group="model/preset", name=name, node=plain)
-
-
-register_resolvers()
-register_model_presets()
+from ddpm.data import per_device_batch_size
+from ddpm.errors import ConfigError
+from ddpm.run import resume_command
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -189,12 +143,14 @@ def numeric_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-# Keys that train.yaml and the model presets derive by interpolation, with the key that owns the
-# value: the process from `schedule` (T, betas) and `objective` (parameterisation), the network's
-# T and its input from `schedule` and `data`. Each value has one override path; setting a derived
-# key would make the process, the network and the data disagree.
+# Keys that train.yaml, the objectives and the model presets derive by interpolation, with the key
+# that owns the value: the process from `schedule` (T, betas) and `objective` (parameterisation),
+# the timestep sampler's and the network's T and the network's input from `schedule` and `data`.
+# Each value has one override path; setting a derived key would make the process, the network and
+# the data disagree.
 DERIVED_KEYS: dict[str, str] = {
     "diffusion": "schedule / objective",
+    "objective.timestep_sampler.num_timesteps": "schedule.num_timesteps",
     "model.num_timesteps": "schedule.num_timesteps",
     "model.in_channels": "data.channels",
     "model.image_size": "data.image_size",
@@ -239,13 +195,6 @@ def build_problems(cfg: DictConfig) -> list[str]:
     validates its own: T and the schedule in GaussianDiffusion, the image size and attention
     resolutions in the U-Net, ...), one message per object, and the loss's check against the
     process (a learned variance needs a loss that trains it)."""
-    import contextlib
-    import inspect
-
-    import torch
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_object, instantiate
-
     problems: list[str] = []
     built: dict[str, Any] = {}
     for path in BUILT_AT_START:
@@ -278,8 +227,6 @@ def build_problems(cfg: DictConfig) -> list[str]:
 def _settings_named(node: DictConfig, error: BaseException) -> str:
     """`` (num_timesteps is schedule.num_timesteps)``: the settings behind the arguments an
     object's message names, where the node interpolates them from elsewhere."""
-    import re
-
     raw = OmegaConf.to_container(node, resolve=False)
     assert isinstance(raw, dict)
     named = [
@@ -309,15 +256,14 @@ def validate_train_config(cfg: DictConfig) -> None:
     devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
     if isinstance(bs, int) and bs >= 1 and devices and isinstance(nodes, int):
-        from ddpm.data.datamodule import per_device_batch_size
-
         try:
             per_device_batch_size(bs, devices * nodes)
         except ValueError as e:
             problems.append(f"{e} (trainer.devices={devices} x trainer.num_nodes={nodes})")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt in ("last", "auto") and not _get(cfg, "run_dir"):
-        problems.append(f"ckpt_path={ckpt} needs run_dir=<the run's directory>")
+        run = resume_command("<the run's directory>", ckpt_path=str(ckpt))
+        problems.append(f"ckpt_path={ckpt} needs run_dir, the run to resume: {run}")
     problems += unknown_key_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -328,10 +274,6 @@ _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 def _accepted_names(target: str) -> set[str] | None:
     """Keyword names ``target`` accepts, or None when it takes ``**kwargs`` (or is opaque)."""
-    import inspect
-
-    from hydra.utils import get_object
-
     obj = get_object(target)
     try:
         sig = inspect.signature(obj)
@@ -346,8 +288,6 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
     """Keys of ``_target_`` nodes that the target does not accept (e.g. ``+trainer.max_step=10``,
     a typo in an experiment file), and targets that cannot be imported: caught before any work
     instead of as a TypeError halfway through start-up."""
-    import difflib
-
     problems: list[str] = []
 
     def walk(node: Any, path: str) -> None:

@@ -9,9 +9,12 @@ callback. ``isinstance`` checks only that the members exist, not their signature
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 @runtime_checkable
@@ -59,6 +62,16 @@ class HoldsEMA(Protocol):
 
     @property
     def ema_net(self) -> nn.Module | None: ...
+
+
+def find_ema(trainer: pl.Trainer | None) -> HoldsEMA | None:
+    """The EMA callback attached to ``trainer`` (a :class:`HoldsEMA` with weights), if any."""
+    if trainer is None:
+        return None
+    for cb in trainer.callbacks:
+        if isinstance(cb, HoldsEMA) and cb.ema_net is not None:
+            return cb
+    return None
 
 
 P = TypeVar("P")

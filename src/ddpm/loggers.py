@@ -24,9 +24,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
+from ddpm.run.checkpoint_files import source_run_dir
 from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
@@ -162,8 +165,7 @@ def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
         return None
     if (run_dir / RUN_ID_FILE).exists():
         return None
-    # <run>/checkpoints/x.ckpt -> <run>
-    source = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    source = source_run_dir(ckpt)
     run_id = _read_id(source / RUN_ID_FILE)
     if run_id:
         shared_run_id(run_dir, run_id)
@@ -175,9 +177,6 @@ def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
 def sweep_group_and_name() -> tuple[str | None, str | None]:
     """For a job of a Hydra multirun: the sweep (its directory's name) as the W&B group and the
     job's overrides (``hydra.job.override_dirname``) as its name; (None, None) otherwise."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return None, None
     hc = HydraConfig.get()

@@ -1,11 +1,12 @@
 """The LightningModule: an ε-network (or x₀/v-network) trained with a diffusion objective.
 
-Thin glue: the network comes from ``ddpm.nn``, the process and loss from ``ddpm.diffusion``,
-the optimizer and LR schedule from config (``_partial_`` callables). Every random draw of a
-training step (timesteps, noise, label dropout, dropout) comes from streams seeded by (seed,
-rank, epoch, batch) (:mod:`ddpm.run.rng`), so a resumed run draws what the uninterrupted one drew
-without any RNG state in the checkpoint. Validation uses a generator seeded by (val_seed, batch, rank) so
-``val/loss`` is comparable across evaluations.
+Thin glue: the network comes from ``ddpm.nn``, the process, the loss and the timestep sampler from
+``ddpm.diffusion``, the optimizer and LR schedule from config (``_partial_`` callables). Every
+random draw comes from a stream seeded by its position (:mod:`ddpm.utils.seeding`): a training
+step's timesteps, noise, label dropout and dropout by (seed, rank, epoch, batch), so a resumed run
+draws what the uninterrupted one drew without any RNG state in the checkpoint; a validation
+batch's timesteps and noise by (val_seed, rank, batch), so ``val/loss`` is comparable across
+evaluations.
 """
 
 from __future__ import annotations
@@ -15,34 +16,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.plugins.precision import MixedPrecision, Precision
-from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
-from ddpm.contracts import HoldsEMA
-from ddpm.diffusion import (
-    DiffusionLoss,
-    GaussianDiffusion,
-    LossSecondMomentTimestepSampler,
-    UniformTimestepSampler,
-)
-from ddpm.run.rng import seed_global_rngs, seeded_generator, step_seed
+from ddpm.callbacks._lightning import clip_gradients
+from ddpm.checkpoint import CONFIG_KEY, T_SAMPLER_KEY
+from ddpm.contracts import find_ema
+from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, UniformTimestepSampler
 from ddpm.utils.classes import with_labels
+from ddpm.utils.seeding import seed_global_rngs, seeded_generator, step_seed
 
-CONFIG_KEY = "ddpm_config"
-T_SAMPLER_KEY = "ddpm_t_sampler"
 _GLOBAL_STREAM, _NOISE_STREAM = 0, 1
-
-
-def find_ema(trainer: pl.Trainer | None) -> HoldsEMA | None:
-    """The EMA callback attached to ``trainer`` (:class:`~ddpm.contracts.HoldsEMA` with weights),
-    if any."""
-    if trainer is None:
-        return None
-    for cb in trainer.callbacks:
-        if isinstance(cb, HoldsEMA) and cb.ema_net is not None:
-            return cb
-    return None
 
 
 class DiffusionModule(pl.LightningModule):
@@ -56,9 +39,12 @@ class DiffusionModule(pl.LightningModule):
         loss: a :class:`DiffusionLoss` (simple / hybrid / vlb).
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
         lr_scheduler: ``optimizer -> LRScheduler`` stepped every optimizer step, or None.
-        timestep_sampler: ``uniform`` or ``loss_second_moment`` (improved DDPM importance sampling).
-        val_seed: seed of the validation generator (same t and noise at every evaluation).
-        train_seed: seed of the training t/noise generator (offset by rank).
+        timestep_sampler: draws the t of each training sample and its importance weight; default
+            uniform (DDPM), ``LossSecondMomentTimestepSampler`` for improved DDPM's importance
+            sampling. Told every step's losses (``update``); its ``state_dict``, if it has one, is
+            checkpointed.
+        val_seed: seed of the validation t and noise (the same at every evaluation).
+        train_seed: seed of the training t, noise, label dropout and dropout.
         compile: wrap the network in ``torch.compile`` for training.
         run_config: the resolved run config (plain dict) stored in every checkpoint.
         p_uncond: probability that a training label is replaced by the null class, so one
@@ -73,7 +59,7 @@ class DiffusionModule(pl.LightningModule):
         loss: DiffusionLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
-        timestep_sampler: str = "uniform",
+        timestep_sampler: UniformTimestepSampler | None = None,
         val_seed: int = 1234,
         train_seed: int = 0,
         compile: bool = False,
@@ -84,21 +70,18 @@ class DiffusionModule(pl.LightningModule):
         loss.check(diffusion)
         if isinstance(p_uncond, bool) or not 0.0 <= float(p_uncond) <= 1.0:
             raise ValueError(f"p_uncond must be a probability in [0, 1], got {p_uncond!r}")
+        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(diffusion.num_timesteps)
+        if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
+            raise ValueError(
+                f"the timestep sampler draws t from {self.timestep_sampler.num_timesteps} "
+                f"timesteps, the process has T={diffusion.num_timesteps}"
+            )
         self.p_uncond = float(p_uncond)
         self.net = net
         self.diffusion = diffusion
-        self.loss_fn = loss
+        self.loss = loss
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        if timestep_sampler == "uniform":
-            self.t_sampler = UniformTimestepSampler(diffusion.num_timesteps)
-        elif timestep_sampler == "loss_second_moment":
-            self.t_sampler = LossSecondMomentTimestepSampler(diffusion.num_timesteps)
-        else:
-            raise ValueError(
-                "timestep_sampler must be one of ['uniform', 'loss_second_moment'], "
-                f"got {timestep_sampler!r}"
-            )
         self.val_seed = int(val_seed)
         self.train_seed = int(train_seed)
         self.run_config = run_config
@@ -106,13 +89,6 @@ class DiffusionModule(pl.LightningModule):
         self.validated_step: int | None = None  # global step of the latest validation
         # Kept out of the module registry (no duplicate keys in the state_dict).
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
-
-    def _seed_step(self, device: torch.device, batch_idx: int) -> torch.Generator:
-        """Seed the global RNGs (dropout) for this micro-batch and return the generator of its
-        timesteps and noise, both keyed by (train_seed, rank, epoch, batch_idx)."""
-        position = (self.global_rank, self.current_epoch, batch_idx)
-        seed_global_rngs(step_seed(self.train_seed, _GLOBAL_STREAM, *position))
-        return seeded_generator(step_seed(self.train_seed, _NOISE_STREAM, *position), device)
 
     # ------------------------------------------------------------------ inference helpers
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
@@ -126,11 +102,6 @@ class DiffusionModule(pl.LightningModule):
         return ema.ema_net if ema is not None else self.net
 
     # ------------------------------------------------------------------ training
-    def _losses(
-        self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor | None
-    ) -> dict[str, Tensor]:
-        return self.loss_fn(self.diffusion, net, x0, t, noise)
-
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         """(x0, labels): labels of a class-conditional network's ``(x, labels)`` batch, else
         None (an unconditional network ignores any labels the data carries)."""
@@ -152,17 +123,16 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0, labels = self._split_batch(batch)
-        g = self._seed_step(x0.device, batch_idx)
-        t, weights = self.t_sampler.sample(x0.shape[0], x0.device, generator=g)
+        position = (self.global_rank, self.current_epoch, batch_idx)
+        seed_global_rngs(step_seed(self.train_seed, _GLOBAL_STREAM, *position))  # dropout
+        g = seeded_generator(step_seed(self.train_seed, _NOISE_STREAM, *position), x0.device)
+        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         if labels is not None:  # after t and noise: those draws are the unconditional run's
             labels = self.drop_labels(labels, g)
         net = with_labels(self.__dict__["_train_net"], labels)
-        terms = self._losses(net, x0, t, noise)
-        if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
-            per_sample = (terms["vb"] if "vb" in terms else terms["loss"]).detach()
-            finite = torch.isfinite(per_sample)  # a NaN must not poison the sampler's history
-            self.t_sampler.update(t[finite], per_sample[finite])
+        terms = self.loss(self.diffusion, net, x0, t, noise)
+        self.timestep_sampler.update(t, terms.get("vb", terms["loss"]).detach())
         loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/mse", terms["mse"].mean(), on_step=True, on_epoch=False)
@@ -188,24 +158,19 @@ class DiffusionModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ validation
-    def _val_noise(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
-        """Timesteps and noise from a generator seeded by (val_seed, batch index, rank)."""
-        g = torch.Generator().manual_seed(
-            self.val_seed * 100003 + batch_idx * 7919 + 1000003 * self.global_rank
-        )
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        return t.to(x0.device), noise.to(x0.device, x0.dtype)
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0, labels = self._split_batch(batch)  # the conditional loss: no label dropout
-        t, noise = self._val_noise(x0, batch_idx)
-        terms = self._losses(with_labels(self.net, labels), x0, t, noise)
+        g = seeded_generator(step_seed(self.val_seed, self.global_rank, batch_idx), x0.device)
+        t = torch.randint(
+            0, self.diffusion.num_timesteps, x0.shape[:1], generator=g, device=g.device
+        )
+        noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        terms = self.loss(self.diffusion, with_labels(self.net, labels), x0, t, noise)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
         self._log_quartiles("val", t, terms["loss"], sync_dist=True)
         ema = find_ema(self._trainer)
         if ema is not None:
-            ema_terms = self._losses(with_labels(ema.ema_net, labels), x0, t, noise)
+            ema_terms = self.loss(self.diffusion, with_labels(ema.ema_net, labels), x0, t, noise)
             self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -225,33 +190,20 @@ class DiffusionModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip as Lightning does, also for fused optimizers under mixed precision, which
-        Lightning refuses (Lightning issue #21435) although bf16 scales no gradients and, under
-        fp16, torch's ``GradScaler.unscale_`` before a fused step is supported (the step then
-        does not unscale again)."""
-        plugin = self.trainer.precision_plugin
-        fused = any(group.get("fused") for group in optimizer.param_groups)
-        if not (gradient_clip_val and fused and isinstance(plugin, MixedPrecision)):
-            super().configure_gradient_clipping(
-                optimizer, gradient_clip_val, gradient_clip_algorithm
-            )
-            return
-        if plugin.scaler is not None:
-            plugin.scaler.unscale_(optimizer)
-        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
-        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+        """Lightning's clipping, also for fused optimizers under mixed precision."""
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add the run config (plain data) and the importance sampler's loss history (tensors):
-        the checkpoint stays ``weights_only``-loadable."""
+        """Add the run config (plain data) and the timestep sampler's state (tensors: the
+        importance sampler's loss history): the checkpoint stays ``weights_only``-loadable."""
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
-        if isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
-            state = self.t_sampler.state_dict()
-            checkpoint[T_SAMPLER_KEY] = {k: torch.from_numpy(v) for k, v in state.items()}
+        if hasattr(self.timestep_sampler, "state_dict"):
+            state = self.timestep_sampler.state_dict()
+            checkpoint[T_SAMPLER_KEY] = {k: torch.as_tensor(v) for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(T_SAMPLER_KEY)
-        if state is not None and isinstance(self.t_sampler, LossSecondMomentTimestepSampler):
-            self.t_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})
+        if state is not None and hasattr(self.timestep_sampler, "load_state_dict"):
+            self.timestep_sampler.load_state_dict({k: v.numpy() for k, v in state.items()})

@@ -1,9 +1,11 @@
-"""The Lightning internals ddpm relies on, in one place.
+"""The Lightning internals ddpm relies on, and its workarounds for Lightning, in one place.
 
 Lightning has no public API for these: the checkpoint dump of a fit in progress (for atomic
-writes), whether a batch only accumulates gradients, whether an epoch's batches are done, and the
-``ModelCheckpoint`` methods :class:`~ddpm.callbacks.checkpoint.AtomicModelCheckpoint` overrides.
-:func:`check_internals` runs when :mod:`ddpm.callbacks.checkpoint` is imported (and in
+writes), whether a batch only accumulates gradients, whether an epoch's batches are done, the
+``ModelCheckpoint`` methods :class:`~ddpm.callbacks.atomic_checkpoint.AtomicModelCheckpoint`
+overrides, and gradient clipping of fused optimizers under mixed precision
+(:func:`clip_gradients`).
+:func:`check_internals` runs when :mod:`ddpm.callbacks.atomic_checkpoint` is imported (and in
 ``tests/test_lightning_internals.py``): a Lightning upgrade that renames one or changes its
 parameters fails there, naming it, instead of silently skipping an override (a checkpoint written
 without the atomic rename) or breaking mid-run.
@@ -15,10 +17,13 @@ import inspect
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from pytorch_lightning.utilities import GradClipAlgorithmType
 
 
 def dump_checkpoint(trainer: pl.Trainer, weights_only: bool = False) -> dict[str, Any]:
@@ -34,6 +39,28 @@ def accumulating(trainer: pl.Trainer) -> bool:
 def epoch_batches_done(trainer: pl.Trainer) -> bool:
     """Whether the current batch is the last of the epoch (``limit_train_batches`` counted)."""
     return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+
+
+def clip_gradients(
+    module: pl.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    clip_val: float | None = None,
+    algorithm: str | None = None,
+) -> None:
+    """Clip as ``LightningModule.configure_gradient_clipping`` does, also for fused optimizers
+    under mixed precision, which Lightning refuses (Lightning issue #21435) although bf16 scales
+    no gradients and, under fp16, torch's ``GradScaler.unscale_`` before a fused step is supported
+    (the step then does not unscale again)."""
+    plugin = module.trainer.precision_plugin
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    if not (clip_val and fused and isinstance(plugin, MixedPrecision)):
+        pl.LightningModule.configure_gradient_clipping(module, optimizer, clip_val, algorithm)
+        return
+    if plugin.scaler is not None:
+        plugin.scaler.unscale_(optimizer)
+    Precision.clip_gradients(
+        plugin, optimizer, clip_val, GradClipAlgorithmType(algorithm or "norm")
+    )
 
 
 # (class, method) -> its parameters, as the functions above and AtomicModelCheckpoint use them.

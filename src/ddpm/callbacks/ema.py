@@ -7,10 +7,11 @@ update rule (``trainer.global_step > _latest_update_step``), but:
 * only ``pl_module.net`` is averaged (parameters and buffers), into a float32 copy on the model's
   device, whatever the training precision;
 * the EMA weights are never swapped into the model (neither for validation nor at the end of
-  training): :class:`~ddpm.module.DiffusionModule` evaluates both ``net`` and :attr:`EMA.ema_net`;
+  training): :class:`~ddpm.module.DiffusionModule` evaluates both ``net`` and :attr:`EMA.ema_net`
+  (:func:`ddpm.contracts.find_ema` finds it);
 * checkpoints keep the raw weights in ``state_dict`` and add ``ema_state_dict`` (the EMA network's
-  weights, keys of ``net``) and ``ema_state`` (update counters), so a resumed run continues the
-  average exactly.
+  weights, keys of ``net``) and ``ema_state`` (update counters; :mod:`ddpm.checkpoint` names the
+  keys), so a resumed run continues the average exactly.
 
 Under DDP every rank updates its own copy from the already-synchronised weights after each
 optimizer step, so the copies stay identical without any communication. The copy made in
@@ -30,8 +31,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-EMA_STATE_DICT_KEY = "ema_state_dict"
-EMA_STATE_KEY = "ema_state"
+from ddpm.checkpoint import EMA_KEY, EMA_STATE_KEY
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:
@@ -298,14 +298,14 @@ class EMA(WeightAveraging):
         """Add ``ema_state_dict`` and ``ema_state``; ``state_dict`` keeps the raw weights."""
         if self._average_model is None:
             return
-        checkpoint[EMA_STATE_DICT_KEY] = self.ema_state_dict()
+        checkpoint[EMA_KEY] = self.ema_state_dict()
         checkpoint[EMA_STATE_KEY] = self._state()
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Restore the EMA weights and counters (also outside fit, e.g. ``trainer.validate``)."""
-        weights = checkpoint.get(EMA_STATE_DICT_KEY)
+        weights = checkpoint.get(EMA_KEY)
         if weights is None:
             rank_zero_warn(
                 "EMA: the checkpoint holds no 'ema_state_dict' (written without the EMA "

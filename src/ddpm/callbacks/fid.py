@@ -35,10 +35,11 @@ from ddpm.callbacks._common import (
 )
 from ddpm.contracts import HasReferenceImages, optional
 from ddpm.diffusion.samplers.seeded import sample_batches
-from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError, shard
+from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, num_classes_of
 from ddpm.utils.devices import model_device
+from ddpm.utils.distributed import shard
 from ddpm.utils.images import to_rgb_uint8
 from ddpm.utils.progress import progress_iter
 

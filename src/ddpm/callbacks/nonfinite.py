@@ -18,11 +18,15 @@ import os
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
-from ddpm.module import find_ema
+from ddpm.checkpoint import EMA_KEY, open_checkpoint
+from ddpm.contracts import find_ema
+from ddpm.run import resume_command
+from ddpm.run.checkpoint_files import newest_first, source_run_dir
 
 _INF = float("inf")
 
@@ -59,19 +63,10 @@ def _finite_tensors(obj: object) -> bool:
 
 
 def newest_finite_checkpoint(dirpaths: list[str]) -> str | None:
-    """The checkpoint with the highest ``global_step`` (``last.ckpt`` on ties) under ``dirpaths``
+    """The newest checkpoint (:func:`ddpm.run.checkpoint_files.newest_first`) in ``dirpaths``
     whose network and EMA weights are all finite, or None."""
-    from ddpm.checkpoint import EMA_KEY, CheckpointError, open_checkpoint
-
-    ranked = []
-    for d in dirpaths:
-        for path in glob.glob(os.path.join(d, "*.ckpt")):
-            try:
-                ckpt = open_checkpoint(path, mmap=True)
-            except CheckpointError:
-                continue
-            ranked.append((int(ckpt.get("global_step", 0)), path.endswith("last.ckpt"), path))
-    for _, _, path in sorted(ranked, reverse=True):
+    paths = [p for d in dirpaths for p in glob.glob(os.path.join(d, "*.ckpt"))]
+    for path in newest_first(paths)[0]:
         ckpt = open_checkpoint(path, mmap=True)
         if _finite_tensors(ckpt.get("state_dict", {})) and _finite_tensors(ckpt.get(EMA_KEY, {})):
             return path
@@ -80,8 +75,6 @@ def newest_finite_checkpoint(dirpaths: list[str]) -> str | None:
 
 def finite_checkpoint_hint(trainer: pl.Trainer) -> str:
     """A sentence naming the newest checkpoint with finite weights (what to resume from)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     dirs = {
         cb.dirpath
         for cb in trainer.checkpoint_callbacks
@@ -90,7 +83,8 @@ def finite_checkpoint_hint(trainer: pl.Trainer) -> str:
     path = newest_finite_checkpoint(sorted(dirs)) if trainer.is_global_zero else None
     if path is None:
         return "No checkpoint with finite weights was written. " if trainer.is_global_zero else ""
-    return f"The newest checkpoint with finite weights is {path} (resume with ckpt_path={path}). "
+    resume = resume_command(source_run_dir(path), ckpt_path=path)
+    return f"The newest checkpoint with finite weights is {path} (resume with {resume}). "
 
 
 def refuse_nonfinite_weights(trainer: pl.Trainer, filepath: str | None = None) -> None:

@@ -8,7 +8,8 @@ the other ranks would not join the collective save. So the handler only records 
 next optimizer-step boundary (``on_train_batch_end``) the ranks agree on it (one all-reduce), write
 ``last.ckpt`` atomically together, and raise :class:`TrainingInterrupted` (a ``SystemExit`` with
 code 128 + signal number), which ends ``trainer.fit`` without running end-of-training work
-(sample grids, FID). ``python src/train.py ckpt_path=last run_dir=<run dir>`` continues the run.
+(sample grids, FID); the message names the command that continues the run
+(:func:`ddpm.run.resume_command`).
 
 * Requeue: the handler that was in charge of the signal before training (submitit's, Lightning's
   SLURM requeue) is carried in :attr:`TrainingInterrupted.previous_handler`;
@@ -41,7 +42,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ddpm.callbacks._lightning import accumulating, epoch_batches_done
-from ddpm.callbacks.checkpoint import atomic_save_checkpoint
+from ddpm.callbacks.atomic_checkpoint import atomic_save_checkpoint
+from ddpm.run import resume_command
+from ddpm.run.checkpoint_files import source_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +265,8 @@ class PreemptionCheckpoint(Checkpoint):
             rank_zero_info(
                 f"{interrupted.signal_name} received: saved {path} at global step "
                 f"{trainer.global_step} ({waited:.1f} s after the signal, write "
-                f"{time.monotonic() - t0:.1f} s). Resume with: python src/train.py ckpt_path=last "
-                f"run_dir={os.path.dirname(os.path.dirname(path))}"
+                f"{time.monotonic() - t0:.1f} s). Resume with: "
+                f"{resume_command(source_run_dir(path))}"
             )
         raise interrupted
 

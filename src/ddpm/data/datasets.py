@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm.data.sources import BadImageError, decode_image, resize_center_crop, warn_skipped
-from ddpm.run.rng import step_seed
+from ddpm.utils.seeding import step_seed
 
 
 class TensorImages(Dataset):

@@ -2,7 +2,6 @@
 extracted across processes), their extractors, image sources and cached reference features; and
 the distances of the 2-D playground."""
 
-from ddpm.metrics.distributed import gather_rows, rank_and_world, shard
 from ddpm.metrics.features import (
     EXTRACTORS,
     DinoV2Features,
@@ -34,9 +33,6 @@ __all__ = [
     "WeightsUnavailableError",
     "build_extractor",
     "extractor_id",
-    "gather_rows",
     "open_images",
-    "rank_and_world",
     "save_npz",
-    "shard",
 ]

@@ -81,7 +81,20 @@ def _check_uint8_rgb(x: Tensor) -> None:
         raise ValueError(f"expected uint8 images (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
 
 
-class RandomConvFeatures(FeatureExtractorBase):
+class UncompiledExtractor(FeatureExtractorBase):
+    """A torch-fidelity extractor of ours: torch-fidelity never compiles it, so its dummy
+    compile input is never used."""
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> Tensor:
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+
+class RandomConvFeatures(UncompiledExtractor):
     """Test-sized deterministic extractor: a fixed random conv net with mean/std pooling
     (``features``, D-dimensional) and ``logits`` for IS, a fixed pseudo-random function of the
     features, 3 sin(30 f·P) (a linear map would give every image nearly the same class, IS ≈ 1).
@@ -126,14 +139,6 @@ class RandomConvFeatures(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return "logits" if metric == "isc" else "features"
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> Tensor:
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         _check_uint8_rgb(x)
         h = x.float() / 127.5 - 1.0
@@ -143,7 +148,7 @@ class RandomConvFeatures(FeatureExtractorBase):
         return tuple(out[k] for k in self.features_list)
 
 
-class DinoV2Features(FeatureExtractorBase):
+class DinoV2Features(UncompiledExtractor):
     """DINOv2 ViT-L/14 CLS features for FD-DINOv2 (Stein et al. 2023), preprocessed as EDM2's
     evaluation (Karras et al. 2024): bicubic antialiased resize to 224x224, ImageNet mean/std.
 
@@ -196,14 +201,6 @@ class DinoV2Features(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return "dinov2"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> Tensor:
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         _check_uint8_rgb(x)

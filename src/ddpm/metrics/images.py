@@ -3,7 +3,7 @@
 The sample-file format is improved-diffusion's (also guided-diffusion's evaluator, ours from
 ``sample.py``): an ``.npz`` with ``arr_0`` uint8 (N, H, W, C) and optionally ``arr_1`` the class
 labels (N,). Every source yields uint8 (B, C, H, W) batches of the rows ``[start, stop)``, so each
-process reads only its own block (:func:`ddpm.metrics.distributed.shard`).
+process reads only its own block (:func:`ddpm.utils.distributed.shard`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from ddpm.data.sources import decode_image, folder_fingerprint, list_images
 
 PROBE_IMAGES = 64
 
@@ -112,8 +114,6 @@ class FolderImages:
     size; all files must have the same size."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        from ddpm.data.sources import folder_fingerprint, list_images
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"no such image folder: {self.root}")
@@ -124,8 +124,6 @@ class FolderImages:
         self._shape = tuple(self._decode(0).shape)
 
     def _decode(self, i: int) -> Tensor:
-        from ddpm.data.sources import decode_image
-
         return decode_image(self.files[i], 3)
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@
   versa, k = ``prc_neighborhood`` = 3.
 
 Each process extracts the features of its own block of images; the blocks are gathered in order
-(:mod:`ddpm.metrics.distributed`) and rank 0 has torch-fidelity's ``calculate_metrics`` compute the
+(:mod:`ddpm.utils.distributed`) and rank 0 has torch-fidelity's ``calculate_metrics`` compute the
 scores from them, through ``ddpm-precomputed``, a registered identity "extractor" over feature
 rows. So the numbers are torch-fidelity's, and equal on one or many processes.
 
@@ -33,15 +33,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase
 
-from ddpm.metrics import distributed as D
 from ddpm.metrics.features import (
     EXTRACTORS,
+    UncompiledExtractor,
     WeightsUnavailableError,
     build_extractor,
     extractor_id,
 )
 from ddpm.metrics.images import ImageSource, content_probe
 from ddpm.metrics.reference import cache_key, cache_path, load_cached, save_cached
+from ddpm.utils import distributed as D
 from ddpm.utils.progress import progress_iter
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 METRICS = ("fid", "isc", "kid", "prc")
 
 
-class _Precomputed(FeatureExtractorBase):
+class _Precomputed(UncompiledExtractor):
     """Identity on feature rows extracted already: torch-fidelity scores them as they are."""
 
     NAME = "ddpm-precomputed"
@@ -64,14 +65,6 @@ class _Precomputed(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return "rows"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> Tensor:
-        return torch.zeros(1, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (x,)

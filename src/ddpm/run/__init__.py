@@ -5,15 +5,15 @@ A run lives in one directory (``run_dir``): its record (``.hydra/``, ``train.log
 and requeues is here or named here.
 
 While it trains
-    * Randomness is a function of position (:mod:`ddpm.run.rng`): the timesteps, noise and
+    * Randomness is a function of position (:mod:`ddpm.utils.seeding`): the timesteps, noise and
       dropout of a micro-batch come from streams seeded by (seed, rank, epoch, batch); data order
       from a permutation seeded by (seed, epoch), sharded by rank
       (:class:`ddpm.data.datasets.EpochShuffleSampler`); random flips from (seed, epoch, rank,
       batch). No RNG state needs saving: a resumed run draws what the uninterrupted one drew.
-    * Checkpoints are written atomically (:mod:`ddpm.callbacks.checkpoint`) and always inside the
-      training loop, including the final step's ``last.ckpt``; they hold the weights, EMA,
-      optimizer and LR-schedule state, loop counters, the loader's position in the epoch, the
-      importance sampler's history and the resolved run config.
+    * Checkpoints are written atomically (:mod:`ddpm.callbacks.atomic_checkpoint`) and always
+      inside the training loop, including the final step's ``last.ckpt``; they hold the weights,
+      EMA, optimizer and LR-schedule state, loop counters, the loader's position in the epoch,
+      the importance sampler's history and the resolved run config (:mod:`ddpm.checkpoint`).
 
 When it is stopped
     * SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (:mod:`ddpm.callbacks.preemption`): the step in flight
@@ -27,8 +27,8 @@ When it is stopped
 
 When it is started again (:func:`ddpm.run.launch.prepare_launch`), before anything is written
     1. ``ckpt_path=last|auto|<file>`` is resolved to a loadable checkpoint, or fails clearly
-       (:mod:`ddpm.run.checkpoints`). A scheduler job whose run directory records its own job id
-       (a requeued job) resumes from its newest checkpoint without being asked; any other launch
+       (:mod:`ddpm.run.checkpoint_files`). A scheduler job whose run directory records its own
+       job id (a requeued job) resumes from its newest checkpoint without being asked; any other launch
        into a directory holding checkpoints without ``ckpt_path`` is refused
        (:mod:`ddpm.run.directory`).
     2. The run's own config is restored from the checkpoint; the command may change only when
@@ -40,3 +40,16 @@ When it is started again (:func:`ddpm.run.launch.prepare_launch`), before anythi
     4. Rank 0 takes the directory's lock (one live process per run), records the scheduler job,
        removes stale ``*.partial`` files and continues the W&B run; Lightning restores the rest.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def resume_command(run_dir: str | os.PathLike, *overrides: str, ckpt_path: str = "last") -> str:
+    """The command that continues the run in ``run_dir`` (from its newest checkpoint, or from
+    ``ckpt_path``), with further ``key=value`` ``overrides``: the one spelling every message
+    that says how to resume uses."""
+    return " ".join(
+        ["python src/train.py", f"run_dir={run_dir}", f"ckpt_path={ckpt_path}", *overrides]
+    )

@@ -12,9 +12,10 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from ddpm.config import ConfigError
-from ddpm.run.checkpoints import checkpoint_files, inside
-from ddpm.utils.distributed import is_launch_rank_zero  # noqa: F401 - re-exported
+from ddpm.errors import ConfigError
+from ddpm.run import resume_command
+from ddpm.run.checkpoint_files import checkpoint_files, inside
+from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,13 @@ def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     if ckpt_path is None:
         raise ConfigError(
             f"{run_dir} already holds a run with checkpoints. Resume it with "
-            f"ckpt_path=last run_dir={run_dir}, or start a new run without run_dir."
+            f"{resume_command(run_dir)}, or start a new run without run_dir."
         )
     if not inside(ckpt_path, run_dir):
         raise ConfigError(
             f"ckpt_path={ckpt_path} belongs to another run, but {run_dir} already holds a run "
             "with checkpoints of its own: drop run_dir to continue from that checkpoint in a new "
-            "directory, or resume this directory with ckpt_path=last."
+            f"directory, or resume this directory's run: {resume_command(run_dir)}"
         )
 
 
@@ -140,7 +141,7 @@ def warn_if_disk_low(directory: Path, n_bytes: int) -> None:
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
     SIGKILL): two live processes never train in the same directory."""
-    import fcntl
+    import fcntl  # POSIX only: imported where the lock is taken
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE

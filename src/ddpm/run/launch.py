@@ -12,21 +12,18 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ddpm.run.checkpoints import (
+from ddpm.checkpoint import CONFIG_KEY
+from ddpm.loggers import carry_over_wandb_id
+from ddpm.run.checkpoint_files import (
     find_checkpoint,
     load_checkpoint,
+    remove_partial_files,
     resolve_ckpt_path,
     source_run_dir,
 )
-from ddpm.run.directory import (
-    check_run_dir,
-    check_writable,
-    is_launch_rank_zero,
-    record_job,
-    requeued_job,
-    run_dir_lock,
-)
+from ddpm.run.directory import check_run_dir, check_writable, record_job, requeued_job, run_dir_lock
 from ddpm.run.resume import check_not_finished, check_resumable_config, restore_run_config
+from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +42,6 @@ class Launch:
     def hold(self) -> Iterator[None]:
         """Rank 0: lock the run directory for the whole fit, record this scheduler job in the
         run's record, remove the ``*.partial`` files of a killed save, carry the W&B run over."""
-        from ddpm.callbacks.checkpoint import remove_partial_files
-        from ddpm.loggers import carry_over_wandb_id
-
         if not is_launch_rank_zero():
             yield
             return
@@ -62,10 +56,8 @@ class Launch:
 
 def prepare_launch(cfg: DictConfig, run_dir: Path) -> Launch:
     """Resolve what the launch resumes (``ckpt_path``, or a requeued job's own run), check the run
-    directory, and restore the run's config: :class:`~ddpm.config.ConfigError` before anything is
+    directory, and restore the run's config: :class:`~ddpm.errors.ConfigError` before anything is
     written when the launch must not run."""
-    from ddpm.module import CONFIG_KEY
-
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("run_dir"))
     requeued = ckpt_path is None and requeued_job(run_dir)
     if requeued:

@@ -1,6 +1,7 @@
 """A resume continues the run with the run's own config.
 
-The config a checkpoint was trained with is stored in it (``ddpm_config``, the resolved config).
+The config a checkpoint was trained with is stored in it (the resolved config, under
+:data:`ddpm.checkpoint.CONFIG_KEY`).
 :func:`restore_run_config` rebuilds the resumed launch's config from it: every setting comes from
 the run, except those the resume command sets explicitly *and* that may change mid-run (when to
 stop, cadences, logging, paths, devices: :func:`may_change`). A command that sets anything else to
@@ -17,9 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm.config import ConfigError
+from ddpm.checkpoint import CheckpointError, check_stored_config, is_loadable
+from ddpm.errors import ConfigError
+from ddpm.run import resume_command
+from ddpm.utils.config_tree import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +110,6 @@ def touched_paths(cfg: DictConfig, overrides: list[str], choices: dict[str, Any]
     """Dotted paths the command line sets: its ``key=value`` overrides, the packages of the config
     groups it picks (a group of the global package, like ``experiment``, touches everything), and
     every setting that interpolates one of those (``${sampler}``, ``${schedule.num_timesteps}``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     touched = set(_LAUNCH_KEYS)
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
@@ -170,10 +174,6 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
     """The config of a launch that resumes the run whose resolved config is ``stored`` (from the
     checkpoint ``source``): the run's settings, plus what the command may and did change.
     :class:`ConfigError` lists the settings the command would change that define the run."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from ddpm.tasks.common import to_plain
-
     mode = cfg.get("resume_overrides", "refuse")
     if mode not in RESUME_OVERRIDES:
         raise ConfigError(f"resume_overrides must be one of {list(RESUME_OVERRIDES)}, got {mode!r}")
@@ -238,8 +238,8 @@ def check_not_finished(cfg: DictConfig, ckpt: dict, run_dir: Path) -> None:
     if isinstance(max_steps, int) and 0 < max_steps <= step:
         raise ConfigError(
             f"the run in {run_dir} already finished: its checkpoint is at global step {step} and "
-            f"trainer.max_steps={max_steps}. To train it longer: python src/train.py "
-            f"run_dir={run_dir} ckpt_path=last trainer.max_steps={2 * step}"
+            f"trainer.max_steps={max_steps}. To train it longer: "
+            f"{resume_command(run_dir, f'trainer.max_steps={2 * step}')}"
         )
 
 
@@ -280,8 +280,6 @@ def check_resumable_config(stored: dict, cfg: DictConfig, source: str) -> None:
     checkpoint is data, never code: every ``_target_`` in it must be one of our loadable classes,
     one that the project's configs name, or the one this command composes at the same place
     (the user's own config vouches for it). :class:`ConfigError` otherwise."""
-    from ddpm.checkpoint import CheckpointError, check_stored_config, is_loadable
-
     shipped = shipped_targets()
 
     def allowed(target: str, path: str) -> bool:

@@ -9,9 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-import ddpm.config  # noqa: F401 - registers the OmegaConf resolvers
+from omegaconf import DictConfig
 
 
 def instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -28,14 +26,6 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 def output_dir(cfg: DictConfig) -> Path:
     """This run's directory (``paths.output_dir``)."""
     return Path(cfg.paths.output_dir)
-
-
-def to_plain(cfg: DictConfig) -> dict:
-    """The resolved config as plain data (for checkpoints and loggers)."""
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    return plain
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import LoadedModel, load_model
-from ddpm.config import ConfigError
 from ddpm.diffusion import calc_bpd_loop
+from ddpm.errors import ConfigError
 from ddpm.metrics import (
     DatasetImages,
     Features,
@@ -38,13 +41,12 @@ from ddpm.metrics import (
     SampleMetrics,
     WeightsUnavailableError,
     open_images,
-    rank_and_world,
-    shard,
 )
-from ddpm.metrics.distributed import all_reduce_sum, rank_zero_first
+from ddpm.metrics.distances import distribution_distances
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch, sample_labels
 from ddpm.utils.classes import num_classes_of, with_labels
+from ddpm.utils.distributed import all_reduce_sum, rank_and_world, rank_zero_first, shard
 from ddpm.utils.images import to_uint8
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator
@@ -72,10 +74,6 @@ def build_datamodule(data: dict[str, Any], cfg: DictConfig, **overrides: Any) ->
 def _hydra() -> Iterator[Any]:
     """Hydra's config loader (this app's, or one over its config directory when called outside
     ``@hydra.main``, e.g. from tests)."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
     gh = GlobalHydra.instance()
     if gh.is_initialized():
         yield gh.config_loader()
@@ -88,8 +86,6 @@ def _hydra() -> Iterator[Any]:
 
 def data_config(name: str, cfg: DictConfig) -> dict[str, Any] | None:
     """``conf/data/<name>.yaml`` resolved with this run's ``paths``; None if there is none."""
-    from hydra import compose
-
     with _hydra() as loader:
         if name not in loader.get_group_options("data"):
             return None
@@ -196,8 +192,6 @@ def point_cloud_metrics(
     loaded: LoadedModel, dm: Any, cfg: DictConfig, device: torch.device
 ) -> dict[str, float]:
     """Energy distance and MMD between samples and the test points (2-D playground)."""
-    from ddpm.metrics.distances import distribution_distances
-
     ref = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()])
     n = min(len(ref), int(cfg.num_samples))
     sampler = build_sampler(cfg.get("sampler"), loaded)

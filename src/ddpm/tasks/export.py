@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
-from ddpm.module import CONFIG_KEY
+from ddpm.checkpoint import CONFIG_KEY, CheckpointError, LoadedModel, load_model
+from ddpm.interop import diffusers as interop
+from ddpm.run.checkpoint_files import source_run_dir
 from ddpm.tasks.common import output_dir
 
 FORMATS = ("ddpm", "diffusers")
@@ -75,8 +76,6 @@ def _export_ddpm(loaded: LoadedModel, cfg: DictConfig) -> Path:
 
 def _run_metrics(ckpt_path: Path) -> dict[str, float]:
     """The run's ``metrics.json`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/metrics.json``)."""
-    from ddpm.run.checkpoints import source_run_dir
-
     path = source_run_dir(str(ckpt_path)) / "metrics.json"
     if not path.is_file():
         return {}
@@ -96,8 +95,6 @@ def _fresh_dir(out: Path) -> Path:
 
 
 def _export_diffusers(loaded: LoadedModel, cfg: DictConfig) -> Path:
-    from ddpm.interop import diffusers as interop
-
     diffusers = interop.require_diffusers()
     out = Path(cfg.out) if cfg.get("out") else output_dir(cfg) / "diffusers"
     sampler = loaded.config.get("sampler") or {}
@@ -131,8 +128,6 @@ def _export_diffusers(loaded: LoadedModel, cfg: DictConfig) -> Path:
 
 def _import_diffusers(source: Path, cfg: DictConfig) -> Path:
     """A diffusers pipeline folder (UNet2DModel + DDPM/DDIM scheduler) as our safetensors."""
-    from ddpm.interop import diffusers as interop
-
     scheduler_file = source / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise CheckpointError(

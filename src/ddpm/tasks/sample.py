@@ -16,26 +16,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.diffusion.samplers.seeded import sample_batches
-from ddpm.metrics import gather_rows, save_npz, shard
+from ddpm.metrics import save_npz
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.utils.classes import balanced_labels, num_classes_of, parse_class_labels
+from ddpm.utils.distributed import gather_rows, shard
 from ddpm.utils.images import save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
 
-def launch(cfg: DictConfig):  # -> lightning_fabric.Fabric
+def launch(cfg: DictConfig) -> Fabric:
     """A launched Fabric from ``cfg.accelerator / devices / strategy / precision``: one process
     per device (``devices=N`` re-runs the command in N processes with a gloo/NCCL group)."""
-    from lightning_fabric import Fabric
-
     fabric = Fabric(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -94,18 +95,10 @@ def generate_batches(
     )
 
 
-def generate(
-    loaded: LoadedModel,
-    sampler: object,
-    seeds: list[int],
-    batch_size: int,
-    device: torch.device,
-    progress: bool = False,
-    class_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """All the samples of ``seeds`` (len(seeds), *sample_shape), float32 on the CPU."""
-    batches = generate_batches(loaded, sampler, seeds, batch_size, device, progress, class_labels)
-    out = [x.float().cpu() for x in batches]
+def generate(loaded: LoadedModel, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """All the samples :func:`generate_batches` draws (same arguments), concatenated:
+    (len(seeds), *sample_shape), float32 on the CPU."""
+    out = [x.float().cpu() for x in generate_batches(loaded, *args, **kwargs)]
     return torch.cat(out) if out else torch.zeros(0, *loaded.sample_shape)
 
 

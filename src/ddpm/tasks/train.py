@@ -23,37 +23,39 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
-from ddpm.config import ConfigError, validate_train_config
+from ddpm.config import validate_train_config
+from ddpm.errors import ConfigError
 from ddpm.loggers import finish_wandb, log_hyperparameters
 from ddpm.module import DiffusionModule
+from ddpm.run import resume_command
 from ddpm.run.directory import warn_if_disk_low
 from ddpm.run.launch import Launch, prepare_launch
 from ddpm.run.requeue import hand_over
 from ddpm.run.resume import check_weights_fit
-from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, to_plain, write_json
-from ddpm.utils.config_tree import print_config_tree
+from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, write_json
+from ddpm.utils.config_tree import print_config_tree, to_plain
 from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
-    """The LightningModule described by ``cfg`` (network, diffusion, loss, optimizer)."""
-    diffusion = instantiate(cfg.diffusion)
-    net = instantiate(cfg.model)
-    loss = instantiate(cfg.objective.loss)
+    """The LightningModule described by ``cfg`` (network, diffusion, loss and timestep sampler,
+    optimizer)."""
     lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
     return DiffusionModule(
-        net=net,
-        diffusion=diffusion,
-        loss=loss,
+        net=instantiate(cfg.model),
+        diffusion=instantiate(cfg.diffusion),
+        loss=instantiate(cfg.objective.loss),
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=lr_scheduler,
-        timestep_sampler=cfg.objective.get("timestep_sampler", "uniform"),
+        timestep_sampler=instantiate(cfg.objective.timestep_sampler),
         train_seed=int(cfg.seed),
         compile=bool(cfg.get("compile", False)),
         run_config=run_config,
@@ -104,9 +106,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def optimising_sweep() -> bool:
     """Whether this launch is a job of a sweep that optimises its return value (a Hydra sweeper
     other than the basic one, e.g. ``hparams_search=optuna``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return False
     hydra_cfg = HydraConfig.get()
@@ -177,11 +176,7 @@ def _fit(launch: Launch) -> dict[str, float]:
         log.info("run directory: %s", run_dir)
     if interrupted is not None:
         if trainer.is_global_zero:
-            log.warning(
-                "%s; resume with: python src/train.py ckpt_path=last run_dir=%s",
-                interrupted,
-                run_dir,
-            )
+            log.warning("%s; resume with: %s", interrupted, resume_command(run_dir))
         hand_over(interrupted.signum, interrupted.previous_handler)
         raise interrupted
     return metrics

@@ -1,4 +1,5 @@
-"""The composed config as a tree (rich), printed at start-up and kept in the run directory, as
+"""The composed config: as plain data (stored in checkpoints, logged to the trackers, compared on
+a resume) and as a tree (rich), printed at start-up and kept in the run directory, as
 lightning-hydra-template's ``print_config_tree`` does."""
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ ORDER = (
     "logger",
     "paths",
 )
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config without ``hydra``, as plain data (dicts, lists, scalars)."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    return plain
 
 
 def _text(cfg: DictConfig, key: str, resolve: bool) -> str:

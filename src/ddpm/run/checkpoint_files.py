@@ -1,24 +1,30 @@
-"""Which checkpoint a launch resumes from: ``ckpt_path=last`` / ``auto`` / a file, resolved before
-anything is built, and never silently nothing (Lightning's own ``"last"`` trains from scratch in a
-fresh directory)."""
+"""The checkpoint files of a run directory: which exist, which is newest, which one a launch
+resumes from (``ckpt_path=last`` / ``auto`` / a file, resolved before anything is built, and
+never silently nothing: Lightning's own ``"last"`` trains from scratch in a fresh directory), and
+the ``*.partial`` files an interrupted save leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ddpm.config import ConfigError
+from ddpm.checkpoint import CheckpointError, open_checkpoint
+from ddpm.errors import ConfigError
+from ddpm.run import resume_command
+
+# What an atomic save writes before it renames the file (:mod:`ddpm.callbacks.atomic_checkpoint`).
+PARTIAL_SUFFIX = ".partial"
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Open a training checkpoint the way a resume will (:func:`ddpm.checkpoint.open_checkpoint`:
     weights only, memory-mapped, so cheap); :class:`ConfigError` if the file is missing, truncated,
     not a training checkpoint, or holds objects other than tensors and plain data."""
-    from ddpm.checkpoint import CheckpointError, open_checkpoint
-
     try:
         ckpt = open_checkpoint(path, mmap=True)
     except CheckpointError as e:
@@ -40,25 +46,29 @@ def checkpoint_files(run_dir: str | os.PathLike) -> list[str]:
     return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
 
 
-def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """The newest loadable checkpoint of a run directory, or None.
-
-    Newest = highest ``global_step`` stored in the file; ties go to ``last.ckpt``, then to the
-    newer file. Files that cannot be loaded (e.g. corrupted on disk) are skipped with a warning.
-    """
+def newest_first(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """(the loadable checkpoints among ``paths``, newest first; one message per file that cannot
+    be loaded). Newest = highest ``global_step`` stored in the file; ties go to ``last.ckpt``,
+    then to the newer file."""
     ranked, broken = [], []
-    for p in checkpoint_files(run_dir):
+    for p in map(os.fspath, paths):
         try:
             info = checkpoint_info(p)
         except ConfigError as e:
             broken.append(str(e))
             continue
-        ranked.append(
-            (info["global_step"], os.path.basename(p) == "last.ckpt", os.path.getmtime(p), p)
-        )
+        is_last = os.path.basename(p) == "last.ckpt"
+        ranked.append((info["global_step"], is_last, os.path.getmtime(p), p))
+    return [p for *_, p in sorted(ranked, reverse=True)], broken
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The newest loadable checkpoint of a run directory (:func:`newest_first`), or None. Files
+    that cannot be loaded (e.g. corrupted on disk) are skipped with a warning."""
+    ranked, broken = newest_first(checkpoint_files(run_dir))
     if broken:
         warnings.warn("skipping unloadable checkpoint(s):\n  " + "\n  ".join(broken), stacklevel=2)
-    return max(ranked)[3] if ranked else None
+    return ranked[0] if ranked else None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | None) -> str | None:
@@ -75,9 +85,12 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | None) -> str | None:
     ckpt_path = str(ckpt_path)
     if ckpt_path in ("last", "auto"):
         if not run_dir:
+            example = resume_command(
+                "outputs/train/runs/2026-01-01_12-00-00_000000", ckpt_path=ckpt_path
+            )
             raise ConfigError(
                 f"ckpt_path={ckpt_path} needs the run to resume: add run_dir=<that run's "
-                "directory> (e.g. run_dir=outputs/train/runs/2026-01-01_12-00-00_000000)"
+                f"directory> (e.g. {example})"
             )
         if ckpt_path == "last" and not os.path.isdir(run_dir):
             raise ConfigError(f"ckpt_path=last: run_dir={run_dir} does not exist")
@@ -107,3 +120,15 @@ def inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
         return True
     except ValueError:
         return False
+
+
+def remove_partial_files(dirpath: str | os.PathLike) -> list[Path]:
+    """Delete stale ``*.partial`` files left by a process killed mid-save; returns them."""
+    removed = []
+    d = Path(dirpath)
+    if d.is_dir():
+        for p in d.glob(f"*{PARTIAL_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -4,16 +4,15 @@
 periodic / best ones of :class:`AtomicModelCheckpoint` and the preemption one of
 :class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`). A kill at any moment leaves either the
 previous complete file or the new complete file under the final name (plus, at worst, a stale
-``*.partial``). A failed write (disk full, read-only directory) raises
-:class:`CheckpointWriteError` on every rank -- never a hang in a collective -- and leaves the earlier
-checkpoints untouched.
+``*.partial``, removed when the run resumes: :func:`ddpm.run.checkpoint_files.remove_partial_files`).
+A failed write (disk full, read-only directory) raises :class:`CheckpointWriteError` on every rank
+-- never a hang in a collective -- and leaves the earlier checkpoints untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 from weakref import proxy
 
@@ -23,10 +22,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ddpm.callbacks._lightning import check_internals, dump_checkpoint
 from ddpm.callbacks.nonfinite import refuse_nonfinite_weights
+from ddpm.run import resume_command
+from ddpm.run.checkpoint_files import PARTIAL_SUFFIX, source_run_dir
 
 check_internals()  # the ModelCheckpoint methods overridden below still exist, unchanged
-
-PARTIAL_SUFFIX = ".partial"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -77,20 +76,8 @@ def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str, weights_only: boo
     raise CheckpointWriteError(
         f"could not write checkpoint {filepath} ({reason}). Earlier checkpoints in "
         f"{os.path.dirname(filepath) or '.'} are intact; free disk space or fix the permissions, "
-        "then resume with ckpt_path=last run_dir=<this run's directory>."
+        f"then resume with {resume_command(source_run_dir(filepath))}."
     ) from error
-
-
-def remove_partial_files(dirpath: str | os.PathLike) -> list[Path]:
-    """Delete stale ``*.partial`` files left by a process killed mid-save; returns them."""
-    removed = []
-    d = Path(dirpath)
-    if d.is_dir():
-        for p in d.glob(f"*{PARTIAL_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
-    return removed
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
