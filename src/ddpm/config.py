@@ -56,7 +56,7 @@ def register_model_presets() -> None:
     in their defaults), so it is written once, in the code that builds the network."""
     from hydra.core.config_store import ConfigStore
 
-    from ddpm.nn.unet import PRESETS
+    from ddpm.nn import PRESETS
 
     store = ConfigStore.instance()
     for name, kwargs in PRESETS.items():
