@@ -3,7 +3,8 @@ schedules."""
 
 from ddpm.nn.embeddings import broadcast_timesteps, timestep_embedding
 from ddpm.nn.mlp import MLPDenoiser
-from ddpm.nn.unet import PRESETS, UNet, count_parameters, unet_preset
+from ddpm.nn.presets import PRESETS, unet_preset
+from ddpm.nn.unet import UNet, count_parameters
 
 __all__ = [
     "PRESETS",

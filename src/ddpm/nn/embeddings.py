@@ -1,4 +1,4 @@
-"""Sinusoidal timestep embedding shared by the U-Net and the toy MLP.
+"""The conditioning every network shares: sinusoidal timestep embedding, its MLP, class labels.
 
 Transformer position encoding applied to the diffusion step (Ho et al. 2020, §4 / App. B;
 Vaswani et al. 2017, §3.5): for ``half = dim // 2`` frequencies
@@ -13,14 +13,27 @@ diffusers' ``Timesteps`` options describe the variants: ``freq_shift=1`` divides
 
 Class labels (Ho & Salimans 2022; ADM's ``label_emb``): a conditional network holds ``K + 1``
 embeddings, label ``K`` being the learned "null" class of classifier-free guidance.
+:class:`ConditionedNet` wires them the same way for the U-Net and the MLP.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def frequency_denominator(dim: int, freq_shift: float = 0.0) -> float:
+    """``half - freq_shift`` (``half = dim // 2``), the exponent's denominator; a ValueError
+    unless it is > 0."""
+    half = dim // 2
+    denominator = half - freq_shift if half > 1 else 1  # one frequency: ω_0 = 1 whatever the shift
+    if denominator <= 0:
+        raise ValueError(f"freq_shift={freq_shift!r} must be < dim // 2 = {half}")
+    return denominator
 
 
 def timestep_frequencies(
@@ -30,11 +43,8 @@ def timestep_frequencies(
     freq_shift: float = 0.0,
 ) -> Tensor:
     """The ``dim // 2`` float32 frequencies ``ω_i = max_period^(-i / (half - freq_shift))``."""
-    half = dim // 2
-    denominator = half - freq_shift if half > 1 else 1  # one frequency: ω_0 = 1 whatever the shift
-    if denominator <= 0:
-        raise ValueError(f"freq_shift={freq_shift!r} must be < dim // 2 = {half}")
-    exponent = torch.arange(half, dtype=torch.float32, device=device) * (
+    denominator = frequency_denominator(dim, freq_shift)
+    exponent = torch.arange(dim // 2, dtype=torch.float32, device=device) * (
         -math.log(max_period) / denominator
     )
     return torch.exp(exponent)
@@ -83,15 +93,27 @@ def broadcast_timesteps(t: Tensor | int | float, batch_size: int, device: torch.
     return t
 
 
-def class_embedding(num_classes: int | None, dim: int) -> nn.Embedding | None:
-    """``K + 1`` learned class embeddings (the last is the null class), or None for ``K`` None/0."""
+def timestep_mlp(dim: int, emb_dim: int) -> nn.Sequential:
+    """Linear -> SiLU -> Linear on the sinusoidal embedding (DDPM's ``temb`` dense layers)."""
+    return nn.Sequential(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def check_num_classes(num_classes: Any) -> int | None:
+    """``K`` of a class-conditional network, None for an unconditional one (``num_classes``
+    None or 0); a ValueError for anything else."""
     if num_classes is None or num_classes == 0:
         return None
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(
             f"num_classes must be null/0 (unconditional) or an integer >= 1, got {num_classes!r}"
         )
-    return nn.Embedding(num_classes + 1, dim)
+    return num_classes
+
+
+def class_embedding(num_classes: int | None, dim: int) -> nn.Embedding | None:
+    """``K + 1`` learned class embeddings (the last is the null class), or None for ``K`` None/0."""
+    k = check_num_classes(num_classes)
+    return None if k is None else nn.Embedding(k + 1, dim)
 
 
 def check_class_labels(
@@ -128,3 +150,41 @@ def check_class_labels(
                 f"got {class_labels[bad].unique().tolist()}"
             )
     return class_labels
+
+
+class ConditionedNet(nn.Module):
+    """Base of our networks: the conditioning vector every block reads,
+    ``SiLU(time_embed(sinusoidal(t * t_scale)) + label_emb(y))`` (DDPM's ``temb``; ADM adds
+    ``label_emb`` after the MLP). A subclass builds ``time_embed`` (:func:`timestep_mlp`) and
+    ``label_emb`` (:func:`class_embedding`) in its own order; ``t_scale`` None feeds ``t`` as is,
+    ``time_embedding_kw`` are :func:`timestep_embedding`'s variant options.
+    """
+
+    time_embed: nn.Sequential
+    label_emb: nn.Embedding | None
+
+    def __init__(self, num_classes: int | None, t_scale: float | None, **time_embedding_kw: Any):
+        super().__init__()
+        self.num_classes = num_classes or None
+        self.t_scale = t_scale
+        self.time_embedding_kw = time_embedding_kw
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class (``num_classes``), None when unconditional."""
+        return self.num_classes
+
+    def embed(self, x: Tensor, t: Tensor | int | float, class_labels: Tensor | None) -> Tensor:
+        """The (B, emb_dim) conditioning of the batch ``x`` at timesteps ``t`` (B,) or scalar,
+        labels ``class_labels`` (B,) or None (the null class)."""
+        t = broadcast_timesteps(t, x.shape[0], x.device)
+        if self.t_scale is not None:
+            t = t * self.t_scale
+        labels = check_class_labels(class_labels, self.num_classes, x.shape[0], x.device)
+        linear = self.time_embed[0]
+        emb = timestep_embedding(t, linear.in_features, **self.time_embedding_kw)
+        emb = self.time_embed(emb.to(linear.weight.dtype))
+        if labels is not None:
+            emb = emb + self.label_emb(labels)
+        # Every block starts its projection of the embedding with SiLU: apply it once here.
+        return F.silu(emb)

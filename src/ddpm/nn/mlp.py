@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm.nn.embeddings import (
-    broadcast_timesteps,
-    check_class_labels,
-    class_embedding,
-    timestep_embedding,
-)
+from ddpm.nn.embeddings import ConditionedNet, class_embedding, timestep_mlp
 
 __all__ = ["MLPDenoiser"]
 
@@ -29,7 +24,7 @@ class _ResidualBlock(nn.Module):
         return h + self.fc2(F.silu(r))
 
 
-class MLPDenoiser(nn.Module):
+class MLPDenoiser(ConditionedNet):
     """``forward(x (B, data_dim), t (B,), class_labels=None) -> (B, out_dim)`` for 2-D toy data.
 
     t -> sinusoidal(time_embed_dim) -> Linear -> SiLU -> Linear -> SiLU (emb, hidden_dim);
@@ -51,7 +46,6 @@ class MLPDenoiser(nn.Module):
         num_timesteps: int = 1000,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__()
         out_dim = data_dim if out_dim is None else out_dim
         for name, value in [
             ("data_dim", data_dim),
@@ -63,25 +57,17 @@ class MLPDenoiser(nn.Module):
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        super().__init__(num_classes, t_scale=1000.0 / num_timesteps)
         self.data_dim = data_dim
         self.out_dim = out_dim
         self.time_embed_dim = time_embed_dim
         self.num_timesteps = num_timesteps
-        self.t_scale = 1000.0 / num_timesteps
 
-        self.time_embed = nn.Sequential(
-            nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
-        )
+        self.time_embed = timestep_mlp(time_embed_dim, hidden_dim)
         self.label_emb = class_embedding(num_classes, hidden_dim)
-        self.num_classes = num_classes or None
         self.input = nn.Linear(data_dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim) for _ in range(num_layers))
         self.output = nn.Linear(hidden_dim, out_dim)
-
-    @property
-    def null_class(self) -> int | None:
-        """The label of the null class (``num_classes``), None when unconditional."""
-        return self.num_classes
 
     def forward(
         self, x: Tensor, t: Tensor | int | float, class_labels: Tensor | None = None
@@ -93,13 +79,7 @@ class MLPDenoiser(nn.Module):
                 f"x must have shape (B, data_dim) = (B, {self.data_dim}), "
                 f"got shape {tuple(x.shape)}"
             )
-        t = broadcast_timesteps(t, x.shape[0], x.device)
-        labels = check_class_labels(class_labels, self.num_classes, x.shape[0], x.device)
-        emb = timestep_embedding(t * self.t_scale, self.time_embed_dim)
-        emb = self.time_embed(emb.to(self.input.weight.dtype))
-        if labels is not None:
-            emb = emb + self.label_emb(labels)
-        emb = F.silu(emb)
+        emb = self.embed(x, t, class_labels)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)

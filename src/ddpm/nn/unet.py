@@ -32,16 +32,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ddpm.nn.embeddings import (
-    broadcast_timesteps,
-    check_class_labels,
-    class_embedding,
-    timestep_embedding,
-    timestep_frequencies,
-)
+from ddpm.nn.embeddings import ConditionedNet, class_embedding, timestep_mlp
+from ddpm.nn.unet_config import UNetConfig
 
-__all__ = ["PRESETS", "UNet", "count_parameters", "unet_preset"]
+__all__ = ["UNet", "count_parameters"]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -215,16 +211,68 @@ class UNetBlock(nn.Module):
         return h
 
 
-def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, int):
-        value = (value,)
-    try:
-        return tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of integers, got {value!r}") from None
+def _res_block(c: UNetConfig, c_in: int, c_out: int, resample: str | None = None) -> ResBlock:
+    return ResBlock(
+        c_in,
+        c_out,
+        4 * c.model_channels,
+        c.dropout,
+        c.norm_groups,
+        c.use_scale_shift_norm,
+        resample,
+    )
 
 
-class UNet(nn.Module):
+def _attention(c: UNetConfig, channels: int) -> AttentionBlock:
+    return AttentionBlock(channels, c.heads(channels), c.norm_groups)
+
+
+def _down_path(c: UNetConfig) -> tuple[nn.ModuleList, list[tuple[int, int]], list[int]]:
+    """Per level ``num_res_blocks`` x (ResBlock [+ attention]), then a down-sampler but after
+    the last level. Returns the blocks, each level's [start, stop) in them, and the channels of
+    every skip the up path concatenates (the input conv's first, then every block's)."""
+    blocks, levels = nn.ModuleList(), []
+    ch = c.model_channels
+    skips = [ch]
+    for level, width in enumerate(c.widths):
+        start = len(blocks)
+        for _ in range(c.num_res_blocks):
+            res = _res_block(c, ch, width)
+            ch = width
+            attn = _attention(c, ch) if c.attention[level] else None
+            blocks.append(UNetBlock(res, attn))
+            skips.append(ch)
+        if level != len(c.widths) - 1:
+            if c.resblock_updown:
+                blocks.append(_res_block(c, ch, ch, "down"))
+            else:
+                blocks.append(Downsample(ch, c.downsample_padding))
+            skips.append(ch)
+        levels.append((start, len(blocks)))
+    return blocks, levels, skips
+
+
+def _up_path(c: UNetConfig, skips: list[int]) -> tuple[nn.ModuleList, list[tuple[int, int]]]:
+    """Per level, deepest first, ``num_res_blocks + 1`` x (concat a skip, ResBlock
+    [+ attention]), the last followed by an up-sampler but on the top level. Returns the blocks
+    and each level's [start, stop) in them."""
+    blocks, levels = nn.ModuleList(), []
+    ch = c.widths[-1]
+    for level in reversed(range(len(c.widths))):
+        width = c.widths[level]
+        levels.append((len(blocks), len(blocks) + c.num_res_blocks + 1))
+        for i in range(c.num_res_blocks + 1):
+            res = _res_block(c, ch + skips.pop(), width)
+            ch = width
+            attn = _attention(c, ch) if c.attention[level] else None
+            up = None
+            if level != 0 and i == c.num_res_blocks:
+                up = _res_block(c, ch, ch, "up") if c.resblock_updown else Upsample(ch)
+            blocks.append(UNetBlock(res, attn, up))
+    return blocks, levels
+
+
+class UNet(ConditionedNet):
     """The DDPM / improved-DDPM U-Net; ``forward(x, t, class_labels=None) -> (B, C_out, H, W)``.
 
     Args:
@@ -258,6 +306,9 @@ class UNet(nn.Module):
             the backward pass (``torch.utils.checkpoint``, non-reentrant; dropout masks are
             replayed, so gradients equal the plain ones). Less memory for one more forward
             pass; not part of the architecture (``config``) or the state_dict.
+
+    Every argument but ``checkpointing`` is checked by :class:`~ddpm.nn.unet_config.UNetConfig`
+    and kept, normalised, in ``config`` (``UNet(**net.config)`` builds the same network).
     """
 
     def __init__(
@@ -283,74 +334,7 @@ class UNet(nn.Module):
         freq_shift: int = 0,
         checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        self.checkpointing = bool(checkpointing)
-        channel_mult = _as_int_tuple("channel_mult", channel_mult)
-        attention_resolutions = _as_int_tuple("attention_resolutions", attention_resolutions)
-        out_channels = in_channels if out_channels is None else out_channels
-        for name, value, low in [
-            ("in_channels", in_channels, 1),
-            ("out_channels", out_channels, 1),
-            ("image_size", image_size, 1),
-            ("model_channels", model_channels, 1),
-            ("num_res_blocks", num_res_blocks, 1),
-            ("norm_groups", norm_groups, 1),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if num_timesteps is not None and (
-            not isinstance(num_timesteps, int)
-            or isinstance(num_timesteps, bool)
-            or num_timesteps < 1
-        ):
-            raise ValueError(
-                f"num_timesteps must be null or an integer >= 1, got {num_timesteps!r}"
-            )
-        if not channel_mult or min(channel_mult) < 1:
-            raise ValueError(
-                f"channel_mult must be a non-empty sequence of integers >= 1, got {channel_mult}"
-            )
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
-            raise ValueError(
-                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)={factor} "
-                f"(channel_mult={channel_mult} down-samples {len(channel_mult) - 1} times); "
-                f"use a multiple of {factor} or a shorter channel_mult"
-            )
-        resolutions = [image_size // 2**level for level in range(len(channel_mult))]
-        absent = [r for r in attention_resolutions if r not in resolutions]
-        if absent:
-            raise ValueError(
-                f"attention_resolutions {absent} never occur; the feature-map sizes of this "
-                f"network are {resolutions} (image_size={image_size}, channel_mult={channel_mult})"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
-            raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
-        if downsample_padding not in (0, 1):
-            raise ValueError(
-                f"downsample_padding must be 1 (symmetric) or 0 (TF 'SAME', DDPM), "
-                f"got {downsample_padding!r}"
-            )
-        label_emb = class_embedding(num_classes, 4 * model_channels)  # validates num_classes
-        self.num_classes = num_classes or None
-        self.time_embedding_kw = dict(freq_shift=freq_shift, flip_sin_to_cos=bool(flip_sin_to_cos))
-        timestep_frequencies(model_channels, freq_shift=freq_shift)  # validates freq_shift
-        if num_head_channels == -1:
-            if not isinstance(num_heads, int) or num_heads < 1:
-                raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
-        elif not isinstance(num_head_channels, int) or num_head_channels < 1:
-            raise ValueError(
-                f"num_head_channels must be -1 (use num_heads) or an integer >= 1, "
-                f"got {num_head_channels!r}"
-            )
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.image_size = image_size
-        self.model_channels = model_channels
-        self.config: dict[str, Any] = dict(
+        c = UNetConfig(
             in_channels=in_channels,
             out_channels=out_channels,
             image_size=image_size,
@@ -365,131 +349,67 @@ class UNet(nn.Module):
             resblock_updown=resblock_updown,
             norm_groups=norm_groups,
             num_timesteps=num_timesteps,
-            num_classes=self.num_classes,
+            num_classes=num_classes,
             norm_eps=norm_eps,
             downsample_padding=downsample_padding,
-            flip_sin_to_cos=bool(flip_sin_to_cos),
+            flip_sin_to_cos=flip_sin_to_cos,
             freq_shift=freq_shift,
         )
-        self.t_scale = None if num_timesteps is None else 1000.0 / num_timesteps
-
-        emb_channels = 4 * model_channels
-
-        def res_block(c_in: int, c_out: int, resample: str | None = None) -> ResBlock:
-            return ResBlock(
-                c_in, c_out, emb_channels, dropout, norm_groups, use_scale_shift_norm, resample
-            )
-
-        def attention(channels: int) -> AttentionBlock:
-            if num_head_channels == -1:
-                if channels % num_heads:
-                    raise ValueError(
-                        f"num_heads={num_heads} must divide the {channels} channels of an "
-                        f"attention block"
-                    )
-                heads = num_heads
-            else:
-                if channels % num_head_channels:
-                    raise ValueError(
-                        f"num_head_channels={num_head_channels} must divide the {channels} "
-                        f"channels of an attention block"
-                    )
-                heads = channels // num_head_channels
-            return AttentionBlock(channels, heads, norm_groups)
-
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_channels),
-            nn.SiLU(),
-            nn.Linear(emb_channels, emb_channels),
+        t_scale = None if c.num_timesteps is None else 1000.0 / c.num_timesteps
+        super().__init__(
+            c.num_classes, t_scale, freq_shift=c.freq_shift, flip_sin_to_cos=c.flip_sin_to_cos
         )
-        self.label_emb = label_emb  # ADM's label_emb, diffusers' class_embedding
-        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.config: dict[str, Any] = c.as_dict()
+        self.checkpointing = bool(checkpointing)
+        self.in_channels, self.out_channels = c.in_channels, c.out_channels
+        self.image_size, self.model_channels = c.image_size, c.model_channels
 
-        # Down path: every block's output is a skip for the up path.
-        ch = model_channels
-        skip_channels = [ch]
-        self.down = nn.ModuleList()
-        self._down_levels: list[tuple[int, int]] = []  # [start, stop) of each level in down
-        for level, mult in enumerate(channel_mult):
-            start = len(self.down)
-            res = resolutions[level]
-            for _ in range(num_res_blocks):
-                block = res_block(ch, model_channels * mult)
-                ch = model_channels * mult
-                attn = attention(ch) if res in attention_resolutions else None
-                self.down.append(UNetBlock(block, attn))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(
-                    res_block(ch, ch, "down")
-                    if resblock_updown
-                    else Downsample(ch, downsample_padding)
-                )
-                skip_channels.append(ch)
-            self._down_levels.append((start, len(self.down)))
+        # Timestep embedding (+ class embedding: ADM's label_emb, diffusers' class_embedding);
+        # the class table is drawn first.
+        label_emb = class_embedding(c.num_classes, 4 * c.model_channels)
+        self.time_embed = timestep_mlp(c.model_channels, 4 * c.model_channels)
+        self.label_emb = label_emb
+        self.input_conv = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
+        # Down path, middle (ResBlock, attention, ResBlock), up path; every down-path output
+        # (and the input conv's) is a skip that one up-path block concatenates.
+        self.down, self._down_levels, skips = _down_path(c)
+        ch = c.widths[-1]
+        self.mid1 = UNetBlock(_res_block(c, ch, ch), _attention(c, ch))
+        self.mid2 = _res_block(c, ch, ch)
+        self.up, self._up_levels = _up_path(c, skips)
+        ch = c.widths[0]
+        self.out_norm = _group_norm(ch, c.norm_groups)
+        self.out_conv = _zero(nn.Conv2d(ch, c.out_channels, 3, padding=1))
 
-        # Middle: ResBlock, attention, ResBlock.
-        self.mid1 = UNetBlock(res_block(ch, ch), attention(ch))
-        self.mid2 = res_block(ch, ch)
-
-        # Up path: num_res_blocks + 1 blocks per level, each concatenating one skip.
-        self.up = nn.ModuleList()
-        self._up_levels: list[tuple[int, int]] = []
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            self._up_levels.append((len(self.up), len(self.up) + num_res_blocks + 1))
-            res = resolutions[level]
-            for i in range(num_res_blocks + 1):
-                block = res_block(ch + skip_channels.pop(), model_channels * mult)
-                ch = model_channels * mult
-                attn = attention(ch) if res in attention_resolutions else None
-                upsample = None
-                if level != 0 and i == num_res_blocks:
-                    upsample = res_block(ch, ch, "up") if resblock_updown else Upsample(ch)
-                self.up.append(UNetBlock(block, attn, upsample))
-
-        self.out_norm = _group_norm(ch, norm_groups)
-        self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         for m in self.modules():  # one eps for every GroupNorm (DDPM's TF code used 1e-6)
             if isinstance(m, nn.GroupNorm):
-                m.eps = float(norm_eps)
+                m.eps = float(c.norm_eps)
         # Conv weights in channels_last too (``forward`` feeds NHWC activations): oneDNN then
         # needs no weight reorders and its backward runs 3-8x faster on CPU than in NCHW.
         # ``.to(device)``, ``load_state_dict`` and ``deepcopy`` keep the layout.
         self.to(memory_format=torch.channels_last)
 
-    def _check_inputs(self, x: Tensor, t: Tensor | int | float) -> Tensor:
-        """Shape checks (no host sync); returns ``t`` as a (B,) tensor on ``x.device``."""
+    def _check_inputs(self, x: Tensor) -> None:
+        """Shape checks (no host sync)."""
         if x.ndim != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
         if C != self.in_channels:
-            raise ValueError(f"x has {C} channels but the model has in_channels={self.in_channels}")
+            raise ValueError(
+                f"x has {C} channels but the network has in_channels={self.in_channels}"
+            )
         if H != self.image_size or W != self.image_size:
             raise ValueError(
-                f"x has spatial size {H}x{W} but the model has image_size={self.image_size}"
+                f"x has spatial size {H}x{W} but the network has image_size={self.image_size}"
             )
-        return broadcast_timesteps(t, B, x.device)
-
-    @property
-    def null_class(self) -> int | None:
-        """The label of the null class (``num_classes``), None when unconditional."""
-        return self.num_classes
 
     def forward(
         self, x: Tensor, t: Tensor | int | float, class_labels: Tensor | None = None
     ) -> Tensor:
         """``x`` (B, in_channels, H, W), ``t`` (B,) or scalar, ``class_labels`` (B,) or None
         -> (B, out_channels, H, W)."""
-        t = self._check_inputs(x, t)
-        if self.t_scale is not None:
-            t = t * self.t_scale
-        labels = check_class_labels(class_labels, self.num_classes, x.shape[0], x.device)
-        emb = timestep_embedding(t, self.model_channels, **self.time_embedding_kw)
-        emb = self.time_embed(emb.to(self.input_conv.weight.dtype))
-        if labels is not None:
-            emb = emb + self.label_emb(labels)
-        # Every block starts its timestep projection with SiLU; apply it once here.
-        emb = F.silu(emb)
+        self._check_inputs(x)
+        emb = self.embed(x, t, class_labels)
 
         # channels_last activations: oneDNN's convolutions (above all their backward) are several
         # times faster in NHWC on CPU than in NCHW; the layout propagates through every layer.
@@ -525,8 +445,6 @@ class UNet(nn.Module):
 
     def _checkpointed_levels(self, h: Tensor, emb: Tensor) -> Tensor:
         """The down, middle and up paths with one activation checkpoint per level."""
-        from torch.utils.checkpoint import checkpoint
-
         skips = [h]
         for start, stop in self._down_levels:
             skips += checkpoint(self._down_level, start, stop, h, emb, use_reentrant=False)
@@ -537,107 +455,3 @@ class UNet(nn.Module):
             level_skips, skips = skips[-n:], skips[:-n]
             h = checkpoint(self._up_level, start, stop, h, emb, *level_skips, use_reentrant=False)
         return h
-
-
-# Constructor kwargs of named configurations; ``unet_preset(name, **overrides)`` builds one. The
-# one source of the architectures: ``conf/model/<name>.yaml`` takes them from here (registered
-# for Hydra by ``ddpm.config``), so every key a config can override is spelled out.
-_DDPM_BLOCKS: dict[str, Any] = dict(
-    num_heads=1,
-    num_head_channels=-1,
-    use_scale_shift_norm=False,
-    resblock_updown=False,
-    norm_groups=32,
-)
-PRESETS: dict[str, dict[str, Any]] = {
-    # DDPM CIFAR-10 (Ho et al. 2020, App. B): 35.7M parameters.
-    "cifar10": dict(
-        in_channels=3,
-        image_size=32,
-        model_channels=128,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(16,),
-        dropout=0.1,
-        **_DDPM_BLOCKS,
-    ),
-    # improved-diffusion's CIFAR-10 U-Net (Nichol & Dhariwal 2021; its README's CIFAR-10 flags
-    # --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 on the defaults
-    # attention_resolutions 16,8, num_heads 4, use_scale_shift_norm): 52,546,438 parameters with
-    # learned variances (6 output channels), as its UNetModel.
-    "cifar10_iddpm": dict(
-        in_channels=3,
-        image_size=32,
-        model_channels=128,
-        channel_mult=(1, 2, 2, 2),
-        num_res_blocks=3,
-        attention_resolutions=(16, 8),
-        dropout=0.3,
-        **{**_DDPM_BLOCKS, "num_heads": 4, "use_scale_shift_norm": True},
-    ),
-    # For unit tests on CPU (0.18M parameters).
-    "tiny": dict(
-        in_channels=3,
-        image_size=16,
-        model_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        dropout=0.0,
-        **{**_DDPM_BLOCKS, "norm_groups": 8},
-    ),
-    # 8x8 sklearn digits upscaled to 16x16, for minutes of CPU training (1.1M parameters):
-    # 16 -> 8 -> 4 with 32, 64, 64 channels, one ResBlock a level, attention at 8, no dropout
-    # (short runs do not overfit); 16 groups keep 2+ channels a group.
-    "digits": dict(
-        in_channels=1,
-        image_size=16,
-        model_channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        dropout=0.0,
-        **{**_DDPM_BLOCKS, "norm_groups": 16},
-    ),
-    # MNIST 28x28: 28 -> 14 -> 7, attention at 14.
-    "mnist": dict(
-        in_channels=1,
-        image_size=28,
-        model_channels=64,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=2,
-        attention_resolutions=(14,),
-        dropout=0.1,
-        **_DDPM_BLOCKS,
-    ),
-    # CelebA 64x64: DDIM's CelebA-64 model (Song et al. 2021, configs/celeba.yml):
-    # 64 -> 32 -> 16 -> 8 -> 4, attention at 16.
-    "celeba64": dict(
-        in_channels=3,
-        image_size=64,
-        model_channels=128,
-        channel_mult=(1, 2, 2, 2, 4),
-        num_res_blocks=2,
-        attention_resolutions=(16,),
-        dropout=0.1,
-        **_DDPM_BLOCKS,
-    ),
-    # DDPM LSUN / CelebA-HQ 256x256 (Ho et al. 2020, App. B): 114M parameters, no dropout.
-    "lsun256": dict(
-        in_channels=3,
-        image_size=256,
-        model_channels=128,
-        channel_mult=(1, 1, 2, 2, 4, 4),
-        num_res_blocks=2,
-        attention_resolutions=(16,),
-        dropout=0.0,
-        **_DDPM_BLOCKS,
-    ),
-}
-
-
-def unet_preset(name: str, **overrides: Any) -> UNet:
-    """Build the ``PRESETS[name]`` U-Net, with constructor kwargs overridden by ``overrides``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown UNet preset {name!r}; allowed values: {sorted(PRESETS)}")
-    return UNet(**{**PRESETS[name], **overrides})
