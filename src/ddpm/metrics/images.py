@@ -112,7 +112,7 @@ class FolderImages:
     size; all files must have the same size."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        from ddpm.data.sources import folder_fingerprint, list_images
+        from ddpm.data.files import folder_fingerprint, list_images
 
         self.root = Path(root)
         if not self.root.is_dir():
@@ -124,7 +124,7 @@ class FolderImages:
         self._shape = tuple(self._decode(0).shape)
 
     def _decode(self, i: int) -> Tensor:
-        from ddpm.data.sources import decode_image
+        from ddpm.data.files import decode_image
 
         return decode_image(self.files[i], 3)
 
