@@ -97,7 +97,7 @@ def make_source(name: str, **settings: Any) -> ImageSource:
 
 
 class ClassLabels:
-    """Class-conditional data (mixed into the image and toy datamodules): ``conditional=True``
+    """Class-conditional data (part of every :class:`DataModule`): ``conditional=True``
     makes the loaders yield ``(x, labels)`` with int64 labels in [0, num_classes).
 
     ``num_classes`` and ``class_names`` come from the data (:meth:`_class_names`); the training

@@ -92,14 +92,14 @@ class Digits(ImageSource):
     """scikit-learn's bundled 1797 8x8 digits (works offline), classes 0..9; no test split.
 
     Args:
-        root: not read (the digits ship with scikit-learn); every image config names a root.
+        root: not read (the digits ship with scikit-learn).
     """
 
     name = "digits"
     channels, image_size, in_memory = 1, 16, True
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        pass
+        """``root`` is taken and not read: ``data_root=`` re-points any stored image config."""
 
     def class_names(self) -> list[str]:
         return [str(d) for d in range(10)]
