@@ -85,7 +85,6 @@ def main() -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         random_flip=True,
-        download=False,
     )
     dm.prepare_data()
     dm.setup("fit")

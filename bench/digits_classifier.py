@@ -42,7 +42,8 @@ def digit_labels(dm: ImageDataModule, split: str) -> np.ndarray:
     from sklearn.datasets import load_digits
 
     from ddpm.data.datamodule import split_indices
-    from ddpm.data.sources import load_digits_uint8, prepare
+    from ddpm.data.sources import load_digits_uint8
+    from ddpm.data.transforms import prepare
 
     target = load_digits().target
     train_idx, val_idx = split_indices(len(target), dm.val_split, dm.seed)

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from ddpm.data import ImageDataModule, ToyDataModule
 from ddpm.data.datamodule import split_indices
-from ddpm.data.sources import check_labels, load_digits_labels, load_digits_uint8, prepare
+from ddpm.data.datasets import check_labels
+from ddpm.data.sources import load_digits_labels, load_digits_uint8
+from ddpm.data.transforms import prepare
 from ddpm.errors import ConfigError
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import build_module, train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
 import time
 import warnings
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ddpm.data import (
+    SOURCES,
     BadImageError,
     BatchTransform,
     DatasetUnavailableError,
@@ -24,7 +26,7 @@ from ddpm.data import (
     ToyDataModule,
     per_device_batch_size,
 )
-from ddpm.data.sources import resize_center_crop, to_channels
+from ddpm.data.transforms import resize_center_crop, to_channels
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -85,7 +87,7 @@ def test_denormalize_inverts_normalization(digits: ImageDataModule) -> None:
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1.0) < 1e-2
     raw = std.dataset("train").data
     torch.testing.assert_close(std.denormalize(x), raw.float() / 255.0, atol=1e-5, rtol=0)
-    assert std.data_key != digits.data_key
+    assert std.data_key_for("train") != digits.data_key_for("train")
 
 
 def test_random_flip_per_sample() -> None:
@@ -184,6 +186,22 @@ def test_invalid_arguments() -> None:
         ToyDataModule("spiral")
 
 
+def test_each_kind_of_data_takes_only_its_own_settings(tmp_path: Path) -> None:
+    """``data.name`` picks a source; the settings it takes are ImageDataModule parameters (so
+    config validation knows them), and one it does not take is an error naming its own."""
+    own = set(inspect.signature(ImageDataModule).parameters)
+    for name, source in SOURCES.items():
+        assert name in CONFIGS + ["hf"]
+        assert set(inspect.signature(source).parameters) <= own, name
+    with pytest.raises(ValueError, match="data.path is not a setting of data 'digits'.* root"):
+        ImageDataModule("digits", path="somewhere")
+    with pytest.raises(ValueError, match="data.download is not a setting of data 'image_folder'"):
+        ImageDataModule("image_folder", root=tmp_path, download=True)
+    with pytest.raises(ValueError, match="data=hf needs data.path"):
+        ImageDataModule("hf")
+    assert ImageDataModule("cifar10", root=tmp_path, download=True).source.download
+
+
 def test_tensor_resize_and_channels() -> None:
     x = torch.randint(0, 256, (5, 3, 28, 40), dtype=torch.uint8)
     y = resize_center_crop(x, 14)
@@ -265,11 +283,11 @@ def test_image_folder_workers(tmp_path: Path) -> None:
 
 def test_image_folder_key_tracks_content(tmp_path: Path) -> None:
     _write_images(tmp_path)
-    key = ImageDataModule("image_folder", root=tmp_path).data_key
+    key = ImageDataModule("image_folder", root=tmp_path).data_key_for("train")
     assert key.startswith("image_folder_") and "-train-64px-3ch-minus_one_one" in key
-    assert ImageDataModule("image_folder", root=tmp_path).data_key == key
+    assert ImageDataModule("image_folder", root=tmp_path).data_key_for("train") == key
     Image.new("RGB", (9, 9)).save(tmp_path / "new.png")
-    assert ImageDataModule("image_folder", root=tmp_path).data_key != key
+    assert ImageDataModule("image_folder", root=tmp_path).data_key_for("train") != key
 
 
 def test_image_folder_bad_files_error(tmp_path: Path) -> None:
@@ -365,7 +383,7 @@ def test_torchvision_missing_without_download(tmp_path: Path, offline: None) -> 
         dm.setup()
     assert "'fashion_mnist'" in str(info.value) and "files not found" in str(info.value)
     assert dm.sample_shape == (1, 32, 32)  # known before any data is loaded
-    assert dm.data_key == "fashion_mnist-train-32px-1ch-minus_one_one"
+    assert dm.data_key_for("train") == "fashion_mnist-train-32px-1ch-minus_one_one"
 
 
 class _FakeTorchvision:
@@ -426,7 +444,7 @@ def test_toy_datasets(name: str) -> None:
     again = ToyDataModule(name, n_train=4000, n_val=1000)
     assert torch.equal(again.dataset("train").data, train)
     assert torch.equal(dm.denormalize(x), x)
-    assert dm.data_key == f"{name}-train-n4000-seed0"
+    assert dm.data_key_for("train") == f"{name}-train-n4000-seed0"
 
 
 # -- Hydra configs ----------------------------------------------------------------------------
@@ -455,8 +473,8 @@ def test_config_instantiates(name: str, tmp_path: Path) -> None:
     if isinstance(dm, ImageDataModule):
         assert dm.sample_shape == (node.channels, node.image_size, node.image_size)
         assert dm.random_flip == (name in ("cifar10", "celeba", "image_folder"))
-        if name != "image_folder":
-            assert dm.root == tmp_path / "data"
+        if name not in ("image_folder", "digits"):  # the digits ship with scikit-learn
+            assert dm.source.root == tmp_path / "data"
     else:
         assert dm.sample_shape == (2,)
     if name in ("digits", "swiss_roll", "two_moons", "eight_gaussians"):  # no files needed

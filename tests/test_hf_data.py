@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.data import ImageDataModule
 from ddpm.data.datamodule import split_indices
 
 datasets = pytest.importorskip("datasets", reason="the `hf` extra (datasets) is not installed")
 
-from ddpm.data.hf import HFImageDataModule  # noqa: E402
+from ddpm.checkpoint import is_loadable  # noqa: E402
 from ddpm.tasks.train import train  # noqa: E402
 from hydra_utils import TINY, compose_cfg  # noqa: E402
 
@@ -46,8 +47,8 @@ def _model_space(pixels: np.ndarray) -> torch.Tensor:
 
 def test_images_normalised_split_and_flipped_like_the_other_image_data(saved) -> None:
     path, pixels = saved
-    dm = HFImageDataModule(
-        path=str(path), image_column="img", label_column="label", image_size=SIDE,
+    dm = ImageDataModule(
+        "hf", path=str(path), image_column="img", label_column="label", image_size=SIDE,
         batch_size=4, random_flip=True, num_workers=0, seed=0,
     )  # fmt: skip
     dm.setup("fit")
@@ -75,8 +76,8 @@ def test_images_normalised_split_and_flipped_like_the_other_image_data(saved) ->
 
 def test_test_split_and_grayscale(saved) -> None:
     path, pixels = saved
-    dm = HFImageDataModule(
-        path=str(path), image_column="img", test_split="test", image_size=4, channels=1,
+    dm = ImageDataModule(
+        "hf", path=str(path), image_column="img", test_split="test", image_size=4, channels=1,
         batch_size=4, num_workers=0,
     )  # fmt: skip
     dm.setup("fit")
@@ -95,13 +96,13 @@ def test_bad_columns_splits_and_missing_extra_are_named(saved, monkeypatch) -> N
         (dict(image_column="img", split="valid"), r"data.split='valid' .* \['test', 'train'\]"),
         (dict(image_column="label"), "must hold images"),
     ]:
-        dm = HFImageDataModule(path=str(path), image_size=SIDE, num_workers=0, **kwargs)
+        dm = ImageDataModule("hf", path=str(path), image_size=SIDE, num_workers=0, **kwargs)
         with pytest.raises(ValueError, match=match):
             dm.setup("fit")
             dm.dataset("train")[0]
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
     with pytest.raises(ImportError, match=r"pip install 'ddpm\[hf\]'"):
-        HFImageDataModule(path=str(path), image_column="img", num_workers=0).setup("fit")
+        ImageDataModule("hf", path=str(path), image_column="img", num_workers=0).setup("fit")
 
 
 def test_training_through_the_config(saved, tmp_path: Path) -> None:
@@ -111,13 +112,14 @@ def test_training_through_the_config(saved, tmp_path: Path) -> None:
          "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=2", "callbacks=none"],
         tmp_path,
     )  # fmt: skip
+    assert is_loadable(cfg.data._target_)  # a checkpoint of the run can be evaluated
     assert train(cfg)["global_step"] == 2
 
 
 def test_conditional_batches_carry_the_label_column(saved, tmp_path: Path) -> None:
     path, pixels = saved
     kw = dict(path=str(path), image_column="img", image_size=SIDE, batch_size=4, num_workers=0)
-    dm = HFImageDataModule(label_column="label", conditional=True, test_split="test", **kw)
+    dm = ImageDataModule("hf", label_column="label", conditional=True, test_split="test", **kw)
     dm.setup("fit")
     assert dm.class_names == ["a", "b", "c"]
     want = _model_space(pixels)
@@ -127,4 +129,4 @@ def test_conditional_batches_carry_the_label_column(saved, tmp_path: Path) -> No
     x, y = next(iter(dm.val_dataloader()))  # the test split: rows 0..3
     assert y.tolist() == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="set data.label_column"):
-        HFImageDataModule(conditional=True, **kw).setup("fit")
+        ImageDataModule("hf", conditional=True, **kw).setup("fit")

@@ -1,16 +1,18 @@
 """``ImageDataModule``: normalised images for training, validation, FID reference statistics.
 
-One class for every image source (scikit-learn digits, torchvision datasets, a folder of files).
-Images are kept as uint8 at the model's resolution; normalisation and random flips run batched in
-the collate function. ``data.batch_size`` is the *global* batch size, split across devices.
+One data module for every kind of image data. What differs between kinds (where the images,
+labels and classes come from, what to download) is the :class:`~ddpm.data.sources.ImageSource`
+that ``name`` selects in :data:`SOURCES`; the module splits, normalises and loads them the same way
+for all. Images are kept as uint8 at the model's resolution; normalisation and random flips run
+batched in the collate function. ``data.batch_size`` is the *global* batch size, split across
+devices.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,56 +20,28 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddpm.data.datasets import (
-    ImageFiles,
-    LabeledCollate,
-    LabeledDataset,
-    TensorImages,
-    train_loader,
-)
+from ddpm.data.datasets import LabeledCollate, LabeledDataset, TensorImages, check_labels
+from ddpm.data.files import ImageFiles
+from ddpm.data.hf import HuggingFace
+from ddpm.data.order import train_loader
 from ddpm.data.sources import (
-    CLASS_NAMES,
-    TORCHVISION,
-    BadImageError,
-    bad_images_message,
-    celeba_files,
-    check_labels,
-    find_bad_images,
-    folder_classes,
-    folder_fingerprint,
-    folder_labels,
-    list_images,
-    load_digits_labels,
-    load_digits_uint8,
-    prepare,
-    torchvision_dataset,
-    torchvision_labels,
-    torchvision_uint8,
-    warn_skipped,
+    CIFAR10,
+    MNIST,
+    CelebA,
+    Digits,
+    FashionMNIST,
+    ImageFolder,
+    ImageSource,
 )
 from ddpm.data.transforms import NORMALIZATIONS, BatchTransform, Normalization
 from ddpm.utils.checks import check_positive_int
 
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    channels: int
-    image_size: int
-    has_test_split: bool  # an official test split (else val/test are carved from the data)
-    in_memory: bool
-
-
-DATASETS = {
-    "digits": _Spec(1, 16, False, True),
-    "mnist": _Spec(1, 32, True, True),
-    "fashion_mnist": _Spec(1, 32, True, True),
-    "cifar10": _Spec(3, 32, True, True),
-    "celeba": _Spec(3, 64, True, False),
-    "image_folder": _Spec(3, 64, False, False),
-    "hf": _Spec(3, 64, False, False),  # ddpm.data.hf.HFImageDataModule
+# data.name -> the kind of image data
+SOURCES: dict[str, type[ImageSource]] = {
+    source.name: source
+    for source in (Digits, MNIST, FashionMNIST, CIFAR10, CelebA, ImageFolder, HuggingFace)
 }
+SPLITS = ("train", "val", "test")
 STATS_SAMPLES = 1000  # images used for 'standardize' statistics when decoding from files
 
 
@@ -97,20 +71,46 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[Tensor, Tensor]:
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def subset(ds: Dataset, indices: Any) -> Dataset:
+    """The examples ``indices`` of ``ds`` (in memory or files: the same kind of dataset)."""
+    idx = indices.tolist() if isinstance(indices, Tensor) else list(indices)
+    if isinstance(ds, (TensorImages, ImageFiles)):
+        return ds.subset(idx)
+    return Subset(ds, idx)
+
+
+def make_source(name: str, **settings: Any) -> ImageSource:
+    """The source of image data ``name`` (:data:`SOURCES`) built from the ``settings`` given
+    (None: not given, the source's default). A setting the source does not take is an error."""
+    if name not in SOURCES:
+        raise ValueError(f"data name must be one of {sorted(SOURCES)}, got {name!r}")
+    source = SOURCES[name]
+    accepted = list(inspect.signature(source).parameters)
+    given = {k: v for k, v in settings.items() if v is not None}
+    for key in given:
+        if key not in accepted:
+            raise ValueError(
+                f"data.{key} is not a setting of data {name!r}; its own settings are "
+                f"{', '.join(accepted) or 'none'}"
+            )
+    return source(**given)
+
+
 class ClassLabels:
-    """Class-conditional data (mixed into the image and toy datamodules): ``conditional=True``
+    """Class-conditional data (part of every :class:`DataModule`): ``conditional=True``
     makes the loaders yield ``(x, labels)`` with int64 labels in [0, num_classes).
 
     ``num_classes`` and ``class_names`` come from the data (:meth:`_class_names`); the training
     task records them in the run config (``data.num_classes``, which the model configs read, and
     ``data.class_names``), and a datamodule built from a recorded config checks that the data
-    still has those classes.
+    still has those classes. :meth:`dataset` fills ``_labels`` when it loads the data.
     """
 
     name: str
     conditional: bool
     _recorded: tuple[int | None, list[str] | None]
     _names: list[str] | None
+    _labels: dict[str, Tensor]
 
     def _init_classes(
         self, conditional: bool, num_classes: int | None, class_names: Any | None
@@ -122,7 +122,10 @@ class ClassLabels:
 
     def _class_names(self) -> list[str] | None:
         """The data's class names (label k = name k), None when it has no labels."""
-        return list(CLASS_NAMES[self.name]) if self.name in CLASS_NAMES else None
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Any:
+        raise NotImplementedError
 
     @property
     def class_names(self) -> list[str] | None:
@@ -134,7 +137,8 @@ class ClassLabels:
                 raise ValueError(
                     f"data.conditional=true, but data {self.name!r} has no class labels; "
                     "labelled data: digits, mnist, fashion_mnist, cifar10, image_folder (one "
-                    "sub-folder per class), hf with data.label_column, eight_gaussians, two_moons"
+                    "sub-folder per class), hf (set data.label_column=<column>), "
+                    "eight_gaussians, two_moons"
                 )
             if names is not None and not names:
                 raise ValueError(f"data {self.name!r} has no classes (data.conditional=true)")
@@ -157,36 +161,127 @@ class ClassLabels:
         names = self.class_names
         return None if names is None else len(names)
 
+    def labels(self, split: str) -> Tensor:
+        """The int64 class labels of ``split`` (a conditional datamodule only)."""
+        if not self.conditional:
+            raise ValueError("class labels are loaded with data.conditional=true only")
+        self.dataset(split)
+        return self._labels[split]
 
-class ImageDataModule(ClassLabels, pl.LightningDataModule):
+
+class DataModule(ClassLabels, pl.LightningDataModule):
+    """What the image and toy data modules share: the loaders of the splits of :meth:`dataset`
+    (``(x, labels)`` batches when ``conditional``), the training one over this device's share of
+    the global batch (:func:`~ddpm.data.order.train_loader`: resumable mid-epoch). A subclass
+    gives :meth:`dataset` and :meth:`_collate` and sets the batch sizes in ``setup``."""
+
+    batch_size: int  # global
+    per_device_batch_size: int
+    per_device_val_batch_size: int
+    world_size: int = 1
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def _collate(self, train: bool) -> Callable[[Any], Tensor]:
+        """The collate_fn of uint8 examples (``train``: with augmentation)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """The world size (the Trainer's, known before its processes start), this device's
+        share of the global batch, and the data."""
+        self.world_size = world_size_of(getattr(self, "trainer", None))
+        self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
+        self.dataset("train")
+
+    def _loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        train: bool = False,
+        ds: Dataset | None = None,
+        persistent: bool = True,
+    ) -> DataLoader:
+        collate = self._collate(train)
+        if ds is None:
+            ds = self.dataset(split)
+            if self.conditional:
+                ds, collate = LabeledDataset(ds, self.labels(split)), LabeledCollate(collate)
+        workers = self.num_workers
+        kwargs: dict[str, Any] = dict(
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            pin_memory=self.pin_memory,
+        )
+        if train:
+            trainer = getattr(self, "trainer", None)
+            return train_loader(ds, batch_size, self.world_size, trainer, **kwargs)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        n, bs = len(self.dataset("train")), self.per_device_batch_size
+        if n < bs:
+            raise ValueError(
+                f"the training split of {self.name!r} has {n} examples, fewer than batch_size "
+                f"{bs} (per device): lower data.batch_size"
+            )
+        return self._loader("train", bs, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.per_device_val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.per_device_val_batch_size)
+
+    def reference_dataloader(
+        self,
+        split: str = "train",
+        batch_size: int | None = None,
+        max_samples: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
+        """Un-augmented, unshuffled examples of ``split`` (first ``max_samples``), this rank's
+        share (every ``world_size``-th from ``rank``): the FID reference set."""
+        ds = self.dataset(split)
+        n = len(ds) if max_samples is None else min(int(max_samples), len(ds))
+        ds = subset(ds, range(rank, n, world_size))
+        bs = batch_size or self.per_device_val_batch_size
+        return self._loader(split, bs, ds=ds, persistent=False)
+
+
+class ImageDataModule(DataModule):
     """Images scaled to [-1, 1] (or standardised) at ``image_size`` with ``channels`` channels.
 
     Args:
-        name: one of ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``mnist``,
-            ``fashion_mnist``, ``cifar10``, ``celeba`` (torchvision) or ``image_folder``.
-        root: dataset directory (torchvision root, or the folder of images).
-        image_size, channels: target resolution and 1 (L) or 3 (RGB); default per dataset.
+        name: the kind of data (:data:`SOURCES`): ``digits`` (scikit-learn's bundled 8x8 digits,
+            offline), ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeba`` (torchvision),
+            ``image_folder`` or ``hf`` (a Hugging Face data set).
+        image_size, channels: target resolution and 1 (L) or 3 (RGB); default per source.
         batch_size: global training batch size; ``val_batch_size`` defaults to it.
         val_split: fraction of the training data held out for validation. Default: the
-            official test split for datasets that have one, else 0.1.
+            official test split for data that have one, else 0.1.
         max_val_samples: keep only the first N validation images (faster validation).
         normalization: ``minus_one_one`` (DDPM) or ``standardize`` (per-channel mean/std).
         random_flip: random left-right flips of training batches.
-        download: let torchvision download missing files (rank 0, in ``prepare_data``).
         num_workers: DataLoader workers; default 0 for in-memory data, else min(4, CPUs).
         seed: seed of the validation split.
-        on_bad_image: ``error`` (default: fail naming every bad file) or ``skip`` (warn, count).
-        verify_images: decode every file at set-up to find bad ones before training starts.
         conditional: yield ``(images, labels)`` (:class:`ClassLabels`); ``image_folder`` takes
             the class of an image from its sub-folder (torchvision's ``ImageFolder``).
         num_classes, class_names: the classes recorded in a run config, checked against the
             data (leave unset: they are read from the data).
+        root, download, on_bad_image, verify_images, path, image_column, label_column, split,
+            test_split, config_name: the settings of the source ``name`` (documented by its
+            class in :mod:`ddpm.data.sources` and :mod:`ddpm.data.hf`); None leaves the source's
+            default, and one it does not take is an error. Every source's settings are listed
+            here, so that config validation knows them.
     """
 
     def __init__(
         self,
         name: str = "digits",
-        root: str | os.PathLike | None = "data",
+        root: str | os.PathLike | None = None,
         image_size: int | None = None,
         channels: int | None = None,
         batch_size: int = 128,
@@ -195,27 +290,43 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
         max_val_samples: int | None = None,
         normalization: str = "minus_one_one",
         random_flip: bool = False,
-        download: bool = False,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         seed: int = 0,
-        on_bad_image: str = "error",
-        verify_images: bool = True,
         conditional: bool = False,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
+        download: bool | None = None,
+        on_bad_image: str | None = None,
+        verify_images: bool | None = None,
+        path: str | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        split: str | None = None,
+        test_split: str | None = None,
+        config_name: str | None = None,
     ) -> None:
         super().__init__()
         self._init_classes(conditional, num_classes, class_names)
-        if name not in DATASETS:
-            raise ValueError(f"data name must be one of {sorted(DATASETS)}, got {name!r}")
-        spec = DATASETS[name]
         self.name = name
-        self.channels = spec.channels if channels is None else channels
+        self.source = make_source(
+            name,
+            root=root,
+            download=download,
+            on_bad_image=on_bad_image,
+            verify_images=verify_images,
+            path=path,
+            image_column=image_column,
+            label_column=label_column,
+            split=split,
+            test_split=test_split,
+            config_name=config_name,
+        )
+        self.channels = self.source.channels if channels is None else channels
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.image_size = check_positive_int(
-            "image_size", spec.image_size if image_size is None else image_size
+            "image_size", self.source.image_size if image_size is None else image_size
         )
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.val_batch_size = check_positive_int(
@@ -227,29 +338,18 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
             )
         if val_split is not None and not 0.0 <= float(val_split) < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
-        has_test_split = self._has_test_split(spec)
+        has_test_split = self.source.has_test_split
         if val_split is None and not has_test_split:
             val_split = 0.1
         if val_split == 0 and not has_test_split:
             raise ValueError(f"val_split=0 leaves {name!r} (no test split) without validation data")
         if max_val_samples is not None:
             check_positive_int("max_val_samples", max_val_samples)
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        self.root = None if root is None else Path(root).expanduser()
-        if name == "image_folder":
-            if self.root is None:
-                raise ValueError("data=image_folder needs data.root=/path/to/images")
-            if not self.root.exists():
-                raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
-            if not self.root.is_dir():
-                raise NotADirectoryError(f"data.root is not a directory: {self.root}")
         self.val_split = None if not val_split else float(val_split)
         self.max_val_samples = max_val_samples
         self.normalization = normalization
         self.random_flip = bool(random_flip)
-        self.download = bool(download)
-        self.in_memory = spec.in_memory
+        self.in_memory = self.source.in_memory
         self.num_workers = (
             (0 if self.in_memory else min(4, os.cpu_count() or 1))
             if num_workers is None
@@ -258,20 +358,13 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
         self.persistent_workers = self.num_workers > 0
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.seed = int(seed)
-        self.on_bad_image, self.verify_images = on_bad_image, bool(verify_images)
-        self.world_size = 1
         self.per_device_batch_size = self.batch_size
         self.per_device_val_batch_size = self.val_batch_size
         self._splits: dict[str, Dataset] | None = None
-        self._labels: dict[str, Tensor] | None = None
-        self._files: list[Path] | None = None
+        self._labels: dict[str, Tensor] = {}
         self._normalizer: Normalization | None = (
             Normalization() if normalization == "minus_one_one" else None
         )
-
-    def _has_test_split(self, spec: _Spec) -> bool:
-        """Whether the source has its own test split (else val/test are held out of training)."""
-        return spec.has_test_split
 
     # -- identity ---------------------------------------------------------------------------------
     @property
@@ -279,57 +372,29 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
         return (self.channels, self.image_size, self.image_size)
 
     def _class_names(self) -> list[str] | None:
-        if self.name == "image_folder":
-            assert self.root is not None
-            return folder_classes(self.root) or None
-        return super()._class_names()
-
-    def _folder_files(self) -> list[Path]:
-        if self._files is None:
-            assert self.root is not None
-            self._files = list_images(self.root)
-        return self._files
+        return self.source.class_names()
 
     def data_key_for(self, split: str) -> str:
         """Identifies the exact images of ``split`` as the model sees them (cache key for FID
-        statistics): dataset (for folders a fingerprint of the files), split, resolution,
-        channels, normalisation and the validation split."""
+        statistics): the source's key (for folders a fingerprint of the files), split,
+        resolution, channels, normalisation and the validation split."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        key = f"{self._source_key()}-{split}-{self.image_size}px-{self.channels}ch-{self.normalization}"
+        key = f"{self.source.key()}-{split}-{self.image_size}px-{self.channels}ch-{self.normalization}"
         if self.val_split and split in ("train", "val"):
             key += f"-val{self.val_split}_seed{self.seed}"
         if split == "val" and self.max_val_samples:
             key += f"-first{self.max_val_samples}"
         return key
 
-    def _source_key(self) -> str:
-        """The data set's part of :meth:`data_key_for` (for folders a fingerprint of the files)."""
-        if self.name == "image_folder":
-            return f"image_folder_{folder_fingerprint(self._folder_files())}"
-        return self.name
-
-    @property
-    def data_key(self) -> str:
-        return self.data_key_for("train")
-
-    @property
-    def dataset_id(self) -> str:
-        return self.data_key
-
     # -- loading ----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download torchvision datasets when ``download=true`` (Lightning: local rank 0 only)."""
-        if self.name in TORCHVISION and self.download:
-            assert self.root is not None
-            for train in (True, False):
-                torchvision_dataset(self.name, self.root, train, download=True)
+        """Download what the source is missing (``download=true``; Lightning: local rank 0)."""
+        self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        self.world_size = world_size_of(getattr(self, "trainer", None))
-        self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
+        super().setup(stage)
         self.per_device_val_batch_size = max(1, self.val_batch_size // self.world_size)
-        self._load()
 
     def dataset(self, split: str) -> Dataset:
         """The uint8 dataset of ``split`` (loaded on first use)."""
@@ -337,27 +402,19 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self._load()[split]
 
-    def labels(self, split: str) -> Tensor:
-        """The int64 class labels of ``split`` (a conditional datamodule only)."""
-        if not self.conditional:
-            raise ValueError("class labels are loaded with data.conditional=true only")
-        self.dataset(split)
-        assert self._labels is not None
-        return self._labels[split]
-
     def _load(self) -> dict[str, Dataset]:
         if self._splits is not None:
             return self._splits
         k = self.num_classes if self.conditional else None  # errors for unlabelled data first
-        train_all, test = self._sources()
+        train_all, test = self.source.load(self.image_size, self.channels)
         train, val = self._split(train_all, test)
         idx_val = range(len(val))
         if self.max_val_samples is not None and len(val) > self.max_val_samples:
             idx_val = range(self.max_val_samples)
-            val = self._subset(val, idx_val)
+            val = subset(val, idx_val)
         self._splits = {"train": train, "val": val, "test": test if test is not None else val}
         if k is not None:
-            y_all, y_test = self._source_labels(train_all, test)
+            y_all, y_test = self.source.labels()
             what = f"data {self.name!r} ({self.num_classes} classes)"
             y_all = check_labels(y_all, k, what)
             if self.val_split:
@@ -376,78 +433,6 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
             self._normalizer = self._standardizer(train)
         return self._splits
 
-    def _source_labels(self, train_all: Dataset, test: Dataset | None) -> tuple[Tensor, Any]:
-        """Labels of :meth:`_sources`' two datasets (the second None when ``test`` is)."""
-        if self.name == "digits":
-            return load_digits_labels(), None
-        if self.name in TORCHVISION:
-            sets = self._torchvision_sets
-            return torchvision_labels(sets[0]), torchvision_labels(sets[1])
-        if self.name == "image_folder":
-            assert self.root is not None and isinstance(train_all, ImageFiles)
-            return folder_labels(self.root, train_all.files, self.class_names or []), None
-        raise ValueError(f"data {self.name!r} has no class labels")
-
-    def _sources(self) -> tuple[Dataset, Dataset | None]:
-        """The uint8 training data and the official test split (None when there is none)."""
-        if self.name == "digits":
-            data = prepare(load_digits_uint8(), self.image_size, self.channels)
-            train_all, test = TensorImages(data), None
-        elif self.name in ("mnist", "fashion_mnist", "cifar10"):
-            assert self.root is not None
-            sets = [torchvision_dataset(self.name, self.root, t, self.download) for t in (1, 0)]
-            self._torchvision_sets = sets  # their labels: _source_labels
-            train_all, test = (
-                TensorImages(prepare(torchvision_uint8(s), self.image_size, self.channels))
-                for s in sets
-            )
-        elif self.name == "celeba":
-            assert self.root is not None
-            sets = [torchvision_dataset(self.name, self.root, t, self.download) for t in (1, 0)]
-            train_all, test = (self._files_dataset(celeba_files(s)) for s in sets)
-        elif self.name == "image_folder":
-            train_all, test = self._files_dataset(self._checked_folder_files()), None
-        else:
-            raise ValueError(f"{type(self).__name__} cannot load data name {self.name!r}")
-        return train_all, test
-
-    def _files_dataset(self, files: list[Path]) -> ImageFiles:
-        return ImageFiles(files, self.image_size, self.channels, self.on_bad_image)
-
-    def _checked_folder_files(self) -> list[Path]:
-        assert self.root is not None
-        files = self._folder_files()
-        if not files:
-            raise FileNotFoundError(
-                f"no image files found under {self.root} (searched recursively for "
-                ".jpg/.jpeg/.png/.gif/.bmp/.webp/.tif); check data.root"
-            )
-        if self.verify_images:
-            bad = find_bad_images(files, workers=max(4, self.num_workers))
-            if bad and self.on_bad_image == "error":
-                raise BadImageError(
-                    bad_images_message(bad, self.root)
-                    + "\nfix or remove them, or set data.on_bad_image='skip' to skip them"
-                )
-            if bad:
-                warn_skipped(f"skipped {bad_images_message(bad, self.root)}")
-                drop = {p for p, _ in bad}
-                files = [f for f in files if f not in drop]
-                if not files:
-                    raise BadImageError(f"every image file under {self.root} is unreadable")
-        return files
-
-    @staticmethod
-    def _subset(ds: Dataset, indices: Any) -> Dataset:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        if isinstance(ds, TensorImages):
-            return TensorImages(ds.data[idx])
-        if isinstance(ds, ImageFiles):
-            return ImageFiles(
-                [ds.files[i] for i in idx.tolist()], ds.image_size, ds.channels, ds.on_bad_image
-            )
-        return Subset(ds, idx.tolist())
-
     def _split(self, train_all: Dataset, test: Dataset | None) -> tuple[Dataset, Dataset]:
         """Hold out ``val_split`` of the training data (seeded, kept in file order), else use the
         official test split for validation."""
@@ -458,7 +443,7 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
         if n < 2:
             raise ValueError(f"{self.name!r} has {n} image(s): too few to hold out validation data")
         train_idx, val_idx = split_indices(n, self.val_split, self.seed)
-        return self._subset(train_all, train_idx), self._subset(train_all, val_idx)
+        return subset(train_all, train_idx), subset(train_all, val_idx)
 
     def _standardizer(self, train: Dataset) -> Normalization:
         """Per-channel mean and std (in [0, 1] units) of the training split."""
@@ -485,64 +470,5 @@ class ImageDataModule(ClassLabels, pl.LightningDataModule):
         """Model space -> [0, 1]."""
         return self.normalizer.denormalize(x)
 
-    # -- loaders ----------------------------------------------------------------------------------
-    def _labeled(self, split: str, ds: Dataset, collate: Any) -> tuple[Dataset, Any]:
-        """``(ds, collate)``, or with ``conditional`` the labelled dataset and its collate."""
-        if not self.conditional:
-            return ds, collate
-        return LabeledDataset(ds, self.labels(split)), LabeledCollate(collate)
-
-    def _loader(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        train: bool = False,
-        ds: Dataset | None = None,
-        persistent: bool = True,
-    ) -> DataLoader:
-        collate: Any = BatchTransform(self.normalizer, random_flip=train and self.random_flip)
-        if ds is None:
-            ds, collate = self._labeled(split, self.dataset(split), collate)
-        workers = self.num_workers
-        kwargs: dict[str, Any] = dict(
-            collate_fn=collate,
-            num_workers=workers,
-            persistent_workers=persistent and workers > 0,
-            pin_memory=self.pin_memory,
-        )
-        if train:
-            trainer = getattr(self, "trainer", None)
-            return train_loader(ds, batch_size, self.world_size, trainer, **kwargs)
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        n, bs = len(self.dataset("train")), self.per_device_batch_size
-        if n < bs:
-            raise ValueError(
-                f"the training split of {self.name!r} has {n} images, fewer than batch_size {bs} "
-                "(per device): lower data.batch_size"
-            )
-        return self._loader("train", bs, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.per_device_val_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.per_device_val_batch_size)
-
-    def reference_dataloader(
-        self,
-        split: str = "train",
-        batch_size: int | None = None,
-        max_samples: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> DataLoader:
-        """Un-augmented, unshuffled images of ``split`` (first ``max_samples``), this rank's share
-        (every ``world_size``-th image from ``rank``): the FID reference set."""
-        ds = self.dataset(split)
-        n = len(ds) if max_samples is None else min(int(max_samples), len(ds))
-        ds = self._subset(ds, range(rank, n, world_size))
-        bs = batch_size or self.per_device_val_batch_size
-        return self._loader(split, bs, ds=ds, persistent=False)
+    def _collate(self, train: bool) -> BatchTransform:
+        return BatchTransform(self.normalizer, random_flip=train and self.random_flip)

@@ -2,7 +2,7 @@
 
 The rows' images are decoded, converted and resized per item (in DataLoader workers) exactly as
 image files are, and everything after that (validation split, normalisation, flips, the global
-batch split and DDP sharding, FID reference loaders) is :class:`ImageDataModule`'s.
+batch split and DDP sharding, FID reference loaders) is :class:`ddpm.data.ImageDataModule`'s.
 Needs the optional extra: ``pip install 'ddpm[hf]'`` (the ``datasets`` package).
 """
 
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ddpm.data.datamodule import ImageDataModule, _Spec
-from ddpm.data.sources import DatasetUnavailableError, prepare
+from ddpm.data.sources import DatasetUnavailableError, ImageSource
+from ddpm.data.transforms import prepare
 
 # what save_to_disk writes: a Dataset (state.json) or a DatasetDict (dataset_dict.json)
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")
@@ -103,9 +103,8 @@ class HFImages(Dataset):
         return [self._convert(v) for v in rows]
 
 
-class HFImageDataModule(ImageDataModule):
-    """Images from a Hugging Face data set, with :class:`ImageDataModule`'s splits,
-    normalisation, flips and DDP sharding.
+class HuggingFace(ImageSource):
+    """Images (and optionally class labels) from a Hugging Face data set.
 
     Args:
         path: hub name (``datasets.load_dataset``) or local directory (``load_from_disk`` when
@@ -117,54 +116,47 @@ class HFImageDataModule(ImageDataModule):
         test_split: a split to validate and test on; None holds out ``val_split`` (0.1) of
             ``split``.
         config_name: the data set's configuration (``load_dataset(path, name)``).
-        **kwargs: :class:`ImageDataModule`'s (image_size, channels, batch_size, random_flip, ...).
     """
+
+    name = "hf"
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         image_column: str = "image",
         label_column: str | None = None,
         split: str = "train",
         test_split: str | None = None,
         config_name: str | None = None,
-        **kwargs: Any,
     ) -> None:
         if not path:
             raise ValueError("data=hf needs data.path=<hub name or local directory>")
         self.path, self.split, self.test_split = str(path), split, test_split
-        self.image_column, self.label_column, self.config_name = (
-            image_column,
-            label_column,
-            config_name,
-        )
-        kwargs.pop("name", None)
-        kwargs.pop("root", None)
-        super().__init__(name="hf", root=None, **kwargs)
-        self._hf_train: Any = None
+        self.image_column, self.label_column = image_column, label_column
+        self.config_name = config_name
+        self._train_rows: Any = None
+        self._loaded: tuple[HFImages, HFImages | None] | None = None
 
-    def _has_test_split(self, spec: _Spec) -> bool:
+    @property
+    def has_test_split(self) -> bool:  # type: ignore[override]
         return self.test_split is not None
 
-    def _source_key(self) -> str:
+    def key(self) -> str:
         raw = f"{self.path}|{self.config_name}|{self.split}|{self.test_split}|{self.image_column}"
         return f"hf_{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
-    def _train_rows(self) -> Any:
-        if self._hf_train is None:
-            self._hf_train = load_hf_split(self.path, self.split, self.config_name)
-        return self._hf_train
+    def _rows(self, split: str) -> Any:
+        if split != self.split:
+            return load_hf_split(self.path, split, self.config_name)
+        if self._train_rows is None:
+            self._train_rows = load_hf_split(self.path, self.split, self.config_name)
+        return self._train_rows
 
-    def _class_names(self) -> list[str] | None:
+    def class_names(self) -> list[str] | None:
         """A ``ClassLabel`` column's names, else ``0..max`` of an integer column."""
         if self.label_column is None:
-            if self.conditional:
-                raise ValueError(
-                    f"data.conditional=true needs the class-label column of {self.path!r}: "
-                    "set data.label_column=<column>"
-                )
             return None
-        ds = self._train_rows()
+        ds = self._rows(self.split)
         _check_column(ds, self.label_column, "data.label_column", self.path)
         names = getattr(ds.features[self.label_column], "names", None)
         if names:
@@ -177,26 +169,28 @@ class HFImageDataModule(ImageDataModule):
             )
         return [str(i) for i in range(int(max(values)) + 1)] if values else []
 
-    def _hf_split(self, split: str) -> HFImages:
-        ds = (
-            self._train_rows()
-            if split == self.split
-            else load_hf_split(self.path, split, self.config_name)
-        )
+    def _images(self, split: str, image_size: int, channels: int) -> HFImages:
+        ds = self._rows(split)
         _check_column(ds, self.image_column, "data.image_column", self.path)
         if self.label_column is not None and split == self.split:
             _check_column(ds, self.label_column, "data.label_column", self.path)
-        return HFImages(ds, self.image_column, self.image_size, self.channels)
+        return HFImages(ds, self.image_column, image_size, channels)
 
-    def _sources(self) -> tuple[Dataset, Dataset | None]:
-        train = self._hf_split(self.split)
-        test = None if self.test_split is None else self._hf_split(self.test_split)
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, Dataset | None]:
+        train = self._images(self.split, image_size, channels)
+        test = (
+            None if self.test_split is None else self._images(self.test_split, image_size, channels)
+        )
+        self._loaded = (train, test)
         return train, test
 
-    def _source_labels(self, train_all: Dataset, test: Dataset | None) -> tuple[Tensor, Any]:
-        def labels(images: Dataset) -> Tensor:
-            assert isinstance(images, HFImages)
-            _check_column(images.rows, str(self.label_column), "data.label_column", self.path)
-            return torch.as_tensor(images.rows[str(self.label_column)], dtype=torch.long)
+    def labels(self) -> tuple[Tensor, Tensor | None]:
+        assert self._loaded is not None, "load() first"
+        column = str(self.label_column)
 
-        return labels(train_all), None if test is None else labels(test)
+        def labels(images: HFImages) -> Tensor:
+            _check_column(images.rows, column, "data.label_column", self.path)
+            return torch.as_tensor(images.rows[column], dtype=torch.long)
+
+        train, test = self._loaded
+        return labels(train), None if test is None else labels(test)

@@ -1,153 +1,72 @@
-"""Where images come from: scikit-learn's bundled digits, torchvision datasets, a folder of files.
+"""Where images come from: one :class:`ImageSource` per kind of data (scikit-learn's digits, the
+torchvision sets, CelebA, a folder of files; Hugging Face data sets in :mod:`ddpm.data.hf`).
 
-Every source yields uint8 tensors (N, C, H, W) or per-file uint8 (C, H, W) at the requested
-resolution and channel count, so normalisation and augmentation happen once, batched, in
-:mod:`ddpm.data.transforms`. Failures name the file or directory and say what to do.
+A source answers what differs between kinds of data: its uint8 images at the model's resolution
+(training data and, where there is one, the official test split), their class labels and names,
+a key naming its content, and downloading. :class:`ddpm.data.ImageDataModule` does the rest the
+same way for every source (validation split, normalisation, loaders). Failures name the file or
+directory and say what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+from ddpm.data.datasets import TensorImages
+from ddpm.data.files import (
+    ImageFiles,
+    check_on_bad_image,
+    folder_fingerprint,
+    list_images,
+    readable_files,
+)
+from ddpm.data.transforms import prepare
 
 
 class DatasetUnavailableError(RuntimeError):
     """A dataset's files are missing and could not be downloaded."""
 
 
-class BadImageError(ValueError):
-    """One or more image files cannot be decoded."""
+class ImageSource(ABC):
+    """One kind of image data, named by ``data.name``; the arguments of a subclass's ``__init__``
+    are its own ``data.*`` settings.
 
+    :meth:`load` returns uint8 datasets of (channels, image_size, image_size) images;
+    :meth:`labels` the labels of what :meth:`load` returned last.
+    """
 
-# -- tensor helpers ------------------------------------------------------------------------------
+    name: ClassVar[str]
+    channels: ClassVar[int] = 3  # default of data.channels
+    image_size: ClassVar[int] = 64  # default of data.image_size
+    in_memory: ClassVar[bool] = False  # decoded at load (else per item, in DataLoader workers)
+    has_test_split: bool = False  # an official test split (else val/test are held out of training)
 
+    def key(self) -> str:
+        """The source's part of the data key (FID statistics cache): changes with its content."""
+        return self.name
 
-def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """Resize uint8 images (N, C, H, W) so the shorter side is ``size`` (bilinear, antialiased
-    when shrinking), then crop the centre ``size`` x ``size``. A no-op at the right size."""
-    if x.ndim != 4:
-        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        y = F.interpolate(
-            x.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1
-        )
-        x = y.round_().clamp_(0, 255).to(torch.uint8)
-        h, w = nh, nw
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size].contiguous()
+    def prepare(self) -> None:  # noqa: B027 - most sources have nothing to download
+        """Download what is missing (Lightning: local rank 0 only, before :meth:`load`)."""
 
+    def class_names(self) -> list[str] | None:
+        """The classes (label k is name k); None when the data has no labels."""
+        return None
 
-def to_channels(x: Tensor, channels: int) -> Tensor:
-    """uint8 (N, C, H, W) with C in {1, 3} to ``channels``: RGB->L uses PIL's ITU-R 601 luma."""
-    c = x.shape[1]
-    if c == channels:
-        return x
-    if c == 3 and channels == 1:
-        w = torch.tensor([19595, 38470, 7471], dtype=torch.int64).view(1, 3, 1, 1)
-        return (
-            ((x.to(torch.int64) * w).sum(1, keepdim=True) + 32768)
-            .div(65536, rounding_mode="floor")
-            .to(torch.uint8)
-        )
-    if c == 1 and channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+    @abstractmethod
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, Dataset | None]:
+        """The training data and the official test split (None when there is none)."""
 
-
-def prepare(x: Tensor, image_size: int, channels: int) -> Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, channels, image_size, image_size)."""
-    return resize_center_crop(to_channels(x, channels), image_size)
-
-
-# -- class labels ----------------------------------------------------------------------------------
-
-# class names of the labelled built-in sets, index = label (torchvision's ``classes`` order)
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "digits": tuple(str(d) for d in range(10)),
-    "mnist": tuple(str(d) for d in range(10)),
-    "fashion_mnist": (
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),
-    "cifar10": (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
-}
-
-
-def check_labels(labels: Tensor, num_classes: int, what: str) -> Tensor:
-    """``labels`` as int64, or a ValueError naming ``what`` when one lies outside [0, K)."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        values = sorted(set(labels[bad].tolist()))[:10]
-        raise ValueError(
-            f"{what}: {int(bad.sum())} label(s) outside [0, {num_classes}) (e.g. {values}); "
-            "class-conditional training needs every example labelled with a class index"
-        )
-    return labels
-
-
-def folder_classes(root: Path) -> list[str]:
-    """torchvision ``ImageFolder``'s classes: the sorted names of ``root``'s sub-folders (hidden
-    ones skipped); label k is the k-th name."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
-def folder_labels(root: Path, files: Sequence[Path], classes: Sequence[str]) -> Tensor:
-    """Label of each file: the index of the class folder (``root/<class>/...``) it lies under."""
-    index = {c: i for i, c in enumerate(classes)}
-    labels, outside = [], []
-    for f in files:
-        parts = f.relative_to(root).parts
-        if len(parts) < 2 or parts[0] not in index:
-            outside.append(f)
-            labels.append(-1)
-        else:
-            labels.append(index[parts[0]])
-    if outside:
-        raise ValueError(
-            f"data.conditional=true reads the class of an image from its sub-folder "
-            f"(root/<class>/<image>, torchvision's ImageFolder convention), but "
-            f"{len(outside)} image(s) under {root} are in no class folder, e.g. {outside[0]}; "
-            "move them into a class folder or set data.conditional=false"
-        )
-    return torch.tensor(labels, dtype=torch.long)
+    def labels(self) -> tuple[Tensor, Tensor | None]:
+        """int64 labels of :meth:`load`'s two datasets (the second None when the test split is)."""
+        raise ValueError(f"data {self.name!r} has no class labels")
 
 
 # -- scikit-learn digits ---------------------------------------------------------------------------
@@ -169,54 +88,83 @@ def load_digits_uint8() -> Tensor:
     return torch.from_numpy(np.round(images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
 
 
+class Digits(ImageSource):
+    """scikit-learn's bundled 1797 8x8 digits (works offline), classes 0..9; no test split.
+
+    Args:
+        root: not read (the digits ship with scikit-learn).
+    """
+
+    name = "digits"
+    channels, image_size, in_memory = 1, 16, True
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        """``root`` is taken and not read: ``data_root=`` re-points any stored image config."""
+
+    def class_names(self) -> list[str]:
+        return [str(d) for d in range(10)]
+
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, None]:
+        return TensorImages(prepare(load_digits_uint8(), image_size, channels)), None
+
+    def labels(self) -> tuple[Tensor, None]:
+        return load_digits_labels(), None
+
+
 # -- torchvision -----------------------------------------------------------------------------------
 
-# name -> (torchvision class, files expected under root, where they come from)
-TORCHVISION = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/"),
-    "mnist": ("MNIST", "MNIST/raw", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
-    "fashion_mnist": (
-        "FashionMNIST",
-        "FashionMNIST/raw",
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    ),
-    "celeba": (
-        "CelebA",
-        "celeba/img_align_celeba",
-        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive)",
-    ),
-}
 
+class TorchvisionSet(ImageSource):
+    """A torchvision dataset with an official test split, downloaded by torchvision
+    (``download=true``) or found under ``root``.
 
-def _unavailable(name: str, root: Path, download: bool, exc: BaseException) -> Exception:
-    cls, files, url = TORCHVISION[name]
-    where = root / files
-    if download:
-        what = (
-            f"download failed ({type(exc).__name__}: {exc}). If this machine is offline, "
-            f"fetch the files on a machine with network access (from {url}, or with "
-            f"torchvision.datasets.{cls}(root, download=True)) and copy them to {where}"
-        )
-    else:
-        what = (
-            f"files not found under {where} ({type(exc).__name__}: {exc}). Set "
-            f"data.download=true to fetch them, or point data.root at a directory that holds "
-            f"them (offline machines: copy them from one with network access, {url})"
-        )
-    return DatasetUnavailableError(f"dataset {name!r} at root {root}: {what}")
+    Args:
+        root: the torchvision root directory.
+        download: let torchvision download missing files (rank 0, in ``prepare_data``).
+    """
 
+    torchvision_class: ClassVar[str]  # torchvision.datasets.<class>
+    files: ClassVar[str]  # what torchvision reads under root
+    url: ClassVar[str]  # where the files come from
+    has_test_split = True
 
-def torchvision_dataset(name: str, root: Path, train: bool, download: bool) -> Any:
-    """The torchvision dataset object, with a clear :class:`DatasetUnavailableError` offline."""
-    import torchvision.datasets as tvd
+    def __init__(self, root: str | os.PathLike = "data", download: bool = False) -> None:
+        self.root, self.download = Path(root).expanduser(), bool(download)
 
-    cls = getattr(tvd, TORCHVISION[name][0])
-    try:
-        if name == "celeba":
-            return cls(str(root), split="train" if train else "test", download=download)
-        return cls(str(root), train=train, download=download)
-    except Exception as exc:  # noqa: BLE001 - missing files, no network (urllib, gdown, ...)
-        raise _unavailable(name, root, download, exc) from exc
+    def prepare(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self.open(train, download=True)
+
+    def open(self, train: bool, download: bool) -> Any:
+        """The torchvision dataset object, with a clear :class:`DatasetUnavailableError` offline."""
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, self.torchvision_class)
+        try:
+            return self._construct(cls, train, download)
+        except Exception as exc:  # noqa: BLE001 - missing files, no network (urllib, gdown, ...)
+            raise self._unavailable(download, exc) from exc
+
+    def _construct(self, cls: Any, train: bool, download: bool) -> Any:
+        return cls(str(self.root), train=train, download=download)
+
+    def _unavailable(self, download: bool, exc: BaseException) -> Exception:
+        where = self.root / self.files
+        if download:
+            what = (
+                f"download failed ({type(exc).__name__}: {exc}). If this machine is offline, "
+                f"fetch the files on a machine with network access (from {self.url}, or with "
+                f"torchvision.datasets.{self.torchvision_class}(root, download=True)) and copy "
+                f"them to {where}"
+            )
+        else:
+            what = (
+                f"files not found under {where} ({type(exc).__name__}: {exc}). Set "
+                f"data.download=true to fetch them, or point data.root at a directory that holds "
+                f"them (offline machines: copy them from one with network access, {self.url})"
+            )
+        return DatasetUnavailableError(f"dataset {self.name!r} at root {self.root}: {what}")
 
 
 def torchvision_uint8(ds: Any) -> Tensor:
@@ -229,89 +177,179 @@ def torchvision_uint8(ds: Any) -> Tensor:
     return data.permute(0, 3, 1, 2).contiguous()
 
 
-def torchvision_labels(ds: Any) -> Tensor:
-    """``.targets`` of a torchvision classification dataset as int64 (N,)."""
-    return torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+class ClassificationSet(TorchvisionSet):
+    """A torchvision classification set (``.data``, ``.targets``), held in memory as uint8."""
+
+    classes: ClassVar[tuple[str, ...]]  # index = label (torchvision's ``classes`` order)
+    in_memory = True
+
+    def __init__(self, root: str | os.PathLike = "data", download: bool = False) -> None:
+        super().__init__(root, download)
+        self._sets: list[Any] = []
+
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, Dataset]:
+        self._sets = [self.open(train, self.download) for train in (True, False)]
+        train, test = (
+            TensorImages(prepare(torchvision_uint8(s), image_size, channels)) for s in self._sets
+        )
+        return train, test
+
+    def labels(self) -> tuple[Tensor, Tensor]:
+        train, test = (torch.as_tensor(np.asarray(s.targets), dtype=torch.long) for s in self._sets)
+        return train, test
 
 
-def celeba_files(ds: Any) -> list[Path]:
-    """Image paths of a torchvision CelebA split (decoded lazily like an image folder)."""
-    base = Path(ds.root) / ds.base_folder / "img_align_celeba"
-    return [base / f for f in ds.filename]
+class MNIST(ClassificationSet):
+    """MNIST: 60k train / 10k test 28x28 grayscale digits."""
+
+    name, torchvision_class, files = "mnist", "MNIST", "MNIST/raw"
+    url = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    channels, image_size = 1, 32
+    classes = tuple(str(d) for d in range(10))
+
+
+class FashionMNIST(ClassificationSet):
+    """Fashion-MNIST: 60k train / 10k test 28x28 grayscale clothes."""
+
+    name, torchvision_class, files = "fashion_mnist", "FashionMNIST", "FashionMNIST/raw"
+    url = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    channels, image_size = 1, 32
+    classes = tuple(
+        "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
+    )
+
+
+class CIFAR10(ClassificationSet):
+    """CIFAR-10: 50k train / 10k test 32x32 RGB."""
+
+    name, torchvision_class, files = "cifar10", "CIFAR10", "cifar-10-batches-py"
+    url = "https://www.cs.toronto.edu/~kriz/"
+    channels, image_size = 3, 32
+    classes = tuple("airplane automobile bird cat deer dog frog horse ship truck".split())
+
+
+class CelebA(TorchvisionSet):
+    """CelebA aligned faces (torchvision's train/test split), decoded from files on access; no
+    labels.
+
+    Args:
+        root, download: :class:`TorchvisionSet`'s.
+        on_bad_image: ``error`` (fail naming the file) or ``skip`` (warn, use the next one).
+    """
+
+    name, torchvision_class, files = "celeba", "CelebA", "celeba/img_align_celeba"
+    url = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive)"
+
+    def __init__(
+        self, root: str | os.PathLike = "data", download: bool = False, on_bad_image: str = "error"
+    ) -> None:
+        super().__init__(root, download)
+        self.on_bad_image = check_on_bad_image(on_bad_image)
+
+    def _construct(self, cls: Any, train: bool, download: bool) -> Any:
+        return cls(str(self.root), split="train" if train else "test", download=download)
+
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, Dataset]:
+        train, test = (
+            ImageFiles(self._files(train), image_size, channels, self.on_bad_image)
+            for train in (True, False)
+        )
+        return train, test
+
+    def _files(self, train: bool) -> list[Path]:
+        """Image paths of a split (decoded lazily like an image folder)."""
+        ds = self.open(train, self.download)
+        base = Path(ds.root) / ds.base_folder / "img_align_celeba"
+        return [base / f for f in ds.filename]
 
 
 # -- image folders ---------------------------------------------------------------------------------
 
 
-def list_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted, hidden files and directories skipped)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(Path(dirpath) / f)
-    return sorted(files)
+def folder_classes(root: Path) -> list[str]:
+    """torchvision ``ImageFolder``'s classes: the sorted names of ``root``'s sub-folders (hidden
+    ones skipped); label k is the k-th name."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def folder_fingerprint(files: Sequence[Path]) -> str:
-    """Short hash of the file list with sizes and modification times: changes with the content."""
-    h = hashlib.sha1()
+def folder_labels(root: Path, files: list[Path], classes: list[str]) -> Tensor:
+    """Label of each file: the index of the class folder (``root/<class>/...``) it lies under."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels, outside = [], []
     for f in files:
-        st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:10]
+        parts = f.relative_to(root).parts
+        if len(parts) < 2 or parts[0] not in index:
+            outside.append(f)
+            labels.append(-1)
+        else:
+            labels.append(index[parts[0]])
+    if outside:
+        raise ValueError(
+            f"data.conditional=true reads the class of an image from its sub-folder "
+            f"(root/<class>/<image>, torchvision's ImageFolder convention), but "
+            f"{len(outside)} image(s) under {root} are in no class folder, e.g. {outside[0]}; "
+            "move them into a class folder or set data.conditional=false"
+        )
+    return torch.tensor(labels, dtype=torch.long)
 
 
-def decode_image(path: Path, channels: int) -> Tensor:
-    """Decode one file to uint8 (channels, H, W): any PIL mode (palette, alpha composited on
-    white, 16-bit scaled to 8-bit). Raises :class:`BadImageError` naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img).astype(np.float64)
-                hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                img = Image.fromarray(np.round(arr.clip(0, hi) * (255.0 / hi)).astype(np.uint8))
-            elif img.mode == "F":
-                arr = np.asarray(img)
-                img = Image.fromarray(np.round(arr.clip(0, 1) * 255).astype(np.uint8))
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            if img.mode in ("RGBA", "LA", "PA"):
-                rgba = img.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(white, rgba)
-            img = img.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"unreadable image file {path}: {exc}") from exc
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+class ImageFolder(ImageSource):
+    """Any folder of images (searched recursively; jpg/png/gif/bmp/webp/tif), decoded on access;
+    the classes are its sub-folders (torchvision's ``ImageFolder``); no test split.
 
+    Args:
+        root: the folder.
+        on_bad_image: ``error`` (fail naming every bad file) or ``skip`` (warn, train on the rest).
+        verify_images: decode every file at set-up to find bad ones before training starts.
+    """
 
-def find_bad_images(files: Sequence[Path], workers: int = 4) -> list[tuple[Path, str]]:
-    """Fully decode every file (threads: PIL releases the GIL); return (path, reason) of failures."""
+    name = "image_folder"
 
-    def check(path: Path) -> tuple[Path, str] | None:
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file bad
-            return path, f"{type(exc).__name__}: {exc}"
-        return None
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        on_bad_image: str = "error",
+        verify_images: bool = True,
+    ) -> None:
+        if root is None:
+            raise ValueError("data=image_folder needs data.root=/path/to/images")
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"data.root is not a directory: {self.root}")
+        self.on_bad_image = check_on_bad_image(on_bad_image)
+        self.verify_images = bool(verify_images)
+        self._files: list[Path] | None = None
+        self._loaded: ImageFiles | None = None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [r for r in pool.map(check, files, chunksize=64) if r is not None]
+    def files(self) -> list[Path]:
+        """Every image file under ``root`` (listed once)."""
+        if self._files is None:
+            self._files = list_images(self.root)
+        return self._files
 
+    def key(self) -> str:
+        return f"image_folder_{folder_fingerprint(self.files())}"
 
-def bad_images_message(bad: Iterable[tuple[Path, str]], root: Path, limit: int = 20) -> str:
-    bad = list(bad)
-    lines = [f"  {p}: {why}" for p, why in bad[:limit]]
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more")
-    return f"{len(bad)} unreadable image file(s) under {root}:\n" + "\n".join(lines)
+    def class_names(self) -> list[str] | None:
+        return folder_classes(self.root) or None
 
+    def load(self, image_size: int, channels: int) -> tuple[Dataset, None]:
+        files = self.files()
+        if not files:
+            raise FileNotFoundError(
+                f"no image files found under {self.root} (searched recursively for "
+                ".jpg/.jpeg/.png/.gif/.bmp/.webp/.tif); check data.root"
+            )
+        if self.verify_images:
+            files = readable_files(files, self.root, self.on_bad_image)
+        self._loaded = ImageFiles(files, image_size, channels, self.on_bad_image)
+        return self._loaded, None
 
-def warn_skipped(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    def labels(self) -> tuple[Tensor, None]:
+        assert self._loaded is not None, "load() first"
+        return folder_labels(self.root, self._loaded.files, self.class_names() or []), None

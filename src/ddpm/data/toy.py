@@ -9,22 +9,15 @@ in their configs).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ddpm.data.datamodule import (
-    ClassLabels,
-    per_device_batch_size,
-    world_size_of,
-)
-from ddpm.data.datasets import LabeledCollate, LabeledDataset, TensorImages, train_loader
-from ddpm.data.sources import check_labels
+from ddpm.data.datamodule import DataModule
+from ddpm.data.datasets import TensorImages, check_labels
 from ddpm.utils.checks import check_positive_int
 
 Points = tuple[np.ndarray, "np.ndarray | None"]  # (N, 2) points and their (N,) classes or None
@@ -75,14 +68,13 @@ def _stack(batch: Tensor | list[Tensor]) -> Tensor:
     return batch if isinstance(batch, Tensor) else torch.stack(batch)
 
 
-class ToyDataModule(ClassLabels, pl.LightningDataModule):
+class ToyDataModule(DataModule):
     """A 2-D point cloud: ``n_train`` training and ``n_val`` held-out points (seed ``seed`` and
     ``seed + 1``), standardised with the training set's statistics. ``conditional=True`` yields
     ``(points, labels)`` (eight_gaussians: 8 classes, two_moons: 2; :class:`ClassLabels`)."""
 
     normalization = None  # not images: no [-1, 1] scaling, no bits/dim
     in_memory = True
-    num_workers = 0
 
     def __init__(
         self,
@@ -107,9 +99,9 @@ class ToyDataModule(ClassLabels, pl.LightningDataModule):
         self.name, self.n_train, self.n_val = name, n_train, n_val
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
+        self.per_device_val_batch_size = self.val_batch_size  # on every device, as given
         self.noise = TOY_DATASETS[name][1] if noise is None else float(noise)
         self.seed, self.clip_denoised = int(seed), bool(clip_denoised)
-        self.world_size = 1
         self.per_device_batch_size = batch_size
         self._splits: dict[str, _Points] | None = None
         self._labels: dict[str, Tensor] = {}
@@ -118,31 +110,13 @@ class ToyDataModule(ClassLabels, pl.LightningDataModule):
     def sample_shape(self) -> tuple[int]:
         return (2,)
 
-    @property
-    def data_key(self) -> str:
-        return f"{self.name}-train-n{self.n_train}-seed{self.seed}"
-
-    dataset_id = data_key
-
     def data_key_for(self, split: str) -> str:
         n = self.n_train if split == "train" else self.n_val
         return f"{self.name}-{split}-n{n}-seed{self.seed}"
 
-    def setup(self, stage: str | None = None) -> None:
-        self.world_size = world_size_of(getattr(self, "trainer", None))
-        self.per_device_batch_size = per_device_batch_size(self.batch_size, self.world_size)
-        self._load()
-
     def _class_names(self) -> list[str] | None:
         names = TOY_DATASETS[self.name][2]
         return None if names is None else list(names)
-
-    def labels(self, split: str) -> Tensor:
-        """The int64 class labels of ``split`` (a conditional datamodule only)."""
-        if not self.conditional:
-            raise ValueError("class labels are loaded with data.conditional=true only")
-        self._load()
-        return self._labels[split]
 
     def _load(self) -> dict[str, _Points]:
         if self._splits is None:
@@ -167,40 +141,5 @@ class ToyDataModule(ClassLabels, pl.LightningDataModule):
         """Points are their own model space."""
         return x
 
-    def _loader(
-        self, ds: _Points, batch_size: int, train: bool = False, split: str | None = None
-    ) -> DataLoader:
-        data: Any = ds
-        collate: Any = _stack
-        if split is not None and self.conditional:
-            data, collate = LabeledDataset(ds, self.labels(split)), LabeledCollate(_stack)
-        if train:
-            trainer = getattr(self, "trainer", None)
-            return train_loader(data, batch_size, self.world_size, trainer, collate_fn=collate)
-        return DataLoader(data, batch_size=batch_size, collate_fn=collate)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.n_train < self.per_device_batch_size:
-            raise ValueError(
-                f"n_train={self.n_train} is fewer than batch_size {self.per_device_batch_size}"
-            )
-        ds = self.dataset("train")
-        return self._loader(ds, self.per_device_batch_size, train=True, split="train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.val_batch_size, split="val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.val_batch_size, split="test")
-
-    def reference_dataloader(
-        self,
-        split: str = "train",
-        batch_size: int | None = None,
-        max_samples: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> DataLoader:
-        data = self.dataset(split).data
-        n = len(data) if max_samples is None else min(int(max_samples), len(data))
-        return self._loader(_Points(data[rank:n:world_size]), batch_size or self.val_batch_size)
+    def _collate(self, train: bool) -> Callable[[Any], Tensor]:
+        return _stack

@@ -1,13 +1,63 @@
-"""Batched uint8 -> model-space transforms, run once per batch as the DataLoader's collate_fn."""
+"""Transforms of uint8 images: to the model's channels and resolution (once per image, where the
+images are read), and to model space (once per batch, as the DataLoader's collate_fn)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NORMALIZATIONS = ("minus_one_one", "standardize")
+
+
+# -- uint8 images to the model's channels and resolution ---------------------------------------
+
+
+def resize_center_crop(x: Tensor, size: int) -> Tensor:
+    """Resize uint8 images (N, C, H, W) so the shorter side is ``size`` (bilinear, antialiased
+    when shrinking), then crop the centre ``size`` x ``size``. A no-op at the right size."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    if min(h, w) != size:
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        y = F.interpolate(
+            x.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1
+        )
+        x = y.round_().clamp_(0, 255).to(torch.uint8)
+        h, w = nh, nw
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size].contiguous()
+
+
+def to_channels(x: Tensor, channels: int) -> Tensor:
+    """uint8 (N, C, H, W) with C in {1, 3} to ``channels``: RGB->L uses PIL's ITU-R 601 luma."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 3 and channels == 1:
+        w = torch.tensor([19595, 38470, 7471], dtype=torch.int64).view(1, 3, 1, 1)
+        return (
+            ((x.to(torch.int64) * w).sum(1, keepdim=True) + 32768)
+            .div(65536, rounding_mode="floor")
+            .to(torch.uint8)
+        )
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def prepare(x: Tensor, image_size: int, channels: int) -> Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, channels, image_size, image_size)."""
+    return resize_center_crop(to_channels(x, channels), image_size)
+
+
+# -- uint8 batches to model space ---------------------------------------------------------------
 
 
 class Normalization:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddpm.data.sources import decode_image, folder_fingerprint, list_images
+from ddpm.data.files import decode_image, folder_fingerprint, list_images
 
 PROBE_IMAGES = 64
 

@@ -8,7 +8,7 @@ While it trains
     * Randomness is a function of position (:mod:`ddpm.utils.seeding`): the timesteps, noise and
       dropout of a micro-batch come from streams seeded by (seed, rank, epoch, batch); data order
       from a permutation seeded by (seed, epoch), sharded by rank
-      (:class:`ddpm.data.datasets.EpochShuffleSampler`); random flips from (seed, epoch, rank,
+      (:class:`ddpm.data.order.EpochShuffleOrder`); random flips from (seed, epoch, rank,
       batch). No RNG state needs saving: a resumed run draws what the uninterrupted one drew.
     * Checkpoints are written atomically (:mod:`ddpm.callbacks.atomic_checkpoint`) and always
       inside the training loop, including the final step's ``last.ckpt``; they hold the weights,
