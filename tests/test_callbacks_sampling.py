@@ -1,6 +1,5 @@
 """Picture callbacks: the sample grid (PNG layout, batch-size invariance, denoising strip, 2-D data,
-loggers, stop signals), the forward-process and loss-by-t pictures, and the grid's deprecated keys
-of a run config stored before they became callbacks of their own."""
+loggers, stop signals), the forward-process and loss-by-t pictures."""
 
 from __future__ import annotations
 
@@ -16,12 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddpm.callbacks.ema import EMA
-from ddpm.callbacks.pictures import ForwardProcessPicture, LossByTPicture
+from ddpm.callbacks.forward_picture import ForwardProcessPicture
+from ddpm.callbacks.loss_by_t import LossByTPicture
 from ddpm.callbacks.playground import Playground
 from ddpm.callbacks.sample_grid import SampleGrid, sample_with_seeds
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler
-from ddpm.utils.images import denoising_trajectory, read_png, strip_timesteps, to_uint8
+from ddpm.utils.images import read_png, to_uint8
+from ddpm.viz.reverse import denoising_trajectory, strip_timesteps
 from fit_utils import TinyEpsNet, fit, make_module
 
 SIZE = 8  # image side
@@ -225,70 +226,6 @@ def test_image_runs_get_forward_and_loss_by_t_pictures(tmp_path: Path) -> None:
         LossByTPicture(num_samples=0)
     with pytest.raises(ValueError, match="num_samples"):
         ForwardProcessPicture(num_samples=-1)
-
-
-def test_a_stored_pre_split_sample_grid_node_still_instantiates_and_draws(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A run config stored before the pictures became callbacks (resume takes untouched callbacks
-    from it) names forward_picture / loss_by_t_images on the grid: the node composed from the
-    current config plus those keys instantiates with a FutureWarning naming the new keys, and the
-    grid draws the pictures at its steps as before - unless the trainer runs those callbacks."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf, open_dict
-
-    from ddpm.data import ImageDataModule
-    from hydra_utils import compose_cfg
-
-    cfg = compose_cfg(["callbacks.sample_grid.every_n_steps=2"], tmp_path)
-    assert "forward_picture" not in cfg.callbacks.sample_grid  # a callback of its own now
-    assert {"forward_picture", "playground"} <= set(cfg.callbacks)
-    assert cfg.callbacks.playground.every_n_steps == 2  # the grid's cadence
-    assert "loss_by_t" not in cfg.callbacks  # off by default
-    node = OmegaConf.to_container(cfg.callbacks.sample_grid, resolve=True)  # as stored
-    node.update(forward_picture=True, loss_by_t_images=4, at_train_end=False, num_samples=4)
-    node.update(
-        batch_size=4,
-        strip_seeds=[],
-        sampler={"_target_": "ddpm.diffusion.samplers.DDIMSampler", "steps": 3},
-    )
-    node["output_dir"] = str(tmp_path / "old")
-    with pytest.warns(FutureWarning, match=r"loss_by_t_images=4.*callbacks=\[default,loss_by_t\]"):
-        old = instantiate(node)
-    assert [type(p) for p in old.pictures] == [ForwardProcessPicture, LossByTPicture, Playground]
-    with pytest.raises(ValueError, match="loss_by_t_images"):
-        SampleGrid(loss_by_t_images=-1)
-    with open_dict(cfg):
-        cfg.callbacks.sample_grid.playground = False
-    with pytest.warns(FutureWarning, match="playground=False"):
-        assert [type(p) for p in instantiate(cfg.callbacks.sample_grid).pictures] == [
-            ForwardProcessPicture
-        ]
-
-    dm = ImageDataModule("digits", batch_size=8, val_batch_size=8)
-    fit(make_module(TinyEpsNet()), dm, [EMA(), old], steps=2, default_root_dir=tmp_path)
-    names = sorted(p.name for p in old.saved)
-    assert names == ["forward.png", "loss_by_t_step_0000002.png", "step_0000002.png"]
-    assert all(p.is_file() for p in old.saved)
-
-    # the current config's own ForwardProcessPicture runs: the old grid leaves it to that one
-    with pytest.warns(FutureWarning):
-        again = SampleGrid(
-            DDIMSampler(steps=3),
-            every_n_steps=2,
-            num_samples=4,
-            batch_size=4,
-            strip_seeds=[],
-            at_train_end=False,
-            output_dir=str(tmp_path / "again"),
-            forward_picture=True,
-        )
-    forward = ForwardProcessPicture(2, False, output_dir=str(tmp_path / "again"))
-    caplog.set_level("WARNING", logger="ddpm.callbacks.sample_grid")
-    fit(make_module(TinyEpsNet()), dm, [EMA(), again, forward], steps=2)
-    assert [p.name for p in again.saved] == ["step_0000002.png"]
-    assert [p.name for p in forward.saved] == ["forward.png"]
-    assert "ForwardProcessPicture run as callbacks of their own" in caplog.text
 
 
 def test_fast_dev_run_skips_sampling(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm.callbacks._common import PeriodicCallback, sample_shape_of
 from ddpm.callbacks.ema import EMA
+from ddpm.callbacks.inputs import sample_shape_of
+from ddpm.callbacks.periodic import PeriodicCallback
 from ddpm.contracts import (
     Denormalizes,
     HasReferenceImages,

@@ -107,35 +107,6 @@ def test_resume_continues_the_runs_own_config_and_refuses_changes(tmp_path: Path
     assert config["trainer"]["max_steps"] == 3 and config["data"]["image_size"] == 8
 
 
-def test_a_run_stored_before_the_picture_callbacks_split_still_resumes(tmp_path: Path) -> None:
-    """A checkpoint whose stored config has the sample grid's former keys (forward_picture,
-    loss_by_t_images) and no picture callbacks of their own: the resume takes the stored grid
-    (untouched callbacks are the run's), warns that the keys are deprecated, and draws those
-    pictures with the grid as the run did."""
-    grid = [
-        "callbacks.sample_grid.every_n_steps=3",
-        "callbacks.sample_grid.num_samples=2",
-        "callbacks.sample_grid.batch_size=2",
-        "callbacks.sample_grid.strip_seeds=[]",
-    ]
-    train(compose_cfg([*BASE, *grid, "trainer.max_steps=2"], tmp_path))
-    run = tmp_path / "run"
-    last = run / "checkpoints" / "last.ckpt"
-    ckpt = _load(last)
-    callbacks = ckpt["ddpm_config"]["callbacks"]
-    assert "forward_picture" not in callbacks and "playground" in callbacks  # MICRO drops one
-    del callbacks["playground"]
-    callbacks["sample_grid"].update(forward_picture=True, loss_by_t_images=2)
-    torch.save(ckpt, last)
-    with pytest.warns(FutureWarning, match="loss_by_t_images=2 is deprecated"):
-        out = train(
-            compose_cfg(["ckpt_path=last", f"run_dir={run}", "trainer.max_steps=3"], tmp_path)
-        )
-    assert out["global_step"] == 3
-    pictures = sorted(p.name for p in (run / "samples").iterdir())
-    assert pictures == ["forward.png", "loss_by_t_step_0000003.png", "step_0000003.png"]
-
-
 @pytest.mark.slow
 def test_refused_and_resumed_launches_never_rewrite_the_runs_record(tmp_path: Path) -> None:
     """Through the real CLI (Hydra writes its record before any of our code runs)."""

@@ -237,26 +237,22 @@ def test_reverse_at_chosen_steps(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert res["timesteps"].tolist() == [49, 30, 10, 0]
 
 
-def test_device_is_the_old_name_of_accelerator(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_accelerator_names_the_device(tiny_ckpt: Path, tmp_path: Path) -> None:
     args = ["what=reverse", f"ckpt_path={tiny_ckpt}", "sampler=ddim", "sampler.steps=2"]
     args.append("reverse.seeds=[0]")
-    new = run([*args, "accelerator=cpu"], tmp_path / "new")
-    with pytest.warns(FutureWarning, match="write accelerator=cpu"):
-        old = run([*args, "device=cpu"], tmp_path / "old")
-    assert torch.equal(old["x_t"], new["x_t"])
+    res = run([*args, "accelerator=cpu"], tmp_path / "cpu")
+    assert res["x_t"].shape[1] == 1 and res["paths"][0].is_file()
     with pytest.raises(ValueError, match="accelerator must be auto, cpu, gpu"):
         run([*args, "accelerator=tpu9"], tmp_path / "bad")
 
 
-def test_old_sample_counts_still_work(tmp_path: Path) -> None:
-    """num_samples is the one name (images or points); num_images / num_points warn."""
-    with pytest.warns(FutureWarning, match="write forward.num_samples=2"):
-        res = run(["what=forward", "forward.num_images=2"], tmp_path / "img")
+def test_num_samples_counts_images_and_points(tmp_path: Path) -> None:
+    """num_samples is the one name (images or points); null: 8 images or 2000 points."""
+    res = run(["what=forward", "forward.num_samples=2"], tmp_path / "img")
     assert res["x0"].shape == (2, 1, 16, 16)
-    res = run(["what=forward", "data=two_moons", "forward.num_images=2"], tmp_path / "pts")
-    assert res["x0"].shape == (2000, 2)  # num_images never applied to points (null: 2000)
-    with pytest.warns(FutureWarning, match="forward.num_points"):
-        res = run(["what=forward", "data=two_moons", "forward.num_points=50"], tmp_path / "p")
+    res = run(["what=forward", "data=two_moons"], tmp_path / "pts")
+    assert res["x0"].shape == (2000, 2)
+    res = run(["what=forward", "data=two_moons", "forward.num_samples=50"], tmp_path / "p")
     assert res["x0"].shape == (50, 2)
     with pytest.raises(ValueError, match="forward.num_samples must be an integer >= 1"):
         run(["what=forward", "forward.num_samples=0"], tmp_path / "bad")

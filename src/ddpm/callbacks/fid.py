@@ -25,14 +25,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-from ddpm.callbacks._common import (
-    PeriodicCallback,
-    default_sampler,
-    denormalizer,
-    is_fast_dev_run,
-    log_metrics_now,
-    sample_shape_of,
-)
+from ddpm.callbacks.inputs import default_sampler, denormalizer, sample_shape_of
+from ddpm.callbacks.periodic import PeriodicCallback, eval_net, is_fast_dev_run, log_metrics_now
 from ddpm.contracts import HasReferenceImages, optional
 from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError
@@ -56,7 +50,7 @@ class FIDCallback(PeriodicCallback):
     """FID (and IS, ...) of ``num_samples`` generated images every ``every_n_steps`` steps.
 
     Args:
-        sampler: ``sampler(model, diffusion, shape, *, generator, device)`` (the Hydra ``sampler``
+        sampler: ``sampler(net, diffusion, shape, *, generator, device)`` (the Hydra ``sampler``
             node). Default: DDIM, 50 steps.
         every_n_steps: cadence in optimizer steps (None or 0: only ``at_train_end``).
         num_samples: generated images per evaluation (5k-10k to monitor, 50k for papers).
@@ -104,7 +98,7 @@ class FIDCallback(PeriodicCallback):
                 "metrics must be a SampleMetrics, its arguments or null, got "
                 f"{type(metrics).__name__}"
             )
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else default_sampler()
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -183,12 +177,7 @@ class FIDCallback(PeriodicCallback):
         self.reference_computations += int(self.metrics.reference_source == "computed")
         self._reference_done = True
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        return self.evaluate(trainer, pl_module)
-
-    def evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, float] | None:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         """Generate, score and log. Collective: call on every rank."""
         if self.disabled or is_fast_dev_run(trainer):
             return None
@@ -199,24 +188,19 @@ class FIDCallback(PeriodicCallback):
         shape = sample_shape_of(trainer, self.sample_shape, self._seen_shape)
         if not self._check_usable(trainer, shape):
             return None
-        model = pl_module.denoiser(use_ema=self.use_ema)
-        device = model_device(model, pl_module.device)
-        self.metrics.load(device)
-        self._ensure_reference(trainer)
-
-        sampler = self.sampler if self.sampler is not None else default_sampler()
-        denorm = denormalizer(trainer)
         block = shard(self.num_samples, trainer.global_rank, trainer.world_size)
-        k = num_classes_of(model)
-        # sample i for class i % K: balanced over the classes
-        labels = None if k is None else balanced_labels(block, k)
+        denorm = denormalizer(trainer)
         parts = []
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_net(pl_module, self.use_ema) as net:
+            device = model_device(net, pl_module.device)
+            self.metrics.load(device)
+            self._ensure_reference(trainer)
+            k = num_classes_of(net)
+            # sample i for class i % K: balanced over the classes
+            labels = None if k is None else balanced_labels(block, k)
             batches = sample_batches(
-                sampler,
-                model,
+                self.sampler,
+                net,
                 pl_module.diffusion,
                 shape,
                 [self.seed + i for i in block],
@@ -231,8 +215,6 @@ class FIDCallback(PeriodicCallback):
                 enabled=self.progress and trainer.is_global_zero,
             ):
                 parts.append(self.metrics.extract(to_rgb_uint8(x, denorm)))
-        finally:
-            model.train(was_training)
         scores = self.metrics.score(Features.cat(parts), self.reference)
         metrics = {f"val/{k}": v for k, v in scores.items() if k != "kid_subset_size"}
         log_metrics_now(trainer, metrics)

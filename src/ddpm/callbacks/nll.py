@@ -18,19 +18,14 @@ improved-diffusion's ``image_nll.py`` with ``class_cond``.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from ddpm.callbacks._common import (
-    PeriodicCallback,
-    first_labelled_samples,
-    is_fast_dev_run,
-    log_metrics_now,
-)
+from ddpm.callbacks.inputs import first_labelled_samples
+from ddpm.callbacks.periodic import PeriodicCallback, eval_net, is_fast_dev_run, log_metrics_now
 from ddpm.contracts import HasValidationData, optional
 from ddpm.diffusion import calc_bpd_loop
 from ddpm.utils.checks import check_positive_int
@@ -88,7 +83,6 @@ class NLLCallback(PeriodicCallback):
             self._warned = True
             rank_zero_warn(f"NLLCallback disabled: {msg}")
 
-    # ------------------------------------------------------------------ hooks
     # ------------------------------------------------------------------ work
     def _val_images(self, trainer: pl.Trainer) -> Tensor | None:
         """The first ``num_images`` validation images (model space, CPU), loaded once."""
@@ -129,28 +123,19 @@ class NLLCallback(PeriodicCallback):
         self._images = images
         return images
 
-    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        return self.evaluate(trainer, pl_module)
-
-    def evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, float] | None:
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         """Compute and log the bound now. Collective: call on every rank."""
         if self.disabled or is_fast_dev_run(trainer):
             return None
         images = self._val_images(trainer)
         if images is None:
             return None
-        model = pl_module.denoiser(use_ema=self.use_ema)
-        device = model_device(model, pl_module.device)
-        diffusion = pl_module.diffusion
-        labels = self._labels if num_classes_of(model) is not None else None
         rank, world = trainer.global_rank, trainer.world_size
-        # per-image sums: total, prior, decoder, vb; and the image count
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_net(pl_module, self.use_ema) as net:
+            device = model_device(net, pl_module.device)
+            labels = self._labels if num_classes_of(net) is not None else None
+            # per-image sums: total, prior, decoder, vb; and the image count
+            sums = torch.zeros(5, dtype=torch.float64, device=device)
             for k, start in enumerate(range(0, images.shape[0], self.batch_size)):
                 if k % world != rank:
                     continue
@@ -159,8 +144,8 @@ class NLLCallback(PeriodicCallback):
                 # CPU noise: the same values on any device type
                 g = torch.Generator().manual_seed(self.seed + k)
                 out = calc_bpd_loop(
-                    diffusion,
-                    with_labels(model, y, device),
+                    pl_module.diffusion,
+                    with_labels(net, y, device),
                     x,
                     clip_denoised=self.clip_denoised,
                     generator=g,
@@ -176,8 +161,6 @@ class NLLCallback(PeriodicCallback):
                         torch.tensor(float(x.shape[0]), dtype=torch.float64, device=device),
                     ]
                 )
-        finally:
-            model.train(was_training)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         n = float(sums[4])
         values = (sums[:4] / n).tolist()

@@ -13,15 +13,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from ddpm.callbacks._common import (
-    PictureCallback,
-    default_sampler,
-    log_figure,
-    log_metrics_now,
-    validation_samples,
-)
+from ddpm.callbacks.inputs import default_sampler, validation_samples
+from ddpm.callbacks.periodic import log_metrics_now
+from ddpm.callbacks.picture import PictureCallback, log_figure
 from ddpm.utils.classes import num_classes_of
 from ddpm.utils.devices import model_device
+from ddpm.viz.playground import playground_figures, playground_report
 
 
 class Playground(PictureCallback):
@@ -31,12 +28,10 @@ class Playground(PictureCallback):
         sampler: the sampler (the Hydra ``sampler`` node). Default: DDIM, 50 steps. A
             class-conditional network is compared unguided (``guidance_scale`` 1): the reference
             is all validation points.
-        every_n_steps: cadence in optimizer steps (the config follows the sample grid's).
-        at_train_end: also draw when training ends (if not just done at that step).
         num_samples: validation points, and samples drawn (seeded with ``seed``).
-        seed: seed of the samples.
-        use_ema: sample with the EMA network when an EMA callback runs.
-        output_dir: where the PNGs go (default ``<trainer.default_root_dir>/samples``).
+        every_n_steps, at_train_end, seed, use_ema, output_dir:
+            :class:`~ddpm.callbacks.picture.PictureCallback`'s (the config follows the sample
+            grid's cadence).
     """
 
     picture = "playground"
@@ -51,51 +46,28 @@ class Playground(PictureCallback):
         use_ema: bool = True,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__(
-            every_n_steps,
-            at_train_end,
-            num_samples=num_samples,
-            output_dir=output_dir,
-            use_ema=use_ema,
-            seed=seed,
-        )
-        self.sampler = sampler
+        super().__init__(every_n_steps, at_train_end, num_samples, seed, use_ema, output_dir)
+        self.sampler = sampler if sampler is not None else default_sampler()
 
-    def draw(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        model: Any,
-        shape: tuple[int, ...],
-        out_dir: Path,
-    ) -> list[Path]:
-        if shape != (2,):
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: Any) -> list[Path]:
+        if self.shape(trainer) != (2,):
             return []
         ref = validation_samples(trainer, self.num_samples)
         if ref is None:
             return []
-        import matplotlib.pyplot as plt
-
-        from ddpm.viz.playground import playground_figures, playground_report
-
-        sampler = self.sampler if self.sampler is not None else default_sampler()
+        sampler = self.sampler
         guided = getattr(sampler, "guidance_scale", 1.0) != 1.0
-        if num_classes_of(model) is not None and guided and dataclasses.is_dataclass(sampler):
+        if num_classes_of(net) is not None and guided and dataclasses.is_dataclass(sampler):
             sampler = dataclasses.replace(sampler, guidance_scale=1.0)
-        device = model_device(model, pl_module.device)
+        device = model_device(net, pl_module.device)
         report = playground_report(
-            model, pl_module.diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
+            net, pl_module.diffusion, ref, {"sampler": sampler}, seed=self.seed, device=device
         )
         d = report["distances"]["sampler"]
         log_metrics_now(trainer, {"val/energy_distance": d["energy_distance"], "val/mmd": d["mmd"]})
         figs = playground_figures(report)
-        step = trainer.global_step
-        written = [
-            log_figure(
-                trainer, figs[name], out_dir / f"{name}_step_{step:07d}.png", f"samples/{name}"
-            )
+        step, out = trainer.global_step, self.out_dir(trainer)
+        return [
+            log_figure(trainer, figs[name], out / f"{name}_step_{step:07d}.png", f"samples/{name}")
             for name in ("score", "reverse")
         ]
-        for fig in figs.values():
-            plt.close(fig)
-        return written

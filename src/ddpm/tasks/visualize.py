@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,27 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.contracts import HasReferenceLoader, require
 from ddpm.tasks.common import output_dir, write_json
+from ddpm.tasks.sample import build_sampler, sample_labels
+from ddpm.utils.classes import num_classes_of, parse_class_labels
+from ddpm.viz import (
+    denoising_trajectory,
+    forward_diffusion,
+    forward_figure,
+    forward_timesteps,
+    guidance_figure,
+    guidance_sweep,
+    interpolate,
+    interpolation_figure,
+    loss_by_t_figure,
+    loss_by_timestep,
+    make_diffusions,
+    playground_figures,
+    playground_report,
+    reverse_figure,
+    sampler_label,
+    save_figure,
+    schedule_figure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +67,8 @@ NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "guidance", "playgrou
 # ------------------------------------------------------------------------------------ plumbing
 def _device(cfg: DictConfig) -> torch.device:
     """The device of ``accelerator`` (auto | cpu | gpu | cuda | mps | a torch device such as
-    cuda:1); ``device``, its former name, still works with a warning."""
+    cuda:1)."""
     acc = cfg.get("accelerator", "auto")
-    if cfg.get("device") is not None:
-        warnings.warn(
-            f"visualize: `device` is deprecated, write accelerator={cfg.device} (the name sample.py "
-            "and evaluate.py use)",
-            FutureWarning,
-            stacklevel=2,
-        )
-        acc = cfg.device
     if acc in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -67,18 +79,9 @@ def _device(cfg: DictConfig) -> torch.device:
         ) from e
 
 
-def _num_samples(cfg: DictConfig, section: str, old: str, default: int | None = None) -> int:
-    """``<section>.num_samples`` (images or 2-D points; null: ``default``); ``old``, its former
-    name (num_images / num_points), still works with a warning."""
-    node = cfg[section]
-    n = node.get("num_samples")
-    if node.get(old) is not None:
-        warnings.warn(
-            f"visualize: {section}.{old} is deprecated, write {section}.num_samples={node[old]}",
-            FutureWarning,
-            stacklevel=2,
-        )
-        n = node[old]
+def _num_samples(cfg: DictConfig, section: str, default: int | None = None) -> int:
+    """``<section>.num_samples`` (images or 2-D points; null: ``default``)."""
+    n = cfg[section].get("num_samples")
     n = default if n is None else n
     if n is None or isinstance(n, bool) or int(n) < 1:
         raise ValueError(f"{section}.num_samples must be an integer >= 1, got {n!r}")
@@ -152,22 +155,12 @@ def _cap_steps(node: Any, T: int) -> Any:
 
 
 def _save(fig: Any, path: Path, paths: list[Path]) -> None:
-    from ddpm.viz.plots import save_figure
-
     paths.append(save_figure(fig, path))
     log.debug("wrote %s", path)
 
 
 # ------------------------------------------------------------------------------------ what=...
 def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.viz import (
-        forward_diffusion,
-        forward_figure,
-        forward_timesteps,
-        make_diffusions,
-        schedule_figure,
-    )
-
     loaded = None
     if cfg.get("data") is None and cfg.get("ckpt_path"):
         loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.get("use_ema", True)))
@@ -181,9 +174,7 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
     T = min(d.num_timesteps for d in diffusions.values())
     ts = forward_timesteps(T, cfg.forward.timesteps)
     is_points = len(getattr(dm, "sample_shape", ())) == 1
-    n = _num_samples(
-        cfg, "forward", "num_points" if is_points else "num_images", 2000 if is_points else 8
-    )
+    n = _num_samples(cfg, "forward", 2000 if is_points else 8)
     x0 = held_out(dm, cfg.forward.split, n)
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = forward_diffusion(x0, diffusions, ts, generator=g)
@@ -200,23 +191,18 @@ def run_forward(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.tasks.sample import build_sampler, sample_labels
-    from ddpm.viz import reverse_figure, reverse_trajectory, sampler_label
-
     device = _device(cfg)
     loaded = _load(cfg, device)
     sampler = build_sampler(cfg.get("sampler"), loaded)
     shape = loaded.sample_shape
     if len(shape) == 1:
-        seeds = list(
-            range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "reverse", "num_points"))
-        )
+        seeds = list(range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "reverse")))
     else:
         seeds = [int(s) for s in cfg.reverse.seeds]
     if not seeds:
         raise ValueError("reverse.seeds must name at least one seed")
     ts = cfg.reverse.timesteps
-    traj = reverse_trajectory(
+    traj = denoising_trajectory(
         sampler,
         loaded.net,
         loaded.diffusion,
@@ -236,11 +222,6 @@ def run_reverse(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.tasks.sample import build_sampler
-    from ddpm.utils.classes import num_classes_of, parse_class_labels
-    from ddpm.viz.guidance import guidance_figure, guidance_sweep
-    from ddpm.viz.reverse import sampler_label
-
     device = _device(cfg)
     loaded = _load(cfg, device)
     k = num_classes_of(loaded.net)
@@ -255,9 +236,7 @@ def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     shape = loaded.sample_shape
     if len(shape) == 1:
-        seeds = list(
-            range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "guidance", "num_points"))
-        )
+        seeds = list(range(int(cfg.seed), int(cfg.seed) + _num_samples(cfg, "guidance")))
     else:
         seeds = [int(s) for s in g.seeds]
     scales = [float(s) for s in g.scales]
@@ -292,12 +271,10 @@ def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.viz import loss_by_t_figure, loss_by_timestep
-
     device = _device(cfg)
     loaded = _load(cfg, device)
     dm = build_datamodule(cfg, loaded)
-    x0 = held_out(dm, cfg.loss_by_t.split, _num_samples(cfg, "loss_by_t", "num_images")).to(device)
+    x0 = held_out(dm, cfg.loss_by_t.split, _num_samples(cfg, "loss_by_t")).to(device)
     g = torch.Generator().manual_seed(int(cfg.seed))
     result = loss_by_timestep(
         loaded.net,
@@ -328,8 +305,6 @@ def run_loss_by_t(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_interpolate(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.viz import interpolate, interpolation_figure
-
     device = _device(cfg)
     loaded = _load(cfg, device)
     dm = build_datamodule(cfg, loaded)
@@ -364,8 +339,6 @@ def run_interpolate(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    from ddpm.viz import playground_figures, playground_report
-
     device = _device(cfg)
     loaded = _load(cfg, device)
     if loaded.sample_shape != (2,):
@@ -374,7 +347,7 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
             f"model=mlp), this checkpoint makes samples of shape {loaded.sample_shape}"
         )
     dm = build_datamodule(cfg, loaded)
-    n = _num_samples(cfg, "playground", "num_points")
+    n = _num_samples(cfg, "playground")
     reference = held_out(dm, "val", n)
     second = held_out(dm, "train", reference.shape[0])
     T = loaded.diffusion.num_timesteps
@@ -390,7 +363,7 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
         reference,
         samplers,
         second_reference=second,
-        num_points=n,
+        num_samples=n,
         seed=int(cfg.seed),
         frames=int(cfg.playground.frames),
         score_timesteps=None if st is None else [int(t) for t in st],

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.utils.images import make_grid_uint8
 from ddpm.viz.plots import (
     FONTSIZE,
     cell_inches,
@@ -138,8 +139,6 @@ def forward_figure(
 ) -> Any:
     """The forward grid: images side by side per schedule (rows: images, columns: t), or for 2-D
     points one row of scatter panels per schedule."""
-    from ddpm.utils.images import make_grid_uint8
-
     x_t: Mapping[str, Tensor] = result["x_t"]
     ts: list[int] = list(result["timesteps"])
     labels = list(x_t)

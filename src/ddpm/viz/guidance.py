@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpm.utils.images import make_grid_uint8
 from ddpm.utils.seeding import PerSampleGenerator
 from ddpm.viz.plots import cell_inches, cloud_limit, image_grid_panel, new_figure, scatter
 
@@ -19,7 +20,7 @@ from ddpm.viz.plots import cell_inches, cloud_limit, image_grid_panel, new_figur
 @torch.inference_mode()
 def guidance_sweep(
     sampler: Any,
-    model: Any,
+    net: Any,
     diffusion: Any,
     sample_shape: Sequence[int],
     classes: Sequence[int],
@@ -39,7 +40,7 @@ def guidance_sweep(
     for s in scales:
         guided = dataclasses.replace(sampler, guidance_scale=float(s))
         x = guided(
-            model,
+            net,
             diffusion,
             (len(all_seeds), *sample_shape),
             generator=PerSampleGenerator(all_seeds, device=device),
@@ -60,8 +61,6 @@ def guidance_figure(
     dpi: int = 100,
 ) -> Any:
     """One panel per guidance scale of :func:`guidance_sweep`'s samples."""
-    from ddpm.utils.images import make_grid_uint8
-
     n = len(scales)
     if samples.ndim == 3:  # 2-D points: a cloud per scale, coloured by class
         fig = new_figure(3.2 * n, 3.6, dpi)

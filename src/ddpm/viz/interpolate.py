@@ -44,7 +44,7 @@ def interpolation_alphas(num_frames: int) -> list[float]:
 
 @torch.no_grad()
 def interpolate(
-    model: Callable[[Tensor, Tensor], Tensor],
+    net: Callable[[Tensor, Tensor], Tensor],
     diffusion: GaussianDiffusion,
     x_a: Tensor,
     x_b: Tensor,
@@ -74,7 +74,7 @@ def interpolate(
         )
     inputs = torch.stack([x_a, x_b]).float()
     latents = ddim_invert(
-        model,
+        net,
         diffusion,
         inputs,
         steps=steps,
@@ -86,7 +86,7 @@ def interpolate(
     z = torch.cat([slerp(latents[:1], latents[1:], a) for a in alphas])
     decoded = (
         ddim_sample(
-            model,
+            net,
             diffusion,
             None,
             steps=steps,

@@ -24,7 +24,7 @@ from ddpm.viz.plots import FONTSIZE, new_figure
 
 @torch.no_grad()
 def loss_by_timestep(
-    model: Callable[[Tensor, Tensor], Tensor],
+    net: Callable[[Tensor, Tensor], Tensor],
     diffusion: GaussianDiffusion,
     x0: Tensor,
     *,
@@ -40,7 +40,7 @@ def loss_by_timestep(
     tensors of :func:`calc_bpd_loop` under ``per_image``.
     """
     out = calc_bpd_loop(
-        diffusion, model, x0, clip_denoised=clip_denoised, generator=generator, progress=progress
+        diffusion, net, x0, clip_denoised=clip_denoised, generator=generator, progress=progress
     )
     vb = out["vb"].double().mean(0).cpu().numpy()
     prior = float(out["prior_bpd"].double().mean())

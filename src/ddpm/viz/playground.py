@@ -17,9 +17,9 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.metrics.distances import distribution_distances
 from ddpm.viz.forward import forward_diffusion, forward_figure
 from ddpm.viz.plots import FONTSIZE, cloud_limit, new_figure, scatter
-from ddpm.viz.reverse import sampler_label
+from ddpm.viz.reverse import sampler_label, strip_timesteps
 
-Model = Callable[[Tensor, Tensor], Tensor]
+Net = Callable[[Tensor, Tensor], Tensor]
 
 
 def _fractions(T: int, fractions: Sequence[float], lo: int = 0, hi: int | None = None) -> list[int]:
@@ -29,7 +29,7 @@ def _fractions(T: int, fractions: Sequence[float], lo: int = 0, hi: int | None =
 
 @torch.no_grad()
 def score_field(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     t: int,
     lim: float,
@@ -42,20 +42,20 @@ def score_field(
     gy, gx = torch.meshgrid(axis, axis, indexing="ij")
     x = torch.stack([gx.flatten(), gy.flatten()], dim=1).to(device)
     tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
-    _, eps = diffusion.model_predictions(model(x, tt), x, tt, clip_denoised=False)
+    _, eps = diffusion.model_predictions(net(x, tt), x, tt, clip_denoised=False)
     score = -eps.float().cpu() / float(diffusion.sqrt_one_minus_alphas_cumprod[int(t)])
     return {"points": x.cpu(), "score": score}
 
 
 @torch.no_grad()
 def playground_report(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     reference: Tensor,
     samplers: Mapping[str, Callable[..., Any]],
     *,
     second_reference: Tensor | None = None,
-    num_points: int | None = None,
+    num_samples: int | None = None,
     seed: int = 0,
     frames: int = 6,
     score_timesteps: Sequence[int] | None = None,
@@ -66,7 +66,7 @@ def playground_report(
     """Everything the playground shows, as data.
 
     ``reference``: held-out data (N, 2); ``second_reference``: another sample of the data for the
-    noise floor (optional). Each sampler draws ``num_points`` (default N) points from a
+    noise floor (optional). Each sampler draws ``num_samples`` (default N) points from a
     ``torch.Generator`` seeded with ``seed``, recording ~``frames`` steps.
 
     Returns ``distances`` (``{sampler name | "gaussian" | "data": {"energy_distance", "mmd"}}``),
@@ -79,16 +79,16 @@ def playground_report(
         raise ValueError(f"reference must be 2-D points (N, 2), got {tuple(reference.shape)}")
     if not samplers:
         raise ValueError("samplers must name at least one sampler")
-    n = int(num_points or reference.shape[0])
+    n = int(num_samples or reference.shape[0])
     T = diffusion.num_timesteps
-    wanted = sorted({int(round(v)) for v in np.linspace(T - 1, 0, frames)}, reverse=True)
+    wanted = strip_timesteps(T, frames)
     distances: dict[str, dict[str, float]] = {}
     samples: dict[str, Tensor] = {}
     trajectories: dict[str, dict[str, Tensor]] = {}
     for name, sampler in samplers.items():
         g = torch.Generator().manual_seed(int(seed))
         x, inter = sampler(
-            model, diffusion, (n, 2), generator=g, return_intermediates=wanted, device=device
+            net, diffusion, (n, 2), generator=g, return_intermediates=wanted, device=device
         )
         samples[name] = x.float().cpu()
         trajectories[name] = inter
@@ -121,7 +121,7 @@ def playground_report(
     if min(score_t) < 0 or max(score_t) >= T:
         raise ValueError(f"score_timesteps must lie in [0, {T - 1}], got {score_t}")
     lim = max(3.0, cloud_limit(reference))
-    scores = {t: score_field(model, diffusion, t, lim, grid_size, device) for t in score_t}
+    scores = {t: score_field(net, diffusion, t, lim, grid_size, device) for t in score_t}
     g = torch.Generator().manual_seed(int(seed) + 3)
     for t, field in scores.items():  # the noisy data the score field acts on, for context
         tt = torch.full((reference.shape[0],), t, dtype=torch.long)

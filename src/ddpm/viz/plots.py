@@ -1,5 +1,6 @@
 """Matplotlib helpers shared by the pictures: bare ``Figure`` objects (Agg canvas, no pyplot, no
-global state, never needs a display), labelled image grids, scatter panels, atomic PNG writes."""
+global state, never needs a display, nothing to close), labelled image grids, scatter panels,
+atomic PNG writes. The pixels of image grids are :mod:`ddpm.utils.images`'s."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from ddpm.utils.images import make_grid_uint8
 
 FONTSIZE = 8
 
@@ -76,8 +79,6 @@ def labelled_image_grid(
     dpi: int = 100,
 ) -> Any:
     """A Figure of model-space images (N, C, H, W) laid out ``nrow`` per row, labelled."""
-    from ddpm.utils.images import make_grid_uint8
-
     padding = 2
     grid = make_grid_uint8(images, nrow=nrow, denormalize=denormalize, padding=padding)
     h, w = images.shape[-2:]
@@ -116,3 +117,12 @@ def cloud_limit(*clouds: Tensor, cap: float = 50.0) -> float:
     vals = [c[torch.isfinite(c)].abs().max() for c in clouds if torch.isfinite(c).any()]
     lim = float(max(vals)) * 1.05 if vals else 1.0
     return min(max(lim, 1e-3), cap)
+
+
+def scatter_figure(points: Tensor, title: str = "", dpi: int = 100) -> Any:
+    """One scatter panel of 2-D points (N, 2)."""
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"points must be (N, 2), got shape {tuple(points.shape)}")
+    fig = new_figure(5.0, 5.0, dpi)
+    scatter(fig.add_subplot(1, 1, 1), points, title, size=4.0, alpha=0.6)
+    return fig

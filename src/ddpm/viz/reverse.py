@@ -1,16 +1,18 @@
 """The reverse process, pictured: for a few seeds, x_t and the network's x̂₀ at chosen steps of any
-sampler. The trajectory and the uint8 strip come from :mod:`ddpm.utils.images` (the same strip
-the sample-grid callback logs during training); this module adds labels."""
+sampler (``visualize.py what=reverse``, and the denoising strip the sample grid logs while
+training)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm.utils.images import denoising_trajectory, strip_grid
+from ddpm.utils.images import Denormalize, make_grid_uint8
+from ddpm.utils.seeding import PerSampleGenerator
 from ddpm.viz.plots import FONTSIZE, cell_inches, cloud_limit, image_grid_panel, new_figure, scatter
 
 
@@ -27,43 +29,81 @@ def sampler_label(sampler: Any) -> str:
     return f"{name} ({', '.join(parts)})"
 
 
-def reverse_trajectory(
+def strip_timesteps(num_timesteps: int, num_frames: int = 8) -> list[int]:
+    """``num_frames`` model timesteps evenly spaced from T-1 down to 0."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return sorted(
+        {int(round(t)) for t in np.linspace(num_timesteps - 1, 0, num_frames)}, reverse=True
+    )
+
+
+@torch.inference_mode()
+def denoising_trajectory(
     sampler: Callable[..., Any],
-    model: Callable[[Tensor, Tensor], Tensor],
+    net: Callable[[Tensor, Tensor], Tensor],
     diffusion: Any,
     sample_shape: Sequence[int],
     seeds: Sequence[int],
+    *,
     timesteps: Sequence[int] | None = None,
     num_frames: int = 8,
     device: torch.device | str | None = None,
     class_labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """:func:`ddpm.utils.images.denoising_trajectory` (``timesteps``: model timesteps to record,
-    the nearest steps of the sampler's grid; default ``num_frames`` evenly spaced)."""
-    return denoising_trajectory(
-        sampler,
-        model,
+    """Run ``sampler`` once for ``seeds`` (one per-sample seed each; ``class_labels`` one per
+    seed for a class-conditional network) and record the steps of the sampler's own grid nearest
+    to the model ``timesteps`` (default :func:`strip_timesteps` ``(T, num_frames)``).
+
+    Returns ``timesteps`` (K,), ``x_t`` and ``pred_xstart`` (K, len(seeds), *sample_shape) on
+    the CPU, and the final ``samples``.
+    """
+    T = diffusion.num_timesteps
+    if timesteps is not None:
+        wanted = sorted({int(t) for t in timesteps}, reverse=True)
+        if not wanted or wanted[-1] < 0 or wanted[0] >= T:
+            raise ValueError(
+                f"timesteps must be a non-empty list in [0, {T - 1}], got {list(timesteps)}"
+            )
+    else:
+        wanted = strip_timesteps(T, num_frames)
+    gen = PerSampleGenerator(list(seeds), device=device or "cpu")
+    extra = {} if class_labels is None else {"class_labels": class_labels}
+    out = sampler(
+        net,
         diffusion,
-        sample_shape,
-        seeds,
-        num_frames,
+        (len(seeds), *sample_shape),
+        generator=gen,
+        return_intermediates=wanted,
         device=device,
-        timesteps=timesteps,
-        class_labels=class_labels,
+        **extra,
     )
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        raise ValueError(
+            "the sampler did not return (samples, intermediates) for "
+            "return_intermediates: it does not support the denoising strip"
+        )
+    samples, inter = out
+    return {
+        "timesteps": inter["timesteps"],
+        "x_t": inter["x_t"],
+        "pred_xstart": inter["pred_xstart"],
+        "samples": samples.detach().cpu(),
+    }
 
 
 def reverse_figure(
     traj: dict[str, Tensor],
     seeds: Sequence[int],
     title: str = "",
-    denormalize: Any = None,
+    denormalize: Denormalize | None = None,
     dpi: int = 100,
 ) -> Any:
-    """Images: one two-row strip per seed (x_t above, x̂₀ below; columns from the noisiest step
-    to the last). 2-D points: x_t and x̂₀ clouds at each recorded step."""
+    """A :func:`denoising_trajectory`, columns from the noisiest recorded step (left) to the last
+    one. Images: rows "seed s: x_t" and "seed s: x̂₀" for each of ``seeds`` (x_t can exceed
+    [-1, 1]: it is clamped like any image). 2-D points: the x_t and x̂₀ clouds."""
     ts = [int(t) for t in traj["timesteps"]]
-    x_t, x0 = traj["x_t"], traj["pred_xstart"]
+    x_t, x0 = traj["x_t"], traj["pred_xstart"]  # (K, S, ...)
     k = len(ts)
     if x_t.ndim == 3:  # (K, N, 2)
         lim = cloud_limit(x_t, x0, cap=6.0)
@@ -76,8 +116,10 @@ def reverse_figure(
         fig.suptitle(title or "Reverse trajectory", fontsize=FONTSIZE + 3)
         fig.tight_layout()
         return fig
+    # per seed one row of x_t and one of x̂₀: (2 * S * K, C, H, W), row-major
+    images = torch.cat([frames[:, i] for i in range(x_t.shape[1]) for frames in (x_t, x0)])
     padding = 2
-    grid = strip_grid(traj, denormalize, padding=padding)
+    grid = make_grid_uint8(images, nrow=k, denormalize=denormalize, padding=padding)
     h, w = x_t.shape[-2:]
     cell = cell_inches(max(h, w))
     rows = []
