@@ -129,7 +129,7 @@ class DiffusionModule(pl.LightningModule):
     def _losses(
         self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor | None
     ) -> dict[str, Tensor]:
-        return self.loss_fn(self.diffusion, net, x0, t, noise)
+        return self.loss_fn(net, self.diffusion, x0, t, noise)
 
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
         """(x0, labels): labels of a class-conditional network's ``(x, labels)`` batch, else

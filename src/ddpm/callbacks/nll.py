@@ -159,8 +159,8 @@ class NLLCallback(PeriodicCallback):
                 # CPU noise: the same values on any device type
                 g = torch.Generator().manual_seed(self.seed + k)
                 out = calc_bpd_loop(
-                    diffusion,
                     with_labels(model, y, device),
+                    diffusion,
                     x,
                     clip_denoised=self.clip_denoised,
                     generator=g,
