@@ -11,8 +11,8 @@ E[ε | x_t] = √(1-ᾱ) (x_t - √ᾱ μ) / (ᾱ σ² + 1 - ᾱ). A model train
 would output exactly these; a sampler fed with them must reproduce the data distribution up to
 its own discretisation error.
 
-Usage: ``model = GaussianOracle(diffusion, mean=0.3, std=0.2, dim=2)``, then
-``model(x_t, t)`` (``t`` LongTensor (B,) of training timesteps) returns the prediction of
+Usage: ``net = GaussianOracle(diffusion, mean=0.3, std=0.2, dim=2)``, then
+``net(x_t, t)`` (``t`` LongTensor (B,) of training timesteps) returns the prediction of
 ``diffusion.prediction_type`` (ε, x₀ or v; for learned variances ``var_output`` is appended as
 the variance channels). Math in float64, output in the dtype of ``x_t``.
 ``ClassConditionalOracle`` adds class labels and the null class of classifier-free guidance.
@@ -167,7 +167,7 @@ class ClassConditionalOracle(MixtureOracle):
     """Optimal class-conditional denoiser for classes y = 0..K-1, p(y) = w_y and
     x₀ | y ~ N(μ_y, s_y² I), with the null class K of classifier-free guidance.
 
-    ``model(x_t, t, class_labels)``: label y gives the conditional E[ε | x_t, y] (one Gaussian:
+    ``net(x_t, t, class_labels)``: label y gives the conditional E[ε | x_t, y] (one Gaussian:
     √(1-ᾱ) (x_t - √ᾱ μ_y) / v_y), the null label K or ``class_labels=None`` the unconditional
     E[ε | x_t] of the mixture Σ_y w_y N(μ_y, s_y² I) (the responsibilities p(y | x_t) weigh the
     conditional ones). ``var_output`` may hold one variance value per label (K + 1 of them).

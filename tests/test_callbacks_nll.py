@@ -69,8 +69,8 @@ def test_matches_calc_bpd_loop_with_the_ema_network() -> None:
     totals = []
     for k, start in enumerate(range(0, 20, 8)):
         out = calc_bpd_loop(
-            module.diffusion,
             ema.ema_net,
+            module.diffusion,
             x[start : start + 8],
             generator=torch.Generator().manual_seed(k),
         )

@@ -66,7 +66,7 @@ def test_network_and_loss_trace_without_graph_breaks(preset, loss_type, checkpoi
 
     def loss(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return loss_fn(diffusion, net, x0, t, noise)["loss"].mean()
+            return loss_fn(net, diffusion, x0, t, noise)["loss"].mean()
 
     x0 = torch.rand(2, channels, size, size) * 2 - 1
     t, noise = torch.tensor([0, 999]), torch.randn(2, channels, size, size)

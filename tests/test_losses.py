@@ -12,6 +12,7 @@ from ddpm.diffusion import (
     DiffusionLoss,
     GaussianDiffusion,
     LossSecondMomentTimestepSampler,
+    TimestepSampler,
     UniformTimestepSampler,
     discretized_gaussian_log_likelihood,
     min_snr_weight,
@@ -127,7 +128,7 @@ def test_vb_term_at_t0_is_decoder_nll() -> None:
 
 
 # ------------------------------------------------------------------ DiffusionLoss
-def _model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A fixed, non-trivial 'network'."""
     return 0.7 * x_t + 0.001 * t.view(-1, *([1] * (x_t.ndim - 1))).float() - 0.1
 
@@ -139,7 +140,7 @@ def test_simple_loss_is_mse_on_target(prediction_type: str) -> None:
     x0 = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1
     eps = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, T, (16,), generator=g)
-    terms = DiffusionLoss("simple")(d, _model, x0, t, eps)
+    terms = DiffusionLoss("simple")(_net, d, x0, t, eps)
     # by hand, in float64
     ac = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, T)))[t].view(-1, 1, 1, 1)
     x0d, epsd = x0.double(), eps.double()
@@ -165,10 +166,10 @@ def test_hybrid_loss_and_stop_gradient() -> None:
     t = torch.tensor([0, 1, 5, 100, 400, 700, 998, 999])
     out_param = torch.randn(8, 4, 4, 4, generator=g).requires_grad_(True)
 
-    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return out_param
 
-    terms = DiffusionLoss("hybrid", lambda_vlb=0.001)(d, model, x0, t, eps)
+    terms = DiffusionLoss("hybrid", lambda_vlb=0.001)(net, d, x0, t, eps)
     x_t = d.q_sample(x0, t, eps)
     vb = vb_terms_bpd(d, out_param.detach(), x0, x_t, t)["output"]
     torch.testing.assert_close(terms["vb"].detach(), vb)
@@ -184,7 +185,7 @@ def test_hybrid_loss_and_stop_gradient() -> None:
     # loss_type vlb: no stop-gradient; the one-term estimate of L_vlb is T·L_t (improved-diffusion's
     # RESCALED_KL), the very term the hybrid loss weights by λ
     hybrid_vb = terms["loss"] - mse
-    terms = DiffusionLoss("vlb")(d, model, x0, t, eps)
+    terms = DiffusionLoss("vlb")(net, d, x0, t, eps)
     torch.testing.assert_close(terms["vb"], vb)
     torch.testing.assert_close(terms["loss"], T * vb)
     torch.testing.assert_close(0.001 * terms["loss"], hybrid_vb.detach())
@@ -196,7 +197,7 @@ def test_learned_variance_needs_the_bound() -> None:
     d = GaussianDiffusion(num_timesteps=T, variance_type="learned_range")
     x0 = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match="hybrid"):
-        DiffusionLoss("simple")(d, lambda x, t: torch.zeros(2, 6, 4, 4), x0, torch.tensor([1, 2]))
+        DiffusionLoss("simple")(lambda x, t: torch.zeros(2, 6, 4, 4), d, x0, torch.tensor([1, 2]))
 
 
 def test_bad_loss_arguments() -> None:
@@ -225,8 +226,8 @@ def test_min_snr_weights(prediction_type: str, gamma: float) -> None:
     g = torch.Generator().manual_seed(4)
     x0 = torch.rand(T, 2, generator=g) * 2 - 1
     eps = torch.randn(x0.shape, generator=g)
-    plain = DiffusionLoss("simple")(d, _model, x0, t, eps)["loss"]
-    weighted = DiffusionLoss("simple", min_snr_gamma=gamma)(d, _model, x0, t, eps)
+    plain = DiffusionLoss("simple")(_net, d, x0, t, eps)["loss"]
+    weighted = DiffusionLoss("simple", min_snr_gamma=gamma)(_net, d, x0, t, eps)
     np.testing.assert_allclose(
         weighted["loss"].double().numpy(), plain.double().numpy() * want, rtol=1e-5
     )
@@ -252,7 +253,7 @@ def test_losses_float32_under_bf16_autocast(loss_type: str, variance_type: str) 
     eps = torch.randn_like(x0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(x0).dtype == torch.bfloat16
-        terms = DiffusionLoss(loss_type, min_snr_gamma=5.0)(d, lambda x, t: net(x), x0, t, eps)
+        terms = DiffusionLoss(loss_type, min_snr_gamma=5.0)(lambda x, t: net(x), d, x0, t, eps)
     for k, v in terms.items():
         assert v.dtype == torch.float32 and v.shape == (4,) and torch.all(torch.isfinite(v)), k
     terms["loss"].mean().backward()
@@ -262,6 +263,7 @@ def test_losses_float32_under_bf16_autocast(loss_type: str, variance_type: str) 
 # ------------------------------------------------------------------ timestep samplers
 def test_uniform_sampler() -> None:
     s = UniformTimestepSampler(50)
+    assert isinstance(s, TimestepSampler) and s.state_dict() == {}  # nothing to resume
     t, w = s.sample(10_000, "cpu", torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == 49
     assert torch.all(w == 1)
@@ -303,10 +305,3 @@ def test_loss_second_moment_sampler() -> None:
     s2 = LossSecondMomentTimestepSampler(Tn, history=hist, uniform_prob=0.01)
     s2.load_state_dict(s.state_dict())
     np.testing.assert_array_equal(s2.weights(), s.weights())
-
-
-def test_timestep_samplers_keep_their_former_names() -> None:
-    from ddpm import diffusion
-
-    assert diffusion.UniformSampler is diffusion.UniformTimestepSampler
-    assert diffusion.LossSecondMomentSampler is diffusion.LossSecondMomentTimestepSampler

@@ -58,19 +58,19 @@ def test_calc_bpd_loop_bookkeeping() -> None:
     x = (torch.randint(0, 256, (3, 2, 4, 4)).double() / 127.5 - 1).float()
     calls = []
 
-    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         calls.append(int(t[0]))
         assert x_t.shape == x.shape and t.shape == (3,) and torch.all(t == t[0])
         return torch.zeros_like(x_t)
 
-    out = calc_bpd_loop(d, model, x, generator=torch.Generator().manual_seed(0))
+    out = calc_bpd_loop(net, d, x, generator=torch.Generator().manual_seed(0))
     assert calls == list(range(19, -1, -1))  # one call per step, t = T-1 .. 0
     assert out["vb"].shape == out["mse"].shape == out["xstart_mse"].shape == (3, 20)
     torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
     torch.testing.assert_close(out["prior_bpd"], prior_bpd(d, x))
     assert torch.all(out["vb"] >= 0) and torch.all(torch.isfinite(out["total_bpd"]))
     # the same generator seed gives the same bound
-    again = calc_bpd_loop(d, model, x, generator=torch.Generator().manual_seed(0))
+    again = calc_bpd_loop(net, d, x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again["total_bpd"], out["total_bpd"])
 
 
@@ -171,10 +171,8 @@ def gaussian_data() -> torch.Tensor:
     return (torch.round((x + 1) * 127.5).clamp(0, 255) / 127.5 - 1).float()
 
 
-def _mc_bound(d: GaussianDiffusion, model, x: torch.Tensor) -> tuple[float, float, dict]:
-    out = calc_bpd_loop(
-        d, model, x, clip_denoised=False, generator=torch.Generator().manual_seed(1)
-    )
+def _mc_bound(d: GaussianDiffusion, net, x: torch.Tensor) -> tuple[float, float, dict]:
+    out = calc_bpd_loop(net, d, x, clip_denoised=False, generator=torch.Generator().manual_seed(1))
     tot = out["total_bpd"].double()
     return float(tot.mean()), float(tot.std() / math.sqrt(len(tot))), out
 
@@ -272,7 +270,7 @@ def test_respaced_bound_and_loss_call_the_network_at_the_original_timesteps() ->
     c = torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5
     c = (c - 1).float()
     oracle = KnownX0Oracle(full, c)
-    out = calc_bpd_loop(short, oracle, c, generator=torch.Generator().manual_seed(1))
+    out = calc_bpd_loop(oracle, short, c, generator=torch.Generator().manual_seed(1))
     assert [call[0] for call in oracle.calls] == kept[::-1]  # t = 999, 888, ..., 0
     # the network sees the original timesteps, so the oracle predicts x₀ = c exactly and every
     # KL term L_{t-1} of the 10-step chain vanishes
@@ -284,6 +282,6 @@ def test_respaced_bound_and_loss_call_the_network_at_the_original_timesteps() ->
     oracle.calls.clear()
     t = torch.arange(10)
     noise = torch.randn(oracle.c.shape, generator=torch.Generator().manual_seed(2))
-    losses = DiffusionLoss("simple")(short, oracle, oracle.c, t, noise)
+    losses = DiffusionLoss("simple")(oracle, short, oracle.c, t, noise)
     assert oracle.calls == [kept]
     assert losses["mse"].max() < 1e-6  # O(1) when the network is called at t = 0..9

@@ -42,7 +42,7 @@ STDS = [0.1, 0.15]
 WEIGHTS = [0.3, 0.7]
 
 
-def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def toy_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """An arbitrary smooth network stand-in (outputs beyond [-1, 1] exercise clipping)."""
     tt = t.float().reshape(-1, *([1] * (x.ndim - 1)))
     return 1.5 * torch.sin(2.0 * x + 0.01 * tt) + 0.1 * x
@@ -165,7 +165,7 @@ def test_one_ddpm_step_matches_diffusers(prediction_type, variance_type, clip) -
     for t in (999, 500, 20, 1):
         x_t = torch.randn(8, 3, 4, 4, generator=gen(t))
         _, inter = ddpm_sample(
-            toy_model,
+            toy_net,
             respace(d, [t - 1, t]),
             None,
             noise=x_t,
@@ -174,7 +174,7 @@ def test_one_ddpm_step_matches_diffusers(prediction_type, variance_type, clip) -
             return_intermediates=True,
         )
         assert inter["timesteps"].tolist() == [t, t - 1]
-        out = s.step(toy_model(x_t, torch.full((8,), t)), t, x_t, generator=gen(7))
+        out = s.step(toy_net(x_t, torch.full((8,), t)), t, x_t, generator=gen(7))
         torch.testing.assert_close(inter["x_t"][1], out.prev_sample, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
             inter["pred_xstart"][0], out.pred_original_sample, rtol=1e-5, atol=1e-5
@@ -202,7 +202,7 @@ def test_one_ddim_step_matches_diffusers(prediction_type, eta, clip) -> None:
     for t in (980, 500, 20):
         x_t = torch.randn(8, 3, 4, 4, generator=gen(t))
         _, inter = ddim_sample(
-            toy_model,
+            toy_net,
             respace(d, [t - 20, t]),
             None,
             steps=2,
@@ -213,7 +213,7 @@ def test_one_ddim_step_matches_diffusers(prediction_type, eta, clip) -> None:
             return_intermediates=True,
         )
         out = s.step(
-            toy_model(x_t, torch.full((8,), t)),
+            toy_net(x_t, torch.full((8,), t)),
             t,
             x_t,
             eta=eta,
@@ -223,9 +223,9 @@ def test_one_ddim_step_matches_diffusers(prediction_type, eta, clip) -> None:
         torch.testing.assert_close(inter["x_t"][1], out.prev_sample, rtol=1e-5, atol=1e-5)
     # the last step goes to ᾱ = 1 (set_alpha_to_one): x₀ = x̂₀
     x_t = torch.randn(8, 3, 4, 4, generator=gen(0))
-    ours = ddim_sample(toy_model, respace(d, [0]), None, steps=1, noise=x_t, clip_denoised=clip)
+    ours = ddim_sample(toy_net, respace(d, [0]), None, steps=1, noise=x_t, clip_denoised=clip)
     out = s.step(
-        toy_model(x_t, torch.zeros(8, dtype=torch.long)),
+        toy_net(x_t, torch.zeros(8, dtype=torch.long)),
         0,
         x_t,
         eta=eta,
@@ -628,7 +628,7 @@ class _HalfNet(nn.Module):
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_module_model_device_dtype_and_progress(name, capsys) -> None:
+def test_module_net_device_dtype_and_progress(name, capsys) -> None:
     d = GaussianDiffusion(num_timesteps=50)
     x = SAMPLERS[name](_HalfNet(), d, (4, 2), generator=gen(0), progress=True)
     assert x.dtype == torch.float32 and x.device.type == "cpu" and torch.isfinite(x).all()

@@ -131,7 +131,7 @@ class DiffusionModule(pl.LightningModule):
         if labels is not None:  # after t and noise: those draws are the unconditional run's
             labels = self.drop_labels(labels, g)
         net = with_labels(self.__dict__["_train_net"], labels)
-        terms = self.loss(self.diffusion, net, x0, t, noise)
+        terms = self.loss(net, self.diffusion, x0, t, noise)
         self.timestep_sampler.update(t, terms.get("vb", terms["loss"]).detach())
         loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -165,12 +165,12 @@ class DiffusionModule(pl.LightningModule):
             0, self.diffusion.num_timesteps, x0.shape[:1], generator=g, device=g.device
         )
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-        terms = self.loss(self.diffusion, with_labels(self.net, labels), x0, t, noise)
+        terms = self.loss(with_labels(self.net, labels), self.diffusion, x0, t, noise)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
         self._log_quartiles("val", t, terms["loss"], sync_dist=True)
         ema = find_ema(self._trainer)
         if ema is not None:
-            ema_terms = self.loss(self.diffusion, with_labels(ema.ema_net, labels), x0, t, noise)
+            ema_terms = self.loss(with_labels(ema.ema_net, labels), self.diffusion, x0, t, noise)
             self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -144,8 +144,8 @@ class NLLCallback(PeriodicCallback):
                 # CPU noise: the same values on any device type
                 g = torch.Generator().manual_seed(self.seed + k)
                 out = calc_bpd_loop(
-                    pl_module.diffusion,
                     with_labels(net, y, device),
+                    pl_module.diffusion,
                     x,
                     clip_denoised=self.clip_denoised,
                     generator=g,

@@ -1,4 +1,10 @@
-"""Diffusion math in plain torch: schedules, q/posterior, objectives, NLL bound and samplers."""
+"""Diffusion math in plain torch: schedules, the process q and its posterior, training
+objectives and the timesteps they train on, the NLL bound and samplers.
+
+The network is ``net(x_t, t) -> output`` throughout; losses, the bound and samplers take it
+first: ``loss(net, diffusion, x_start, t)``, ``calc_bpd_loop(net, diffusion, x_start)``,
+``ddim_sample(net, diffusion, shape)``.
+"""
 
 from ddpm.diffusion.gaussian import (
     PREDICTION_TYPES,
@@ -7,11 +13,8 @@ from ddpm.diffusion.gaussian import (
     extract,
 )
 from ddpm.diffusion.losses import (
+    LOSS_TYPES,
     DiffusionLoss,
-    LossSecondMomentSampler,
-    LossSecondMomentTimestepSampler,
-    UniformSampler,
-    UniformTimestepSampler,
     discretized_gaussian_log_likelihood,
     mean_flat,
     min_snr_weight,
@@ -36,13 +39,20 @@ from ddpm.diffusion.samplers import (
     heun_sample,
     heun_timesteps,
     karras_timesteps,
+    sample_batches,
     unipc_sample,
 )
 from ddpm.diffusion.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
+from ddpm.diffusion.timestep_sampling import (
+    LossSecondMomentTimestepSampler,
+    TimestepSampler,
+    UniformTimestepSampler,
+)
 
 __all__ = [
     "DPM_SPACINGS",
     "HEUN_SPACINGS",
+    "LOSS_TYPES",
     "PREDICTION_TYPES",
     "SCHEDULES",
     "SPACINGS",
@@ -50,13 +60,12 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
-    "HeunSampler",
-    "UniPCSampler",
     "DiffusionLoss",
     "GaussianDiffusion",
-    "LossSecondMomentSampler",
+    "HeunSampler",
     "LossSecondMomentTimestepSampler",
-    "UniformSampler",
+    "TimestepSampler",
+    "UniPCSampler",
     "UniformTimestepSampler",
     "calc_bpd_loop",
     "ddim_invert",
@@ -76,6 +85,7 @@ __all__ = [
     "prior_bpd",
     "rescale_zero_terminal_snr",
     "respace",
+    "sample_batches",
     "space_timesteps",
     "unipc_sample",
     "vb_terms_bpd",

@@ -165,6 +165,15 @@ class GaussianDiffusion(nn.Module):
         t = t.long()
         return self.alphas_cumprod.to(t.device)[t] / self.one_minus_alphas_cumprod.to(t.device)[t]
 
+    def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1-ᾱ_t)) at the indices ``t``, float32, shaped (B, 1, ..., 1)
+        with ``ndim`` dims: x_t = α_t x₀ + σ_t ε in the notation of VDM (Kingma et al. 2021) and
+        DPM-Solver, not DDPM's α_t = 1 - β_t (the buffer ``alphas``)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, ndim),
+            extract(self.sqrt_one_minus_alphas_cumprod, t, ndim),
+        )
+
     def _check_t(self, t: Tensor) -> None:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(
@@ -178,7 +187,8 @@ class GaussianDiffusion(nn.Module):
         with _no_autocast(x_start):
             x_start = x_start.float()
             nd = x_start.ndim
-            mean = extract(self.sqrt_alphas_cumprod, t, nd) * x_start
+            alpha, _ = self.alpha_sigma(t, nd)
+            mean = alpha * x_start
             var = extract(self.one_minus_alphas_cumprod, t, nd).expand_as(x_start)
             log_var = extract(self.log_one_minus_alphas_cumprod, t, nd).expand_as(x_start)
         return mean, var, log_var
@@ -192,11 +202,8 @@ class GaussianDiffusion(nn.Module):
                 raise ValueError(
                     f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}"
                 )
-            nd = x_start.ndim
-            return (
-                extract(self.sqrt_alphas_cumprod, t, nd) * x_start
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * noise
-            )
+            alpha, sigma = self.alpha_sigma(t, x_start.ndim)
+            return alpha * x_start + sigma * noise
 
     def q_posterior_mean_variance(
         self, x_start: Tensor, x_t: Tensor, t: Tensor
@@ -223,34 +230,23 @@ class GaussianDiffusion(nn.Module):
 
     def predict_noise_from_start(self, x_t: Tensor, t: Tensor, x_start: Tensor) -> Tensor:
         """ε = (x_t - √ᾱ x₀)/√(1-ᾱ)."""
-        nd = x_t.ndim
-        return (x_t - extract(self.sqrt_alphas_cumprod, t, nd) * x_start) / extract(
-            self.sqrt_one_minus_alphas_cumprod, t, nd
-        )
+        alpha, sigma = self.alpha_sigma(t, x_t.ndim)
+        return (x_t - alpha * x_start) / sigma
 
     def get_v(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """v = √ᾱ ε - √(1-ᾱ) x₀ (Salimans & Ho 2022, eq. in §4)."""
-        nd = x_start.ndim
-        return (
-            extract(self.sqrt_alphas_cumprod, t, nd) * noise
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
-        )
+        alpha, sigma = self.alpha_sigma(t, x_start.ndim)
+        return alpha * noise - sigma * x_start
 
     def predict_start_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x₀ = √ᾱ x_t - √(1-ᾱ) v."""
-        nd = x_t.ndim
-        return (
-            extract(self.sqrt_alphas_cumprod, t, nd) * x_t
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * v
-        )
+        alpha, sigma = self.alpha_sigma(t, x_t.ndim)
+        return alpha * x_t - sigma * v
 
     def predict_noise_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """ε = √(1-ᾱ) x_t + √ᾱ v."""
-        nd = x_t.ndim
-        return (
-            extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_t
-            + extract(self.sqrt_alphas_cumprod, t, nd) * v
-        )
+        alpha, sigma = self.alpha_sigma(t, x_t.ndim)
+        return sigma * x_t + alpha * v
 
     def split_model_output(
         self, model_output: Tensor, channels: int | None = None

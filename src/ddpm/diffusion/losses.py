@@ -1,4 +1,4 @@
-"""Training objectives: L_simple, L_vlb and L_hybrid, with min-SNR-γ weighting and timestep samplers.
+"""Training objectives: L_simple, L_vlb and L_hybrid, with min-SNR-γ weighting.
 
 * L_simple (DDPM eq. 14): ‖target - f_θ(x_t, t)‖² for the configured target (ε, x₀ or v).
 * L_vlb: the term L_{t-1} = KL(q(x_{t-1}|x_t,x₀) ‖ p_θ(x_{t-1}|x_t)) in bits/dim, and the
@@ -18,13 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ddpm.diffusion.gaussian import GaussianDiffusion, extract
-from ddpm.diffusion.respace import model_timesteps
+from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.respace import net_timesteps
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 LN2 = math.log(2.0)
@@ -114,7 +112,7 @@ def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Ten
 
 
 class DiffusionLoss:
-    """Callable training objective: ``loss(diffusion, model, x_start, t, noise) -> dict``.
+    """Callable training objective: ``loss(net, diffusion, x_start, t, noise) -> dict``.
 
     Args:
         loss_type: ``simple`` (MSE on the target), ``hybrid`` (L_simple + λ·L_vlb, improved
@@ -152,19 +150,21 @@ class DiffusionLoss:
 
     def __call__(
         self,
+        net: Callable[[Tensor, Tensor], Tensor],
         diffusion: GaussianDiffusion,
-        model: Callable[[Tensor, Tensor], Tensor],
         x_start: Tensor,
         t: Tensor,
         noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """The terms at x_t = q_sample(x_start, t, noise) for the network ``net(x_t, t)``
+        (called at the network's timesteps: ``timestep_map[t]`` on a respaced diffusion)."""
         self.check(diffusion)
         x_start = x_start.float()
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = diffusion.q_sample(x_start, t, noise)
         # a respaced diffusion's index t is the network's timestep timestep_map[t]
-        model_output = model(x_t, model_timesteps(diffusion, t)).float()
+        model_output = net(x_t, net_timesteps(diffusion, t)).float()
         pred, var_values = diffusion.split_model_output(model_output, x_start.shape[1])
         terms: dict[str, Tensor] = {}
         target = diffusion.training_target(x_start, noise, t)
@@ -190,126 +190,3 @@ class DiffusionLoss:
             terms["vb"] = vb
             terms["loss"] = diffusion.num_timesteps * vb  # RESCALED_KL: L_vlb ≈ T·L_t
         return terms
-
-
-# ---------------------------------------------------------------------- timestep samplers
-# (which t a training step uses; not to be confused with the image samplers of
-# ddpm.diffusion.samplers)
-class UniformTimestepSampler:
-    """t ~ U{0..T-1} with unit weights (DDPM)."""
-
-    def __init__(self, num_timesteps: int) -> None:
-        self.num_timesteps = int(num_timesteps)
-
-    def weights(self) -> np.ndarray:
-        return np.ones(self.num_timesteps, dtype=np.float64)
-
-    def sample(
-        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Return timesteps (B,) and importance weights (B,) so that E[w·L_t] is unbiased."""
-        w = self.weights()
-        if np.all(w == w[0]):
-            t = torch.randint(
-                0,
-                self.num_timesteps,
-                (batch_size,),
-                generator=generator,
-                device="cpu" if generator is None else generator.device,
-            )
-            return t.to(device), torch.ones(batch_size, device=device)
-        p = torch.as_tensor(
-            w / w.sum(),
-            dtype=torch.float32,
-            device="cpu" if generator is None else generator.device,
-        )
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.float().to(device)
-
-    def update(self, t: Tensor, losses: Tensor) -> None:  # noqa: B027 - optional hook
-        """Record per-sample losses (used by importance samplers)."""
-
-
-class LossSecondMomentTimestepSampler(UniformTimestepSampler):
-    """Importance sampling p_t ∝ √E[L_t²] over the last ``history`` losses (improved DDPM §3.3).
-
-    Uniform until every t has ``history`` recorded losses; ``uniform_prob`` of uniform mixing.
-    Under DDP, losses from every rank are gathered so all ranks keep the same statistics.
-    """
-
-    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
-        super().__init__(num_timesteps)
-        self.history = history
-        self.uniform_prob = uniform_prob
-        self._hist = np.zeros((num_timesteps, history), dtype=np.float64)
-        self._count = np.zeros(num_timesteps, dtype=np.int64)
-
-    def weights(self) -> np.ndarray:
-        if not np.all(self._count == self.history):
-            return np.ones(self.num_timesteps, dtype=np.float64)
-        w = np.sqrt(np.mean(self._hist**2, axis=-1))
-        w /= w.sum()
-        return w * (1 - self.uniform_prob) + self.uniform_prob / len(w)
-
-    def update(self, t: Tensor, losses: Tensor) -> None:
-        """Record per-sample ``losses`` at timesteps ``t``; non-finite losses are dropped.
-
-        Under DDP every rank's pairs are gathered (collective: every rank calls it each step).
-        Ranks may hold different counts (a NaN dropped on one rank only), so the counts are
-        gathered first and every rank pads to the largest, as improved-diffusion's
-        ``LossAwareSampler.update_with_local_losses`` does.
-        """
-        t, losses = t.detach().long().flatten(), losses.detach().float().flatten()
-        if t.numel() != losses.numel():
-            raise ValueError(f"got {t.numel()} timesteps but {losses.numel()} losses")
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            count = torch.tensor([t.numel()], device=t.device)
-            counts = [torch.zeros_like(count) for _ in range(world)]
-            dist.all_gather(counts, count)
-            sizes = [int(c) for c in counts]
-            pad = max(sizes) - t.numel()
-            t = torch.cat([t, t.new_zeros(pad)])
-            losses = torch.cat([losses, losses.new_zeros(pad)])
-            ts = [torch.zeros_like(t) for _ in range(world)]
-            ls = [torch.zeros_like(losses) for _ in range(world)]
-            dist.all_gather(ts, t)
-            dist.all_gather(ls, losses)
-            t = torch.cat([x[:n] for x, n in zip(ts, sizes, strict=True)])
-            losses = torch.cat([x[:n] for x, n in zip(ls, sizes, strict=True)])
-        finite = torch.isfinite(losses)
-        t, losses = t[finite], losses[finite]
-        for ti, li in zip(t.cpu().tolist(), losses.cpu().tolist(), strict=True):
-            if self._count[ti] == self.history:
-                self._hist[ti, :-1] = self._hist[ti, 1:]
-                self._hist[ti, -1] = li
-            else:
-                self._hist[ti, self._count[ti]] = li
-                self._count[ti] += 1
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {"hist": self._hist.copy(), "count": self._count.copy()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self._hist = np.asarray(state["hist"], dtype=np.float64)
-        self._count = np.asarray(state["count"], dtype=np.int64)
-
-
-# The names before the rename (public API): the same classes.
-UniformSampler = UniformTimestepSampler
-LossSecondMomentSampler = LossSecondMomentTimestepSampler
-
-__all__ = [
-    "DiffusionLoss",
-    "LossSecondMomentSampler",
-    "LossSecondMomentTimestepSampler",
-    "UniformSampler",
-    "UniformTimestepSampler",
-    "discretized_gaussian_log_likelihood",
-    "extract",
-    "mean_flat",
-    "min_snr_weight",
-    "normal_kl",
-    "vb_terms_bpd",
-]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.losses import LN2, mean_flat, normal_kl, vb_terms_bpd
-from ddpm.diffusion.respace import model_timesteps
+from ddpm.diffusion.respace import net_timesteps
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
@@ -33,15 +33,15 @@ def prior_bpd(diffusion: GaussianDiffusion, x_start: Tensor) -> Tensor:
 
 @torch.no_grad()
 def calc_bpd_loop(
+    net: Callable[[Tensor, Tensor], Tensor],
     diffusion: GaussianDiffusion,
-    model: Callable[[Tensor, Tensor], Tensor],
     x_start: Tensor,
     *,
     clip_denoised: bool = True,
     generator: torch.Generator | PerSampleGenerator | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """The full variational bound for a batch of images in [-1, 1].
+    """The full variational bound of the network ``net(x_t, t)`` for a batch of images in [-1, 1].
 
     Returns per-image tensors: ``total_bpd`` (B,), ``prior_bpd`` (B,), ``vb`` (B, T) with
     ``vb[:, 0]`` = L_0 (decoder NLL) and ``vb[:, t]`` = L_t, ``xstart_mse`` (B, T) and
@@ -59,7 +59,7 @@ def calc_bpd_loop(
         noise = randn(x_start.shape, generator, device)
         x_t = diffusion.q_sample(x_start, t, noise)
         out = vb_terms_bpd(
-            diffusion, model(x_t, model_timesteps(diffusion, t)), x_start, x_t, t, clip_denoised
+            diffusion, net(x_t, net_timesteps(diffusion, t)), x_start, x_t, t, clip_denoised
         )
         vb[:, t_idx] = out["output"]
         xstart_mse[:, t_idx] = mean_flat((out["pred_xstart"] - x_start) ** 2)

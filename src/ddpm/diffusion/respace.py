@@ -106,7 +106,7 @@ def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> Gauss
     return new
 
 
-def model_timesteps(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
+def net_timesteps(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
     """The timesteps to call the network with at the diffusion's indices ``t``:
     ``timestep_map[t]`` for a respaced diffusion (improved-diffusion's ``_WrappedModel``), else
     ``t`` itself."""

@@ -171,7 +171,7 @@ def nll_bpd(
         gen = PerSampleGenerator([seed + j for j in range(i, i + len(u8))], device=device)
         y = None if labels is None else labels[i : i + len(u8)]
         net = with_labels(loaded.net, y, device)
-        out = calc_bpd_loop(loaded.diffusion, net, x, generator=gen, progress=progress)
+        out = calc_bpd_loop(net, loaded.diffusion, x, generator=gen, progress=progress)
         vb = out["vb"].double().cpu()
         sums += torch.stack(
             [

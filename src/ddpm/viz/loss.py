@@ -40,7 +40,7 @@ def loss_by_timestep(
     tensors of :func:`calc_bpd_loop` under ``per_image``.
     """
     out = calc_bpd_loop(
-        diffusion, net, x0, clip_denoised=clip_denoised, generator=generator, progress=progress
+        net, diffusion, x0, clip_denoised=clip_denoised, generator=generator, progress=progress
     )
     vb = out["vb"].double().mean(0).cpu().numpy()
     prior = float(out["prior_bpd"].double().mean())

@@ -2,24 +2,27 @@
 DPM-Solver++ multistep 2M/3M and its SDE variant (Lu et al. 2022), UniPC (Zhao et al. 2023) and
 EDM's Heun sampler (Karras et al. 2022), all with classifier-free guidance.
 
-Every sampler is a stateless function of a denoiser ``model(x_t, t) -> output`` (``t`` a
-LongTensor (B,) of the model's training timesteps), a :class:`GaussianDiffusion`, a shape and a
-generator. The keyword options they share (below) are listed once, in :class:`SampleCall`, and
-each function takes them as ``**common``. Shared conventions:
+Every sampler is a stateless function ``sample(net, diffusion, shape, **options)`` of the
+network ``net(x_t, t) -> output`` (``t`` a LongTensor (B,) of the network's training
+timesteps), a :class:`GaussianDiffusion` and a shape. The keyword options they share (below)
+are listed once, in :class:`SampleCall`, and each function takes them as ``**common``. Inside,
+a sampler builds its grid (ᾱ and the network's timestep per step), and ``SampleCall.start``
+gives the loop x_T, EDM's denoiser x̂₀ = D(x_t) at step k (``run.denoise(x, k)``) and the
+intermediates (``run.record``). Shared conventions:
 
 * ``generator``: a :class:`~ddpm.utils.seeding.PerSampleGenerator` (sample i depends only on its
   seed, whatever the batch size), a ``torch.Generator`` or None (global RNG). ``noise`` gives
   x_T directly (then ``shape`` may be None).
 * ``clip_denoised``: x̂₀ is clipped to [-1, 1] and ε̂ recomputed from the clipped x̂₀, exactly as
   :meth:`GaussianDiffusion.model_predictions` (thresholding in diffusers' terms).
-* ``device`` defaults to the device of the model's parameters (CPU for plain callables).
-  Model outputs are cast to float32 and all sampler math runs in float32; the per-step schedule
-  coefficients are computed once per call in float64 and kept as Python floats, so the loop
+* ``device`` defaults to the device of the network's parameters (CPU for plain callables).
+  Network outputs are cast to float32 and all sampler math runs in float32; the per-step
+  schedule coefficients are computed once per call in float64 and kept as Python floats, so the loop
   has no host syncs and little Python work besides the network call.
 * Runs under ``torch.inference_mode()``: the returned tensors are inference tensors.
 * ``return_intermediates``: False (default) returns only the final samples. Otherwise the
   sampler returns ``(samples, intermediates)`` where ``intermediates`` is a dict with
-  ``timesteps`` (LongTensor (K,), the model timesteps), ``x_t`` and ``pred_xstart`` (float32
+  ``timesteps`` (LongTensor (K,), the network's timesteps), ``x_t`` and ``pred_xstart`` (float32
   tensors (K, *shape) on the CPU), in sampling order. ``True`` records every step, an int
   ``k >= 1`` every k-th step (the first and the last always included), a sequence of timesteps
   records the steps whose timestep is nearest to each of them. ``x_t`` is the sampler's state at
@@ -30,13 +33,13 @@ each function takes them as ``**common``. Shared conventions:
 
 Classifier-free guidance (Ho & Salimans 2022), diffusers' convention: ``class_labels`` (a
 LongTensor (B,)) and ``guidance_scale`` s give ε̃ = ε_∅ + s (ε_y - ε_∅), with ε_y the output
-for the labels and ε_∅ for the network's null class (``model.null_class``). s = 1 is plain
+for the labels and ε_∅ for the network's null class (``net.null_class``). s = 1 is plain
 conditional sampling (one forward with the labels), s = 0 unconditional (one forward with the
 null class); any other s makes one batched forward of [labels; null] per step. The mix is
 taken in the network's own output space: ε, x₀ and v are affine in one another at a fixed x_t
 and t, so guiding x₀ or v is guiding ε. With a learned variance only the mean channels are
 mixed and the conditional variance channels are kept (as GLIDE). The mix comes before any
-clipping of x̂₀. Without ``class_labels`` the network is called as ``model(x_t, t)``
+clipping of x̂₀. Without ``class_labels`` the network is called as ``net(x_t, t)``
 (unconditional networks need no ``class_labels`` argument) and s must be 1.
 """
 

@@ -1,10 +1,10 @@
-"""What every sampler shares: the common options, the guided network call, x_T, intermediates
-and option checks."""
+"""What every sampler shares: the common options, the grid, the guided network call (the
+denoiser), x_T, intermediates and option checks."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.respace import net_timesteps
 from ddpm.utils.devices import model_device
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
-Model = Callable[..., Tensor]
+Net = Callable[..., Tensor]
 Generator = torch.Generator | PerSampleGenerator | None
 Intermediates = bool | int | Sequence[int]
 SampleOutput = Tensor | tuple[Tensor, dict[str, Tensor]]
@@ -30,7 +31,6 @@ ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 # ---------------------------------------------------------------------------------------- checks
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")  # DPM-Solver++: ODE, SDE
 SOLVER_TYPES = ("bh1", "bh2")  # UniPC's B(h)
-RENAMED_SPACINGS = {"time_uniform": "uniform"}  # an earlier name, kept in configs of old runs
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -59,10 +59,6 @@ def check_choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
-
-
-def canonical_spacing(spacing: str, allowed: Sequence[str]) -> str:
-    return check_choice(RENAMED_SPACINGS.get(spacing, spacing), "spacing", allowed)
 
 
 def check_steps_setting(steps: Any, optional: bool = False) -> None:
@@ -97,7 +93,7 @@ def check_options(
         if name == "steps":
             check_steps_setting(value, steps_optional)
         elif name == "spacing" and spacings is not None:
-            canonical_spacing(value, spacings)
+            check_choice(value, "spacing", spacings)
         elif name in _CHECKS:
             _CHECKS[name](value)
     if options.get("s_tmax") is not None:  # None: no upper bound
@@ -112,12 +108,7 @@ def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device)
     return randn(tuple(shape), generator, device).to(device=device, dtype=torch.float32)
 
 
-def timestep_map(diffusion: GaussianDiffusion) -> list[int]:
-    """Model timestep of each index of ``diffusion`` (the identity unless it is respaced)."""
-    tmap = getattr(diffusion, "timestep_map", None)
-    return list(range(diffusion.num_timesteps)) if tmap is None else tmap.tolist()
-
-
+# ---------------------------------------------------------------------------------------- grid
 def alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
     """ᾱ of every index of ``diffusion`` in float64."""
     return diffusion.alphas_cumprod_f64.detach().cpu().numpy()
@@ -129,34 +120,67 @@ def solver_alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
     return np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_CUMPROD)
 
 
+def grid(
+    diffusion: GaussianDiffusion, indices: Iterable[int], solver: bool = False
+) -> tuple[np.ndarray, list[int]]:
+    """A sampler's grid: (ᾱ, the network's timestep) at each of the ``indices`` of
+    ``diffusion``, the timestep being ``timestep_map`` of a respaced diffusion. ``solver``:
+    ᾱ of the σ/λ-space solvers (:func:`solver_alphas_cumprod`)."""
+    indices = list(indices)
+    ac = solver_alphas_cumprod(diffusion) if solver else alphas_cumprod(diffusion)
+    return ac[indices], net_timesteps(diffusion, torch.tensor(indices, dtype=torch.long)).tolist()
+
+
+def log_snr(ac: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(α, σ, λ) of a grid's ᾱ followed by the clean end α = 1, σ = 0, λ = +∞ (α = √ᾱ,
+    σ = √(1-ᾱ), λ = log(α/σ): the variables of DPM-Solver and UniPC)."""
+    alpha = np.append(np.sqrt(ac), 1.0)
+    sigma = np.append(np.sqrt(1.0 - ac), 0.0)
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+    return alpha, sigma, lam
+
+
+def combine(a: float, x: Tensor, terms: Iterable[tuple[float, Tensor | None]]) -> Tensor:
+    """a·x + Σ c·d over the (c, d) of ``terms``: one step of a linear multistep solver. Terms
+    with c = 0 are skipped (their d may be None: a history not yet filled)."""
+    out = x * a if a != 0.0 else None
+    for c, d in terms:
+        if c != 0.0:
+            out = d * c if out is None else out.add_(d, alpha=c)
+    return torch.zeros_like(x) if out is None else out
+
+
 # ---------------------------------------------------------------------------------------- network
 class Denoiser:
-    """Calls the (guided) network at step k of a grid; returns (x̂₀, ε̂ or None, variance values).
+    """EDM's denoiser D(x; σ) = x̂₀ on a grid: ``denoise(x, k)`` calls the (guided) network at
+    step k and returns (x̂₀, ε̂ or None, variance values).
 
     The same math as :meth:`GaussianDiffusion.model_predictions`, with the schedule values of
-    the grid precomputed as Python floats instead of gathered per step. Classifier-free guidance
-    (package docstring) mixes the conditional and null-class outputs before any conversion.
+    the grid (α = √ᾱ, σ = √(1-ᾱ)) precomputed as Python floats instead of gathered per step.
+    Classifier-free guidance (package docstring) mixes the conditional and null-class outputs
+    before any conversion.
     """
 
     def __init__(
         self,
-        model: Model,
+        net: Net,
         diffusion: GaussianDiffusion,
         alphas_cumprod: Sequence[float],
-        model_timesteps: Sequence[int],
+        net_timesteps: Sequence[int],
         clip_denoised: bool,
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        """``alphas_cumprod``: ᾱ at each step; ``model_timesteps``: the network's t there."""
-        self.model, self.diffusion, self.clip = model, diffusion, clip_denoised
+        """``alphas_cumprod``: ᾱ at each step; ``net_timesteps``: the network's t there."""
+        self.net, self.diffusion, self.clip = net, diffusion, clip_denoised
         self.kind = diffusion.prediction_type
-        self.sqrt_ac = [math.sqrt(a) for a in alphas_cumprod]
-        self.sqrt_1m_ac = [math.sqrt(1.0 - a) for a in alphas_cumprod]
+        self.alpha = [math.sqrt(a) for a in alphas_cumprod]
+        self.sigma = [math.sqrt(1.0 - a) for a in alphas_cumprod]
         if self.kind == "epsilon":  # x₀ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε
             self.recip = [1.0 / math.sqrt(a) for a in alphas_cumprod]
             self.recipm1 = [math.sqrt(1.0 / a - 1.0) for a in alphas_cumprod]
-        self.model_timesteps = [int(s) for s in model_timesteps]
+        self.net_timesteps = [int(s) for s in net_timesteps]
         self.class_labels = class_labels
         self.scale = check_number(guidance_scale, "guidance_scale")
 
@@ -167,8 +191,8 @@ class Denoiser:
         generator: Generator,
         device: torch.device | str | None,
     ) -> Tensor:
-        """x_T in float32 on the device (default: the model's); fixes the batch for the calls."""
-        device = model_device(self.model) if device is None else torch.device(device)
+        """x_T in float32 on the device (default: the network's); fixes the batch for the calls."""
+        device = model_device(self.net) if device is None else torch.device(device)
         if noise is not None:
             if shape is not None and tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
@@ -178,21 +202,21 @@ class Denoiser:
         else:
             x = draw_noise(shape, generator, device)
         batch = x.shape[0]
-        self.labels = _guidance_labels(self.model, self.class_labels, self.scale, batch, device)
+        self.labels = _guidance_labels(self.net, self.class_labels, self.scale, batch, device)
         self.guided = self.labels is not None and self.labels.shape[0] == 2 * batch
         width = 2 * batch if self.guided else batch
-        ts = torch.tensor(self.model_timesteps, dtype=torch.long).to(device)
+        ts = torch.tensor(self.net_timesteps, dtype=torch.long).to(device)
         self.t = ts[:, None].expand(len(ts), width).contiguous()  # row k: the input at step k
         return x
 
-    def output(self, x: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    def net_output(self, x: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """The (guided) network output at step k as (mean prediction, variance values)."""
         if self.labels is None:
-            return self.diffusion.split_model_output(self.model(x, self.t[k]), x.shape[1])
+            return self.diffusion.split_model_output(self.net(x, self.t[k]), x.shape[1])
         if not self.guided:
-            out = self.model(x, self.t[k], class_labels=self.labels)
+            out = self.net(x, self.t[k], class_labels=self.labels)
             return self.diffusion.split_model_output(out, x.shape[1])
-        out = self.model(torch.cat([x, x]), self.t[k], class_labels=self.labels)
+        out = self.net(torch.cat([x, x]), self.t[k], class_labels=self.labels)
         pred, var_values = self.diffusion.split_model_output(out, x.shape[1])
         cond, uncond = pred.chunk(2)
         # ε̃ = ε_u + s (ε_c - ε_u) in the network's output space; the conditional variance
@@ -202,27 +226,27 @@ class Denoiser:
     def __call__(
         self, x: Tensor, k: int, need_eps: bool = False
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        pred, var_values = self.output(x, k)
+        pred, var_values = self.net_output(x, k)
         eps = None
         if self.kind == "epsilon":
             eps = pred
             x0 = torch.sub(x * self.recip[k], pred, alpha=self.recipm1[k])
         elif self.kind == "sample":
             x0 = pred
-        else:  # v: x₀ = √ᾱ x_t - √(1-ᾱ) v, ε = √(1-ᾱ) x_t + √ᾱ v
-            x0 = torch.sub(x * self.sqrt_ac[k], pred, alpha=self.sqrt_1m_ac[k])
+        else:  # v: x₀ = α x_t - σ v, ε = σ x_t + α v
+            x0 = torch.sub(x * self.alpha[k], pred, alpha=self.sigma[k])
             if need_eps and not self.clip:
-                eps = torch.add(x * self.sqrt_1m_ac[k], pred, alpha=self.sqrt_ac[k])
+                eps = torch.add(x * self.sigma[k], pred, alpha=self.alpha[k])
         if self.clip:
             x0 = x0.clamp(-1.0, 1.0)
             eps = None
-        if need_eps and eps is None:  # ε = (x_t - √ᾱ x̂₀)/√(1-ᾱ)
-            eps = torch.sub(x, x0, alpha=self.sqrt_ac[k]).mul_(1.0 / self.sqrt_1m_ac[k])
+        if need_eps and eps is None:  # ε = (x_t - α x̂₀)/σ
+            eps = torch.sub(x, x0, alpha=self.alpha[k]).mul_(1.0 / self.sigma[k])
         return x0, eps, var_values
 
 
 def _guidance_labels(
-    model: Model, class_labels: Tensor | None, scale: float, batch: int, device: torch.device
+    net: Net, class_labels: Tensor | None, scale: float, batch: int, device: torch.device
 ) -> Tensor | None:
     """The labels of the one forward per step: None (unconditional call), (B,) for s = 1 (the
     labels) or s = 0 (the null class), or (2B,) = [labels; null] for a guided forward."""
@@ -243,7 +267,7 @@ def _guidance_labels(
     labels = labels.to(device=device, dtype=torch.long)
     if scale == 1.0:
         return labels
-    null = getattr(model, "null_class", None)
+    null = getattr(net, "null_class", None)
     if null is None:
         raise ValueError(
             f"guidance_scale={scale:g} needs a class-conditional network with a null class "
@@ -277,7 +301,8 @@ class Recorder:
         if k in self.steps:
             self.items.append((self.timesteps[k], x.to("cpu", copy=True), x0.to("cpu", copy=True)))
 
-    def output(self, x: Tensor) -> SampleOutput:
+    def result(self, x: Tensor) -> SampleOutput:
+        """What the sampler returns: ``x``, with the intermediates when they were asked for."""
         if not self.requested:
             return x
         ts, xs, x0s = zip(*self.items, strict=True) if self.items else ((), (), ())
@@ -286,24 +311,6 @@ class Recorder:
             "x_t": torch.stack(xs) if xs else torch.empty(0),
             "pred_xstart": torch.stack(x0s) if x0s else torch.empty(0),
         }
-
-
-def solver_grid(
-    diffusion: GaussianDiffusion, indices: Sequence[int]
-) -> tuple[np.ndarray, list[int]]:
-    """(ᾱ for the solvers, model timesteps) at the given indices of ``diffusion``."""
-    tmap = timestep_map(diffusion)
-    return solver_alphas_cumprod(diffusion)[list(indices)], [tmap[i] for i in indices]
-
-
-def log_snr(ac: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(α, σ, λ) of a grid's ᾱ followed by the clean end α = 1, σ = 0, λ = +∞ (α = √ᾱ,
-    σ = √(1-ᾱ), λ = log(α/σ): the variables of DPM-Solver and UniPC)."""
-    alpha = np.append(np.sqrt(ac), 1.0)
-    sigma = np.append(np.sqrt(1.0 - ac), 0.0)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)
-    return alpha, sigma, lam
 
 
 # ---------------------------------------------------------------------------------------- a call
@@ -337,37 +344,45 @@ class SampleCall:
 
     def start(
         self,
-        model: Model,
+        net: Net,
         diffusion: GaussianDiffusion,
         shape: Sequence[int] | None,
         alphas_cumprod: Sequence[float],
-        model_timesteps: Sequence[int],
+        net_timesteps: Sequence[int],
         desc: str,
         recorded_timesteps: Sequence[int] | None = None,
     ) -> Run:
-        """x_T and the loop's helpers on the grid (``alphas_cumprod``, ``model_timesteps``);
-        ``recorded_timesteps``: the timestep of each loop step (default: ``model_timesteps``)."""
-        den = Denoiser(
-            model,
+        """x_T and the loop's helpers on the grid (``alphas_cumprod``, ``net_timesteps``: ᾱ and
+        the network's timestep at each step, :func:`grid`); ``recorded_timesteps``: the
+        timestep of each loop step (default: ``net_timesteps``)."""
+        denoise = Denoiser(
+            net,
             diffusion,
             alphas_cumprod,
-            model_timesteps,
+            net_timesteps,
             self.clip_denoised,
             self.class_labels,
             self.guidance_scale,
         )
-        x = den.start(shape, self.noise, self.generator, self.device)
-        rec_t = model_timesteps if recorded_timesteps is None else recorded_timesteps
-        return Run(self, den, x, Recorder(self.return_intermediates, rec_t), desc)
+        x = denoise.start(shape, self.noise, self.generator, self.device)
+        rec_t = net_timesteps if recorded_timesteps is None else recorded_timesteps
+        return Run(self, denoise, x, Recorder(self.return_intermediates, rec_t), desc)
 
 
 class Run:
-    """One sampling loop: x_T (``x``), the network (``den``), the records (``rec``), fresh noise
-    from the call's generator on x_T's device (``noise``) and the progress-reporting steps."""
+    """One sampling loop: x_T (``x``), the denoiser x̂₀ = D(x_t) at step k
+    (``denoise(x, k)``), the intermediates (``record(k, x, x0)``; ``result(x)`` is what the
+    sampler returns), fresh noise from the call's generator on x_T's device (``noise``) and
+    the progress-reporting steps."""
 
-    def __init__(self, call: SampleCall, den: Denoiser, x: Tensor, rec: Recorder, desc: str):
-        self.call, self.den, self.x, self.rec, self.desc = call, den, x, rec, desc
+    def __init__(
+        self, call: SampleCall, denoise: Denoiser, x: Tensor, record: Recorder, desc: str
+    ) -> None:
+        self.call, self.denoise, self.x, self.record, self.desc = call, denoise, x, record, desc
         self.device = x.device
+
+    def result(self, x: Tensor) -> SampleOutput:
+        return self.record.result(x)
 
     def noise(self, shape: Sequence[int]) -> Tensor:
         return draw_noise(shape, self.call.generator, self.device)

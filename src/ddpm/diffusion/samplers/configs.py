@@ -1,10 +1,10 @@
 """Config-friendly samplers (``conf/sampler/*.yaml``): a sampling function and its options.
 
-``sampler(model, diffusion, shape, *, generator, progress, return_intermediates, device, noise,
+``sampler(net, diffusion, shape, *, generator, progress, return_intermediates, device, noise,
 class_labels)`` calls the function with the options stored in the dataclass fields (named as
 the function's keyword arguments). The options are validated once, when the sampler is built.
-``compile=True`` (``sampler.compile=true``) samples with ``torch.compile(model)``, compiled once
-per model and reused by later calls.
+``compile=True`` (``sampler.compile=true``) samples with ``torch.compile(net)``, compiled once
+per network and reused by later calls.
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import SPACINGS
-from ddpm.diffusion.samplers._core import (
-    Model,
-    SampleOutput,
-    check_options,
-)
+from ddpm.diffusion.samplers._core import Net, SampleOutput, check_options
 from ddpm.diffusion.samplers.ddim import ddim_sample
 from ddpm.diffusion.samplers.ddpm import ddpm_sample
 from ddpm.diffusion.samplers.dpm_solver import dpm_solver_sample
@@ -54,19 +50,19 @@ class Sampler:
         """The keyword arguments this sampler passes to ``sample_fn``."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "compile"}
 
-    def compiled(self, model: Model) -> Model:
-        """``torch.compile(model)``, built on the first call for ``model`` and then reused."""
+    def compiled(self, net: Net) -> Net:
+        """``torch.compile(net)``, built on the first call for ``net`` and then reused."""
         try:
-            if model not in self._compiled:
-                self._compiled[model] = torch.compile(model)
-            return self._compiled[model]
+            if net not in self._compiled:
+                self._compiled[net] = torch.compile(net)
+            return self._compiled[net]
         except TypeError:  # not weak-referenceable (e.g. a bound method): compile every call
-            return torch.compile(model)
+            return torch.compile(net)
 
     def __call__(
-        self, model: Model, diffusion: GaussianDiffusion, shape: Sequence[int] | None, **common: Any
+        self, net: Net, diffusion: GaussianDiffusion, shape: Sequence[int] | None, **common: Any
     ) -> SampleOutput:
-        """``sample_fn(model, diffusion, shape, **common, **options)``; ``common``: the call's
+        """``sample_fn(net, diffusion, shape, **common, **options)``; ``common``: the call's
         ``generator``, ``progress``, ``return_intermediates``, ``device``, ``noise`` and
         ``class_labels`` (:class:`~ddpm.diffusion.samplers.SampleCall`)."""
         options = self.options()
@@ -76,8 +72,8 @@ class Sampler:
                 f"{type(self).__name__}: {fixed} are this sampler's settings (its config), not "
                 "arguments of a call"
             )
-        model = self.compiled(model) if self.compile else model
-        return type(self).sample_fn(model, diffusion, shape, **common, **options)
+        net = self.compiled(net) if self.compile else net
+        return type(self).sample_fn(net, diffusion, shape, **common, **options)
 
 
 @dataclass
@@ -103,16 +99,23 @@ class DDIMSampler(Sampler):
 
 
 @dataclass
-class DPMSolverSampler(Sampler):
+class MultistepSampler(Sampler):
+    """Base of the multistep solvers in λ = log(α/σ), DPM-Solver++ and UniPC: one grid
+    (:func:`~ddpm.diffusion.samplers.timesteps.dpm_solver_timesteps`) and an order 1-3."""
+
+    spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
+    steps: int = 20
+    order: int = 2
+    spacing: str = "uniform"
+
+
+@dataclass
+class DPMSolverSampler(MultistepSampler):
     """DPM-Solver++ multistep sampling (:func:`dpm_solver_sample`): order 2 is DPM-Solver++(2M),
     3 is 3M; ``algorithm_type="sde-dpmsolver++"`` the SDE variant."""
 
     sample_fn = staticmethod(dpm_solver_sample)
-    spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
-    steps: int = 20
-    order: int = 2
     algorithm_type: str = "dpmsolver++"
-    spacing: str = "uniform"
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -120,16 +123,13 @@ class DPMSolverSampler(Sampler):
 
 
 @dataclass
-class UniPCSampler(Sampler):
+class UniPCSampler(MultistepSampler):
     """UniPC predictor-corrector sampling (:func:`unipc_sample`)."""
 
     name: ClassVar[str] = "unipc"
     sample_fn = staticmethod(unipc_sample)
-    spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
     steps: int = 10
-    order: int = 2
     solver_type: str = "bh2"
-    spacing: str = "uniform"
 
 
 @dataclass

@@ -12,14 +12,7 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import space_timesteps
-from ddpm.diffusion.samplers._core import (
-    Model,
-    SampleCall,
-    SampleOutput,
-    alphas_cumprod,
-    check_options,
-    timestep_map,
-)
+from ddpm.diffusion.samplers._core import Net, SampleCall, SampleOutput, check_options, grid
 
 
 def _ddim_coefficients(ac: np.ndarray, eta: float) -> tuple[list[float], list[float], list[float]]:
@@ -38,18 +31,9 @@ def _ddim_coefficients(ac: np.ndarray, eta: float) -> tuple[list[float], list[fl
     return (np.sqrt(ac_prev) - d * np.sqrt(ac)).tolist(), d.tolist(), sigma.tolist()
 
 
-def _ddim_grid(
-    diffusion: GaussianDiffusion, steps: int, spacing: str
-) -> tuple[np.ndarray, list[int]]:
-    """(ᾱ, model timesteps) of the kept timesteps, ascending."""
-    kept = space_timesteps(diffusion.num_timesteps, steps, spacing)
-    tmap = timestep_map(diffusion)
-    return alphas_cumprod(diffusion)[kept], [tmap[s] for s in kept]
-
-
 @torch.inference_mode()
 def ddim_sample(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     shape: Sequence[int] | None,
     *,
@@ -67,27 +51,27 @@ def ddim_sample(
     """
     call = SampleCall.parse("ddim_sample", common)
     check_options({"eta": eta})
-    ac, model_t = _ddim_grid(diffusion, steps, spacing)
+    ac, net_t = grid(diffusion, space_timesteps(diffusion.num_timesteps, steps, spacing))
     b, c, sigma = _ddim_coefficients(ac, float(eta))
-    run = call.start(model, diffusion, shape, ac, model_t, "DDIM", model_t[::-1])
+    run = call.start(net, diffusion, shape, ac, net_t, "DDIM", net_t[::-1])
     x = run.x
-    n = len(model_t)
+    n = len(net_t)
     for i in run.steps(n):
         k = n - 1 - i
-        x0, _, _ = run.den(x, k)
-        run.rec(i, x, x0)
+        x0, _, _ = run.denoise(x, k)
+        run.record(i, x, x0)
         if k == 0:  # ᾱ_{t-1} = 1: x₀ = x̂₀
             x = x0
             continue
         x = torch.add(x * c[k], x0, alpha=b[k])  # √ᾱ_{t-1} x̂₀ + √(1-ᾱ_{t-1}-σ_t²) ε̂
         if sigma[k] > 0.0:
             x.add_(run.noise(x.shape), alpha=sigma[k])
-    return run.rec.output(x)
+    return run.result(x)
 
 
 @torch.inference_mode()
 def ddim_invert(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     x0: Tensor,
     *,
@@ -117,20 +101,20 @@ def ddim_invert(
         or fixed_point_iters < 0
     ):
         raise ValueError(f"fixed_point_iters must be an integer >= 0, got {fixed_point_iters!r}")
-    ac, model_t = _ddim_grid(diffusion, steps, spacing)
-    run = replace(call, noise=x0).start(model, diffusion, None, ac, model_t, "DDIM inversion")
+    ac, net_t = grid(diffusion, space_timesteps(diffusion.num_timesteps, steps, spacing))
+    run = replace(call, noise=x0).start(net, diffusion, None, ac, net_t, "DDIM inversion")
     x = run.x
     sqrt_ac, sqrt_1m_ac = np.sqrt(ac).tolist(), np.sqrt(1.0 - ac).tolist()
-    n = len(model_t)
+    n = len(net_t)
     for k in run.steps(n):
         x_next = x
         for _ in range(1 + fixed_point_iters):
-            _, eps, _ = run.den(x_next, k, need_eps=True)
+            _, eps, _ = run.denoise(x_next, k, need_eps=True)
             if k == 0:  # ᾱ = 1 before the first step: x̂₀ is the image itself
                 x0_hat = x
             else:  # the x̂₀ implied by x_{τ_{k-1}} and ε̂ (DDIM eq. 12 solved for x̂₀)
                 x0_hat = torch.sub(x, eps, alpha=sqrt_1m_ac[k - 1]).mul_(1.0 / sqrt_ac[k - 1])
             x_next = torch.add(x0_hat * sqrt_ac[k], eps, alpha=sqrt_1m_ac[k])
         x = x_next
-        run.rec(k, x, x0_hat)
-    return run.rec.output(x)
+        run.record(k, x, x0_hat)
+    return run.result(x)

@@ -9,18 +9,12 @@ import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import respace, space_timesteps
-from ddpm.diffusion.samplers._core import (
-    Model,
-    SampleCall,
-    SampleOutput,
-    alphas_cumprod,
-    timestep_map,
-)
+from ddpm.diffusion.samplers._core import Net, SampleCall, SampleOutput, grid
 
 
 @torch.inference_mode()
 def ddpm_sample(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     shape: Sequence[int] | None,
     *,
@@ -41,9 +35,8 @@ def ddpm_sample(
     kept = space_timesteps(T, T if steps is None else steps, spacing)
     sched = diffusion if len(kept) == T else respace(diffusion, kept)
     n = sched.num_timesteps
-    model_t = timestep_map(sched)
-    ac = alphas_cumprod(sched).tolist()
-    run = call.start(model, sched, shape, ac, model_t, "DDPM", model_t[::-1])
+    ac, net_t = grid(sched, range(n))
+    run = call.start(net, sched, shape, ac, net_t, "DDPM", net_t[::-1])
     x = run.x
     coef1 = sched.posterior_mean_coef1.tolist()
     coef2 = sched.posterior_mean_coef2.tolist()
@@ -55,8 +48,8 @@ def ddpm_sample(
         std = sched.p_variance(torch.arange(n), (n,))[0].sqrt().tolist()
     for i in run.steps(n):
         k = n - 1 - i
-        x0, _, var_values = run.den(x, k)
-        run.rec(i, x, x0)
+        x0, _, var_values = run.denoise(x, k)
+        run.record(i, x, x0)
         x = torch.add(x0 * coef1[k], x, alpha=coef2[k])  # μ̃_t(x̂₀, x_t); = x̂₀ at k = 0
         if k == 0:
             continue
@@ -69,4 +62,4 @@ def ddpm_sample(
         else:  # improved DDPM eq. 15: log Σ = v log β + (1-v) log β̃, v = (output+1)/2
             log_var = (var_values + 1.0) * (0.5 * (max_log[k] - min_log[k])) + min_log[k]
         x.addcmul_(torch.exp(0.5 * log_var), z)
-    return run.rec.output(x)
+    return run.result(x)

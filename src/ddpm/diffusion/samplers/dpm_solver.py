@@ -11,12 +11,13 @@ import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Model,
+    Net,
     SampleCall,
     SampleOutput,
     check_options,
+    combine,
+    grid,
     log_snr,
-    solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 
@@ -74,7 +75,7 @@ def dpm_solver_coefficients(
 
 @torch.inference_mode()
 def dpm_solver_sample(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     shape: Sequence[int] | None,
     *,
@@ -101,22 +102,17 @@ def dpm_solver_sample(
         {"order": order, "algorithm_type": algorithm_type, "lower_order_final": lower_order_final}
     )
     sde = algorithm_type == "sde-dpmsolver++"
-    ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
+    ac, net_t = grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing), solver=True)
     coefs = dpm_solver_coefficients(ac, order, lower_order_final, sde)
-    run = call.start(model, diffusion, shape, ac, model_t, "DPM-Solver++")
+    run = call.start(net, diffusion, shape, ac, net_t, "DPM-Solver++")
     x = run.x
-    d1 = d2 = None
-    n = len(model_t)
-    for k in run.steps(n):
-        x0, _, _ = run.den(x, k)
-        run.rec(k, x, x0)
+    d1 = d2 = None  # x̂₀ of the previous two steps
+    for k in run.steps(len(net_t)):
+        x0, _, _ = run.denoise(x, k)
+        run.record(k, x, x0)
         a, c0, c1, c2, s = coefs[k]
-        x_next = x0 * c0 if a == 0.0 else torch.add(x * a, x0, alpha=c0)
-        if c1 != 0.0:
-            x_next.add_(d1, alpha=c1)
-        if c2 != 0.0:
-            x_next.add_(d2, alpha=c2)
+        x_next = combine(a, x, [(c0, x0), (c1, d1), (c2, d2)])
         if s > 0.0:
             x_next.add_(run.noise(x.shape), alpha=s)
         x, d1, d2 = x_next, x0, d1
-    return run.rec.output(x)
+    return run.result(x)

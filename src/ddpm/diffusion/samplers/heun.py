@@ -11,12 +11,12 @@ import torch
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Model,
+    Net,
     SampleCall,
     SampleOutput,
     check_options,
+    grid,
     solver_alphas_cumprod,
-    solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import heun_timesteps
 
@@ -35,7 +35,7 @@ def _churned(sigmas: np.ndarray, all_sigmas: np.ndarray, n: int, churn: tuple) -
 
 @torch.inference_mode()
 def heun_sample(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     shape: Sequence[int] | None,
     *,
@@ -70,24 +70,24 @@ def heun_sample(
     sig = all_sigmas[ts]
     hat = _churned(sig, all_sigmas, n, (s_churn, s_tmin, s_tmax)) if s_churn > 0 else ts
     # network calls: step i at σ̂_i (index i), its correction at σ_{i+1} (index n + i)
-    ac, model_t = solver_grid(diffusion, [*hat, *ts[1:]])
+    ac, net_t = grid(diffusion, [*hat, *ts[1:]], solver=True)
     scale_in = np.sqrt(ac).tolist()  # x_t = √ᾱ x_σ
     sig_hat = all_sigmas[list(hat)].tolist()
     sig_next = [*sig[1:].tolist(), 0.0]
-    run = call.start(model, diffusion, shape, ac, model_t, "Heun", model_t[:n])
+    run = call.start(net, diffusion, shape, ac, net_t, "Heun", net_t[:n])
     x = run.x / math.sqrt(all_ac[ts[0]])  # x_σ
     for i in run.steps(n):
         if sig_hat[i] > sig[i]:  # Alg. 2: x̂ = x + √(σ̂² - σ²) S_noise ε
             std = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
             x = x + run.noise(x.shape) * std
         x_t = x * scale_in[i]
-        x0, _, _ = run.den(x_t, i)
-        run.rec(i, x_t, x0)
+        x0, _, _ = run.denoise(x_t, i)
+        run.record(i, x_t, x0)
         d = (x - x0) / sig_hat[i]
         dt = sig_next[i] - sig_hat[i]
         x_next = x + d * dt  # Euler
         if sig_next[i] > 0.0:  # second order: the mean of the slopes at both ends
-            x0_next, _, _ = run.den(x_next * scale_in[n + i], n + i)
+            x0_next, _, _ = run.denoise(x_next * scale_in[n + i], n + i)
             x_next = x + (d + (x_next - x0_next) / sig_next[i]) * (0.5 * dt)
         x = x_next
-    return run.rec.output(x)
+    return run.result(x)

@@ -15,7 +15,7 @@ from ddpm.utils.seeding import PerSampleGenerator
 
 def sample_batches(
     sampler: Callable[..., Tensor],
-    model: Callable[..., Tensor],
+    net: Callable[..., Tensor],
     diffusion: Any,
     sample_shape: Sequence[int],
     seeds: Sequence[int],
@@ -24,7 +24,7 @@ def sample_batches(
     class_labels: Tensor | None = None,
     **sampler_kwargs: Any,
 ) -> Iterator[Tensor]:
-    """``sampler(model, diffusion, (b, *sample_shape), generator=..., device=device, ...)`` for
+    """``sampler(net, diffusion, (b, *sample_shape), generator=..., device=device, ...)`` for
     ``batch_size`` seeds at a time, yielded as they come (on the sampler's device, unconverted).
 
     Sample i draws its noise from ``seeds[i]`` alone (:class:`PerSampleGenerator`), so the
@@ -42,7 +42,7 @@ def sample_batches(
             extra["class_labels"] = class_labels[start : start + batch_size].to(device or "cpu")
         with torch.inference_mode():
             yield sampler(
-                model,
+                net,
                 diffusion,
                 (len(chunk), *sample_shape),
                 generator=PerSampleGenerator(chunk, device=device or "cpu"),

@@ -14,8 +14,7 @@ EDM's σ(t) of a variance-preserving schedule; λ = log(α/σ) = -log σ).
 | ``logSNR``    | --                            | n+1 uniform in λ, not the last   | --           |
 
 diffusers: ``timestep_spacing="linspace"`` etc. with ``steps_offset=0``; Karras σ is
-``use_karras_sigmas=True``. ``time_uniform``, the earlier name of the solvers' ``uniform``, is
-still accepted. Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) -
+``use_karras_sigmas=True``. Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) -
 σ_max^(1/ρ)))^ρ from σ_max = σ(T-1) to σ_min = σ(0). A discrete network is evaluated at the
 timestep nearest to σ_i in log σ, the rounding of diffusers' ``_sigma_to_t`` (so the grids equal
 diffusers' ``timesteps``), and the solver then uses the σ of that timestep, as EDM's
@@ -33,7 +32,7 @@ import numpy as np
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.respace import SPACINGS, check_steps, space_timesteps
-from ddpm.diffusion.samplers._core import alphas_cumprod, canonical_spacing, solver_alphas_cumprod
+from ddpm.diffusion.samplers._core import alphas_cumprod, check_choice, solver_alphas_cumprod
 
 DPM_SPACINGS = ("uniform", "leading", "trailing", "karras", "logSNR")
 HEUN_SPACINGS = (*SPACINGS, "karras")
@@ -79,7 +78,7 @@ def dpm_solver_timesteps(
     ending at t = 0 before σ = 0 (the DDIM ``uniform`` grid) are not offered: that last jump is
     long in λ and a second-order step overshoots; ``karras`` ends at t = 0 with a short one.
     """
-    spacing = canonical_spacing(spacing, DPM_SPACINGS)
+    check_choice(spacing, "spacing", DPM_SPACINGS)
     T = diffusion.num_timesteps
     if spacing == "karras":
         return karras_timesteps(diffusion, steps)
@@ -107,7 +106,7 @@ def dpm_solver_timesteps(
 
 def heun_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "karras") -> list[int]:
     """Indices of ``diffusion`` where the Heun sampler's steps start, descending (module table)."""
-    spacing = canonical_spacing(spacing, HEUN_SPACINGS)
+    check_choice(spacing, "spacing", HEUN_SPACINGS)
     if spacing == "karras":
         return karras_timesteps(diffusion, steps)
     return space_timesteps(diffusion.num_timesteps, steps, spacing)[::-1]

@@ -12,12 +12,13 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.samplers._core import (
-    Model,
+    Net,
     SampleCall,
     SampleOutput,
     check_options,
+    combine,
+    grid,
     log_snr,
-    solver_grid,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 
@@ -98,21 +99,9 @@ def unipc_coefficients(
     return out
 
 
-def _combine(
-    a: float, x: Tensor, c: np.ndarray, ds: Sequence[Tensor], d_t: Tensor | None
-) -> Tensor:
-    out = x * a if a != 0.0 else torch.zeros_like(x)
-    for cj, d in zip(c[:4], ds, strict=False):
-        if cj != 0.0:
-            out.add_(d, alpha=float(cj))
-    if d_t is not None and c[4] != 0.0:
-        out.add_(d_t, alpha=float(c[4]))
-    return out
-
-
 @torch.inference_mode()
 def unipc_sample(
-    model: Model,
+    net: Net,
     diffusion: GaussianDiffusion,
     shape: Sequence[int] | None,
     *,
@@ -135,20 +124,20 @@ def unipc_sample(
     """
     call = SampleCall.parse("unipc_sample", common)
     check_options({"order": order, "solver_type": solver_type})
-    ac, model_t = solver_grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing))
+    ac, net_t = grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing), solver=True)
     coefs = unipc_coefficients(ac, order, solver_type)
-    run = call.start(model, diffusion, shape, ac, model_t, "UniPC")
+    run = call.start(net, diffusion, shape, ac, net_t, "UniPC")
     x = run.x
-    history: list[Tensor] = []  # x̂₀ of the previous steps, newest first
+    history: list[Tensor] = []  # x̂₀ of the previous steps, newest first (D_0, D_1, ...)
     x_prev = x
-    n = len(model_t)
-    for k in run.steps(n):
-        x0, _, _ = run.den(x, k)
-        run.rec(k, x, x0)
+    for k in run.steps(len(net_t)):
+        x0, _, _ = run.denoise(x, k)
+        run.record(k, x, x0)
         corr, (a, c) = coefs[k]
-        if corr is not None:
-            x = _combine(corr[0], x_prev, corr[1], history, x0)
+        if corr is not None:  # UniC: from the previous state, with D_t = x̂₀ at the new one
+            a_c, c_c = corr
+            x = combine(a_c, x_prev, [*zip(c_c[:4], history, strict=False), (c_c[4], x0)])
         history = [x0, *history][:3]
         x_prev = x
-        x = _combine(a, x, c, history, None)
-    return run.rec.output(x)
+        x = combine(a, x, zip(c[:4], history, strict=False))  # UniP
+    return run.result(x)
