@@ -135,6 +135,7 @@ def test_resumed_run_equals_the_straight_run(
 
 @pytest.mark.ddp
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three 2-process runs: 292 s in a full suite on a busy 2-core machine
 def test_ddp_mid_epoch_resume_equals_the_straight_run(tmp_path: Path) -> None:
     """Two CPU processes (gloo): stopped mid-epoch (step 8 = batch 2 of epoch 1 of 6-batch epochs
     per rank), resumed, equal to the straight run; the ranks shard the (seed, epoch) permutation."""
