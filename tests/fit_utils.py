@@ -1,4 +1,4 @@
-"""Tiny networks, modules and real Lightning fits shared by the callback tests."""
+"""Tiny networks, modules, the digits data and real Lightning fits shared by the callback tests."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from ddpm.data import ImageDataModule
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion
 from ddpm.module import DiffusionModule
 
 T = 50  # timesteps of the tiny process
+SIZE = 8  # image side of image_loader()
 
 
 class TinyEpsNet(nn.Module):
@@ -51,6 +54,19 @@ def make_module(
         optimizer=functools.partial(torch.optim.Adam, lr=lr),
         train_seed=0 if seed is None else seed,
     )
+
+
+def image_loader(n: int = 32) -> DataLoader:
+    """``n`` fixed random 1-channel SIZE x SIZE images in [-1, 1], batches of 8."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.rand(n, 1, SIZE, SIZE, generator=g) * 2 - 1), batch_size=8
+    )
+
+
+def digits(batch_size: int = 32) -> ImageDataModule:
+    """scikit-learn's digits (offline) as an ImageDataModule loading in this process."""
+    return ImageDataModule(name="digits", batch_size=batch_size, num_workers=0)
 
 
 def trainer(steps: int, callbacks: list, **kw: Any) -> pl.Trainer:

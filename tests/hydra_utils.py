@@ -1,4 +1,5 @@
-"""Compose the real Hydra config in tests, with the Hydra runtime set (so ${hydra:...} resolves)."""
+"""Compose the real Hydra config in tests, with the Hydra runtime set (so ${hydra:...} resolves);
+the repository's directories and the override lists shared by the tests of real runs."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from omegaconf import DictConfig, open_dict
 
 import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before composing
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
+REPO_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO_DIR / "conf")
+SRC_DIR = REPO_DIR / "src"
+TESTS_DIR = REPO_DIR / "tests"  # the helper modules: on PYTHONPATH in subprocess runs
 
 # Tiny, fast settings for a real Trainer run on the CPU.
 TINY = [
@@ -27,6 +30,40 @@ TINY = [
     "lr_scheduler.warmup_steps=0",
     "optimizer.lr=1e-3",
     "trainer.limit_val_batches=2",
+]
+
+# TINY for the command line (src/train.py in a subprocess), with a small DDIM sample grid.
+CLI_TINY = [o for o in TINY if not o.startswith("trainer.enable")] + [
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.batch_size=4",
+    "sampler=ddim",
+    "sampler.steps=5",
+]
+
+# A micro U-Net on 8x8 digits with the default recipe's shape (batch 128: 12 batches an epoch),
+# and everything a resume must restore exactly happening between its steps; RngProbe records the
+# global RNG streams after every step (tests/run/test_resume_exact.py).
+MICRO = [
+    *(o for o in TINY if not o.startswith(("data.batch_size", "trainer.limit_val_batches"))),
+    "data.batch_size=128",  # the default recipe's shape: 12 batches an epoch of digits
+    "data.image_size=8",
+    "data.random_flip=true",  # flips drawn at collate time, one batch ahead of the model
+    "model.model_channels=8",
+    "model.channel_mult=[1]",
+    "model.attention_resolutions=[]",
+    "model.norm_groups=4",
+    "model.dropout=0.1",  # dropout draws from the global RNG
+    "lr_scheduler.warmup_steps=50",  # the warmup is still running at every split
+    "trainer.val_check_interval=5",  # validation between steps
+    "trainer.limit_val_batches=1",
+    "callbacks.sample_grid.every_n_steps=7",  # sample grids between steps
+    "callbacks.sample_grid.num_samples=2",
+    "callbacks.sample_grid.batch_size=2",
+    "callbacks.sample_grid.strip_seeds=[0]",
+    "~callbacks.forward_picture",
+    "callbacks.sample_grid.at_train_end=false",
+    "sampler.steps=2",
+    "+callbacks.probe._target_=run_utils.RngProbe",
 ]
 
 

@@ -20,24 +20,12 @@ the variance channels). Math in float64, output in the dtype of ``x_t``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import pytest
 import torch
 from torch import Tensor
 
 from ddpm.diffusion import GaussianDiffusion
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """For sampler tests (import it into the module): their tensors are small (<= 32k elements),
-    intra-op threads only add overhead, and on a busy 2-core machine their spin-waits made a
-    1000-step run 25x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -86,7 +86,7 @@ def test_model_options_instantiate(name: str, tmp_path: Path) -> None:
             "data.channels=3",
         ]
     cfg = compose_cfg(overrides, tmp_path)
-    if name == "diffusers":  # needs a diffusers folder: tests/test_diffusers_interop.py builds one
+    if name == "diffusers":  # needs a diffusers folder (tests/interop/test_diffusers_interop.py)
         with pytest.raises(ConfigError, match="model.path is required"):
             validate_train_config(cfg)
         return
@@ -100,7 +100,7 @@ def test_data_options_instantiate(name: str, tmp_path: Path) -> None:
     overrides = [f"data={name}"]
     if name == "image_folder":
         overrides.append(f"data.root={tmp_path}")
-    if name == "hf":  # loaded at setup (tests/test_hf_data.py)
+    if name == "hf":  # loaded at setup (tests/data/test_hf_data.py)
         overrides.append(f"data.path={tmp_path}")
     cfg = compose_cfg(overrides, tmp_path)
     dm = instantiate(cfg.data)

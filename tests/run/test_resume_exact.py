@@ -11,46 +11,17 @@ batches an epoch.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import pytorch_lightning as pl
-import torch
 
+from cli_utils import run_cli
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, TINY, compose_cfg
+from hydra_utils import MICRO, compose_cfg
+from run_utils import load_ckpt, max_diff
 
-MICRO = [
-    *(o for o in TINY if not o.startswith(("data.batch_size", "trainer.limit_val_batches"))),
-    "data.batch_size=128",  # the default recipe's shape: 12 batches an epoch of digits
-    "data.image_size=8",
-    "data.random_flip=true",  # flips drawn at collate time, one batch ahead of the model
-    "model.model_channels=8",
-    "model.channel_mult=[1]",
-    "model.attention_resolutions=[]",
-    "model.norm_groups=4",
-    "model.dropout=0.1",  # dropout draws from the global RNG
-    "lr_scheduler.warmup_steps=50",  # the warmup is still running at every split
-    "trainer.val_check_interval=5",  # validation between steps
-    "trainer.limit_val_batches=1",
-    "callbacks.sample_grid.every_n_steps=7",  # sample grids between steps
-    "callbacks.sample_grid.num_samples=2",
-    "callbacks.sample_grid.batch_size=2",
-    "callbacks.sample_grid.strip_seeds=[0]",
-    "~callbacks.forward_picture",
-    "callbacks.sample_grid.at_train_end=false",
-    "sampler.steps=2",
-    "+callbacks.probe._target_=test_resume_exact.RngProbe",
-]
 EVERY_STEP = [
     "callbacks.model_checkpoint.every_n_train_steps=1",
     "callbacks.model_checkpoint.save_top_k=-1",
@@ -66,65 +37,21 @@ RECIPES = {
 }
 
 
-def _fingerprint() -> str:
-    h = hashlib.sha1(torch.get_rng_state().numpy().tobytes())
-    h.update(np.random.get_state()[1].tobytes())  # noqa: NPY002
-    h.update(repr(random.getstate()).encode())
-    return h.hexdigest()
-
-
-class RngProbe(pl.Callback):
-    """Fingerprints of the global RNG streams (torch, NumPy, Python) after every optimizer step,
-    written to ``<run dir>/rng.json`` (merged over the launches of a run)."""
-
-    def __init__(self) -> None:
-        self.prints: dict[str, str] = {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not trainer.fit_loop._should_accumulate():
-            self.prints[str(trainer.global_step)] = _fingerprint()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        path = Path(trainer.default_root_dir) / "rng.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**old, **self.prints}))
-
-
-class SleepAtStep(pl.Callback):
-    """Spends the time budget at one step, so ``trainer.max_time`` ends the run right after."""
-
-    def __init__(self, step: int, seconds: float) -> None:
-        self.step, self.seconds = step, seconds
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            time.sleep(self.seconds)
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k].double() - b[k].double()).abs().max().item() for k in a), default=0.0)
-
-
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Everything a resumed run continues from, to 1e-6."""
     assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"])
-    assert _max_diff(a["state_dict"], b["state_dict"]) < 1e-6
-    assert _max_diff(a["ema_state_dict"], b["ema_state_dict"]) < 1e-6
+    assert max_diff(a["state_dict"], b["state_dict"]) < 1e-6
+    assert max_diff(a["ema_state_dict"], b["ema_state_dict"]) < 1e-6
     assert a["ema_state"] == b["ema_state"]
     oa, ob = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert oa.keys() == ob.keys()
     for k in oa:  # Adam moments and step counts
-        assert _max_diff(oa[k], ob[k]) < 1e-6, k
+        assert max_diff(oa[k], ob[k]) < 1e-6, k
     assert a["lr_schedulers"] == b["lr_schedulers"]
     la, lb = (c["loops"]["fit_loop"]["state_dict"]["combined_loader"] for c in (a, b))
     assert la == lb  # the loader's position: seed, epoch, batches
     if "ddpm_t_sampler" in a:
-        assert _max_diff(a["ddpm_t_sampler"], b["ddpm_t_sampler"]) == 0.0
+        assert max_diff(a["ddpm_t_sampler"], b["ddpm_t_sampler"]) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +106,14 @@ def test_resumed_run_equals_the_straight_run(
             stop = [
                 "trainer.max_steps=-1",
                 "trainer.max_time=00:00:00:01",
-                "+callbacks.sleep._target_=test_resume_exact.SleepAtStep",
+                "+callbacks.sleep._target_=run_utils.SleepAtStep",
                 f"+callbacks.sleep.step={k}",
                 "+callbacks.sleep.seconds=1.5",
             ]
-            vouch = ["+callbacks.sleep._target_=test_resume_exact.SleepAtStep"]
+            vouch = ["+callbacks.sleep._target_=run_utils.SleepAtStep"]
         stopped = train(compose_cfg([*common, *stop], tmp_path))
         k = int(stopped["global_step"])
-        assert 0 < k < n and _load(run / "checkpoints" / "last.ckpt")["global_step"] == k
+        assert 0 < k < n and load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == k
         resume = [
             *common,
             f"trainer.max_steps={n}",
@@ -197,7 +124,8 @@ def test_resumed_run_equals_the_straight_run(
         ]
     assert train(compose_cfg(resume, tmp_path))["global_step"] == n
     assert_same_training_state(
-        _load(reference / "checkpoints" / "last.ckpt"), _load(run / "checkpoints" / "last.ckpt")
+        load_ckpt(reference / "checkpoints" / "last.ckpt"),
+        load_ckpt(run / "checkpoints" / "last.ckpt"),
     )
     ref_rng = json.loads((reference / "rng.json").read_text())
     got_rng = json.loads((run / "rng.json").read_text())
@@ -207,6 +135,7 @@ def test_resumed_run_equals_the_straight_run(
 
 @pytest.mark.ddp
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three 2-process runs: 292 s in a full suite on a busy 2-core machine
 def test_ddp_mid_epoch_resume_equals_the_straight_run(tmp_path: Path) -> None:
     """Two CPU processes (gloo): stopped mid-epoch (step 8 = batch 2 of epoch 1 of 6-batch epochs
     per rank), resumed, equal to the straight run; the ranks shard the (seed, epoch) permutation."""
@@ -221,28 +150,19 @@ def test_ddp_mid_epoch_resume_equals_the_straight_run(tmp_path: Path) -> None:
         "trainer.devices=2",
         "trainer.enable_progress_bar=false",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent)}
 
     def cli(args: list[str]) -> None:
-        res = subprocess.run(
-            [sys.executable, str(SRC_DIR / "train.py"), *args],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        res = run_cli(args, tmp_path, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
 
     a, b = tmp_path / "a", tmp_path / "b"
     cli([*common, "trainer.max_steps=14", f"run_dir={a}"])
     cli([*common, "trainer.max_steps=8", f"run_dir={b}"])
-    loader = _load(b / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"]
+    loader = load_ckpt(b / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"]
     assert (
         loader["combined_loader"][0]["epoch"] == 1 and loader["combined_loader"][0]["batches"] == 2
     )
     cli([*common, "trainer.max_steps=14", "ckpt_path=last", f"run_dir={b}"])
-    ca, cb = _load(a / "checkpoints" / "last.ckpt"), _load(b / "checkpoints" / "last.ckpt")
+    ca, cb = load_ckpt(a / "checkpoints" / "last.ckpt"), load_ckpt(b / "checkpoints" / "last.ckpt")
     assert ca["global_step"] == cb["global_step"] == 14
     assert_same_training_state(ca, cb)

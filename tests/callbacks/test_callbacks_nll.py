@@ -13,13 +13,8 @@ from torch import Tensor, nn
 
 from ddpm.callbacks.ema import EMA
 from ddpm.callbacks.nll import METRICS, NLLCallback
-from ddpm.data import ImageDataModule
 from ddpm.diffusion import calc_bpd_loop
-from fit_utils import TinyEpsNet, fit, make_module
-
-
-def digits(batch_size: int = 32) -> ImageDataModule:
-    return ImageDataModule(name="digits", batch_size=batch_size, num_workers=0)
+from fit_utils import TinyEpsNet, digits, fit, make_module
 
 
 class SmallEpsNet(nn.Module):

@@ -29,7 +29,7 @@ from ddpm.diffusion import (
     unipc_sample,
 )
 from ddpm.diffusion.samplers import dpm_solver_coefficients
-from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
+from oracles import GaussianOracle, MixtureOracle, gen
 
 MEANS = [[[-0.5, -0.5]], [[0.5, 0.4]]]  # (1, 2) data: diffusers' thresholding wants (B, C, ...)
 WIDE = [0.1, 0.4]  # wide enough that clipping acts

@@ -15,64 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
-import torch
 
+from cli_utils import run_cli, wait_for
 from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.errors import ConfigError
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, compose_cfg
-from test_resume_exact import MICRO
+from hydra_utils import MICRO, SRC_DIR, TESTS_DIR, compose_cfg
+from run_utils import load_ckpt
 
 BASE = [o for o in MICRO if "callbacks.probe" not in o] + [
     "callbacks.sample_grid.every_n_steps=1000",
     "trainer.val_check_interval=1000",
 ]
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _cli(args: list[str], cwd: Path, **popen: Any) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": str(Path(__file__).parent),
-        "HYDRA_FULL_ERROR": "1",
-    }
-    return subprocess.run(
-        [sys.executable, str(SRC_DIR / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **popen,
-    )
-
-
-class SignalAt(pl.Callback):
-    """Send ``signum`` to this process when the batch of global step ``step`` starts."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
-class SignalDuringTrainEnd(pl.Callback):
-    """Long end-of-training work (like a big sample grid) hit by a Ctrl+C."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(self.seconds)
 
 
 # ====================================================================== resume restores the run
@@ -102,7 +56,7 @@ def test_resume_continues_the_runs_own_config_and_refuses_changes(tmp_path: Path
     # 8x8 data), changing only what may change mid-run
     out = train(compose_cfg([*resume, "trainer.max_steps=3", "logger=none"], tmp_path))
     assert out["global_step"] == 3
-    config = _load(run / "checkpoints" / "last.ckpt")["ddpm_config"]
+    config = load_ckpt(run / "checkpoints" / "last.ckpt")["ddpm_config"]
     assert config["schedule"]["name"] == "cosine" and config["model"]["model_channels"] == 8
     assert config["trainer"]["max_steps"] == 3 and config["data"]["image_size"] == 8
 
@@ -111,7 +65,7 @@ def test_resume_continues_the_runs_own_config_and_refuses_changes(tmp_path: Path
 def test_refused_and_resumed_launches_never_rewrite_the_runs_record(tmp_path: Path) -> None:
     """Through the real CLI (Hydra writes its record before any of our code runs)."""
     cli = [o for o in BASE if not o.startswith("trainer.enable")] + ["trainer.max_steps=2"]
-    first = _cli(cli, tmp_path)
+    first = run_cli(cli, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
 
@@ -127,11 +81,11 @@ def test_refused_and_resumed_launches_never_rewrite_the_runs_record(tmp_path: Pa
         before
     )
     # a new run into a directory holding a run: refused, nothing of the run rewritten
-    refused = _cli([*cli, f"run_dir={run}"], tmp_path)
+    refused = run_cli([*cli, f"run_dir={run}"], tmp_path)
     assert refused.returncode != 0 and "already holds a run" in refused.stderr
     assert record() == before
     # a resume: continues with the run's config; the run's .hydra and log stay as they were
-    resumed = _cli([f"run_dir={run}", "ckpt_path=last", "trainer.max_steps=4"], tmp_path)
+    resumed = run_cli([f"run_dir={run}", "ckpt_path=last", "trainer.max_steps=4"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = record()
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log"):
@@ -139,7 +93,7 @@ def test_refused_and_resumed_launches_never_rewrite_the_runs_record(tmp_path: Pa
     launches = sorted((run / "launches").iterdir())
     assert len(launches) == 2  # the refused one and the resume, each with its own record
     assert "trainer.max_steps=4" in (launches[1] / ".hydra" / "overrides.yaml").read_text()
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 # ====================================================================== requeue
@@ -153,7 +107,7 @@ def test_a_requeued_job_resumes_its_own_run(
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     interrupted = [
         *command,
-        "+callbacks.sig._target_=test_run_bookkeeping.SignalAt",
+        "+callbacks.sig._target_=run_utils.SignalAt",
         "+callbacks.sig.step=1",
         "+callbacks.sig.signum=15",
     ]
@@ -201,7 +155,7 @@ def test_usr1_under_lightnings_slurm_requeue_saves_then_requeues_once(
         [
             *BASE,
             "trainer.max_steps=50",
-            "+callbacks.sig._target_=test_run_bookkeeping.SignalAt",
+            "+callbacks.sig._target_=run_utils.SignalAt",
             "+callbacks.sig.step=2",
             f"+callbacks.sig.signum={int(signal.SIGUSR1)}",
         ],
@@ -210,7 +164,7 @@ def test_usr1_under_lightnings_slurm_requeue_saves_then_requeues_once(
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg)
     assert info.value.code == 128 + signal.SIGUSR1 and info.value.global_step == 3
-    assert _load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert fake_slurm.read_text().split("\n") == ["requeue 4242", ""]  # once, by us
     assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))  # Lightning's handler not run
 
@@ -222,7 +176,7 @@ def test_usr2_hands_over_to_the_handler_in_charge_after_saving(tmp_path: Path) -
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
 
     def submitit_like(signum: int, frame: Any) -> None:
-        calls.append((signum, _load(last)["global_step"]))
+        calls.append((signum, load_ckpt(last)["global_step"]))
 
     previous = signal.signal(signal.SIGUSR2, submitit_like)
     try:
@@ -230,7 +184,7 @@ def test_usr2_hands_over_to_the_handler_in_charge_after_saving(tmp_path: Path) -
             [
                 *BASE,
                 "trainer.max_steps=50",
-                "+callbacks.sig._target_=test_run_bookkeeping.SignalAt",
+                "+callbacks.sig._target_=run_utils.SignalAt",
                 "+callbacks.sig.step=2",
                 f"+callbacks.sig.signum={int(signal.SIGUSR2)}",
             ],
@@ -274,7 +228,7 @@ def test_submitit_local_job_survives_usr2_by_requeue(tmp_path: Path) -> None:
             **os.environ,
             "WANDB_MODE": "offline",
             "PYTHONPATH": os.pathsep.join(
-                [str(SRC_DIR), str(Path(__file__).parent), str(SRC_DIR.parent / "bench")]
+                [str(SRC_DIR), str(TESTS_DIR), str(SRC_DIR.parent / "bench")]
             ),
         },
         stdin=subprocess.DEVNULL,
@@ -282,17 +236,16 @@ def test_submitit_local_job_survives_usr2_by_requeue(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 300
     state: dict = {}
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def stepped() -> bool:
         try:
-            state = json.loads(probe.read_text())
+            state.update(json.loads(probe.read_text()))
         except (OSError, ValueError):
-            state = {}
-        if state.get("step", 0) >= 5:
-            break
-        time.sleep(0.1)
-    assert state.get("step", 0) >= 5, proc.communicate()[0][-3000:]
+            return False
+        return state.get("step", 0) >= 5
+
+    wait_for(stepped, f"step 5 of the submitit job in {probe}", proc, timeout=300)
     first_pid = state["pid"]
     os.kill(first_pid, signal.SIGUSR2)  # what submitit's controller sends before the time limit
     out = proc.communicate(timeout=600)[0]
@@ -304,8 +257,8 @@ def test_submitit_local_job_survives_usr2_by_requeue(tmp_path: Path) -> None:
     assert (job / "launches").is_dir()  # the requeued launch kept its record apart
     reference = train(compose_cfg([*command], tmp_path / "reference"))
     assert reference["global_step"] == 30
-    a = _load(tmp_path / "reference" / "run" / "checkpoints" / "last.ckpt")
-    b = _load(job / "checkpoints" / "last.ckpt")
+    a = load_ckpt(tmp_path / "reference" / "run" / "checkpoints" / "last.ckpt")
+    b = load_ckpt(job / "checkpoints" / "last.ckpt")
     for key in ("state_dict", "ema_state_dict"):
         for k in a[key]:
             assert (a[key][k] - b[key][k]).abs().max() < 1e-6, (key, k)
@@ -319,7 +272,7 @@ def test_a_signal_during_end_of_training_work_stops_at_once(
         [
             *BASE,
             "trainer.max_steps=3",
-            "+callbacks.slow_end._target_=test_run_bookkeeping.SignalDuringTrainEnd",
+            "+callbacks.slow_end._target_=run_utils.SignalDuringTrainEnd",
             "+callbacks.slow_end.seconds=30",
         ],
         tmp_path,
@@ -329,7 +282,7 @@ def test_a_signal_during_end_of_training_work_stops_at_once(
         train(cfg)
     assert time.monotonic() - t0 < 25  # not after the 30 s of work
     assert info.value.code == 128 + signal.SIGINT
-    assert _load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -154,16 +154,6 @@ class Optimal:
         return (prior + kl[1:].sum() + dec) / LN2
 
 
-@pytest.fixture()
-def one_thread():
-    """The loops below are T small elementwise steps: on a busy 2-core CPU, intra-op threads
-    spin-wait on each other and make them 5-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gaussian_data() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
@@ -184,9 +174,7 @@ def test_entropy_of_discretised_gaussian() -> None:
     assert _entropy_bits() == pytest.approx(7.0407, abs=1e-3)
 
 
-def test_bound_with_optimal_reverse_process_equals_entropy(
-    gaussian_data: torch.Tensor, one_thread: None
-) -> None:
+def test_bound_with_optimal_reverse_process_equals_entropy(gaussian_data: torch.Tensor) -> None:
     """The optimal denoiser with the optimal reverse variance makes the bound ≈ the entropy.
 
     For Gaussian data q(x_{t-1}|x_t) is Gaussian, so this p_θ is the true reverse process up to
@@ -219,7 +207,7 @@ def test_bound_with_optimal_reverse_process_equals_entropy(
     "variance_type, T, gap", [("fixed_small", 1000, 0.751), ("fixed_large", 250, 0.102)]
 )
 def test_bound_with_fixed_variance(
-    gaussian_data: torch.Tensor, one_thread: None, variance_type: str, T: int, gap: float
+    gaussian_data: torch.Tensor, variance_type: str, T: int, gap: float
 ) -> None:
     """Optimal mean, fixed variance: the bound is above the entropy by a known amount.
 

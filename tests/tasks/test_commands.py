@@ -9,32 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from cli_utils import run_cli
 from ddpm.checkpoint import CheckpointError
 from ddpm.tasks.evaluate import evaluate
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, TINY, compose_cfg
-from test_train import run_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = compose_cfg(
-        [
-            *TINY,
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=2",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
-            "callbacks.sample_grid.every_n_steps=100",
-            "sampler.steps=5",
-        ],
-        tmp,
-    )
-    train(cfg)
-    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return ckpt
+from hydra_utils import SRC_DIR, compose_cfg
 
 
 def sample_cfg(tmp_path: Path, ckpt: Path, *extra: str):

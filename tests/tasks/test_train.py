@@ -3,52 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_utils import run_cli
 from ddpm.checkpoint import load_model
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, TINY, compose_cfg
-
-TRAIN = str(SRC_DIR / "train.py")
-CLI_TINY = [o for o in TINY if not o.startswith("trainer.enable")] + [
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.sample_grid.batch_size=4",
-    "sampler=ddim",
-    "sampler.steps=5",
-]
+from hydra_utils import CLI_TINY, TINY, compose_cfg
 
 TINY_NO_CALLBACKS = [o for o in CLI_TINY if not o.startswith("callbacks.")]
-
-
-def run_cli(
-    args: list[str],
-    cwd: Path,
-    timeout: float = 300,
-    script: str = TRAIN,
-    extra_env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": str(Path(__file__).parent),
-        "HYDRA_FULL_ERROR": "1",
-        **(extra_env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "sigmoid", "scaled_linear"])

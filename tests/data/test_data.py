@@ -27,8 +27,9 @@ from ddpm.data import (
     per_device_batch_size,
 )
 from ddpm.data.transforms import resize_center_crop, to_channels
+from hydra_utils import REPO_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DIR = REPO_DIR / "conf" / "data"
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -449,7 +450,7 @@ def test_toy_datasets(name: str) -> None:
 
 # -- Hydra configs ----------------------------------------------------------------------------
 
-# data=hf needs a data set on disk: tests/test_hf_data.py builds one
+# data=hf needs a data set on disk: tests/data/test_hf_data.py builds one
 CONFIGS = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "hf")
 
 

@@ -1,6 +1,6 @@
 """Class-conditional training end to end: labelled data, label dropout, a real conditional run,
 sampling for given classes (grids one row per class, ``samples.npz`` ``arr_1``), and the clear
-errors of unlabelled data or bad labels. The guidance math itself: tests/test_guidance.py."""
+errors of unlabelled data or bad labels. The guidance math itself: tests/diffusion/test_guidance.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
+from cli_utils import run_cli
 from ddpm.data import ImageDataModule, ToyDataModule
 from ddpm.data.datamodule import split_indices
 from ddpm.data.datasets import check_labels
@@ -26,7 +27,7 @@ from ddpm.tasks.train import build_module, train
 from ddpm.utils.classes import balanced_labels, class_rows, parse_class_labels
 from ddpm.utils.images import read_png
 from ddpm.utils.seeding import seeded_generator
-from hydra_utils import TINY, compose_cfg
+from hydra_utils import CLI_TINY, TINY, compose_cfg
 
 CONDITIONAL = [*TINY, "data.conditional=true"]
 
@@ -254,8 +255,6 @@ def test_conditional_toy_run_with_guided_playground(tmp_path: Path) -> None:
 def test_ddp_ranks_get_each_image_with_its_label(tmp_path: Path) -> None:
     """Two CPU processes (gloo): every example of every rank's batches carries its own digit,
     and both ranks train the same conditional network."""
-    from test_train import CLI_TINY, run_cli
-
     dump = tmp_path / "ranks"
     res = run_cli(
         [

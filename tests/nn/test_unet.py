@@ -31,15 +31,6 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _unzero(model: nn.Module) -> nn.Module:
     """Re-initialise the zero-initialised layers so that outputs and gradients are non-trivial."""
     for m in model.modules():

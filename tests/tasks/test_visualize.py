@@ -11,45 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from cli_utils import run_cli
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.tasks.visualize import visualize
 from ddpm.utils.images import read_png
 from ddpm.viz import interpolate, make_diffusions, schedule_curves, schedule_figure, slerp
-from hydra_utils import SRC_DIR, TINY, compose_cfg
+from hydra_utils import SRC_DIR, compose_cfg
 from oracles import GaussianOracle
 
 VISUALIZE = str(SRC_DIR / "visualize.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared 2-core machine: one intra-op thread is many times faster."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-step tiny U-Net on digits (T=50) trained through the real train(cfg)."""
-    from ddpm.tasks.train import train
-
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = compose_cfg(
-        [
-            *TINY,
-            "trainer.max_steps=4",
-            "trainer.val_check_interval=4",
-            "callbacks.sample_grid.every_n_steps=0",
-            "callbacks.sample_grid.at_train_end=false",
-        ],
-        tmp,
-    )
-    train(cfg)
-    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return ckpt
 
 
 def run(overrides: list[str], tmp_path: Path) -> dict:
@@ -334,8 +304,6 @@ def test_playground_needs_a_2d_model(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_writes_pngs(tmp_path: Path) -> None:
-    from test_train import run_cli
-
     res = run_cli(
         [
             "what=forward",

@@ -23,9 +23,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.diffusion.samplers import DDIMSampler, DDPMSampler
 from ddpm.utils.images import read_png, to_uint8
 from ddpm.viz.reverse import denoising_trajectory, strip_timesteps
-from fit_utils import TinyEpsNet, fit, make_module
-
-SIZE = 8  # image side
+from fit_utils import SIZE, TinyEpsNet, fit, image_loader, make_module
 
 
 class TinyMLP(nn.Module):
@@ -36,13 +34,6 @@ class TinyMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x, (t.float() / self.T)[:, None]], dim=1))
-
-
-def image_loader(n: int = 32) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.rand(n, 1, SIZE, SIZE, generator=g) * 2 - 1), batch_size=8
-    )
 
 
 def point_loader(n: int = 64) -> DataLoader:

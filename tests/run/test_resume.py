@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -23,7 +19,8 @@ from ddpm.run.checkpoint_files import find_checkpoint, resolve_ckpt_path
 from ddpm.run.directory import check_run_dir, run_dir_lock
 from ddpm.run.resume import check_not_finished
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, TINY, compose_cfg
+from hydra_utils import TINY, compose_cfg
+from run_utils import load_ckpt, max_diff
 
 # Epochs of 3 batches (digits), dropout on (global RNG), LR warmup still running at the stop,
 # EMA, validation at every epoch end (it must not move the training RNG streams).
@@ -42,12 +39,7 @@ RESUME = [
 
 
 def _ckpt(run: Path, name: str = "last.ckpt") -> dict:
-    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return load_ckpt(run / "checkpoints" / name)
 
 
 def test_validation_does_not_move_the_training_rng(tmp_path: Path) -> None:
@@ -61,7 +53,7 @@ def test_validation_does_not_move_the_training_rng(tmp_path: Path) -> None:
         )
     )
     a, b = _ckpt(tmp_path / "a" / "run"), _ckpt(tmp_path / "b" / "run")
-    assert _max_diff(a["state_dict"], b["state_dict"]) == 0.0
+    assert max_diff(a["state_dict"], b["state_dict"]) == 0.0
 
 
 def _fake_ckpt(path: Path, step: int) -> None:
@@ -74,8 +66,9 @@ def test_last_finds_the_newest_loadable_checkpoint(tmp_path: Path) -> None:
     _fake_ckpt(ck / "step_0000010.ckpt", 10)
     _fake_ckpt(ck / "last.ckpt", 10)
     _fake_ckpt(ck / "step_0000005.ckpt", 5)
-    time.sleep(0.01)
     _fake_ckpt(ck / "best_0000005.ckpt", 5)  # newer file, older step
+    newer = max(p.stat().st_mtime for p in ck.iterdir()) + 10
+    os.utime(ck / "best_0000005.ckpt", (newer, newer))
     assert find_checkpoint(tmp_path) == str(ck / "last.ckpt")  # tie on step -> last.ckpt
     _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 12)  # Lightning's SLURM requeue checkpoint
     assert resolve_ckpt_path("last", str(tmp_path)) == str(tmp_path / "hpc_ckpt_1.ckpt")
@@ -209,35 +202,6 @@ def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "run" / "wandb_run_id.txt").read_text().strip() == run_id
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": str(Path(__file__).parent),
-        "HYDRA_FULL_ERROR": "1",
-    }
-    return subprocess.run(
-        [sys.executable, str(SRC_DIR / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-class SleepAtStep(pl.Callback):
-    """Spends the whole time budget at one step, so trainer.max_time ends the run right after."""
-
-    def __init__(self, step: int, seconds: float) -> None:
-        self.step, self.seconds = step, seconds
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            time.sleep(self.seconds)
-
-
 def test_run_stopped_by_max_time_leaves_its_final_weights(tmp_path: Path) -> None:
     """trainer.max_time ends off the checkpoint cadence (saves at step 4; the time runs out at
     step 5): last.ckpt still holds the final step, not step 4."""
@@ -250,7 +214,7 @@ def test_run_stopped_by_max_time_leaves_its_final_weights(tmp_path: Path) -> Non
             "callbacks.sample_grid.at_train_end=false",
             "trainer.val_check_interval=100000",
             "+trainer.limit_train_batches=3",
-            "+callbacks.sleep._target_=test_resume.SleepAtStep",
+            "+callbacks.sleep._target_=run_utils.SleepAtStep",
             "+callbacks.sleep.step=5",
             "+callbacks.sleep.seconds=3.5",
         ],

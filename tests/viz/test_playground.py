@@ -27,8 +27,6 @@ def swiss_roll_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """experiment=swiss_roll (MLP, T=200) for 800 steps at lr 3e-3 on one CPU thread (~20 s)."""
     from ddpm.tasks.train import train
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny MLP: extra intra-op threads only cost (2-core, shared)
     tmp = tmp_path_factory.mktemp("swiss")
     cfg = compose_cfg(
         [
@@ -46,10 +44,7 @@ def swiss_roll_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp,
     )
     t0 = time.time()
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(old)
+    train(cfg)
     print(f"swiss roll: 800 steps in {time.time() - t0:.1f} s")
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
@@ -57,23 +52,18 @@ def swiss_roll_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_playground_beats_the_gaussian_with_every_sampler(
     swiss_roll_ckpt: Path, tmp_path: Path
 ) -> None:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = visualize(
-            compose_cfg(
-                [
-                    "what=playground",
-                    f"ckpt_path={swiss_roll_ckpt}",
-                    "playground.num_samples=2000",
-                    "playground.grid_size=11",
-                ],
-                tmp_path,
-                config_name="visualize",
-            )
+    res = visualize(
+        compose_cfg(
+            [
+                "what=playground",
+                f"ckpt_path={swiss_roll_ckpt}",
+                "playground.num_samples=2000",
+                "playground.grid_size=11",
+            ],
+            tmp_path,
+            config_name="visualize",
         )
-    finally:
-        torch.set_num_threads(old)
+    )
     names = sorted(p.name for p in res["paths"])
     assert names == [f"playground_{n}.png" for n in ("forward", "reverse", "samples", "score")]
     dist = res["distances"]

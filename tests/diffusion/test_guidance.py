@@ -7,7 +7,6 @@ mixture's (tests/oracles.py), so the guided ε̃ = ε_∅ + s (ε_y - ε_∅) is
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ from ddpm.diffusion import (
     heun_sample,
     unipc_sample,
 )
-from oracles import ClassConditionalOracle, gen, one_thread  # noqa: F401
+from hydra_utils import REPO_DIR
+from oracles import ClassConditionalOracle, gen
 
 MEANS = [[-0.4, -0.3], [0.4, 0.3], [0.3, -0.5]]  # overlapping classes: guidance matters
 STDS = [0.25, 0.25, 0.2]
@@ -216,7 +216,7 @@ def test_config_sampler_passes_labels_and_its_guidance_scale() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "sampler" / "ddim.yaml")
+    cfg = OmegaConf.load(REPO_DIR / "conf" / "sampler" / "ddim.yaml")
     sampler = instantiate(cfg, steps=10, guidance_scale=2.0, clip_denoised=False)
     assert isinstance(sampler, DDIMSampler)
     d = GaussianDiffusion(num_timesteps=50)

@@ -10,8 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
 
 from ddpm.callbacks.progress import ProgressLines, StepProgressBar, training_progress
-from fit_utils import make_module
-from test_callbacks_sampling import image_loader
+from fit_utils import image_loader, make_module
 
 
 def _fit(callbacks: list, steps: int, tmp_path: Path, bar: bool = True) -> pl.Trainer:

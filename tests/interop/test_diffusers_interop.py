@@ -62,15 +62,6 @@ GOOGLE_DDPM_CIFAR10 = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Batch-1 forwards: one intra-op thread is as fast and immune to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_unet(kw: dict) -> UNet:
     """Our U-Net with random weights everywhere (its zero-initialised output layers would make
     the comparison vacuous), drawn fast: fan-in scaled normals, norms around 1."""

@@ -4,21 +4,17 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from cli_utils import start_cli, wait_for
 from ddpm.callbacks.atomic_checkpoint import CheckpointWriteError
 from ddpm.callbacks.nonfinite import NonFiniteStepError, NonFiniteWeightsError
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
@@ -27,9 +23,9 @@ from ddpm.config import validate_train_config
 from ddpm.errors import ConfigError
 from ddpm.run.checkpoint_files import find_checkpoint
 from ddpm.tasks.train import train
-from hydra_utils import SRC_DIR, TINY, compose_cfg
+from hydra_utils import TINY, compose_cfg
+from run_utils import DISK, load_ckpt
 
-TESTS_DIR = Path(__file__).resolve().parent
 FAST = [
     *TINY,
     "callbacks.sample_grid.every_n_steps=1000",
@@ -38,123 +34,6 @@ FAST = [
     "trainer.val_check_interval=1000",
     "trainer.limit_val_batches=1",
 ]
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-# ====================================================================== test-only callbacks
-class SignalAt(pl.Callback):
-    """Send ``signum`` to this very process when a batch starts at ``step``."""
-
-    def __init__(self, step: int, signum: int = int(signal.SIGINT)) -> None:
-        self.step, self.signum = step, signum
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
-class NaNAt(pl.Callback):
-    """Replace the batch by NaNs at the given steps (``from_step``: and every step after)."""
-
-    def __init__(self, steps: list[int] | None = None, from_step: int | None = None) -> None:
-        self.steps = set(steps or [])
-        self.from_step = from_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        s = trainer.global_step
-        if s in self.steps or (self.from_step is not None and s >= self.from_step):
-            batch.fill_(float("nan"))
-
-
-class InfWeightAfter(pl.Callback):
-    """After optimizer step ``step``, overwrite one weight with Inf (an update that overflowed)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(pl_module.net.parameters()).view(-1)[0] = float("inf")
-
-
-DISK = {"full": False, "where": "write"}
-
-
-class DiskFullFrom(pl.Callback):
-    """From ``step`` on, checkpoint writes fail (see the ``full_disk`` fixture)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        DISK["full"] = trainer.global_step >= self.step
-
-
-class SlowLastSave(pl.Callback):
-    """From the second write of ``last.ckpt`` on: write half of it, drop ``marker``, then hang
-    (the test kills the process with SIGKILL in the middle of the save)."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def setup(self, trainer, pl_module, stage) -> None:
-        ckpt_io = trainer.strategy.checkpoint_io
-        original = ckpt_io.save_checkpoint
-        count = {"last": 0}
-        marker = Path(self.marker)
-
-        def save(checkpoint, path, storage_options=None):
-            if str(path).endswith("last.ckpt.partial"):
-                count["last"] += 1
-                if count["last"] >= 2:
-                    buf = io.BytesIO()
-                    torch.save(checkpoint, buf)
-                    data = buf.getvalue()
-                    with open(path, "wb") as f:
-                        f.write(data[: len(data) // 2])
-                        f.flush()
-                        os.fsync(f.fileno())
-                    marker.write_text(str(checkpoint["global_step"]))
-                    time.sleep(600)
-            return original(checkpoint, path, storage_options)
-
-        ckpt_io.save_checkpoint = save
-
-
-# ====================================================================== helpers
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "PYTHONPATH": str(TESTS_DIR),
-        "HYDRA_FULL_ERROR": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, str(SRC_DIR / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended early ({proc.returncode}):\n{err[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.1)
 
 
 CLI = [o for o in FAST if not o.startswith("trainer.enable")] + [
@@ -167,59 +46,62 @@ CLI = [o for o in FAST if not o.startswith("trainer.enable")] + [
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _cli([*CLI, "trainer.max_steps=100000", f"run_dir={run}"], tmp_path)
+    proc = start_cli([*CLI, "trainer.max_steps=100000", f"run_dir={run}"], tmp_path)
     first = run / "checkpoints" / "step_0000002.ckpt"
-    _wait_for(first.is_file, proc)
-    time.sleep(1.0)  # a few more steps
+    wait_for(first.is_file, first.name, proc)
+    steps = run / "checkpoints"  # a few more steps: the next periodic checkpoint
+    wait_for(lambda: len(list(steps.glob("step_*.ckpt"))) >= 2, "a second step_*.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "resume with" in err.lower()
-    last = _load(run / "checkpoints" / "last.ckpt")
+    last = load_ckpt(run / "checkpoints" / "last.ckpt")
     step = last["global_step"]
     assert step >= 2
     assert json.loads((run / "metrics.json").read_text())["interrupted_by_signal"] == 15
     assert not list(run.rglob("*.partial"))
     # resume from it and take 3 more steps
-    res = _cli(
+    res = start_cli(
         [*CLI, f"trainer.max_steps={step + 3}", "ckpt_path=last", f"run_dir={run}"], tmp_path
     )
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err[-3000:]
     assert f"Restoring states from the checkpoint path at {run / 'checkpoints'}" in err
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == step + 3
 
 
 @pytest.mark.slow
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     run, marker = tmp_path / "run", tmp_path / "saving"
-    proc = _cli(
+    proc = start_cli(
         [
             *CLI,
             "trainer.max_steps=100000",
             f"run_dir={run}",
-            "+callbacks.slow._target_=test_reliability.SlowLastSave",
+            "+callbacks.slow._target_=run_utils.SlowLastSave",
             f"+callbacks.slow.marker={marker}",
         ],
         tmp_path,
     )
-    _wait_for(marker.is_file, proc)
+    wait_for(marker.is_file, "the half-written last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 in the middle of writing last.ckpt
     proc.communicate(timeout=60)
     ckpts = run / "checkpoints"
     assert (ckpts / "last.ckpt.partial").is_file()  # the half-written file
     with pytest.raises((RuntimeError, EOFError, ValueError)):
-        _load(ckpts / "last.ckpt.partial")
-    assert _load(ckpts / "last.ckpt")["global_step"] == 2  # the previous one, intact
+        load_ckpt(ckpts / "last.ckpt.partial")
+    assert load_ckpt(ckpts / "last.ckpt")["global_step"] == 2  # the previous one, intact
     assert int(marker.read_text()) == 4
     assert find_checkpoint(run) == str(ckpts / "step_0000004.ckpt")  # newest complete one
     # The run's own callback is vouched for by naming it on the resuming command.
-    vouch = "+callbacks.slow._target_=test_reliability.SlowLastSave"
-    res = _cli([*CLI, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}", vouch], tmp_path)
+    vouch = "+callbacks.slow._target_=run_utils.SlowLastSave"
+    res = start_cli(
+        [*CLI, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}", vouch], tmp_path
+    )
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err[-3000:]
     assert not (ckpts / "last.ckpt.partial").exists()
-    assert _load(ckpts / "last.ckpt")["global_step"] == 6
+    assert load_ckpt(ckpts / "last.ckpt")["global_step"] == 6
 
 
 def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path, default_sigint: None) -> None:
@@ -227,7 +109,7 @@ def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path, default_sigin
         [
             *FAST,
             "trainer.max_steps=50",
-            "+callbacks.sig._target_=test_reliability.SignalAt",
+            "+callbacks.sig._target_=run_utils.SignalAt",
             "+callbacks.sig.step=3",
         ],
         tmp_path,
@@ -237,10 +119,10 @@ def test_sigint_in_process_saves_stops_and_resumes(tmp_path: Path, default_sigin
     assert info.value.code == 128 + signal.SIGINT
     assert info.value.global_step == 4  # the step in flight was finished, then saved
     run = tmp_path / "run"
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert json.loads((run / "metrics.json").read_text())["interrupted_by_signal"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    vouch = "+callbacks.sig._target_=test_reliability.SignalAt"  # the run's own callback
+    vouch = "+callbacks.sig._target_=run_utils.SignalAt"  # the run's own callback
     metrics = train(
         compose_cfg(
             [*FAST, "trainer.max_steps=6", "ckpt_path=last", f"run_dir={run}", vouch], tmp_path
@@ -254,10 +136,13 @@ def test_second_sigint_aborts_immediately(default_sigint: None) -> None:
     cb._install_handlers()
     try:
         os.kill(os.getpid(), signal.SIGINT)
+        wait_for(
+            lambda: cb.signum is not None, "the handler to record the first SIGINT", timeout=10
+        )
         assert cb.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
+            wait_for(lambda: False, "KeyboardInterrupt from the second SIGINT", timeout=10)
     finally:
         cb._restore_handlers()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -273,7 +158,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
             "trainer.max_steps=6",
             "logger=csv",
             "trainer.log_every_n_steps=1",
-            "+callbacks.nan._target_=test_reliability.NaNAt",
+            "+callbacks.nan._target_=run_utils.NaNAt",
             "+callbacks.nan.steps=[2,3]",
         ],
         tmp_path,
@@ -281,7 +166,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
     metrics = train(cfg)
     assert metrics["global_step"] == 6
     assert metrics["train/nonfinite_steps"] == 2
-    ckpt = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")
     for key in ("state_dict", "ema_state_dict"):
         assert all(torch.isfinite(v).all() for v in ckpt[key].values() if v.is_floating_point())
     assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 2, "consecutive": 0}
@@ -298,7 +183,7 @@ def test_k_consecutive_nonfinite_steps_stop_the_run(tmp_path: Path) -> None:
             *FAST,
             "trainer.max_steps=50",
             "callbacks.nonfinite_guard.max_consecutive=3",
-            "+callbacks.nan._target_=test_reliability.NaNAt",
+            "+callbacks.nan._target_=run_utils.NaNAt",
             "+callbacks.nan.from_step=4",
         ],
         tmp_path,
@@ -307,7 +192,7 @@ def test_k_consecutive_nonfinite_steps_stop_the_run(tmp_path: Path) -> None:
         train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
     assert "last.ckpt" in str(info.value)
-    last, good = _load(ckpts / "last.ckpt"), _load(ckpts / "step_0000004.ckpt")
+    last, good = load_ckpt(ckpts / "last.ckpt"), load_ckpt(ckpts / "step_0000004.ckpt")
     assert last["global_step"] == 6  # written during the streak: skipped steps changed nothing
     for k, v in good["state_dict"].items():
         assert torch.equal(v, last["state_dict"][k]), k
@@ -326,7 +211,7 @@ def test_nonfinite_weights_are_never_saved_and_the_finite_checkpoint_is_named(
         [
             *FAST,
             "trainer.max_steps=8",
-            "+callbacks.inf._target_=test_reliability.InfWeightAfter",
+            "+callbacks.inf._target_=run_utils.InfWeightAfter",
             f"+callbacks.inf.step={step}",
         ],
         tmp_path,
@@ -335,7 +220,7 @@ def test_nonfinite_weights_are_never_saved_and_the_finite_checkpoint_is_named(
         train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
     assert f"finite weights is {ckpts / 'last.ckpt'}" in str(info.value)
-    last = _load(ckpts / "last.ckpt")
+    last = load_ckpt(ckpts / "last.ckpt")
     assert last["global_step"] == 2
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt"]
     for key in ("state_dict", "ema_state_dict"):
@@ -380,7 +265,7 @@ def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(
         [
             *FAST,
             "trainer.max_steps=8",
-            "+callbacks.disk._target_=test_reliability.DiskFullFrom",
+            "+callbacks.disk._target_=run_utils.DiskFullFrom",
             "+callbacks.disk.step=3",
         ],
         tmp_path,
@@ -390,7 +275,7 @@ def test_disk_full_fails_clearly_and_keeps_the_previous_checkpoint(
         train(cfg)
     assert needle in str(info.value) and "intact" in str(info.value)
     ckpts = tmp_path / "run" / "checkpoints"
-    assert _load(ckpts / "last.ckpt")["global_step"] == 2
+    assert load_ckpt(ckpts / "last.ckpt")["global_step"] == 2
     assert not list(ckpts.glob("*.partial"))
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt"]
 
@@ -467,7 +352,7 @@ def _plain(obj, path: str = "") -> None:
 def test_checkpoints_hold_only_tensors_and_plain_data(trained_run: Path) -> None:
     names = sorted(p.name for p in (trained_run / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in names and any(n.startswith("best_") for n in names), names
-    ckpt = _load(trained_run / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(trained_run / "checkpoints" / "last.ckpt")
     _plain(ckpt)
     assert ckpt["ddpm_config"]["objective"]["loss"]["loss_type"] == "hybrid"
     assert {
@@ -490,7 +375,7 @@ def test_export_round_trips_and_samples(trained_run: Path, tmp_path: Path) -> No
     exported, original = load_model(out), load_model(ckpt_path)
     assert exported.used_ema and original.used_ema
     assert exported.global_step == original.global_step == 4
-    ema = _load(ckpt_path)["ema_state_dict"]
+    ema = load_ckpt(ckpt_path)["ema_state_dict"]
     sd = exported.net.state_dict()
     assert sd.keys() == ema.keys()
     for k in sd:
@@ -517,7 +402,7 @@ def test_export_round_trips_and_samples(trained_run: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_ddp_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _cli(
+    proc = start_cli(
         [
             *CLI,
             "trainer.max_steps=100000",
@@ -527,13 +412,13 @@ def test_ddp_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(tmp_path: P
         ],
         tmp_path,
     )
-    _wait_for((run / "checkpoints" / "step_0000002.ckpt").is_file, proc)
+    wait_for((run / "checkpoints" / "step_0000002.ckpt").is_file, "step_0000002.ckpt", proc)
     os.kill(proc.pid, signal.SIGTERM)  # only the launching process (rank 0) gets it
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    ckpt = _load(run / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] >= 2
-    res = _cli(
+    res = start_cli(
         [
             *CLI,
             f"trainer.max_steps={ckpt['global_step'] + 2}",
@@ -546,7 +431,7 @@ def test_ddp_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(tmp_path: P
     )
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err[-3000:]
-    assert _load(run / "checkpoints" / "last.ckpt")["global_step"] == ckpt["global_step"] + 2
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == ckpt["global_step"] + 2
 
 
 def test_unwritable_output_directory_fails_before_any_work(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ so whatever gap remains between samples and data is the sampler's own discretisa
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +32,10 @@ from ddpm.diffusion import (
 )
 from ddpm.diffusion.samplers import sample_batches
 from ddpm.utils.seeding import PerSampleGenerator
-from oracles import GaussianOracle, MixtureOracle, gen, one_thread  # noqa: F401
+from hydra_utils import REPO_DIR
+from oracles import GaussianOracle, MixtureOracle, gen
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+CONF = REPO_DIR / "conf" / "sampler"
 MU = [0.2, -0.3]
 MEANS = [[-0.5, -0.5], [0.5, 0.4]]
 STDS = [0.1, 0.15]

@@ -15,13 +15,9 @@ from torch import Tensor
 from ddpm.callbacks.fid import FIDCallback, FIDUnavailableWarning
 from ddpm.data import ImageDataModule
 from ddpm.metrics import DatasetImages, SampleMetrics
-from fit_utils import TinyEpsNet, fit, make_module
+from fit_utils import TinyEpsNet, digits, fit, make_module
 
 NUM_REF = 128
-
-
-def digits() -> ImageDataModule:
-    return ImageDataModule(name="digits", batch_size=32, num_workers=0)
 
 
 class ReplaySampler:
