@@ -46,7 +46,7 @@ test-floors:
 	$(PYTHON) -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(FLOORS_VENV)/bin/python -m pip install --quiet $$($(PYTHON) .ci/floors.py) -e '.[test]'
-	$(FLOORS_VENV)/bin/python -m pip list | grep -iE '^(torch|torchvision|pytorch-lightning|wandb|torch-fidelity|numpy) '
+	$(FLOORS_VENV)/bin/python -m pip list | grep -iE '^(torch|torchvision|pytorch-lightning|wandb|torch[-_]fidelity|numpy) '
 	$(FLOORS_VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile -p no:cacheprovider \
 		-m "not slow and not ddp" $(ARGS); status=$$?; rm -rf $(FLOORS_VENV); exit $$status
 
