@@ -17,11 +17,13 @@ from hydra_utils import SRC_DIR, TESTS_DIR
 TRAIN = str(SRC_DIR / "train.py")
 
 
-def cli_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, W&B offline, full Hydra errors and the test helpers importable (for
-    ``+callbacks.x._target_=run_utils.X``); ``extra_env`` last."""
+def cli_env(cwd: Path, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, W&B offline, full Hydra errors, the test helpers importable (for
+    ``+callbacks.x._target_=run_utils.X``) and ``outputs/``, ``data/``, ``.cache/`` under ``cwd``
+    (``DDPM_ROOT``; a checkout's default root is the repository); ``extra_env`` last."""
     return {
         **os.environ,
+        "DDPM_ROOT": str(cwd),
         "WANDB_MODE": "offline",
         "PYTHONPATH": str(TESTS_DIR),
         "HYDRA_FULL_ERROR": "1",
@@ -40,7 +42,7 @@ def run_cli(
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=cwd,
-        env=cli_env(extra_env),
+        env=cli_env(cwd, extra_env),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -54,7 +56,7 @@ def start_cli(args: list[str], cwd: Path, script: str = TRAIN) -> subprocess.Pop
     return subprocess.Popen(
         [sys.executable, script, *args],
         cwd=cwd,
-        env=cli_env(),
+        env=cli_env(cwd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -26,7 +26,7 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
 
 
-def _devices_count(devices: Any, accelerator: Any) -> int | None:
+def devices_count(devices: Any, accelerator: Any) -> int | None:
     """Number of devices per node from Lightning's ``devices`` value, when knowable up front."""
     if isinstance(devices, int) and devices > 0:
         return devices
@@ -253,7 +253,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if not _get(cfg, "ckpt_path"):  # a resume builds the run's own objects, not the command's
         problems += build_problems(cfg)
     bs = _get(cfg, "data.batch_size")
-    devices = _devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
+    devices = devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1
     if isinstance(bs, int) and bs >= 1 and devices and isinstance(nodes, int):
         try:

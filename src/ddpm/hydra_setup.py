@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from ddpm.diffusion.gaussian import model_output_channels
 from ddpm.nn import PRESETS
+from ddpm.project import project_root
 from ddpm.run.directory import launch_subdir
 
 
@@ -38,13 +39,16 @@ def register_resolvers() -> None:
     ``${model_out_channels:C,variance_type}`` (the network's output channels for the objective:
     :func:`ddpm.diffusion.gaussian.model_output_channels`) and
     ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
-    :func:`ddpm.run.directory.launch_subdir`)."""
+    :func:`ddpm.run.directory.launch_subdir`) and ``${ddpm_project_root:}`` (the default root of
+    ``outputs/``, ``data/`` and caches: :func:`ddpm.project.project_root`)."""
     if not OmegaConf.has_resolver("ddpm_first"):
         OmegaConf.register_new_resolver("ddpm_first", _first_not_none)
     if not OmegaConf.has_resolver("model_out_channels"):
         OmegaConf.register_new_resolver("model_out_channels", _model_out_channels)
     if not OmegaConf.has_resolver("ddpm_launch_subdir"):
         OmegaConf.register_new_resolver("ddpm_launch_subdir", _launch_subdir)
+    if not OmegaConf.has_resolver("ddpm_project_root"):
+        OmegaConf.register_new_resolver("ddpm_project_root", project_root)
 
 
 def register_model_presets() -> None:

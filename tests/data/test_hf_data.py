@@ -101,7 +101,7 @@ def test_bad_columns_splits_and_missing_extra_are_named(saved, monkeypatch) -> N
             dm.setup("fit")
             dm.dataset("train")[0]
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
-    with pytest.raises(ImportError, match=r"pip install 'ddpm\[hf\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'ddpm-lightning\[hf\]'"):
         ImageDataModule("hf", path=str(path), image_column="img", num_workers=0).setup("fit")
 
 

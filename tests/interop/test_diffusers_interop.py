@@ -348,7 +348,7 @@ def test_refusals_name_what_does_not_map(tmp_path: Path) -> None:
 
 def test_missing_diffusers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "diffusers", None)  # what an uninstalled package looks like
-    with pytest.raises(ImportError, match=r"pip install '\.\[diffusers\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'ddpm-lightning\[diffusers\]'"):
         to_diffusers_unet(UNet(**PRESETS["tiny"]))
 
 

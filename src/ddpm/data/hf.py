@@ -3,7 +3,7 @@
 The rows' images are decoded, converted and resized per item (in DataLoader workers) exactly as
 image files are, and everything after that (validation split, normalisation, flips, the global
 batch split and DDP sharding, FID reference loaders) is :class:`ddpm.data.ImageDataModule`'s.
-Needs the optional extra: ``pip install 'ddpm[hf]'`` (the ``datasets`` package).
+Needs the optional extra: ``pip install 'ddpm-lightning[hf]'`` (the ``datasets`` package).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _datasets() -> Any:
         import datasets
     except ImportError as e:
         raise ImportError(
-            "data=hf needs the Hugging Face `datasets` package: pip install 'ddpm[hf]' "
+            "data=hf needs the Hugging Face `datasets` package: pip install 'ddpm-lightning[hf]' "
             "(or pip install datasets)"
         ) from e
     return datasets

@@ -2,5 +2,5 @@
 diffusion process onto diffusers' ``UNet2DModel`` and schedulers, and back.
 
 Nothing here is imported by the rest of the package: diffusers stays an optional extra
-(``pip install '.[diffusers]'``).
+(``pip install 'ddpm-lightning[diffusers]'``).
 """

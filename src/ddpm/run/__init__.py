@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import os
 
+from ddpm.project import command
+
 
 def resume_command(run_dir: str | os.PathLike, *overrides: str, ckpt_path: str = "last") -> str:
     """The command that continues the run in ``run_dir`` (from its newest checkpoint, or from
     ``ckpt_path``), with further ``key=value`` ``overrides``: the one spelling every message
     that says how to resume uses."""
-    return " ".join(
-        ["python src/train.py", f"run_dir={run_dir}", f"ckpt_path={ckpt_path}", *overrides]
-    )
+    return " ".join([command("train"), f"run_dir={run_dir}", f"ckpt_path={ckpt_path}", *overrides])

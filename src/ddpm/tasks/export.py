@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ddpm.checkpoint import CONFIG_KEY, CheckpointError, LoadedModel, load_model
 from ddpm.interop import diffusers as interop
+from ddpm.project import command
 from ddpm.run.checkpoint_files import source_run_dir
 from ddpm.tasks.common import output_dir
 
@@ -31,7 +32,7 @@ FORMATS = ("ddpm", "diffusers")
 def export(cfg: DictConfig) -> Path:
     """Export; returns the path written (a ``.safetensors`` file or a diffusers folder)."""
     if not cfg.get("ckpt_path"):
-        raise CheckpointError("ckpt_path is required: python src/export.py ckpt_path=PATH")
+        raise CheckpointError(f"ckpt_path is required: {command('export')} ckpt_path=PATH")
     fmt = cfg.get("format") or "ddpm"
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -133,7 +134,7 @@ def _import_diffusers(source: Path, cfg: DictConfig) -> Path:
         raise CheckpointError(
             f"{scheduler_file} not found: importing a checkpoint needs the pipeline's scheduler "
             "(the diffusion process). A lone UNet2DModel folder can be fine-tuned with "
-            "python src/train.py model=diffusers model.path=DIR"
+            f"{command('train')} model=diffusers model.path=DIR"
         )
     net = interop.from_diffusers_unet(interop.load_unet(source))
     diffusion, hints = interop.diffusion_from_scheduler_config(

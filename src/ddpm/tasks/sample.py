@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.diffusion.samplers.seeded import sample_batches
 from ddpm.metrics import save_npz
+from ddpm.project import command
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.utils.classes import balanced_labels, num_classes_of, parse_class_labels
 from ddpm.utils.distributed import gather_rows, shard
@@ -130,7 +131,7 @@ def class_grid(
 def sample(cfg: DictConfig) -> Path:
     """Run the sample task; returns the path of ``samples.npz``."""
     if not cfg.get("ckpt_path"):
-        raise CheckpointError("ckpt_path is required: python src/sample.py ckpt_path=PATH")
+        raise CheckpointError(f"ckpt_path is required: {command('sample')} ckpt_path=PATH")
     given = cfg.get("class_labels")
     if given is not None and (OmegaConf.is_list(given) or isinstance(given, (list, tuple))):
         given = [int(v) for v in given]

@@ -18,7 +18,11 @@ told in :mod:`ddpm.run`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -126,6 +130,20 @@ def _validate_final_weights(
     trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
+@contextlib.contextmanager
+def _resume_quiet(trainer: pl.Trainer, resuming: bool) -> Iterator[None]:
+    """A resume continues in the run's own checkpoint directories: Lightning's "Checkpoint
+    directory <dir> exists and is not empty." (ModelCheckpoint's setup) is expected there, so that
+    message, for those directories, is not shown; a new run into a used directory still warns."""
+    with warnings.catch_warnings():
+        if resuming:
+            for cb in trainer.checkpoint_callbacks:
+                if getattr(cb, "dirpath", None):
+                    message = f"Checkpoint directory {cb.dirpath} exists and is not empty."
+                    warnings.filterwarnings("ignore", message=re.escape(message))
+        yield
+
+
 def _fit(launch: Launch) -> dict[str, float]:
     cfg, run_dir, ckpt_path = launch.cfg, launch.run_dir, launch.ckpt_path
     print_config_tree(cfg, run_dir)  # rank 0: on screen and in <run dir>/config_tree.log
@@ -150,7 +168,8 @@ def _fit(launch: Launch) -> dict[str, float]:
     try:
         # weights_only=True: a downloaded checkpoint cannot run code (everything we store is
         # tensors and plain data; see ddpm.module.DiffusionModule.on_save_checkpoint).
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with _resume_quiet(trainer, ckpt_path is not None):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if optimising_sweep():
             _validate_final_weights(trainer, module, datamodule, cfg.get("optimized_metric"))
     except TrainingInterrupted as e:

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.contracts import HasReferenceLoader, require
+from ddpm.project import command
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.sample import build_sampler, sample_labels
 from ddpm.utils.classes import num_classes_of, parse_class_labels
@@ -91,7 +92,7 @@ def _num_samples(cfg: DictConfig, section: str, default: int | None = None) -> i
 def _load(cfg: DictConfig, device: torch.device) -> LoadedModel:
     if not cfg.get("ckpt_path"):
         raise CheckpointError(
-            f"what={cfg.what} needs a checkpoint: python src/visualize.py what={cfg.what} "
+            f"what={cfg.what} needs a checkpoint: {command('visualize')} what={cfg.what} "
             "ckpt_path=PATH"
         )
     return load_model(cfg.ckpt_path, use_ema=bool(cfg.get("use_ema", True)), device=device)

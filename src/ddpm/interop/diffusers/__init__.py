@@ -21,7 +21,7 @@ Our ``UNet`` arguments and the ``UNet2DModel`` config they become:
 The weights correspond one to one (our fused qkv projection is diffusers' to_q, to_k, to_v), so
 a round trip is bit-identical. What has no counterpart is refused with :class:`InteropError`
 naming it, never converted into a different model. Everything here needs diffusers
-(``pip install '.[diffusers]'``), imported when first used.
+(``pip install 'ddpm-lightning[diffusers]'``), imported when first used.
 
 Parts: ``configs`` (the table above), ``weights`` (state_dict keys), ``networks`` (module
 objects and diffusers folders), ``scheduler`` (process <-> scheduler config, sampler spacings),

@@ -6,7 +6,7 @@ from typing import Any
 
 __all__ = ["InteropError", "require_diffusers"]
 
-INSTALL_HINT = "pip install '.[diffusers]' (or pip install diffusers)"
+INSTALL_HINT = "pip install 'ddpm-lightning[diffusers]' (or pip install diffusers)"
 
 
 class InteropError(ValueError):
