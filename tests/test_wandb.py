@@ -3,6 +3,7 @@ terminal (pty) where a login prompt would block, real 2-process DDP (gloo) for t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pty
@@ -22,11 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
+from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.diffusion import LossSecondMomentTimestepSampler
-from ddpm.loggers import RUN_ID_ENV, RUN_ID_FILE, log_hyperparameters, wandb_logger
-from ddpm.tasks.train import build_module
+from ddpm.loggers import RUN_ID_ENV, log_hyperparameters, read_identity, wandb_logger
+from ddpm.tasks.train import build_module, train
 from ddpm.utils.config_tree import to_plain
 from hydra_utils import SRC_DIR, TINY, compose_cfg
+from wandb_utils import artifacts, history, offline_runs, records, run_record, summary
 
 
 def _closed_port() -> int:
@@ -64,7 +67,7 @@ def test_no_credentials_or_a_dead_server_never_prompts_or_hangs(tmp_path: Path) 
         for k, v in os.environ.items()
         if not k.startswith("WANDB_") and k not in ("NETRC", RUN_ID_ENV)
     }
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(SRC_DIR), WANDB_DIR=str(tmp_path))
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(SRC_DIR))
     url = f"http://127.0.0.1:{_closed_port()}"
     args = [str(tmp_path / "a"), str(tmp_path / "b"), url]
     controller, terminal = pty.openpty()
@@ -114,7 +117,7 @@ def test_multirun_jobs_are_grouped_named_and_log_config_and_parameters(tmp_path:
         run = logger.experiment
         assert run.group == f"sweep-{sweep.name}" and run.name == "schedule=cosine"
         assert run.settings.x_disable_stats and list(run.tags) == ["a"]
-        assert (save / RUN_ID_FILE).read_text() == run.id == logger.version
+        assert read_identity(save)["id"] == run.id == logger.version
         module = build_module(cfg)
         trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
         log_hyperparameters(trainer, module, to_plain(cfg))
@@ -153,7 +156,7 @@ def _rank_worker(rank: int, world: int, tmp: str) -> None:
     save = Path(tmp) / "run"
     if rank == 1:
         out["early_id"] = wandb_logger(mode="disabled", save_dir=str(save)).version
-        out["file_after_rank1"] = (save / RUN_ID_FILE).exists()
+        out["file_after_rank1"] = bool(read_identity(save))
     dist.barrier()
     if rank == 0:
         logger = wandb_logger(mode="disabled", save_dir=str(save))
@@ -179,4 +182,76 @@ def test_ddp_ranks_share_the_run_id_and_unequal_sampler_updates(tmp_path: Path) 
         assert torch.equal(r["hist"], torch.from_numpy(reference._hist))
     # only rank 0 wrote the id file; the others read it (or the environment rank 0 set)
     assert r1["file_after_rank1"] is False and r1["early_id"] is None
-    assert r0["id"] == r0["env"] == r1["id"] == (tmp_path / "run" / RUN_ID_FILE).read_text()
+    assert r0["id"] == r0["env"] == r1["id"] == read_identity(tmp_path / "run")["id"]
+
+
+# ------------------------------------------------------------------ a training run's W&B record
+def test_env_wins_best_value_is_the_summary_and_every_checkpoint_is_an_artifact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_sigint: None
+) -> None:
+    """A run stopped by Ctrl-C, then resumed to its end, with W&B's environment variables set:
+    they win over the config; each validation metric's summary is its best value; the step,
+    best and last checkpoints (the one written on the signal and the final one) are artifacts."""
+    env = {
+        "WANDB_PROJECT": "env-project",
+        "WANDB_RUN_GROUP": "env-group",
+        "WANDB_TAGS": "a,b",
+        "WANDB_JOB_TYPE": "env-job",
+        "WANDB_RUN_ID": "envrun01",
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),  # where artifacts are staged
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    common = [
+        *TINY,
+        "logger=wandb",
+        "logger.wandb.project=config-project",
+        "logger.wandb.log_model=true",
+        "logger.wandb.system_metrics=false",
+        "logger.wandb.console=off",
+        "trainer.val_check_interval=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_steps=100",
+        "callbacks.sample_grid.at_train_end=false",
+    ]
+    stop = ["+callbacks.sig._target_=run_utils.SignalAt", "+callbacks.sig.step=2"]
+    with pytest.raises(TrainingInterrupted):
+        train(compose_cfg([*common, "trainer.max_steps=50", *stop], tmp_path))
+    run = tmp_path / "run"
+    train(
+        compose_cfg(
+            [*common, "trainer.max_steps=5", "ckpt_path=last", f"run_dir={run}", *stop], tmp_path
+        )
+    )
+    assert read_identity(run) == {
+        "id": "envrun01",
+        "project": "env-project",
+        "entity": None,
+        "group": "env-group",
+    }
+    first, second = offline_runs(tmp_path / "wandb_dir", "envrun01")
+    recs = [records(first), records(second)]
+    meta = run_record(recs[0])
+    assert (meta["project"], meta["run_group"], meta["job_type"]) == (
+        "env-project",
+        "env-group",
+        "env-job",
+    )
+    assert meta["tags"] == ["a", "b"]
+    for part in recs:
+        rows = [r for r in history(part) if "val/loss" in r]
+        best = min(r["val/loss"] for r in rows)
+        assert summary(part)["val/loss"] == {"min": best}, rows
+    for part, steps in zip(recs, (["step_0000002"], ["step_0000004"])):
+        logged = {json.loads(a["metadata"])["original_filename"]: a for a in artifacts(part)}
+        stems = {Path(f).stem for f in logged}
+        assert {*steps, "last"} <= stems and any(s.startswith("best_") for s in stems), stems
+        for name, a in logged.items():
+            assert a["name"] == "model-envrun01" and {"latest", Path(name).stem} <= set(
+                a["aliases"]
+            )
+            assert ("best" in a["aliases"]) == name.startswith("best_"), (name, a["aliases"])
+    # the last.ckpt written on the signal (step 3) and the final one (step 5) were both logged
+    last = [json.loads(a["metadata"])["original_filename"] for p in recs for a in artifacts(p)]
+    assert last.count("last.ckpt") == 2
