@@ -3,6 +3,7 @@ terminal (pty) where a login prompt would block, real 2-process DDP (gloo) for t
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.diffusion import LossSecondMomentTimestepSampler
@@ -185,13 +187,22 @@ def test_ddp_ranks_share_the_run_id_and_unequal_sampler_updates(tmp_path: Path) 
     assert r0["id"] == r0["env"] == r1["id"] == read_identity(tmp_path / "run")["id"]
 
 
-# ------------------------------------------------------------------ a training run's W&B record
-def test_env_wins_best_value_is_the_summary_and_every_checkpoint_is_an_artifact(
+# ------------------------------------------------------------------ a training run's record
+def _csv_rows(path: Path, key: str) -> list[tuple[int, float]]:
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def test_a_stopped_then_redone_run_keeps_every_log_and_its_checkpoints_as_artifacts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_sigint: None
 ) -> None:
-    """A run stopped by Ctrl-C, then resumed to its end, with W&B's environment variables set:
-    they win over the config; each validation metric's summary is its best value; the step,
-    best and last checkpoints (the one written on the signal and the final one) are artifacts."""
+    """A run stopped by Ctrl-C at step 4, then resumed from its step-2 checkpoint (what a resume
+    after a hard kill does: steps 3 and 4 are redone) to step 6, with every logger and W&B's
+    environment variables set. W&B: the variables win over the config, each validation
+    metric's summary is its best value, the step, best and last checkpoints (the one written on
+    the signal and the final one) are artifacts. Nothing is lost: metrics.csv keeps the first
+    launch's rows, TensorBoard shows each step once (the redone ones as redone), the top
+    config_tree.log stays the first launch's."""
     env = {
         "WANDB_PROJECT": "env-project",
         "WANDB_RUN_GROUP": "env-group",
@@ -205,25 +216,42 @@ def test_env_wins_best_value_is_the_summary_and_every_checkpoint_is_an_artifact(
         monkeypatch.setenv(key, value)
     common = [
         *TINY,
-        "logger=wandb",
+        "logger=many_loggers",
         "logger.wandb.project=config-project",
         "logger.wandb.log_model=true",
         "logger.wandb.system_metrics=false",
         "logger.wandb.console=off",
+        "trainer.log_every_n_steps=1",
         "trainer.val_check_interval=1",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.sample_grid.every_n_steps=100",
         "callbacks.sample_grid.at_train_end=false",
+        "+callbacks.sig._target_=run_utils.SignalAt",
     ]
-    stop = ["+callbacks.sig._target_=run_utils.SignalAt", "+callbacks.sig.step=2"]
     with pytest.raises(TrainingInterrupted):
-        train(compose_cfg([*common, "trainer.max_steps=50", *stop], tmp_path))
+        train(compose_cfg([*common, "+callbacks.sig.step=3", "trainer.max_steps=50"], tmp_path))
     run = tmp_path / "run"
-    train(
-        compose_cfg(
-            [*common, "trainer.max_steps=5", "ckpt_path=last", f"run_dir={run}", *stop], tmp_path
-        )
-    )
+    tree = (run / "config_tree.log").read_bytes()
+    first_rows = _csv_rows(run / "csv" / "metrics.csv", "train/loss")
+    redo = [f"ckpt_path={run / 'checkpoints' / 'step_0000002.ckpt'}", f"run_dir={run}"]
+    train(compose_cfg([*common, "+callbacks.sig.step=100", "trainer.max_steps=6", *redo], tmp_path))
+
+    # config_tree.log: the first launch's at the top, the resume's in its own record
+    assert (run / "config_tree.log").read_bytes() == tree
+    assert len(list((run / "launches").glob("*/config_tree.log"))) == 1
+    # metrics.csv: the first launch's rows, then the resume's from step 2 on (Lightning logs
+    # optimizer step k + 1 at step k); a redone step's rows appear twice, with equal values
+    rows = _csv_rows(run / "csv" / "metrics.csv", "train/loss")
+    assert [s for s, _ in first_rows] == [0, 1, 2] and rows[:3] == first_rows
+    assert [s for s, _ in rows[3:]] == [2, 3, 4, 5] and rows[3][1] == pytest.approx(rows[2][1])
+    # TensorBoard: both event files kept; the redone steps shown once, as the resume logged them
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    shown = events.Scalars("train/loss")
+    assert [e.step for e in shown] == [0, 1, 2, 3, 4, 5]
+    assert [e.value for e in shown] == pytest.approx([v for _, v in rows[:2] + rows[3:]])
+
     assert read_identity(run) == {
         "id": "envrun01",
         "project": "env-project",
@@ -239,19 +267,17 @@ def test_env_wins_best_value_is_the_summary_and_every_checkpoint_is_an_artifact(
         "env-job",
     )
     assert meta["tags"] == ["a", "b"]
+    # W&B: the resume re-logs the redone steps (optimizer steps 3 and 4) into the same run
+    steps = [[r["trainer/global_step"] for r in history(p) if "train/loss" in r] for p in recs]
+    assert steps == [[0, 1, 2], [2, 3, 4, 5]]
     for part in recs:
-        rows = [r for r in history(part) if "val/loss" in r]
-        best = min(r["val/loss"] for r in rows)
-        assert summary(part)["val/loss"] == {"min": best}, rows
-    for part, steps in zip(recs, (["step_0000002"], ["step_0000004"])):
+        val = [r["val/loss"] for r in history(part) if "val/loss" in r]
+        assert summary(part)["val/loss"] == {"min": min(val)}, val
+    for part, step_file in zip(recs, ("step_0000002", "step_0000006")):
         logged = {json.loads(a["metadata"])["original_filename"]: a for a in artifacts(part)}
         stems = {Path(f).stem for f in logged}
-        assert {*steps, "last"} <= stems and any(s.startswith("best_") for s in stems), stems
+        assert {step_file, "last"} <= stems and any(s.startswith("best_") for s in stems), stems
         for name, a in logged.items():
-            assert a["name"] == "model-envrun01" and {"latest", Path(name).stem} <= set(
-                a["aliases"]
-            )
+            assert a["name"] == "model-envrun01"
+            assert {"latest", Path(name).stem} <= set(a["aliases"])
             assert ("best" in a["aliases"]) == name.startswith("best_"), (name, a["aliases"])
-    # the last.ckpt written on the signal (step 3) and the final one (step 5) were both logged
-    last = [json.loads(a["metadata"])["original_filename"] for p in recs for a in artifacts(p)]
-    assert last.count("last.ckpt") == 2

@@ -470,13 +470,15 @@ class _AppendingWriter(ExperimentWriter):
 
 
 def continue_loggers(loggers: list[Any], resumed_step: int | None) -> None:
-    """A launch that resumes at ``resumed_step``: TensorBoard hides the events the killed launch
-    logged at that step and after (they are redone: ``SummaryWriter(purge_step=...)``)."""
+    """A launch that resumes from a checkpoint at ``resumed_step``: TensorBoard hides the events
+    an earlier launch logged for the steps after it, which are redone (a hard kill after the
+    checkpoint): ``SummaryWriter(purge_step=resumed_step)``, since Lightning logs optimizer step
+    k + 1 at step k. Call before the loggers write anything."""
     if resumed_step is None:
         return
     for lg in loggers:
         if isinstance(lg, TensorBoardLogger) and lg._experiment is None:
-            lg._kwargs.setdefault("purge_step", int(resumed_step) + 1)
+            lg._kwargs.setdefault("purge_step", int(resumed_step))
 
 
 def log_hyperparameters(trainer: pl.Trainer, module: pl.LightningModule, config: dict) -> None:
