@@ -62,10 +62,10 @@ ENV_SETTINGS = {
     "dir": "WANDB_DIR",
     "id": "WANDB_RUN_ID",
 }
-# The summary of a metric is its best value: lower is better for losses and distances
-# (``val/loss*``, ``*/fid``, ``*/kid``, ``*/nll_*``, ...), higher for these.
+# The summary of a validation / evaluation metric is its best value: higher is better for these,
+# lower for losses (``loss*``), bounds in bits/dim (``*_bpd``) and these distances.
 HIGHER_IS_BETTER = ("is", "precision", "recall")
-LOWER_IS_BETTER = ("loss", "mse", "vb", "fid", "kid", "nll_", "energy_distance", "mmd")
+LOWER_IS_BETTER = ("mse", "vb", "fid", "kid", "energy_distance", "mmd")
 
 
 # ---------------------------------------------------------------------------- online or not
@@ -232,7 +232,7 @@ def metric_goal(key: str) -> str | None:
         return None
     if name in HIGHER_IS_BETTER:
         return "max"
-    if name.startswith(LOWER_IS_BETTER):
+    if name in LOWER_IS_BETTER or name.startswith("loss") or name.endswith("_bpd"):
         return "min"
     return None
 
@@ -263,7 +263,7 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     return f"sweep-{Path(hc.sweep.dir).name}", name[:128]
 
 
-def _init_run(init: dict[str, Any], mode: str, settings: Any) -> Any:
+def init_wandb_run(init: dict[str, Any], mode: str, settings: Any) -> Any:
     """``wandb.init``; an online start that fails (server down, bad key, timeout) goes offline
     rather than ending the training run."""
     import wandb
@@ -362,7 +362,7 @@ def wandb_logger(
     settings = wandb.Settings(
         init_timeout=init_timeout, console=console, x_disable_stats=not system_metrics
     )
-    run = _init_run(init, resolved, settings)
+    run = init_wandb_run(init, resolved, settings)
     # Lightning's own x-axis for its metrics (what WandbLogger sets up when it starts the run).
     run.define_metric(STEP_METRIC)
     run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)

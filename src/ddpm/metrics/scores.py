@@ -263,7 +263,15 @@ class SampleMetrics:
     ) -> Features:
         parts = [
             self.extract(x)
-            for x in progress_iter(batches, total=total, desc="features", enabled=progress)
+            for x in progress_iter(
+                batches,
+                total=total,
+                desc="features",
+                enabled=progress,
+                unit="images",
+                size=len,
+                lines=True,
+            )
         ]
         if not parts:
             d = torch.zeros(0, 0)
@@ -274,8 +282,7 @@ class SampleMetrics:
         """This rank's block of ``source``, extracted (local; gather with ``.gather()``)."""
         block = D.shard(len(source))
         batches = source.batches(block.start, block.stop, self.batch_size)
-        total = -(-len(block) // self.batch_size)
-        return self.extract_all(batches, total=total, progress=progress)
+        return self.extract_all(batches, total=len(block), progress=progress)
 
     # ------------------------------------------------------------------ reference
     def reference(self, source: ImageSource, progress: bool = False) -> Features | None:
