@@ -28,7 +28,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.diffusion import LossSecondMomentTimestepSampler
 from ddpm.loggers import RUN_ID_ENV, log_hyperparameters, read_identity, wandb_logger
-from ddpm.tasks.train import build_module, train
+from ddpm.module import DiffusionModule
+from ddpm.tasks.train import train
 from ddpm.utils.config_tree import to_plain
 from hydra_utils import SRC_DIR, TINY, compose_cfg
 from wandb_utils import artifacts, history, offline_runs, records, run_record, summary
@@ -120,7 +121,7 @@ def test_multirun_jobs_are_grouped_named_and_log_config_and_parameters(tmp_path:
         assert run.group == f"sweep-{sweep.name}" and run.name == "schedule=cosine"
         assert run.settings.x_disable_stats and list(run.tags) == ["a"]
         assert read_identity(save)["id"] == run.id == logger.version
-        module = build_module(cfg)
+        module = DiffusionModule.from_config(cfg)
         trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
         log_hyperparameters(trainer, module, to_plain(cfg))
         n = sum(p.numel() for p in module.parameters())

@@ -11,17 +11,28 @@ evaluations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ddpm.callbacks._lightning import clip_gradients
-from ddpm.checkpoint import CONFIG_KEY, T_SAMPLER_KEY
+from ddpm.checkpoint import (
+    CONFIG_KEY,
+    T_SAMPLER_KEY,
+    check_stored_config,
+    is_loadable,
+    net_state_dict,
+    read_checkpoint,
+)
 from ddpm.contracts import find_ema
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, UniformTimestepSampler
+from ddpm.run.resume import shipped_targets
 from ddpm.utils.classes import with_labels
 from ddpm.utils.seeding import seed_global_rngs, seeded_generator, step_seed
 
@@ -89,6 +100,69 @@ class DiffusionModule(pl.LightningModule):
         self.validated_step: int | None = None  # global step of the latest validation
         # Kept out of the module registry (no duplicate keys in the state_dict).
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(
+        cls, cfg: Mapping[str, Any], run_config: dict | None = None, **overrides: Any
+    ) -> DiffusionModule:
+        """The module a run config describes (a composed config, or one stored in a checkpoint):
+        network, diffusion, loss and timestep sampler, optimizer and LR schedule; ``overrides``
+        replace constructor arguments."""
+        cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
+        lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+        kwargs: dict[str, Any] = dict(
+            net=instantiate(cfg.model),
+            diffusion=instantiate(cfg.diffusion),
+            loss=instantiate(cfg.objective.loss),
+            optimizer=instantiate(cfg.optimizer),
+            lr_scheduler=lr_scheduler,
+            timestep_sampler=instantiate(cfg.objective.timestep_sampler),
+            train_seed=int(cfg.seed),
+            compile=bool(cfg.get("compile", False)),
+            run_config=run_config,
+        )
+        if cfg.get("p_uncond") is not None:
+            kwargs["p_uncond"] = float(cfg.p_uncond)
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: str | torch.device | None = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> DiffusionModule:
+        """Lightning's way to load a module, for this framework's checkpoints (``.ckpt`` files
+        and ``export.py``'s ``.safetensors``): opened with ``torch.load(weights_only=True)``
+        whatever ``weights_only`` says (they hold tensors and plain data only), the module is
+        rebuilt from the run config stored in the file (:meth:`from_config`; it may name only
+        our classes and those ``conf/`` names), then the network's trained weights and the
+        timestep sampler's state are loaded. The EMA weights are the checkpoint's
+        ``ema_state_dict``; :func:`ddpm.checkpoint.load_model` samples with them.
+        ``kwargs`` replace constructor arguments (e.g. ``compile=True``)."""
+        if hparams_file is not None:
+            raise ValueError(
+                "hparams_file: a ddpm checkpoint holds its own run config; it is not read"
+            )
+        path = os.fspath(checkpoint_path)
+        ckpt = read_checkpoint(path)
+        config = ckpt[CONFIG_KEY]
+        shipped = shipped_targets()
+        check_stored_config(
+            config,
+            path,
+            sections=("optimizer", "lr_scheduler"),
+            allowed=lambda target, _: is_loadable(target) or target in shipped,
+        )
+        module = cls.from_config(config, run_config=config, **kwargs)
+        weights, _ = net_state_dict(ckpt, use_ema=False)
+        module.net.load_state_dict(weights, strict=strict is not False)
+        module.on_load_checkpoint(ckpt)
+        return module.to(map_location or "cpu")
 
     # ------------------------------------------------------------------ inference helpers
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:

@@ -45,24 +45,6 @@ from ddpm.utils.distributed import is_launch_rank_zero
 log = logging.getLogger(__name__)
 
 
-def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
-    """The LightningModule described by ``cfg`` (network, diffusion, loss and timestep sampler,
-    optimizer)."""
-    lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
-    return DiffusionModule(
-        net=instantiate(cfg.model),
-        diffusion=instantiate(cfg.diffusion),
-        loss=instantiate(cfg.objective.loss),
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=lr_scheduler,
-        timestep_sampler=instantiate(cfg.objective.timestep_sampler),
-        train_seed=int(cfg.seed),
-        compile=bool(cfg.get("compile", False)),
-        run_config=run_config,
-        **({"p_uncond": float(cfg.p_uncond)} if cfg.get("p_uncond") is not None else {}),
-    )
-
-
 def record_classes(cfg: DictConfig, datamodule: Any) -> None:
     """With ``data.conditional=true`` write the data's classes into ``cfg`` (``data.num_classes``,
     which the model configs read, and ``data.class_names``; stored with the run config), and
@@ -135,7 +117,7 @@ def _fit(launch: Launch) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     record_classes(cfg, datamodule)
     run_config = to_plain(cfg)
-    module = build_module(cfg, run_config)
+    module = DiffusionModule.from_config(cfg, run_config)
     resumed_step = None
     if launch.checkpoint is not None:
         resumed_step = int(launch.checkpoint.get("global_step", 0))
