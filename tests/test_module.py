@@ -10,7 +10,8 @@ import torch
 
 from ddpm.checkpoint import CONFIG_KEY, CheckpointError
 from ddpm.module import DiffusionModule
-from fit_utils import digits
+from ddpm.utils.seeding import seeded_generator, step_seed
+from fit_utils import T, digits, make_module
 
 
 def test_load_from_checkpoint_rebuilds_the_run_from_its_stored_config(
@@ -31,5 +32,32 @@ def test_load_from_checkpoint_rebuilds_the_run_from_its_stored_config(
     # data, never code: a stored config naming a foreign class is refused before anything runs
     ckpt[CONFIG_KEY]["optimizer"]["_target_"] = "os.system"
     torch.save(ckpt, tmp_path / "bad.ckpt")
-    with pytest.raises(CheckpointError, match=r"names .os.system., which is not ours at optimizer._target_"):
+    with pytest.raises(
+        CheckpointError, match=r"names .os.system., which is not ours at optimizer._target_"
+    ):
         DiffusionModule.load_from_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_validation_losses_are_means_over_every_validation_sample() -> None:
+    """val/loss and val/loss_q{i} (torchmetrics means) are the exact means of the per-sample
+    losses over all validation samples, and over those whose t falls in quartile i: not a mean
+    of per-batch means (a quartile's share differs from batch to batch)."""
+    module = make_module(seed=0)
+    dm = digits(batch_size=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False)
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    losses, ts = [], []
+    with torch.no_grad():
+        for i, x0 in enumerate(dm.val_dataloader()):
+            g = seeded_generator(step_seed(module.val_seed, 0, i), x0.device)
+            t = torch.randint(0, T, x0.shape[:1], generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            losses.append(module.loss(module.net, module.diffusion, x0, t, noise)["loss"])
+            ts.append(t)
+    loss, t = torch.cat(losses).double(), torch.cat(ts)
+    assert len(loss) == 180  # the held-out tenth of the digits, 5 x 32 + 20
+    assert metrics["val/loss"] == pytest.approx(loss.mean().item(), rel=1e-5)
+    quartile = t * 4 // T
+    for i in range(4):
+        expected = loss[quartile == i].mean().item()
+        assert metrics[f"val/loss_q{i}"] == pytest.approx(expected, rel=1e-5), i

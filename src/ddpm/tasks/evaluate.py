@@ -41,9 +41,9 @@ from ddpm.diffusion import calc_bpd_loop
 from ddpm.errors import ConfigError
 from ddpm.metrics import (
     DatasetImages,
-    Features,
     ImageSource,
     SampleMetrics,
+    Scores,
     WeightsUnavailableError,
     open_images,
 )
@@ -225,10 +225,16 @@ def point_cloud_metrics(
 
 
 # ---------------------------------------------------------------------------------- FID & co
-def _sampled_features(
-    cfg: DictConfig, loaded: LoadedModel, dm: Any, metrics: SampleMetrics, fabric: Any
-) -> Features:
-    """Features of this rank's block of ``num_samples`` samples drawn from the checkpoint."""
+def _add_sampled(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    dm: Any,
+    metrics: SampleMetrics,
+    scores: Scores,
+    fabric: Any,
+) -> None:
+    """Add the features of this rank's block of ``num_samples`` samples drawn from the
+    checkpoint to ``scores``, batch by batch."""
     n = int(cfg.num_samples)
     sampler = build_sampler(cfg.get("sampler"), loaded)
     block = shard(n)
@@ -237,7 +243,6 @@ def _sampled_features(
     mine = None if labels is None else labels[block.start : block.stop]
     bs = int(cfg.batch_size)
     batches = generate_batches(loaded, sampler, seeds, bs, fabric.device, class_labels=mine)
-    parts = []
     with fabric.autocast():
         for x in progress_iter(
             batches,
@@ -248,8 +253,7 @@ def _sampled_features(
             size=len,
             lines=True,
         ):
-            parts.append(metrics.extract(to_uint8(x, dm.denormalize)))
-    return Features.cat(parts)
+            scores.add(metrics.extract(to_uint8(x, dm.denormalize)))
 
 
 def sample_metrics(
@@ -287,15 +291,17 @@ def sample_metrics(
     ref = reference_source(cfg, loaded, shape)
     t0 = time.time()
     ref_features = metrics.reference(ref, progress=progress)
+    scores = metrics.scores()
+    scores.add_reference(ref_features)
     if source is not None:
         if len(source) < fabric.world_size:
             raise ValueError(f"{cfg.samples} holds {len(source)} images, fewer than the devices")
-        gen = metrics.extract_source(source, progress=progress)
+        scores.add(metrics.extract_source(source, progress=progress))
     else:
         assert loaded is not None
-        gen = _sampled_features(cfg, loaded, dm, metrics, fabric)
-    results.update(metrics.score(gen, ref_features))
-    skipped.update(metrics.skipped)
+        _add_sampled(cfg, loaded, dm, metrics, scores, fabric)
+    results.update(scores.compute())
+    skipped.update(scores.skipped)
     results["num_samples"] = len(source) if source is not None else int(cfg.num_samples)
     results["num_reference"] = len(ref)
     results["extractor"] = metrics.extractor
