@@ -498,7 +498,8 @@ def test_all_configs_present() -> None:
 def test_config_instantiates(name: str, tmp_path: Path) -> None:
     node = OmegaConf.load(CONF_DIR / f"{name}.yaml")
     assert node.name == name
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path / "data")}, "data": node})
+    paths = {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}
+    cfg = OmegaConf.create({"paths": paths, "data": node})
     if name == "image_folder":
         assert OmegaConf.is_missing(cfg.data, "root")
         cfg.data.root = str(tmp_path)
