@@ -63,6 +63,7 @@ def test_sample_and_evaluate_log_into_the_training_run_or_their_own(tmp_path: Pa
         )
     )
 
+    assert (tmp_path / "e" / "run" / "config_tree.log").is_file()  # what evaluate.py ran with
     (grid_part,) = offline_runs(tmp_path / "s", identity["id"])
     (rows,) = history(records(grid_part))
     assert rows["trainer/global_step"] == 2 and rows["eval/samples._type"] == "image-file"

@@ -43,7 +43,7 @@ def test_ctrl_c_keeps_what_was_drawn_and_the_continuation_finishes_it_exactly(
     run = tmp_path / "a" / "run"
     with np.load(run / PARTIAL_FILE) as partial:
         assert partial["indices"].tolist() == [0, 1, 2, 3] and partial["arr_0"].shape[0] == 4
-    assert not (run / "samples.npz").exists()
+    assert not (run / "samples.npz").exists() and (run / "config_tree.log").is_file()
     message = next(r.getMessage() for r in caplog.records if "stopped by SIGINT" in r.getMessage())
     assert "after 4 of 7 samples" in message and f"run_dir={run}" in message
     lines = [r.getMessage() for r in caplog.records if r.name == "ddpm.utils.progress"]
