@@ -8,7 +8,8 @@ from subprocess runs (``cli_utils.cli_env``):
 - ``fit_utils``: tiny networks and modules, ``digits()``, real Lightning fits;
 - ``cli_utils``: ``run_cli`` / ``start_cli`` (``src/*.py`` in a subprocess), ``wait_for``;
 - ``run_utils``: callbacks that stop, slow, break or record a run; ``load_ckpt``, ``max_diff``;
-- ``oracles``: exact denoisers; ``ddp_probe``: what each DDP rank saw and trained.
+- ``oracles``: exact denoisers; ``ddp_probe``: what each DDP rank saw and trained;
+- ``wandb_utils``: what an offline W&B run recorded, read with W&B's own reader.
 
 One intra-op thread, set here once for every test: the tests use small tensors, where a second
 thread mostly waits, and on a busy 2-core machine two threads per process made some tests 10-25x

@@ -42,6 +42,28 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalingSampler:
+    """DDIM (its config's arguments) that sends ``signum`` to this very process during its
+    ``call``-th call, once per process: a Ctrl-C in the middle of a sampling job
+    (``sampler._target_=run_utils.SignalingSampler +sampler.call=2``)."""
+
+    fired = False  # per process: a continued job in the same process is not stopped again
+
+    def __init__(self, call: int = 2, signum: int = int(signal.SIGINT), **ddim: Any) -> None:
+        from ddpm.diffusion.samplers import DDIMSampler
+
+        self.inner = DDIMSampler(**ddim)
+        self.guidance_scale = self.inner.guidance_scale
+        self.call, self.signum, self.calls = call, signum, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.call and not SignalingSampler.fired:
+            SignalingSampler.fired = True
+            os.kill(os.getpid(), self.signum)
+        return self.inner(*args, **kwargs)
+
+
 class SleepAtStep(pl.Callback):
     """A slow step: spends ``seconds`` after step ``step``, so that ``trainer.max_time`` runs out
     right after it (the sleep is the slowness under test)."""

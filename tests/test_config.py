@@ -21,7 +21,6 @@ from ddpm.errors import ConfigError
 from ddpm.module import DiffusionModule
 from ddpm.run.checkpoint_files import resolve_ckpt_path
 from ddpm.tasks.common import instantiate_dict
-from ddpm.tasks.train import build_module
 from fit_utils import TinyEpsNet
 from hydra_utils import CONF_DIR, TINY, compose_cfg
 
@@ -60,7 +59,7 @@ def test_schedule_options_build_a_diffusion(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", options("objective"))
 def test_objective_options_build_a_module(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"objective={name}", "model=tiny"], tmp_path)
-    module = build_module(cfg)
+    module = DiffusionModule.from_config(cfg)
     # the network outputs what the process reads (2C channels for a learned variance)
     assert module.net.out_channels == module.diffusion.model_output_channels(cfg.data.channels)
     learned = name in ("hybrid", "vlb")
@@ -144,7 +143,7 @@ def test_experiment_options_compose_and_build(name: str, tmp_path: Path) -> None
     cfg = compose_cfg([f"experiment={name}"], tmp_path)
     validate_train_config(cfg)
     assert cfg.task_name == name
-    build_module(cfg)  # network + diffusion + loss from the recipe
+    DiffusionModule.from_config(cfg)  # network + diffusion + loss from the recipe
 
 
 def test_cifar10_ddpm_recipe_matches_the_paper(tmp_path: Path) -> None:
@@ -204,10 +203,12 @@ def test_objectives_share_the_loss_defaults(tmp_path: Path) -> None:
     cfg = compose_cfg(["objective=v_prediction"], tmp_path)
     assert cfg.objective.loss.min_snr_gamma == 5.0 and cfg.objective.loss.loss_type == "simple"
     assert cfg.objective.loss.lambda_vlb == 0.001
-    assert type(build_module(cfg).timestep_sampler) is UniformTimestepSampler
+    assert type(DiffusionModule.from_config(cfg).timestep_sampler) is UniformTimestepSampler
     cfg = compose_cfg(["objective=vlb", "schedule.num_timesteps=40"], tmp_path)
     assert cfg.objective.loss.loss_type == "vlb"
-    sampler = build_module(cfg).timestep_sampler  # improved DDPM's importance sampling of t
+    sampler = DiffusionModule.from_config(
+        cfg
+    ).timestep_sampler  # improved DDPM's importance sampling of t
     assert type(sampler) is LossSecondMomentTimestepSampler and sampler.num_timesteps == 40
 
 
@@ -257,7 +258,7 @@ def test_bad_config_gives_one_clear_message(
 def test_num_timesteps_reaches_the_process_and_the_network(tmp_path: Path) -> None:
     cfg = compose_cfg(["model=mlp", "data=swiss_roll", "schedule.num_timesteps=37"], tmp_path)
     validate_train_config(cfg)
-    module = build_module(cfg)
+    module = DiffusionModule.from_config(cfg)
     assert module.diffusion.num_timesteps == 37 and module.net.num_timesteps == 37
 
 
@@ -344,9 +345,9 @@ from ddpm.diffusion import (
     UniformTimestepSampler,
 )
 from ddpm.module import DiffusionModule
-from ddpm.tasks.train import build_module
+from ddpm.module import DiffusionModule
 validate_train_config(cfg)
-print(build_module(cfg).net.out_channels)
+print(DiffusionModule.from_config(cfg).net.out_channels)
 """
     out = subprocess.run(
         [sys.executable, "-c", script],

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile
 
-from ddpm.tasks.train import build_module
+from ddpm.module import DiffusionModule
 from hydra_utils import TINY, compose_cfg
 
 # ATen ops that copy a value to the host (CUDA: a blocking device synchronisation).
@@ -87,7 +87,7 @@ def test_training_step_has_no_host_sync(tmp_path: Path) -> None:
         ],
         tmp_path,
     )
-    module = build_module(cfg)
+    module = DiffusionModule.from_config(cfg)
     probe = ProfileSteps(first=1, last=2)
     callbacks = [cb for cb in instantiate(cfg.callbacks).values() if cb is not None]
     trainer = pl.Trainer(

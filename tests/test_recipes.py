@@ -14,8 +14,9 @@ from omegaconf import DictConfig, open_dict
 
 from ddpm.callbacks.ema import EMA
 from ddpm.lr_schedules import LinearWarmup, linear_warmup, warmup_cosine, warmup_linear
+from ddpm.module import DiffusionModule
 from ddpm.nn.unet import count_parameters
-from ddpm.tasks.train import build_module, train
+from ddpm.tasks.train import train
 from hydra_utils import compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -214,7 +215,7 @@ def test_schedule_errors_name_the_setting() -> None:
 @pytest.mark.parametrize("name", ["constant", "cosine", "linear"])
 def test_lr_scheduler_group_builds_from_the_config(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"lr_scheduler={name}", "trainer.max_steps=300"], tmp_path)
-    module = build_module(cfg)
+    module = DiffusionModule.from_config(cfg)
     opt_cfg = module.configure_optimizers()
     lrs = []
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]

@@ -3,6 +3,8 @@ terminal (pty) where a login prompt would block, real 2-process DDP (gloo) for t
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import pty
@@ -21,12 +23,16 @@ import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.diffusion import LossSecondMomentTimestepSampler
-from ddpm.loggers import RUN_ID_ENV, RUN_ID_FILE, log_hyperparameters, wandb_logger
-from ddpm.tasks.train import build_module
+from ddpm.loggers import RUN_ID_ENV, log_hyperparameters, read_identity, wandb_logger
+from ddpm.module import DiffusionModule
+from ddpm.tasks.train import train
 from ddpm.utils.config_tree import to_plain
 from hydra_utils import SRC_DIR, TINY, compose_cfg
+from wandb_utils import artifacts, history, offline_runs, records, run_record, summary
 
 
 def _closed_port() -> int:
@@ -64,7 +70,7 @@ def test_no_credentials_or_a_dead_server_never_prompts_or_hangs(tmp_path: Path) 
         for k, v in os.environ.items()
         if not k.startswith("WANDB_") and k not in ("NETRC", RUN_ID_ENV)
     }
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(SRC_DIR), WANDB_DIR=str(tmp_path))
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(SRC_DIR))
     url = f"http://127.0.0.1:{_closed_port()}"
     args = [str(tmp_path / "a"), str(tmp_path / "b"), url]
     controller, terminal = pty.openpty()
@@ -114,8 +120,8 @@ def test_multirun_jobs_are_grouped_named_and_log_config_and_parameters(tmp_path:
         run = logger.experiment
         assert run.group == f"sweep-{sweep.name}" and run.name == "schedule=cosine"
         assert run.settings.x_disable_stats and list(run.tags) == ["a"]
-        assert (save / RUN_ID_FILE).read_text() == run.id == logger.version
-        module = build_module(cfg)
+        assert read_identity(save)["id"] == run.id == logger.version
+        module = DiffusionModule.from_config(cfg)
         trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
         log_hyperparameters(trainer, module, to_plain(cfg))
         n = sum(p.numel() for p in module.parameters())
@@ -153,7 +159,7 @@ def _rank_worker(rank: int, world: int, tmp: str) -> None:
     save = Path(tmp) / "run"
     if rank == 1:
         out["early_id"] = wandb_logger(mode="disabled", save_dir=str(save)).version
-        out["file_after_rank1"] = (save / RUN_ID_FILE).exists()
+        out["file_after_rank1"] = bool(read_identity(save))
     dist.barrier()
     if rank == 0:
         logger = wandb_logger(mode="disabled", save_dir=str(save))
@@ -179,4 +185,100 @@ def test_ddp_ranks_share_the_run_id_and_unequal_sampler_updates(tmp_path: Path) 
         assert torch.equal(r["hist"], torch.from_numpy(reference._hist))
     # only rank 0 wrote the id file; the others read it (or the environment rank 0 set)
     assert r1["file_after_rank1"] is False and r1["early_id"] is None
-    assert r0["id"] == r0["env"] == r1["id"] == (tmp_path / "run" / RUN_ID_FILE).read_text()
+    assert r0["id"] == r0["env"] == r1["id"] == read_identity(tmp_path / "run")["id"]
+
+
+# ------------------------------------------------------------------ a training run's record
+def _csv_rows(path: Path, key: str) -> list[tuple[int, float]]:
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def test_a_stopped_then_redone_run_keeps_every_log_and_its_checkpoints_as_artifacts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_sigint: None
+) -> None:
+    """A run stopped by Ctrl-C at step 4, then resumed from its step-2 checkpoint (what a resume
+    after a hard kill does: steps 3 and 4 are redone) to step 6, with every logger and W&B's
+    environment variables set. W&B: the variables win over the config, each validation
+    metric's summary is its best value, the step, best and last checkpoints (the one written on
+    the signal and the final one) are artifacts. Nothing is lost: metrics.csv keeps the first
+    launch's rows, TensorBoard shows each step once (the redone ones as redone), the top
+    config_tree.log stays the first launch's."""
+    env = {
+        "WANDB_PROJECT": "env-project",
+        "WANDB_RUN_GROUP": "env-group",
+        "WANDB_TAGS": "a,b",
+        "WANDB_JOB_TYPE": "env-job",
+        "WANDB_RUN_ID": "envrun01",
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb_data"),  # where artifacts are staged
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    common = [
+        *TINY,
+        "logger=many_loggers",
+        "logger.wandb.project=config-project",
+        "logger.wandb.log_model=true",
+        "logger.wandb.system_metrics=false",
+        "logger.wandb.console=off",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_grid.every_n_steps=100",
+        "callbacks.sample_grid.at_train_end=false",
+        "+callbacks.sig._target_=run_utils.SignalAt",
+    ]
+    with pytest.raises(TrainingInterrupted):
+        train(compose_cfg([*common, "+callbacks.sig.step=3", "trainer.max_steps=50"], tmp_path))
+    run = tmp_path / "run"
+    tree = (run / "config_tree.log").read_bytes()
+    first_rows = _csv_rows(run / "csv" / "metrics.csv", "train/loss")
+    redo = [f"ckpt_path={run / 'checkpoints' / 'step_0000002.ckpt'}", f"run_dir={run}"]
+    train(compose_cfg([*common, "+callbacks.sig.step=100", "trainer.max_steps=6", *redo], tmp_path))
+
+    # config_tree.log: the first launch's at the top, the resume's in its own record
+    assert (run / "config_tree.log").read_bytes() == tree
+    assert len(list((run / "launches").glob("*/config_tree.log"))) == 1
+    # metrics.csv: the first launch's rows, then the resume's from step 2 on (Lightning logs
+    # optimizer step k + 1 at step k); a redone step's rows appear twice, with equal values
+    rows = _csv_rows(run / "csv" / "metrics.csv", "train/loss")
+    assert [s for s, _ in first_rows] == [0, 1, 2] and rows[:3] == first_rows
+    assert [s for s, _ in rows[3:]] == [2, 3, 4, 5] and rows[3][1] == pytest.approx(rows[2][1])
+    # TensorBoard: both event files kept; the redone steps shown once, as the resume logged them
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    shown = events.Scalars("train/loss")
+    assert [e.step for e in shown] == [0, 1, 2, 3, 4, 5]
+    assert [e.value for e in shown] == pytest.approx([v for _, v in rows[:2] + rows[3:]])
+
+    assert read_identity(run) == {
+        "id": "envrun01",
+        "project": "env-project",
+        "entity": None,
+        "group": "env-group",
+    }
+    first, second = offline_runs(tmp_path / "wandb_dir", "envrun01")
+    recs = [records(first), records(second)]
+    meta = run_record(recs[0])
+    assert (meta["project"], meta["run_group"], meta["job_type"]) == (
+        "env-project",
+        "env-group",
+        "env-job",
+    )
+    assert meta["tags"] == ["a", "b"]
+    # W&B: the resume re-logs the redone steps (optimizer steps 3 and 4) into the same run
+    steps = [[r["trainer/global_step"] for r in history(p) if "train/loss" in r] for p in recs]
+    assert steps == [[0, 1, 2], [2, 3, 4, 5]]
+    for part in recs:
+        val = [r["val/loss"] for r in history(part) if "val/loss" in r]
+        assert summary(part)["val/loss"] == {"min": min(val)}, val
+    for part, step_file in zip(recs, ("step_0000002", "step_0000006")):
+        logged = {json.loads(a["metadata"])["original_filename"]: a for a in artifacts(part)}
+        stems = {Path(f).stem for f in logged}
+        assert {step_file, "last"} <= stems and any(s.startswith("best_") for s in stems), stems
+        for name, a in logged.items():
+            assert a["name"] == "model-envrun01"
+            assert {"latest", Path(name).stem} <= set(a["aliases"])
+            assert ("best" in a["aliases"]) == name.startswith("best_"), (name, a["aliases"])

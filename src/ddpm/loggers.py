@@ -2,23 +2,32 @@
 
 :func:`wandb_logger` (``logger=wandb``) starts the W&B run on global rank 0 when the logger is
 built, with system metrics and console capture on (switchable), the run URL printed, a
-multirun job grouped by its sweep and named by its overrides, and checkpoints uploaded as
-artifacts when online and asked for (``log_model``). It never prompts and never hangs: ``auto``
-mode goes online only with credentials for the configured server (``WANDB_BASE_URL`` /
-``wandb login --host``) that answers, and falls back to offline (printing the ``wandb sync``
-command) whenever the online start fails. A resumed run keeps its W&B run id: only rank 0 writes
-``<run dir>/wandb_run_id.txt``; the other ranks read the id from the environment rank 0 sets
-before Lightning starts them, or from that file.
+multirun job grouped by its sweep and named by its overrides, W&B's own environment variables
+(``WANDB_PROJECT``, ``WANDB_RUN_GROUP``, ...) winning over the config as in every W&B
+integration, the best value of each validation metric as its summary, and checkpoints uploaded
+as artifacts when asked for (``log_model``; offline runs stage them for ``wandb sync``). It
+never prompts and never hangs: ``auto`` mode goes online only with credentials for the
+configured server (``WANDB_BASE_URL`` / ``wandb login --host``) that answers, and falls back to
+offline (printing the ``wandb sync`` command) whenever the online start fails. A resumed run
+keeps its W&B run: only rank 0 writes ``<run dir>/wandb_run.json`` (id, project, entity,
+group: what ``evaluate.py`` and ``sample.py`` log into); the other ranks read the id from the
+environment rank 0 sets before Lightning starts them, or from that file.
+
+The CSV logger appends to ``metrics.csv`` when a run resumes (Lightning's deletes it), and the
+TensorBoard logger of a resumed run hides the events of the steps it redoes (``purge_step``).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import netrc
 import os
 import socket
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,17 +36,36 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from ddpm.run.checkpoint_files import source_run_dir
 from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
+RUN_FILE = "wandb_run.json"  # the run's W&B identity: id, project, entity, group
 RUN_ID_ENV = "DDPM_WANDB_RUN_ID"  # set by rank 0 for the ranks Lightning starts after it
 MODES = ("auto", "online", "offline", "disabled")
 PROBE_TIMEOUT_S = 2.0
+STEP_METRIC = "trainer/global_step"  # Lightning's x-axis of every metric
+# W&B's own environment variables, which win over the config (as in W&B's other integrations)
+ENV_SETTINGS = {
+    "project": "WANDB_PROJECT",
+    "entity": "WANDB_ENTITY",
+    "group": "WANDB_RUN_GROUP",
+    "tags": "WANDB_TAGS",
+    "job_type": "WANDB_JOB_TYPE",
+    "name": "WANDB_NAME",
+    "notes": "WANDB_NOTES",
+    "dir": "WANDB_DIR",
+    "id": "WANDB_RUN_ID",
+}
+# The summary of a validation / evaluation metric is its best value: higher is better for these,
+# lower for losses (``loss*``), bounds in bits/dim (``*_bpd``) and these distances.
+HIGHER_IS_BETTER = ("is", "precision", "recall")
+LOWER_IS_BETTER = ("mse", "vb", "fid", "kid", "energy_distance", "mmd")
 
 
 # ---------------------------------------------------------------------------- online or not
@@ -123,29 +151,49 @@ def resolve_wandb_mode(mode: str = "auto") -> tuple[str, str]:
     return "online", ""
 
 
-# ---------------------------------------------------------------------------- run id
-def _read_id(path: Path) -> str | None:
+# ---------------------------------------------------------------------------- run identity
+def read_identity(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``<run_dir>/wandb_run.json``: the run's W&B ``id``, and once its run started, the
+    ``project``, ``entity`` and ``group`` W&B used ({} when the run has no W&B run)."""
     try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
+        identity = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return identity if isinstance(identity, dict) and identity.get("id") else {}
+
+
+def _write_identity(run_dir: Path, identity: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / RUN_FILE)
 
 
 def shared_run_id(save_dir: Path, given: str | None = None) -> str | None:
-    """This run's W&B id. Rank 0: ``given``, else the id in ``<save_dir>/wandb_run_id.txt`` (a
+    """This run's W&B id. Rank 0: ``given``, else the id in ``<save_dir>/wandb_run.json`` (a
     resumed run), else a new one; it writes the file and exports :data:`RUN_ID_ENV` for the
     ranks started after it. Other ranks never write: ``given``, the environment, or the file."""
-    path = save_dir / RUN_ID_FILE
+    stored = read_identity(save_dir).get("id")
     if not is_launch_rank_zero():
-        return given or os.environ.get(RUN_ID_ENV) or _read_id(path)
-    run_id = given or _read_id(path) or uuid.uuid4().hex[:8]
-    if _read_id(path) != run_id:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}")
-        tmp.write_text(run_id)
-        os.replace(tmp, path)
+        return given or os.environ.get(RUN_ID_ENV) or stored
+    run_id = given or stored or uuid.uuid4().hex[:8]
+    if stored != run_id:
+        _write_identity(save_dir, {"id": run_id})
     os.environ[RUN_ID_ENV] = run_id
     return run_id
+
+
+def record_identity(save_dir: Path, run: Any) -> None:
+    """Write the started W&B run's ``id``, ``project``, ``entity`` and ``group`` to
+    ``<save_dir>/wandb_run.json`` (rank 0): where evaluate.py and sample.py find the run."""
+    identity = {
+        "id": run.id,
+        "project": run.project or None,
+        "entity": run.entity or None,
+        "group": run.group or None,
+    }
+    if read_identity(save_dir) != identity:
+        _write_identity(save_dir, identity)
 
 
 def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> str | None:
@@ -163,14 +211,43 @@ def carry_over_wandb_id(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -
     ckpt = Path(ckpt_path).resolve()
     if not is_launch_rank_zero() or ckpt.is_relative_to(run_dir.resolve()):
         return None
-    if (run_dir / RUN_ID_FILE).exists():
+    if read_identity(run_dir):
         return None
     source = source_run_dir(ckpt)
-    run_id = _read_id(source / RUN_ID_FILE)
-    if run_id:
-        shared_run_id(run_dir, run_id)
-        log.info("continuing W&B run %s of %s", run_id, source)
-    return run_id
+    identity = read_identity(source)
+    if identity:
+        _write_identity(run_dir, identity)
+        os.environ[RUN_ID_ENV] = identity["id"]
+        log.info("continuing W&B run %s of %s", identity["id"], source)
+    return identity.get("id")
+
+
+# ---------------------------------------------------------------------------- summaries
+def metric_goal(key: str) -> str | None:
+    """``min`` or ``max``: how the best value of a validation or evaluation metric (``val/*``,
+    ``eval/*``) is chosen for the run's summary; None for anything else (training curves,
+    standard deviations, counts)."""
+    section, _, name = key.rpartition("/")
+    if section not in ("val", "eval") or name.endswith("_std"):
+        return None
+    if name in HIGHER_IS_BETTER:
+        return "max"
+    if name in LOWER_IS_BETTER or name.startswith("loss") or name.endswith("_bpd"):
+        return "min"
+    return None
+
+
+def define_summaries(run: Any, keys: Any, defined: set[str]) -> None:
+    """``define_metric`` each new key of ``keys`` that has a goal (:func:`metric_goal`), so its
+    summary is the best value (W&B's summary is otherwise the last one logged). W&B's glob
+    patterns take no summary, hence one definition per metric, made when it first appears."""
+    for key in keys:
+        if key in defined:
+            continue
+        defined.add(key)
+        goal = metric_goal(key)
+        if goal is not None:
+            run.define_metric(key, step_metric=STEP_METRIC, step_sync=True, summary=goal)
 
 
 # ---------------------------------------------------------------------------- the logger
@@ -186,7 +263,7 @@ def sweep_group_and_name() -> tuple[str | None, str | None]:
     return f"sweep-{Path(hc.sweep.dir).name}", name[:128]
 
 
-def _init_run(init: dict[str, Any], mode: str, settings: Any) -> Any:
+def init_wandb_run(init: dict[str, Any], mode: str, settings: Any) -> Any:
     """``wandb.init``; an online start that fails (server down, bad key, timeout) goes offline
     rather than ending the training run."""
     import wandb
@@ -204,6 +281,19 @@ def _init_run(init: dict[str, Any], mode: str, settings: Any) -> Any:
             init["dir"],
         )
         return wandb.init(mode="offline", settings=settings, **init)
+
+
+def env_settings() -> dict[str, Any]:
+    """The W&B settings a user set through W&B's own environment variables
+    (:data:`ENV_SETTINGS`; ``WANDB_TAGS`` is comma-separated)."""
+    out: dict[str, Any] = {}
+    for key, var in ENV_SETTINGS.items():
+        value = os.environ.get(var)
+        if value:
+            out[key] = (
+                [t.strip() for t in value.split(",") if t.strip()] if key == "tags" else value
+            )
+    return out
 
 
 def wandb_logger(
@@ -225,19 +315,28 @@ def wandb_logger(
 ) -> WandbLogger:
     """A Lightning ``WandbLogger`` whose W&B run is started here (rank 0), never prompting.
 
+    W&B's environment variables win over these arguments (:data:`ENV_SETTINGS`: e.g.
+    ``WANDB_PROJECT``, ``WANDB_RUN_GROUP``, ``WANDB_RUN_ID``, ``WANDB_DIR``).
+
     Args:
         mode: ``auto`` (online with credentials and a server that answers, else offline),
             ``online``, ``offline`` or ``disabled``; ``WANDB_MODE`` wins.
+        save_dir: the run directory (``wandb_run.json`` goes there, and W&B's files under
+            ``wandb/`` unless ``WANDB_DIR`` says otherwise).
         name, group: default to the job's overrides and its sweep in a Hydra multirun.
-        log_model: upload checkpoints as artifacts (``true``: at the end; ``all``: as written);
-            online only (offline runs keep them on disk).
+        log_model: upload the checkpoints of every checkpoint callback as artifacts (``true``:
+            at the end of the fit, also one stopped by a signal; ``all``: as written). Offline,
+            W&B stages a copy of each for ``wandb sync``.
         system_metrics: W&B's CPU/GPU/memory charts. console: W&B's console capture
             (``auto``, ``wrap``, ``redirect``, ``off``).
         kwargs: further ``WandbLogger`` arguments (``prefix``, ``checkpoint_name``, ...).
     """
+    if log_model not in (True, False, "all"):
+        raise ValueError(f"logger.wandb.log_model must be true, false or all, got {log_model!r}")
     resolved, reason = resolve_wandb_mode(mode) if is_launch_rank_zero() else ("offline", "")
     save = Path(save_dir)
-    run_id = shared_run_id(save, id)
+    env = env_settings()
+    run_id = shared_run_id(save, env.get("id") or id)
     sweep_group, sweep_name = sweep_group_and_name()
     init = {
         "project": project,
@@ -248,36 +347,138 @@ def wandb_logger(
         "job_type": job_type,
         "notes": notes,
         "dir": str(save),
+        **env,
         "id": run_id,
         "resume": "allow",
         "reinit": "finish_previous",  # a run left open by an earlier job never absorbs this one
     }
-    if log_model and resolved != "online":
-        if is_launch_rank_zero():
-            log.info(
-                "W&B is not online: checkpoints stay on disk (log_model=%s ignored)", log_model
-            )
-        log_model = False
-    common = {"project": project, "save_dir": str(save), "log_model": log_model, **kwargs}
+    common = {"project": init["project"], "save_dir": str(save), "log_model": log_model, **kwargs}
     if not is_launch_rank_zero():  # Lightning gives the other ranks a dummy experiment
-        return WandbLogger(id=run_id, name=init["name"], **common)
+        return RunLogger(id=run_id, name=init["name"], **common)
 
     import wandb
 
+    Path(init["dir"]).mkdir(parents=True, exist_ok=True)
     settings = wandb.Settings(
         init_timeout=init_timeout, console=console, x_disable_stats=not system_metrics
     )
-    run = _init_run(init, resolved, settings)
+    run = init_wandb_run(init, resolved, settings)
     # Lightning's own x-axis for its metrics (what WandbLogger sets up when it starts the run).
-    run.define_metric("trainer/global_step")
-    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    run.define_metric(STEP_METRIC)
+    run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
+    if not run.disabled:
+        record_identity(save, run)
     if not run.offline and not run.disabled:
         log.info("W&B run: %s", run.url)
     elif run.offline and resolved == "offline":
         log.info(
-            "W&B is offline: %s. Sync later with: wandb sync %s/wandb/offline-run-*", reason, save
+            "W&B is offline: %s. Sync later with: wandb sync %s/wandb/offline-run-*-%s%s",
+            reason,
+            init["dir"],
+            run.id,
+            " (the checkpoints logged as artifacts are staged for it)" if log_model else "",
         )
-    return WandbLogger(experiment=run, id=run.id, **common)
+    return RunLogger(experiment=run, id=run.id, **common)
+
+
+class RunLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` with the best value of each validation metric as its summary
+    (:func:`define_summaries`) and every checkpoint callback's files as artifacts
+    (:meth:`log_checkpoints`): the ``ModelCheckpoint``s' step and best files and ``last.ckpt``,
+    also the one written when a signal stops the run (Lightning logs only on success, only the
+    files of ``ModelCheckpoint``s that saved during the fit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._defined: set[str] = set()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._experiment is not None and not self._experiment.disabled:
+            define_summaries(self._experiment, metrics, self._defined)
+        super().log_metrics(metrics, step)
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        if self._log_model == "all":
+            self._log_files(_callback_files(checkpoint_callback))
+
+    def finalize(self, status: str) -> None:
+        """Nothing here: :func:`finish_wandb` logs the checkpoints, after a stop signal too."""
+
+    def log_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Log every checkpoint file of ``trainer``'s checkpoint callbacks that is new or was
+        rewritten since it was last logged (rank 0)."""
+        if not self._log_model or self._experiment is None or self._experiment.disabled:
+            return
+        files: dict[str, str] = {}
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                files.update(_callback_files(cb))
+            elif getattr(cb, "last_saved_step", None) is not None and hasattr(cb, "last_path"):
+                files[cb.last_path(trainer)] = ""  # PreemptionCheckpoint's last.ckpt
+        self._log_files(files)
+
+    def _log_files(self, files: dict[str, str]) -> None:
+        """Log ``{path: "best" or ""}`` as versions of the artifact ``model-<run id>`` (the file
+        is ``model.ckpt`` in it, as Lightning names it), aliased ``latest``, the file's stem
+        (``last``, ``step_0000400``) and ``best`` for a best-by-metric file."""
+        import wandb
+
+        present = {p: tag for p, tag in files.items() if p and os.path.isfile(p)}
+        for path in sorted(present, key=os.path.getmtime):
+            mtime = os.path.getmtime(path)
+            if self._logged_model_time.get(path, -1.0) >= mtime:
+                continue
+            name = self._checkpoint_name or f"model-{self.experiment.id}"
+            metadata = {"original_filename": Path(path).name}
+            artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
+            artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
+            aliases = ["latest", Path(path).stem] + (["best"] if present[path] else [])
+            self.experiment.log_artifact(artifact, aliases=aliases)
+            self._logged_model_time[path] = mtime
+
+
+def _callback_files(cb: ModelCheckpoint) -> dict[str, str]:
+    """The files a ``ModelCheckpoint`` keeps: ``{path: "best"}`` for the best by its monitored
+    metric (a metric, not the step), ``{path: ""}`` for the others."""
+    files = dict.fromkeys([*cb.best_k_models, cb.last_model_path], "")
+    if cb.best_model_path and cb.monitor not in (None, "step", "epoch"):
+        files[cb.best_model_path] = "best"
+    return files
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that keeps the rows a run wrote before: a resumed run appends to
+    its ``metrics.csv`` (Lightning's deletes the file when its directory is not empty). After a
+    hard kill, the steps redone since the last checkpoint appear twice; the later rows are the
+    ones of the continued run."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Keep ``metrics.csv`` and take its columns, so that new rows are appended to it."""
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            self.metrics_keys = list(next(csv.reader(f), []))
+
+
+def continue_loggers(loggers: list[Any], resumed_step: int | None) -> None:
+    """A launch that resumes from a checkpoint at ``resumed_step``: TensorBoard hides the events
+    an earlier launch logged for the steps after it, which are redone (a hard kill after the
+    checkpoint): ``SummaryWriter(purge_step=resumed_step)``, since Lightning logs optimizer step
+    k + 1 at step k. Call before the loggers write anything."""
+    if resumed_step is None:
+        return
+    for lg in loggers:
+        if isinstance(lg, TensorBoardLogger) and lg._experiment is None:
+            lg._kwargs.setdefault("purge_step", int(resumed_step))
 
 
 def log_hyperparameters(trainer: pl.Trainer, module: pl.LightningModule, config: dict) -> None:
@@ -297,13 +498,19 @@ def log_hyperparameters(trainer: pl.Trainer, module: pl.LightningModule, config:
 
 
 def finish_wandb(trainer: pl.Trainer, exit_code: int, preempted: bool = False) -> None:
-    """End this process's W&B run with the fit, so the next ``train()`` in the same process (a
+    """End this process's W&B run with the fit (after logging the checkpoints as artifacts when
+    asked, also those of a fit a signal stopped), so the next ``train()`` in the same process (a
     Hydra multirun, a test) starts its own run instead of logging into this one."""
-    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
         return
     try:
         import wandb
 
+        if exit_code == 0 and trainer.is_global_zero:
+            for lg in loggers:
+                if isinstance(lg, RunLogger):
+                    lg.log_checkpoints(trainer)
         if wandb.run is not None:
             if preempted:
                 wandb.run.mark_preempting()

@@ -6,26 +6,41 @@ random draw comes from a stream seeded by its position (:mod:`ddpm.utils.seeding
 step's timesteps, noise, label dropout and dropout by (seed, rank, epoch, batch), so a resumed run
 draws what the uninterrupted one drew without any RNG state in the checkpoint; a validation
 batch's timesteps and noise by (val_seed, rank, batch), so ``val/loss`` is comparable across
-evaluations.
+evaluations. The validation losses are torchmetrics ``MeanMetric``s: the mean over every
+validation sample of every rank (the quartiles of t too, weighted by membership).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from ddpm.callbacks._lightning import clip_gradients
-from ddpm.checkpoint import CONFIG_KEY, T_SAMPLER_KEY
+from ddpm.checkpoint import (
+    CONFIG_KEY,
+    T_SAMPLER_KEY,
+    check_stored_config,
+    is_loadable,
+    net_state_dict,
+    read_checkpoint,
+)
 from ddpm.contracts import find_ema
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, UniformTimestepSampler
+from ddpm.run.resume import shipped_targets
 from ddpm.utils.classes import with_labels
 from ddpm.utils.seeding import seed_global_rngs, seeded_generator, step_seed
 
 _GLOBAL_STREAM, _NOISE_STREAM = 0, 1
+QUARTILES = 4  # losses by quartile of t: q0 = smallest t (least noise)
+VAL_MEANS = ("loss", "loss_ema", *(f"loss_q{i}" for i in range(QUARTILES)))
 
 
 class DiffusionModule(pl.LightningModule):
@@ -87,8 +102,73 @@ class DiffusionModule(pl.LightningModule):
         self.run_config = run_config
         self.compile = bool(compile)
         self.validated_step: int | None = None  # global step of the latest validation
+        # val/<name>: means over all validation samples, reduced across devices by torchmetrics
+        self.val_means = nn.ModuleDict({name: MeanMetric() for name in VAL_MEANS})
         # Kept out of the module registry (no duplicate keys in the state_dict).
         self.__dict__["_train_net"] = torch.compile(net) if compile else net
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(
+        cls, cfg: Mapping[str, Any], run_config: dict | None = None, **overrides: Any
+    ) -> DiffusionModule:
+        """The module a run config describes (a composed config, or one stored in a checkpoint):
+        network, diffusion, loss and timestep sampler, optimizer and LR schedule; ``overrides``
+        replace constructor arguments."""
+        cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
+        lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+        kwargs: dict[str, Any] = dict(
+            net=instantiate(cfg.model),
+            diffusion=instantiate(cfg.diffusion),
+            loss=instantiate(cfg.objective.loss),
+            optimizer=instantiate(cfg.optimizer),
+            lr_scheduler=lr_scheduler,
+            timestep_sampler=instantiate(cfg.objective.timestep_sampler),
+            train_seed=int(cfg.seed),
+            compile=bool(cfg.get("compile", False)),
+            run_config=run_config,
+        )
+        if cfg.get("p_uncond") is not None:
+            kwargs["p_uncond"] = float(cfg.p_uncond)
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: str | torch.device | None = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> DiffusionModule:
+        """Lightning's way to load a module, for this framework's checkpoints (``.ckpt`` files
+        and ``export.py``'s ``.safetensors``): opened with ``torch.load(weights_only=True)``
+        whatever ``weights_only`` says (they hold tensors and plain data only), the module is
+        rebuilt from the run config stored in the file (:meth:`from_config`; it may name only
+        our classes and those ``conf/`` names), then the network's trained weights and the
+        timestep sampler's state are loaded. The EMA weights are the checkpoint's
+        ``ema_state_dict``; :func:`ddpm.checkpoint.load_model` samples with them.
+        ``kwargs`` replace constructor arguments (e.g. ``compile=True``)."""
+        if hparams_file is not None:
+            raise ValueError(
+                "hparams_file: a ddpm checkpoint holds its own run config; it is not read"
+            )
+        path = os.fspath(checkpoint_path)
+        ckpt = read_checkpoint(path)
+        config = ckpt[CONFIG_KEY]
+        shipped = shipped_targets()
+        check_stored_config(
+            config,
+            path,
+            sections=("optimizer", "lr_scheduler"),
+            allowed=lambda target, _: is_loadable(target) or target in shipped,
+        )
+        module = cls.from_config(config, run_config=config, **kwargs)
+        weights, _ = net_state_dict(ckpt, use_ema=False)
+        module.net.load_state_dict(weights, strict=strict is not False)
+        module.on_load_checkpoint(ckpt)
+        return module.to(map_location or "cpu")
 
     # ------------------------------------------------------------------ inference helpers
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
@@ -142,22 +222,26 @@ class DiffusionModule(pl.LightningModule):
             self._log_quartiles("train", t, terms["loss"].detach())
         return loss
 
-    def _log_quartiles(self, prefix: str, t: Tensor, per_sample: Tensor, **kw: Any) -> None:
-        """Loss by quartile of t (q0 = smallest t, least noise)."""
-        q = (t * 4 // self.diffusion.num_timesteps).clamp(max=3)
-        for i in range(4):
+    def _quartile(self, t: Tensor) -> Tensor:
+        """The quartile of each t (0 = smallest t, least noise)."""
+        return (t * QUARTILES // self.diffusion.num_timesteps).clamp(max=QUARTILES - 1)
+
+    def _log_quartiles(self, prefix: str, t: Tensor, per_sample: Tensor) -> None:
+        """This step's loss by quartile of t."""
+        q = self._quartile(t)
+        for i in range(QUARTILES):
             m = q == i
             cnt = m.sum()
             val = torch.where(cnt > 0, (per_sample * m).sum() / cnt.clamp(min=1), torch.nan)
-            self.log(
-                f"{prefix}/loss_q{i}",
-                val,
-                on_step=prefix == "train",
-                on_epoch=prefix != "train",
-                **kw,
-            )
+            self.log(f"{prefix}/loss_q{i}", val, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ validation
+    def _log_val_mean(self, name: str, per_sample: Tensor, weight: Tensor | None = None) -> None:
+        """Add the samples' losses to the mean ``val/<name>`` (``weight``: which count)."""
+        metric = self.val_means[name]
+        metric.update(per_sample.detach(), 1.0 if weight is None else weight)
+        self.log(f"val/{name}", metric, prog_bar=name in ("loss", "loss_ema"), on_epoch=True)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0, labels = self._split_batch(batch)  # the conditional loss: no label dropout
         g = seeded_generator(step_seed(self.val_seed, self.global_rank, batch_idx), x0.device)
@@ -166,12 +250,14 @@ class DiffusionModule(pl.LightningModule):
         )
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         terms = self.loss(with_labels(self.net, labels), self.diffusion, x0, t, noise)
-        self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
-        self._log_quartiles("val", t, terms["loss"], sync_dist=True)
+        self._log_val_mean("loss", terms["loss"])
+        q = self._quartile(t)
+        for i in range(QUARTILES):
+            self._log_val_mean(f"loss_q{i}", terms["loss"], (q == i).to(terms["loss"].dtype))
         ema = find_ema(self._trainer)
         if ema is not None:
             ema_terms = self.loss(with_labels(ema.ema_net, labels), self.diffusion, x0, t, noise)
-            self.log("val/loss_ema", ema_terms["loss"].mean(), prog_bar=True, sync_dist=True)
+            self._log_val_mean("loss_ema", ema_terms["loss"])
 
     def on_validation_epoch_end(self) -> None:
         self.validated_step = self.global_step

@@ -69,7 +69,9 @@ def test_fid_zero_for_identical_sets_positive_otherwise_and_cached(tmp_path: Pat
     expected = SampleMetrics("randomconv")
     expected.load()
     ref = DatasetImages(dm.dataset("train"), key="", limit=NUM_REF)
-    torch.testing.assert_close(same.reference.features, expected.extract_source(ref).features)
+    torch.testing.assert_close(
+        same.scores.reference.features, expected.extract_source(ref).features
+    )
 
     # a different set of images: clearly > 0; the reference comes from the cache
     darker = fid_callback(

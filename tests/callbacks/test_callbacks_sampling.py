@@ -4,6 +4,7 @@ loggers, stop signals), the forward-process and loss-by-t pictures."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -280,18 +281,24 @@ def test_end_of_training_grid_reports_progress_and_stops_between_batches_on_a_si
     assert "stopped on a signal" in text and "batch 3/4" not in text
 
 
-def test_no_end_of_training_grid_before_the_first_one(
+def test_every_run_ends_with_a_grid_sized_to_the_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run shorter than the grid cadence (a smoke test) draws no end-of-training grid."""
+    """A run shorter than the grid cadence (a smoke test) still ends with a grid: the samples, the
+    steps and the strip cut to take about a tenth of the run, and the log says so."""
     cb = SampleGrid(
-        DDIMSampler(steps=3),
+        DDIMSampler(steps=40),
         every_n_steps=10,
-        num_samples=4,
-        batch_size=4,
+        num_samples=64,
+        batch_size=16,
         output_dir=str(tmp_path),
     )
     caplog.set_level("INFO", logger="ddpm.callbacks.sample_grid")
     fit(make_module(TinyEpsNet(dropout=0.5)), image_loader(), [cb], steps=3)
-    assert cb.saved == [] and not list(tmp_path.glob("*.png"))
-    assert "ended at step 3, before its first grid (every 10 steps)" in caplog.text
+    assert cb.saved == [tmp_path / "step_0000003.png"]  # the grid, no strip
+    (line,) = [r.getMessage() for r in caplog.records if "end of training:" in r.getMessage()]
+    n, steps = (int(v) for v in re.findall(r"(\d+) samples x (\d+) steps", line)[0])
+    assert n < 64 and "instead of 64 x 40" in line and "no strip" in line, line
+    grid = read_png(cb.saved[0])
+    side = math.ceil(math.sqrt(n))
+    assert grid.shape[1] >= grid_side(side) and steps >= 2

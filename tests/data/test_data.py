@@ -312,6 +312,40 @@ def test_image_folder_bad_files_skip(tmp_path: Path) -> None:
     assert len(dm.dataset("train")) + len(dm.dataset("val")) == n
 
 
+def test_image_folder_check_decodes_each_file_once_and_remembers_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check of every file runs with progress lines and keeps its verdicts in cache_dir by
+    (path, size, modification time): a second run decodes nothing and skips the same files; a
+    file that changed is checked again."""
+    root, cache = tmp_path / "images", tmp_path / "cache"
+    root.mkdir()
+    n = _write_images(root)
+    truncated, fake = _write_bad(root)
+    caplog.set_level("INFO", logger="ddpm")
+
+    def setup(expect_skipped: int) -> list[str]:
+        caplog.clear()
+        dm = ImageDataModule(
+            "image_folder", root=root, on_bad_image="skip", cache_dir=cache, image_size=8
+        )
+        with pytest.warns(UserWarning, match=f"skipped {expect_skipped} unreadable"):
+            dm.setup()
+        return [r.getMessage() for r in caplog.records]
+
+    log = setup(2)
+    assert f"checking images: {n + 2}/{n + 2} images (100%)" in "\n".join(log), log
+    assert len(list((cache / "checked_images").glob("*.tsv"))) == 1
+    log = setup(2)
+    assert any(f"checking 0 image files under {root} ({n + 2} checked before" in m for m in log)
+    assert not any(m.startswith("checking images:") for m in log), log
+    Image.new("RGB", (9, 9), "red").save(fake, format="PNG")  # repaired: checked again
+    log = setup(1)
+    assert any(f"checking 1 image files under {root} ({n + 1} checked before" in m for m in log)
+    with pytest.raises(BadImageError, match="truncated.jpg"):  # the verdict holds for `error`
+        ImageDataModule("image_folder", root=root, cache_dir=cache).setup()
+
+
 def test_image_folder_lazy_bad_file(tmp_path: Path) -> None:
     """verify_images=False: the bad file is found while loading, still named."""
     _, fake = _write_bad(tmp_path)
@@ -464,7 +498,8 @@ def test_all_configs_present() -> None:
 def test_config_instantiates(name: str, tmp_path: Path) -> None:
     node = OmegaConf.load(CONF_DIR / f"{name}.yaml")
     assert node.name == name
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path / "data")}, "data": node})
+    paths = {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")}
+    cfg = OmegaConf.create({"paths": paths, "data": node})
     if name == "image_folder":
         assert OmegaConf.is_missing(cfg.data, "root")
         cfg.data.root = str(tmp_path)

@@ -130,3 +130,28 @@ def test_conditional_batches_carry_the_label_column(saved, tmp_path: Path) -> No
     assert y.tolist() == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="set data.label_column"):
         ImageDataModule("hf", conditional=True, **kw).setup("fit")
+
+
+def test_a_data_set_is_downloaded_once_into_cache_dir_at_its_revision(tmp_path: Path) -> None:
+    """prepare_data (local rank 0) loads the data set into data.cache_dir; setup then reads that
+    cache. A local folder of images stands in for a hub name (load_dataset caches it the same
+    way); the revision is part of the data's identity (the FID statistics cache key)."""
+    from PIL import Image
+
+    folder, cache = tmp_path / "images", tmp_path / "hf_cache"
+    (folder / "train").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(
+            folder / "train" / f"{i}.png"
+        )
+    dm = ImageDataModule("hf", path=str(folder), cache_dir=str(cache), image_size=SIDE)
+    assert not cache.exists()
+    dm.prepare_data()
+    written = sorted(p for p in cache.rglob("*.arrow"))
+    assert written, list(cache.rglob("*"))
+    dm.setup("fit")
+    assert len(dm.dataset("train")) + len(dm.dataset("val")) == 10
+    assert sorted(p for p in cache.rglob("*.arrow")) == written  # read, not fetched again
+    pinned = ImageDataModule("hf", path=str(folder), cache_dir=str(cache), revision="v1.0")
+    assert pinned.data_key_for("train") != dm.data_key_for("train")

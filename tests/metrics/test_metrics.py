@@ -13,12 +13,14 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+import torchmetrics.image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ddpm.metrics import (
     DatasetImages,
     DinoV2Features,
+    Features,
     FolderImages,
     NpzImages,
     RandomConvFeatures,
@@ -168,7 +170,7 @@ def test_identical_sets_score_zero_and_grayscale_is_repeated_to_rgb() -> None:
     assert torch.equal(f.features, metrics.extract(x.expand(-1, 3, -1, -1)).features)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. sampling under bf16-mixed
         assert torch.equal(f.features, metrics.extract(x).features)
-    scores = metrics.compute(f, f)
+    scores = metrics.score(f, f)
     assert abs(scores["fid"]) < 1e-4 and abs(scores["kid"]) < 1e-3
     assert scores["kid_subset_size"] == 20
 
@@ -343,7 +345,7 @@ def test_dinov2_loads_only_from_local_files(
         "dinov2", weights_path=str(weights), dinov2_repo=str(repo), kid_subset_size=2
     )
     metrics.load()
-    scores = metrics.compute(metrics.extract(x), metrics.extract(x))
+    scores = metrics.score(metrics.extract(x), metrics.extract(x))
     assert "is" not in scores and "Inception Score needs class logits" in metrics.skipped["is"]
 
 
@@ -362,3 +364,26 @@ def test_invalid_options() -> None:
         SampleMetrics(fid=False, isc=False, kid=False, prc=False)
     with pytest.raises(ValueError, match="has no weights"):
         build_extractor("randomconv", "/some/file.pth")
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # a few all-zero features
+def test_scores_are_torchmetrics_states_fed_batch_by_batch() -> None:
+    """The training loop's way (reference once, generated batches one by one, reset between
+    evaluations) gives the numbers of the one-shot score, which equal torch-fidelity's."""
+    metrics = SampleMetrics("randomconv", batch_size=32, **OPTIONS)
+    metrics.load("cpu")
+    gen = metrics.extract(smooth_images(90, seed=1, gain=0.9))
+    ref = metrics.extract(smooth_images(70, seed=2))
+    whole = metrics.score(gen, ref)
+    scores = metrics.scores()
+    scores.add_reference(ref)
+    for _ in range(2):  # a second evaluation: the reference is kept, the samples are not
+        for rows, logits in zip(gen.features.split(16), gen.logits.split(16)):
+            scores.add(Features(rows, logits))
+        assert scores.compute() == pytest.approx(whole, rel=1e-9)
+        scores.reset()
+    assert {type(m).__mro__[1] for m in scores.metrics.values()} == {
+        torchmetrics.image.FrechetInceptionDistance,
+        torchmetrics.image.KernelInceptionDistance,
+        torchmetrics.image.InceptionScore,
+    }

@@ -96,11 +96,12 @@ def test_compiled_sampler_samples_what_the_eager_one_samples():
 
 def test_model_checkpointing_from_the_command_line(tmp_path):
     """``model.checkpointing=true`` composes and trains; the network checkpoints its levels."""
-    from ddpm.tasks.train import build_module, train
+    from ddpm.module import DiffusionModule
+    from ddpm.tasks.train import train
     from hydra_utils import TINY, compose_cfg
 
     cfg = compose_cfg([*TINY, "model.checkpointing=true", "debug=fdr"], tmp_path)
-    assert build_module(cfg).net.checkpointing
+    assert DiffusionModule.from_config(cfg).net.checkpointing
     metrics = train(cfg)
     assert metrics["global_step"] == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))

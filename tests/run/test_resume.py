@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddpm.errors import ConfigError
-from ddpm.loggers import carry_over_wandb_id
+from ddpm.loggers import RUN_FILE, carry_over_wandb_id, read_identity
 from ddpm.run import resume_command
 from ddpm.run.checkpoint_files import find_checkpoint, resolve_ckpt_path
 from ddpm.run.directory import check_run_dir, run_dir_lock
@@ -165,13 +165,13 @@ def test_refusals_name_the_one_resume_command_and_it_resumes(tmp_path: Path) -> 
 def test_wandb_id_follows_a_checkpoint_into_a_new_directory(tmp_path: Path) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     _fake_ckpt(old / "checkpoints" / "last.ckpt", 4)
-    (old / "wandb_run_id.txt").write_text("abc123")
+    (old / RUN_FILE).write_text('{"id": "abc123", "project": "p"}')
     cfg = compose_cfg(["logger=wandb"], tmp_path)
     ckpt = str(old / "checkpoints" / "last.ckpt")
     assert carry_over_wandb_id(cfg, old, ckpt) is None  # same directory: the file is there
     assert carry_over_wandb_id(cfg, new, ckpt) == "abc123"
-    assert (new / "wandb_run_id.txt").read_text() == "abc123"
-    (new / "wandb_run_id.txt").write_text("mine")
+    assert read_identity(new) == {"id": "abc123", "project": "p"}
+    (new / RUN_FILE).write_text('{"id": "mine"}')
     assert carry_over_wandb_id(cfg, new, ckpt) is None  # an id already there wins
     assert carry_over_wandb_id(compose_cfg(["logger=csv"], tmp_path), tmp_path / "x", ckpt) is None
 
@@ -188,18 +188,18 @@ def test_wandb_run_continues_on_resume(tmp_path: Path) -> None:
     ]
     train(compose_cfg([*common, "trainer.max_steps=2"], tmp_path / "a"))
     run = tmp_path / "a" / "run"
-    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    run_id = read_identity(run)["id"]
     train(
         compose_cfg(
             [*common, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"], tmp_path / "a"
         )
     )
-    assert (run / "wandb_run_id.txt").read_text().strip() == run_id
+    assert read_identity(run)["id"] == run_id
     offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline
     ckpt = run / "checkpoints" / "last.ckpt"
     train(compose_cfg([*common, "trainer.max_steps=6", f"ckpt_path={ckpt}"], tmp_path / "b"))
-    assert (tmp_path / "b" / "run" / "wandb_run_id.txt").read_text().strip() == run_id
+    assert read_identity(tmp_path / "b" / "run")["id"] == run_id
 
 
 def test_run_stopped_by_max_time_leaves_its_final_weights(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ from ddpm.data.datasets import check_labels
 from ddpm.data.sources import load_digits_labels, load_digits_uint8
 from ddpm.data.transforms import prepare
 from ddpm.errors import ConfigError
+from ddpm.module import DiffusionModule
 from ddpm.tasks.sample import sample
-from ddpm.tasks.train import build_module, train
+from ddpm.tasks.train import train
 from ddpm.utils.classes import balanced_labels, class_rows, parse_class_labels
 from ddpm.utils.images import read_png
 from ddpm.utils.seeding import seeded_generator
@@ -135,7 +136,7 @@ def test_label_dropout_rate_null_class_and_seeding(tmp_path: Path) -> None:
     """Ho & Salimans (2022), Alg. 1: each label becomes the null class K with probability
     p_uncond, drawn from the step's seeded generator (so a resume redraws the same drops)."""
     cfg = compose_cfg([*CONDITIONAL, "+data.num_classes=10", "p_uncond=0.25"], tmp_path)
-    module = build_module(cfg)
+    module = DiffusionModule.from_config(cfg)
     assert module.p_uncond == 0.25 and module.net.null_class == 10
     labels = torch.arange(100_000) % 10
     a = module.drop_labels(labels, seeded_generator(7))
@@ -147,7 +148,9 @@ def test_label_dropout_rate_null_class_and_seeding(tmp_path: Path) -> None:
     module.p_uncond = 0.0
     assert torch.equal(module.drop_labels(labels, seeded_generator(7)), labels)
     with pytest.raises(ValueError, match="p_uncond must be a probability"):
-        build_module(compose_cfg([*CONDITIONAL, "+data.num_classes=10", "p_uncond=1.5"], tmp_path))
+        DiffusionModule.from_config(
+            compose_cfg([*CONDITIONAL, "+data.num_classes=10", "p_uncond=1.5"], tmp_path)
+        )
 
 
 @pytest.fixture(scope="module")

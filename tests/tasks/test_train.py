@@ -10,6 +10,7 @@ import torch
 
 from cli_utils import run_cli
 from ddpm.checkpoint import load_model
+from ddpm.loggers import read_identity
 from ddpm.tasks.train import train
 from hydra_utils import CLI_TINY, TINY, compose_cfg
 
@@ -156,7 +157,7 @@ def test_wandb_offline_without_prompt(tmp_path: Path) -> None:
     run = next((tmp_path / "outputs" / "train" / "runs").iterdir())
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert offline_runs, list(run.rglob("*"))[:20]
-    assert (run / "wandb_run_id.txt").read_text().strip() in offline_runs[0].name
+    assert read_identity(run)["id"] in offline_runs[0].name
 
 
 @pytest.mark.ddp

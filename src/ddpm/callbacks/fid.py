@@ -3,10 +3,11 @@
 
 Every ``every_n_steps`` optimizer steps all ranks generate together: rank r draws its contiguous
 block of the ``num_samples`` sample indices (sample i from seed ``seed + i``, so the sample set
-does not depend on the number of devices) and extracts their features; the features are gathered,
-rank 0 computes the scores and every rank logs them: ``val/fid``, ``val/is``, ``val/is_std`` (and
-``val/kid``, ``val/precision``, ``val/recall`` when enabled in ``metrics``), so a
-``ModelCheckpoint`` can monitor ``val/fid``.
+does not depend on the number of devices) and adds their features, batch by batch, to torchmetrics
+metrics (:class:`ddpm.metrics.Scores`), which reduce them across the ranks; every rank gets and
+logs the scores, torch-fidelity's numbers as ``evaluate.py`` computes them: ``val/fid``,
+``val/is``, ``val/is_std`` (and ``val/kid``, ``val/precision``, ``val/recall`` when enabled in
+``metrics``), so a ``ModelCheckpoint`` can monitor ``val/fid``.
 
 Reference features come from the un-augmented ``reference_split`` of the data module
 (``datamodule.dataset(split)``: uint8 images at the model's resolution), extracted once by all
@@ -29,7 +30,7 @@ from ddpm.callbacks.inputs import default_sampler, denormalizer, sample_shape_of
 from ddpm.callbacks.periodic import PeriodicCallback, eval_net, is_fast_dev_run, log_metrics_now
 from ddpm.contracts import HasReferenceImages, optional
 from ddpm.diffusion.samplers.seeded import sample_batches
-from ddpm.metrics import DatasetImages, Features, SampleMetrics, WeightsUnavailableError
+from ddpm.metrics import DatasetImages, SampleMetrics, Scores, WeightsUnavailableError
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, num_classes_of
 from ddpm.utils.devices import model_device
@@ -111,7 +112,7 @@ class FIDCallback(PeriodicCallback):
 
         self.disabled = False
         self.disabled_reason: str | None = None
-        self.reference: Features | None = None  # on rank 0
+        self.scores: Scores | None = None  # the reference added once, kept between evaluations
         self.reference_computations = 0
         self.history: list[tuple[int, dict[str, float]]] = []
         self._reference_done = False
@@ -173,7 +174,8 @@ class FIDCallback(PeriodicCallback):
             limit=self.num_reference,
             num_workers=int(getattr(dm, "num_workers", 0) or 0),
         )
-        self.reference = self.metrics.reference(source)
+        self.scores = self.metrics.scores()
+        self.scores.add_reference(self.metrics.reference(source))  # rank 0's; None elsewhere
         self.reference_computations += int(self.metrics.reference_source == "computed")
         self._reference_done = True
 
@@ -190,11 +192,11 @@ class FIDCallback(PeriodicCallback):
             return None
         block = shard(self.num_samples, trainer.global_rank, trainer.world_size)
         denorm = denormalizer(trainer)
-        parts = []
         with eval_net(pl_module, self.use_ema) as net:
             device = model_device(net, pl_module.device)
             self.metrics.load(device)
             self._ensure_reference(trainer)
+            assert self.scores is not None
             k = num_classes_of(net)
             # sample i for class i % K: balanced over the classes
             labels = None if k is None else balanced_labels(block, k)
@@ -210,12 +212,16 @@ class FIDCallback(PeriodicCallback):
             )
             for x in progress_iter(
                 batches,
-                total=-(-len(block) // self.batch_size),
+                total=len(block),
                 desc="FID samples",
                 enabled=self.progress and trainer.is_global_zero,
+                unit="images",
+                size=len,
+                lines=True,
             ):
-                parts.append(self.metrics.extract(to_rgb_uint8(x, denorm)))
-        scores = self.metrics.score(Features.cat(parts), self.reference)
+                self.scores.add(self.metrics.extract(to_rgb_uint8(x, denorm)))
+        scores = self.scores.compute()
+        self.scores.reset()  # the generated features; the reference stays
         metrics = {f"val/{k}": v for k, v in scores.items() if k != "kid_subset_size"}
         log_metrics_now(trainer, metrics)
         self.history.append((trainer.global_step, metrics))

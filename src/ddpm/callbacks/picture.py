@@ -65,8 +65,8 @@ class PictureCallback(PeriodicCallback):
     subclass implements; it returns the PNGs it wrote, logged with :func:`log_image` /
     :func:`log_figure`), restores the mode and records the files in ``saved``. PNGs go to
     :meth:`out_dir`; :meth:`shape` is the shape of one sample. The end-of-training picture is
-    skipped when the run stops on a signal, or ends before the first picture
-    (``global_step < every_n_steps``: an untrained model's pictures say nothing, and drawing them
+    skipped when the run stops on a signal, or (unless ``skips_before_first`` is off) ends before the first picture
+    (``global_step < every_n_steps``: an untrained model's pictures say little, and drawing them
     can take longer than the run).
 
     Args:
@@ -83,6 +83,7 @@ class PictureCallback(PeriodicCallback):
     picture = "picture"  # what the log messages call it
     hint = ""  # appended to the "no end-of-training picture" message
     skip_log_level = logging.DEBUG  # of that message
+    skips_before_first = True  # no end-of-training picture in a run that ended before the first
     default_num_samples = 64
 
     def __init__(
@@ -124,7 +125,7 @@ class PictureCallback(PeriodicCallback):
             self._logger.info("%s: stopping on a signal, no end-of-training %s", name, self.picture)
             return
         step = trainer.global_step
-        if self.every_n_steps and step < self.every_n_steps:
+        if self.skips_before_first and self.every_n_steps and step < self.every_n_steps:
             if trainer.is_global_zero:
                 self._logger.log(
                     self.skip_log_level,

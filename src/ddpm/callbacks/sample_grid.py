@@ -16,13 +16,16 @@ they simply wait for rank 0 at the next gradient all-reduce.
 
 Sampling is announced in the log with a line per batch (and the sampler's progress bar on a
 terminal); between batches it stops when a stop signal arrived (the checkpoint is written all the
-same). A run that ends before its first grid (``global_step < every_n_steps``, e.g. a smoke test)
-draws no end-of-training grid: an untrained model's samples are noise, and drawing them can take
-longer than the run (64 images x 50 steps through a 64x64 U-Net on a CPU).
+same). Every run ends with a grid, however short: the end-of-training grid is sized so that it
+costs about :data:`END_BUDGET` of the run's time (a grid of 64 images x 50 steps through a 64x64
+U-Net can take longer than a smoke test's whole run on a CPU): a probe of the sampler times a
+sample-step, then the strip is dropped, the samples halved (down to 4) and the steps halved (down
+to 2) until it fits, and the log says what was drawn instead of what.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -42,10 +45,14 @@ from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import balanced_labels, class_rows, num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.images import save_grid
+from ddpm.utils.progress import hms
 from ddpm.viz.plots import scatter_figure
 from ddpm.viz.reverse import denoising_trajectory, reverse_figure, sampler_label
 
 log = logging.getLogger(__name__)
+
+END_BUDGET = 0.1  # share of the run's time the end-of-training grid may take
+MIN_SAMPLES, MIN_STEPS = 4, 2  # the smallest end-of-training grid
 
 
 @torch.inference_mode()
@@ -109,8 +116,7 @@ class SampleGrid(PictureCallback):
     """
 
     picture = "grid"
-    hint = " (python src/sample.py ckpt_path=... draws samples)"
-    skip_log_level = logging.INFO
+    skips_before_first = False  # every run ends with a grid, sized to the run (END_BUDGET)
 
     def __init__(
         self,
@@ -138,6 +144,62 @@ class SampleGrid(PictureCallback):
         self.nrow = nrow
         self.strip_seeds = [int(s) for s in strip_seeds]
         self.strip_frames = int(strip_frames)
+        self._started: float | None = None  # this fit's start
+        self._budget: float | None = None  # seconds the end-of-training grid may take
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started is not None:
+            self._budget = END_BUDGET * (time.monotonic() - self._started)
+        try:
+            super().on_train_end(trainer, pl_module)
+        finally:
+            self._budget = None
+
+    def _within_budget(
+        self, net: Any, diffusion: Any, shape: tuple[int, ...], device: Any, k: int | None
+    ) -> tuple[Any, int, bool]:
+        """(sampler, samples, strip) of an end-of-training grid that fits ``self._budget``:
+        timed on a 2-step probe, then the strip dropped, the samples and then the steps halved
+        (down to :data:`MIN_SAMPLES` / :data:`MIN_STEPS`)."""
+        steps = full_steps = sampler_steps(self.sampler, diffusion)
+        if not (dataclasses.is_dataclass(self.sampler) and hasattr(self.sampler, "steps")):
+            return self.sampler, self.num_samples, bool(self.strip_seeds)
+        n_probe = min(self.batch_size, MIN_SAMPLES)
+        probe = dataclasses.replace(self.sampler, steps=min(MIN_STEPS, steps))
+        labels = None if k is None else balanced_labels(range(n_probe), k)
+        start = time.monotonic()
+        sample_with_seeds(
+            probe, net, diffusion, shape, range(n_probe), n_probe, device, class_labels=labels
+        )
+        per = (time.monotonic() - start) / (n_probe * probe.steps)  # one sample, one step
+        budget = max(0.0, (self._budget or 0.0) - (time.monotonic() - start))
+        n, strip = self.num_samples, bool(self.strip_seeds)
+
+        def cost() -> float:
+            return per * steps * (n + (len(self.strip_seeds) if strip else 0))
+
+        if cost() > budget:
+            strip = False
+        while cost() > budget and n > MIN_SAMPLES:
+            n = max(MIN_SAMPLES, n // 2)
+        while cost() > budget and steps > MIN_STEPS:
+            steps = max(MIN_STEPS, steps // 2)
+        if (n, steps, strip) != (self.num_samples, full_steps, bool(self.strip_seeds)):
+            log.info(
+                "SampleGrid: end of training: %d samples x %d steps%s instead of %d x %d, to take "
+                "about %d%% of the run's %s",
+                n,
+                steps,
+                "" if strip else ", no strip",
+                self.num_samples,
+                full_steps,
+                round(100 * END_BUDGET),
+                hms((self._budget or 0.0) / END_BUDGET),
+            )
+        return dataclasses.replace(self.sampler, steps=steps), n, strip
 
     # ------------------------------------------------------------------ work
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: Any) -> list[Path]:
@@ -150,9 +212,14 @@ class SampleGrid(PictureCallback):
         # the sampler's own progress bar on a terminal (log files get the lines below)
         extra = {"progress": True} if sys.stderr.isatty() else {}
         k = num_classes_of(net)
-        labels, nrow, num_samples = None, self.nrow, self.num_samples
+        sampler, num_samples, strip = self.sampler, self.num_samples, bool(self.strip_seeds)
+        if self._budget is not None:  # the end-of-training grid: sized to the run
+            sampler, num_samples, strip = self._within_budget(
+                net, pl_module.diffusion, shape, device, k
+            )
+        labels, nrow = None, self.nrow if num_samples == self.num_samples else None
         if k is not None:  # one row per class
-            labels, nrow = class_rows(self.num_samples, k)
+            labels, nrow = class_rows(num_samples, k)
             num_samples = len(labels)
         n_batches = -(-num_samples // self.batch_size)
         log.info(
@@ -161,7 +228,7 @@ class SampleGrid(PictureCallback):
             num_samples,
             n_batches,
             self.batch_size,
-            sampler_label(self.sampler),
+            sampler_label(sampler),
         )
         start = time.monotonic()
 
@@ -169,7 +236,7 @@ class SampleGrid(PictureCallback):
             log.info("SampleGrid: batch %d/%d done (%.0f s)", done, total, time.monotonic() - start)
 
         samples = sample_with_seeds(
-            self.sampler,
+            sampler,
             net,
             pl_module.diffusion,
             shape,
@@ -198,12 +265,12 @@ class SampleGrid(PictureCallback):
             log_image(trainer, "samples/grid", grid, path)
             written = [path]
 
-        strip_seeds = self.strip_seeds
+        strip_seeds = self.strip_seeds if strip else []
         if len(shape) == 1 and strip_seeds:  # a point cloud needs many points
             strip_seeds = list(range(self.seed, self.seed + num_samples))
         if strip_seeds and not stop():
             traj = denoising_trajectory(
-                self.sampler,
+                sampler,
                 net,
                 pl_module.diffusion,
                 shape,
@@ -218,9 +285,14 @@ class SampleGrid(PictureCallback):
                     "x_t": denorm(traj["x_t"]),
                     "pred_xstart": denorm(traj["pred_xstart"]),
                 }
-            title = f"Denoising at step {step}: {sampler_label(self.sampler)}"
+            title = f"Denoising at step {step}: {sampler_label(sampler)}"
             fig = reverse_figure(traj, strip_seeds, title, denorm if len(shape) > 1 else None)
             strip_path = out / f"denoise_step_{step:07d}.png"
             written.append(log_figure(trainer, fig, strip_path, "samples/denoising"))
         log.info("SampleGrid: step %d done in %.0f s", step, time.monotonic() - start)
         return written
+
+
+def sampler_steps(sampler: Any, diffusion: Any) -> int:
+    """The steps ``sampler`` takes (DDPM's ``None``: all T)."""
+    return int(getattr(sampler, "steps", None) or diffusion.num_timesteps)

@@ -271,8 +271,8 @@ class ImageDataModule(DataModule):
             the class of an image from its sub-folder (torchvision's ``ImageFolder``).
         num_classes, class_names: the classes recorded in a run config, checked against the
             data (leave unset: they are read from the data).
-        root, download, on_bad_image, verify_images, path, image_column, label_column, split,
-            test_split, config_name: the settings of the source ``name`` (documented by its
+        root, download, on_bad_image, verify_images, cache_dir, path, image_column, label_column,
+            split, test_split, config_name, revision: the settings of the source ``name`` (documented by its
             class in :mod:`ddpm.data.sources` and :mod:`ddpm.data.hf`); None leaves the source's
             default, and one it does not take is an error. Every source's settings are listed
             here, so that config validation knows them.
@@ -299,12 +299,14 @@ class ImageDataModule(DataModule):
         download: bool | None = None,
         on_bad_image: str | None = None,
         verify_images: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
         path: str | None = None,
         image_column: str | None = None,
         label_column: str | None = None,
         split: str | None = None,
         test_split: str | None = None,
         config_name: str | None = None,
+        revision: str | None = None,
     ) -> None:
         super().__init__()
         self._init_classes(conditional, num_classes, class_names)
@@ -315,12 +317,14 @@ class ImageDataModule(DataModule):
             download=download,
             on_bad_image=on_bad_image,
             verify_images=verify_images,
+            cache_dir=cache_dir,
             path=path,
             image_column=image_column,
             label_column=label_column,
             split=split,
             test_split=test_split,
             config_name=config_name,
+            revision=revision,
         )
         self.channels = self.source.channels if channels is None else channels
         if self.channels not in (1, 3):

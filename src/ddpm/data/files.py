@@ -1,9 +1,15 @@
 """Image files: listed, fingerprinted, decoded to uint8 and checked, and :class:`ImageFiles`, the
-dataset that decodes them on access (in DataLoader workers). Failures name the file."""
+dataset that decodes them on access (in DataLoader workers). Failures name the file.
+
+The check of a folder (:func:`readable_files`) decodes every file once, on global rank 0 with
+progress lines, and remembers the verdict of each file by (path, size, modification time) in a
+cache file, so a later run (or a resumed one) decodes only new or changed files; the other ranks
+get rank 0's verdicts."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -17,6 +23,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ddpm.data.transforms import resize_center_crop
+from ddpm.utils.distributed import broadcast_object, rank_and_world
+from ddpm.utils.progress import Progress
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 ON_BAD_IMAGE = ("error", "skip")  # fail naming every bad file, or warn and train on the rest
@@ -79,19 +89,91 @@ def decode_image(path: Path, channels: int) -> Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def find_bad_images(files: Sequence[Path], workers: int = 4) -> list[tuple[Path, str]]:
-    """Fully decode every file (threads: PIL releases the GIL); return (path, reason) of failures."""
+def _check(path: Path) -> tuple[Path, str] | None:
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file bad
+        return path, f"{type(exc).__name__}: {exc}"
+    return None
 
-    def check(path: Path) -> tuple[Path, str] | None:
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file bad
-            return path, f"{type(exc).__name__}: {exc}"
-        return None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [r for r in pool.map(check, files, chunksize=64) if r is not None]
+def find_bad_images(
+    files: Sequence[Path], workers: int = 4, progress: bool = False
+) -> list[tuple[Path, str]]:
+    """Fully decode every file (threads: PIL releases the GIL); return (path, reason) of failures.
+    ``progress``: a bar on a terminal, plain lines in log files."""
+    bad = []
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        Progress(len(files), "checking images", "images", enabled=progress) as shown,
+    ):
+        for result in pool.map(_check, files, chunksize=64):
+            shown.advance(1)
+            if result is not None:
+                bad.append(result)
+    return bad
+
+
+class VerdictCache:
+    """The verdicts of earlier checks of a folder's files, by (path, size, modification time):
+    a text file ``<cache_dir>/checked_images/<folder hash>.tsv`` of ``size, mtime_ns, reason
+    (empty: readable), path`` lines; None ``cache_dir``: nothing remembered."""
+
+    def __init__(self, root: Path, cache_dir: str | os.PathLike | None) -> None:
+        self.path = None
+        if cache_dir is not None:
+            digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+            self.path = Path(cache_dir) / "checked_images" / f"{digest}.tsv"
+
+    def load(self) -> dict[tuple[str, int, int], str]:
+        known: dict[tuple[str, int, int], str] = {}
+        if self.path is None or not self.path.is_file():
+            return known
+        for line in self.path.read_text().splitlines():
+            size, mtime, reason, name = line.split("\t", 3)
+            known[(name, int(size), int(mtime))] = reason
+        return known
+
+    def save(self, verdicts: dict[tuple[str, int, int], str]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        lines = (f"{s}\t{m}\t{r}\t{n}" for (n, s, m), r in sorted(verdicts.items()))
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.path)
+
+
+def check_files(
+    files: Sequence[Path], root: Path, cache_dir: str | os.PathLike | None, workers: int = 4
+) -> list[tuple[Path, str]]:
+    """(path, reason) of the unreadable ``files``: decoded on global rank 0, except the files
+    whose (path, size, modification time) the cache has a verdict for; the other ranks receive
+    rank 0's answer (collective)."""
+    bad: list[tuple[Path, str]] | None = None
+    if rank_and_world()[0] == 0:
+        cache = VerdictCache(root, cache_dir)
+        known = cache.load()
+        keys = {}
+        for f in files:
+            st = f.stat()
+            keys[f] = (str(f), st.st_size, st.st_mtime_ns)
+        todo = [f for f in files if keys[f] not in known]
+        if len(todo) < len(files):
+            log.info(
+                "checking %d image files under %s (%d checked before: %s)",
+                len(todo),
+                root,
+                len(files) - len(todo),
+                cache.path,
+            )
+        found = dict(find_bad_images(todo, workers, progress=len(todo) > 0))
+        verdicts = {keys[f]: known.get(keys[f], found.get(f, "")) for f in files}
+        if todo:
+            cache.save(verdicts)
+        bad = [(f, verdicts[keys[f]]) for f in files if verdicts[keys[f]]]
+    return broadcast_object(bad)
 
 
 def bad_images_message(bad: Iterable[tuple[Path, str]], root: Path, limit: int = 20) -> str:
@@ -107,11 +189,16 @@ def warn_skipped(message: str) -> None:
 
 
 def readable_files(
-    files: list[Path], root: Path, on_bad_image: str, workers: int = 4
+    files: list[Path],
+    root: Path,
+    on_bad_image: str,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 4,
 ) -> list[Path]:
-    """``files`` after decoding every one: a :class:`BadImageError` naming each unreadable file
+    """``files`` after decoding every one (:func:`check_files`: once, on rank 0, remembered in
+    ``cache_dir``): a :class:`BadImageError` naming each unreadable file
     (``on_bad_image='error'``), or the readable ones with a warning naming the rest (``'skip'``)."""
-    bad = find_bad_images(files, workers)
+    bad = check_files(files, root, cache_dir, workers)
     if bad and on_bad_image == "error":
         raise BadImageError(
             bad_images_message(bad, root)

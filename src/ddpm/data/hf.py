@@ -3,12 +3,16 @@
 The rows' images are decoded, converted and resized per item (in DataLoader workers) exactly as
 image files are, and everything after that (validation split, normalisation, flips, the global
 batch split and DDP sharding, FID reference loaders) is :class:`ddpm.data.ImageDataModule`'s.
+A hub data set is downloaded once, by local rank 0 in ``prepare_data``, into ``cache_dir``
+(``datasets``' own cache when null), at ``revision`` (a branch, tag or commit: pin one to train
+on the same data again); every process then reads that cache.
 Needs the optional extra: ``pip install 'ddpm-lightning[hf]'`` (the ``datasets`` package).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,24 +40,37 @@ def _datasets() -> Any:
     return datasets
 
 
-def load_hf_split(path: str, split: str, name: str | None = None) -> Any:
+def is_saved_to_disk(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``save_to_disk``."""
+    local = Path(path).expanduser()
+    return local.is_dir() and any((local / m).is_file() for m in _SAVED_MARKERS)
+
+
+def load_hf_split(
+    path: str,
+    split: str | None,
+    name: str | None = None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> Any:
     """One split of a data set saved with ``save_to_disk`` (a local directory holding
     state.json / dataset_dict.json: ``datasets.load_from_disk``), else ``datasets.load_dataset``
-    (a hub name, or a local folder of image files / data files)."""
+    (a hub name, or a local folder of image files / data files; downloaded into ``cache_dir`` at
+    ``revision`` the first time); ``split`` None: every split (what a download fetches)."""
     datasets = _datasets()
     local = Path(path).expanduser()
     try:
-        if local.is_dir() and any((local / m).is_file() for m in _SAVED_MARKERS):
+        if is_saved_to_disk(path):
             ds = datasets.load_from_disk(str(local))
         else:
-            ds = datasets.load_dataset(path, name)
+            ds = datasets.load_dataset(path, name, cache_dir=cache_dir, revision=revision)
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise DatasetUnavailableError(
             f"cannot load the Hugging Face data set data.path={path!r}: {type(e).__name__}: {e}. "
             "Give a hub name this machine can download, or a local directory (written by "
             "Dataset.save_to_disk, or a folder of images)."
         ) from e
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, datasets.DatasetDict) and split is not None:
         if split not in ds:
             raise ValueError(
                 f"data.split={split!r} is not a split of {path!r}; its splits are {sorted(ds)}"
@@ -116,6 +133,9 @@ class HuggingFace(ImageSource):
         test_split: a split to validate and test on; None holds out ``val_split`` (0.1) of
             ``split``.
         config_name: the data set's configuration (``load_dataset(path, name)``).
+        cache_dir: where a hub data set is downloaded (None: ``datasets``' own cache,
+            ``HF_DATASETS_CACHE``).
+        revision: the hub data set's branch, tag or commit (None: the default branch).
     """
 
     name = "hf"
@@ -128,12 +148,16 @@ class HuggingFace(ImageSource):
         split: str = "train",
         test_split: str | None = None,
         config_name: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
     ) -> None:
         if not path:
             raise ValueError("data=hf needs data.path=<hub name or local directory>")
         self.path, self.split, self.test_split = str(path), split, test_split
         self.image_column, self.label_column = image_column, label_column
         self.config_name = config_name
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.revision = None if revision is None else str(revision)
         self._train_rows: Any = None
         self._loaded: tuple[HFImages, HFImages | None] | None = None
 
@@ -143,13 +167,22 @@ class HuggingFace(ImageSource):
 
     def key(self) -> str:
         raw = f"{self.path}|{self.config_name}|{self.split}|{self.test_split}|{self.image_column}"
+        if self.revision is not None:
+            raw += f"|{self.revision}"
         return f"hf_{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
+    def prepare(self) -> None:
+        """Download a hub data set (every split) into the cache, once (Lightning: local rank 0,
+        before any process loads it)."""
+        if not is_saved_to_disk(self.path):
+            load_hf_split(self.path, None, self.config_name, self.cache_dir, self.revision)
+
     def _rows(self, split: str) -> Any:
+        load = (self.path, split, self.config_name, self.cache_dir, self.revision)
         if split != self.split:
-            return load_hf_split(self.path, split, self.config_name)
+            return load_hf_split(*load)
         if self._train_rows is None:
-            self._train_rows = load_hf_split(self.path, self.split, self.config_name)
+            self._train_rows = load_hf_split(*load)
         return self._train_rows
 
     def class_names(self) -> list[str] | None:

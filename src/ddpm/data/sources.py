@@ -303,7 +303,9 @@ class ImageFolder(ImageSource):
     Args:
         root: the folder.
         on_bad_image: ``error`` (fail naming every bad file) or ``skip`` (warn, train on the rest).
-        verify_images: decode every file at set-up to find bad ones before training starts.
+        verify_images: decode every file at set-up to find bad ones before training starts (on
+            rank 0, once per file: the verdicts are kept in ``cache_dir``).
+        cache_dir: where the verdicts of the check are kept (None: not kept).
     """
 
     name = "image_folder"
@@ -313,6 +315,7 @@ class ImageFolder(ImageSource):
         root: str | os.PathLike | None = None,
         on_bad_image: str = "error",
         verify_images: bool = True,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if root is None:
             raise ValueError("data=image_folder needs data.root=/path/to/images")
@@ -323,6 +326,7 @@ class ImageFolder(ImageSource):
             raise NotADirectoryError(f"data.root is not a directory: {self.root}")
         self.on_bad_image = check_on_bad_image(on_bad_image)
         self.verify_images = bool(verify_images)
+        self.cache_dir = cache_dir
         self._files: list[Path] | None = None
         self._loaded: ImageFiles | None = None
 
@@ -346,7 +350,7 @@ class ImageFolder(ImageSource):
                 ".jpg/.jpeg/.png/.gif/.bmp/.webp/.tif); check data.root"
             )
         if self.verify_images:
-            files = readable_files(files, self.root, self.on_bad_image)
+            files = readable_files(files, self.root, self.on_bad_image, self.cache_dir)
         self._loaded = ImageFiles(files, image_size, channels, self.on_bad_image)
         return self._loaded, None
 

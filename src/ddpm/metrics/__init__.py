@@ -1,6 +1,6 @@
-"""Sample-quality metrics: FID, IS, KID and precision/recall (torch-fidelity, on features
-extracted across processes), their extractors, image sources and cached reference features; and
-the distances of the 2-D playground."""
+"""Sample-quality metrics: FID, IS, KID and precision/recall (torchmetrics states reduced across
+processes, torch-fidelity's formulas), their extractors, image sources and cached reference
+features; and the distances of the 2-D playground."""
 
 from ddpm.metrics.features import (
     EXTRACTORS,
@@ -18,7 +18,7 @@ from ddpm.metrics.images import (
     open_images,
     save_npz,
 )
-from ddpm.metrics.scores import Features, SampleMetrics
+from ddpm.metrics.scores import Features, SampleMetrics, Scores
 
 __all__ = [
     "EXTRACTORS",
@@ -30,6 +30,7 @@ __all__ = [
     "NpzImages",
     "RandomConvFeatures",
     "SampleMetrics",
+    "Scores",
     "WeightsUnavailableError",
     "build_extractor",
     "extractor_id",

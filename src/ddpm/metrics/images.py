@@ -89,6 +89,15 @@ class NpzImages:
         self.key = f"npz:{_file_key(self.path)}"
         with np.load(self.path) as data:
             self.labels = np.asarray(data["arr_1"]) if "arr_1" in data.files else None
+        if self.labels is not None and (
+            self.labels.shape != (self.num_images,)
+            or not np.issubdtype(self.labels.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"{self.path}: arr_1 must hold one integer class label per image of arr_0 "
+                f"({self.num_images} images), got {self.labels.dtype} {self.labels.shape}; "
+                "write the file again (sample.py writes both), or drop arr_1"
+            )
 
     def __len__(self) -> int:
         return self.num_images
@@ -198,9 +207,15 @@ def open_images(path: str | os.PathLike) -> NpzImages | FolderImages:
     )
 
 
-def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+def save_npz(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
+) -> Path:
     """Write improved-diffusion's sample file atomically: ``arr_0`` = images (uint8 (N, H, W, C)
-    or float (N, D) points), ``arr_1`` = labels when given."""
+    or float (N, D) points), ``arr_1`` = labels when given, ``indices`` = which samples they are
+    (of an interrupted ``sample.py``) when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"arr_0": images}
@@ -208,6 +223,8 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | N
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         arrays["arr_1"] = np.asarray(labels)
+    if indices is not None:
+        arrays["indices"] = np.asarray(indices, dtype=np.int64)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)

@@ -8,10 +8,11 @@
   manifold (union of balls reaching each real sample's k-th nearest real neighbour), and vice
   versa, k = ``prc_neighborhood`` = 3.
 
-Each process extracts the features of its own block of images; the blocks are gathered in order
-(:mod:`ddpm.utils.distributed`) and rank 0 has torch-fidelity's ``calculate_metrics`` compute the
-scores from them, through ``ddpm-precomputed``, a registered identity "extractor" over feature
-rows. So the numbers are torch-fidelity's, and equal on one or many processes.
+Each process extracts the features of its own block of images and adds them, batch by batch, to
+:class:`Scores`: torchmetrics metrics (:mod:`ddpm.metrics.streaming`) hold the state and reduce
+it across processes, and the numbers come from torch-fidelity's formulas on it. So they are
+torch-fidelity's, equal on one or many processes, and the same in ``evaluate.py`` and in the
+training loop (:class:`ddpm.callbacks.fid.FIDCallback`).
 
 Precision/recall use the same features as FID (Inception pool3 by default), as ADM's evaluator
 (Dhariwal & Nichol 2021) and the diffusion papers scored with it report them; Kynkäänniemi et al.
@@ -25,17 +26,15 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase
+from torchmetrics import Metric
 
+from ddpm.metrics import streaming
 from ddpm.metrics.features import (
     EXTRACTORS,
-    UncompiledExtractor,
     WeightsUnavailableError,
     build_extractor,
     extractor_id,
@@ -48,43 +47,6 @@ from ddpm.utils.progress import progress_iter
 log = logging.getLogger(__name__)
 
 METRICS = ("fid", "isc", "kid", "prc")
-
-
-class _Precomputed(UncompiledExtractor):
-    """Identity on feature rows extracted already: torch-fidelity scores them as they are."""
-
-    NAME = "ddpm-precomputed"
-
-    def __init__(self, name: str, features_list: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(name, list(features_list))
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("rows",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        return "rows"
-
-    def forward(self, x: Tensor) -> tuple[Tensor]:
-        return (x,)
-
-
-try:
-    torch_fidelity.register_feature_extractor(_Precomputed.NAME, _Precomputed)
-except ValueError:  # already registered (module reloaded)
-    pass
-
-
-class _Rows(Dataset):
-    def __init__(self, x: Tensor) -> None:
-        self.x = x
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.x[i]
 
 
 @dataclass
@@ -106,20 +68,6 @@ class Features:
             torch.cat([p.features for p in parts]),
             None if logits[0] is None else torch.cat(logits),  # type: ignore[arg-type]
         )
-
-    def gather(self) -> Features:
-        """Every rank's rows in rank order (collective)."""
-        return Features(
-            D.gather_rows(self.features),
-            None if self.logits is None else D.gather_rows(self.logits),
-        )
-
-
-def _clamp(name: str, value: int, n: int) -> int:
-    if value > n:
-        log.warning("%s=%d is more than the %d samples: using %d", name, value, n, n)
-        return n
-    return value
 
 
 class SampleMetrics:
@@ -263,7 +211,15 @@ class SampleMetrics:
     ) -> Features:
         parts = [
             self.extract(x)
-            for x in progress_iter(batches, total=total, desc="features", enabled=progress)
+            for x in progress_iter(
+                batches,
+                total=total,
+                desc="features",
+                enabled=progress,
+                unit="images",
+                size=len,
+                lines=True,
+            )
         ]
         if not parts:
             d = torch.zeros(0, 0)
@@ -274,8 +230,7 @@ class SampleMetrics:
         """This rank's block of ``source``, extracted (local; gather with ``.gather()``)."""
         block = D.shard(len(source))
         batches = source.batches(block.start, block.stop, self.batch_size)
-        total = -(-len(block) // self.batch_size)
-        return self.extract_all(batches, total=total, progress=progress)
+        return self.extract_all(batches, total=len(block), progress=progress)
 
     # ------------------------------------------------------------------ reference
     def reference(self, source: ImageSource, progress: bool = False) -> Features | None:
@@ -308,79 +263,95 @@ class SampleMetrics:
         return Features(feats)
 
     # ------------------------------------------------------------------ scores
-    def compute(self, gen: Features, ref: Features | None) -> dict[str, float]:
-        """The scores from all the features (one process): torch-fidelity's numbers."""
-        tf = torch_fidelity
-        self.skipped = {}
-        out: dict[str, float] = {}
-        common = dict(
-            feature_extractor=_Precomputed.NAME,
-            cuda=False,
-            batch_size=4096,
-            verbose=False,
-            cache=False,
-            save_cpu_ram=True,  # no DataLoader workers; batched precision/recall
-            rng_seed=self.rng_seed,
-        )
-        n = len(gen)
-        if self.isc:
-            if gen.logits is None:
-                self.skipped["is"] = (
-                    f"the Inception Score needs class logits and extractor={self.extractor} has "
-                    "none (use extractor=inception)"
-                )
-            else:
-                splits = _clamp("isc_splits", self.isc_splits, n)
-                r = tf.calculate_metrics(
-                    input1=_Rows(gen.logits), isc=True, isc_splits=splits, **common
-                )
-                out["is"] = float(r[tf.KEY_METRIC_ISC_MEAN])
-                out["is_std"] = float(r[tf.KEY_METRIC_ISC_STD])
-        pairs = {"fid": self.fid, "kid": self.kid, "prc": self.prc}
-        if self.prc and min(n, len(ref or [])) <= self.prc_neighborhood:
-            pairs["prc"] = False
-            self.skipped["precision/recall"] = (
-                f"needs more than prc_neighborhood={self.prc_neighborhood} images per set"
-            )
-        if any(pairs.values()):
-            if ref is None or len(ref) < 2 or n < 2:
-                raise ValueError("FID/KID/precision-recall need at least 2 images in each set")
-            subset = _clamp("kid_subset_size", self.kid_subset_size, min(n, len(ref)))
-            r = tf.calculate_metrics(
-                input1=_Rows(gen.features),
-                input2=_Rows(ref.features),
-                **pairs,
-                kid_subsets=self.kid_subsets,
-                kid_subset_size=subset,
-                prc_neighborhood=self.prc_neighborhood,
-                **common,
-            )
-            if self.fid:
-                out["fid"] = float(r[tf.KEY_METRIC_FID])
-            if self.kid:
-                out["kid"] = float(r[tf.KEY_METRIC_KID_MEAN])
-                out["kid_std"] = float(r[tf.KEY_METRIC_KID_STD])
-                out["kid_subset_size"] = float(subset)
-            if pairs["prc"]:
-                out["precision"] = float(r[tf.KEY_METRIC_PRECISION])
-                out["recall"] = float(r[tf.KEY_METRIC_RECALL])
-        return out
+    def scores(self) -> Scores:
+        """An empty :class:`Scores` of the selected metrics, with these options."""
+        return Scores(self)
 
     def score(self, gen: Features, ref: Features | None) -> dict[str, float]:
-        """Gather this rank's generated features, compute on rank 0, return the scores on every
-        rank (collective). ``ref`` is needed on rank 0 only."""
-        gen = gen.gather()
-        rank, _ = D.rank_and_world()
-        result: Any = None
-        if rank == 0:
-            try:
-                result = ("ok", self.compute(gen, ref), self.skipped)
-            except Exception as e:  # tell the other ranks instead of leaving them waiting
-                result = ("error", f"{type(e).__name__}: {e}", {})
-                D.broadcast_object(result)
-                raise
-        status, value, skipped = D.broadcast_object(result)
-        if status == "error":
-            raise RuntimeError(f"scoring failed on rank 0: {value}")
-        self.skipped = dict(skipped)
-        return dict(value)
+        """The scores of every rank's generated features ``gen`` against ``ref`` (needed on
+        rank 0 only), on every rank. Collective."""
+        scores = self.scores()
+        scores.add_reference(ref)
+        scores.add(gen)
+        result = scores.compute()
+        self.skipped = dict(scores.skipped)
+        return result
+
+
+class Scores:
+    """The selected scores of a :class:`SampleMetrics` as torchmetrics metrics: the reference
+    features once (:meth:`add_reference`, on rank 0; kept by :meth:`reset`), then each batch of
+    generated features (:meth:`add`), then :meth:`compute` (collective), the dict of scores
+    and :attr:`skipped`, what could not be computed and why."""
+
+    def __init__(self, options: SampleMetrics) -> None:
+        self.options = options
+        self.metrics: dict[str, Metric] = {}
+        self.skipped: dict[str, str] = {}
+        self.reference: Features | None = None
+
+    def _start(self, gen: Features) -> None:
+        """Build the metrics for the rows' width (and the logits' classes), then add the
+        reference: the other ranks add none (empty rows, so that every rank gathers)."""
+        o, d = self.options, gen.features.shape[1]
+        if o.isc and gen.logits is not None:
+            self.metrics["isc"] = streaming.inception_score(
+                gen.logits.shape[1], splits=o.isc_splits, rng_seed=o.rng_seed
+            )
+        if o.fid:
+            self.metrics["fid"] = streaming.frechet(d)
+        if o.kid or o.prc:
+            self.metrics["kid"] = streaming.kernel(
+                d,
+                subsets=o.kid_subsets,
+                subset_size=o.kid_subset_size,
+                kid=o.kid,
+                prc_neighborhood=o.prc_neighborhood if o.prc else None,
+                rng_seed=o.rng_seed,
+            )
+        for metric in self.metrics.values():
+            metric.to(o.device)
+        ref = self.reference
+        rows = ref.features if ref is not None else torch.zeros(0, d)
+        if "fid" in self.metrics and ref is not None:
+            self.metrics["fid"].update(rows.to(o.device), real=True)
+        if "kid" in self.metrics:
+            self.metrics["kid"].update(rows.to(o.device), real=True)
+
+    def add_reference(self, ref: Features | None) -> None:
+        """The reference features (on rank 0; None elsewhere)."""
+        if self.metrics:
+            raise RuntimeError("add the reference before the first generated features")
+        self.reference = ref
+
+    def add(self, gen: Features) -> None:
+        """A batch of this rank's generated features."""
+        if not self.metrics:
+            self._start(gen)
+        device = self.options.device
+        for name, metric in self.metrics.items():
+            if name == "isc":
+                metric.update(gen.logits.to(device))  # type: ignore[union-attr]
+            else:
+                metric.update(gen.features.to(device), real=False)
+
+    def compute(self) -> dict[str, float]:
+        """The scores of everything added on every rank (collective); the generated features
+        are then dropped, the reference kept."""
+        o = self.options
+        self.skipped = {}
+        if o.isc and "isc" not in self.metrics:
+            self.skipped["is"] = (
+                f"the Inception Score needs class logits and extractor={o.extractor} has none "
+                "(use extractor=inception)"
+            )
+        out: dict[str, float] = {}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            out.update({"fid": float(value)} if name == "fid" else value)
+            self.skipped.update(getattr(metric, "skipped", {}))
+        return out
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()

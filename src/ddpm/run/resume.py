@@ -62,6 +62,7 @@ _MAY_CHANGE = (
     "data.val_batch_size",
     "data.max_val_samples",
     "data.verify_images",
+    "data.cache_dir",
     "logger",
     "paths",
     "sampler",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -26,6 +28,22 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 def output_dir(cfg: DictConfig) -> Path:
     """This run's directory (``paths.output_dir``)."""
     return Path(cfg.paths.output_dir)
+
+
+def launch_dir(run_dir: str | os.PathLike) -> Path:
+    """Where this launch keeps its own record: the run directory for the launch that created the
+    run, ``<run>/launches/<time>/`` for a later one (resume, requeue), so no launch rewrites what
+    an earlier one wrote. That is where Hydra put this launch's log file (``conf/hydra``'s
+    ``output_subdir``, decided when the launch started); without one (the compose API), where
+    ``output_subdir`` says now."""
+    run_dir = Path(run_dir).resolve()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            log_file = Path(handler.baseFilename).resolve()
+            if log_file.is_relative_to(run_dir):
+                return log_file.parent
+    subdir = HydraConfig.get().get("output_subdir") if HydraConfig.initialized() else None
+    return run_dir / Path(str(subdir)).parent if subdir else run_dir
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

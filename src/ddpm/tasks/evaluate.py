@@ -11,6 +11,11 @@ the NLL over N processes, with the same numbers as one (per-sample seeds).
 When the extractor's weights cannot be had: with nothing else to report, the error names the file
 and ``metrics.weights_path``; next to an NLL, the sample metrics are skipped, with a warning, and
 ``metrics.json`` records what was skipped and why under ``skipped``.
+
+The inputs are checked before any process is started; progress is a bar on a terminal and plain
+lines in log files. The scores go to the W&B run of the training run they came from (``tracker``,
+:mod:`ddpm.task_tracking`; for ``samples=``, the checkpoint named in the ``sample_info.json``
+``sample.py`` wrote next to it).
 """
 
 from __future__ import annotations
@@ -31,21 +36,30 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.checkpoint import LoadedModel, load_model
+from ddpm.checkpoint import LoadedModel, load_model, read_checkpoint
 from ddpm.diffusion import calc_bpd_loop
 from ddpm.errors import ConfigError
 from ddpm.metrics import (
     DatasetImages,
-    Features,
     ImageSource,
     SampleMetrics,
+    Scores,
     WeightsUnavailableError,
     open_images,
 )
 from ddpm.metrics.distances import distribution_distances
-from ddpm.tasks.common import output_dir, write_json
-from ddpm.tasks.sample import build_sampler, generate, generate_batches, launch, sample_labels
+from ddpm.task_tracking import check_tracker, start_task_run
+from ddpm.tasks.common import launch_dir, output_dir, write_json
+from ddpm.tasks.sample import (
+    INFO_FILE,
+    build_sampler,
+    generate,
+    generate_batches,
+    launch,
+    sample_labels,
+)
 from ddpm.utils.classes import num_classes_of, with_labels
+from ddpm.utils.config_tree import print_config_tree, to_plain
 from ddpm.utils.distributed import all_reduce_sum, rank_and_world, rank_zero_first, shard
 from ddpm.utils.images import to_uint8
 from ddpm.utils.progress import progress_iter
@@ -166,12 +180,21 @@ def nll_bpd(
     block = shard(len(source))
     sums = torch.zeros(5, dtype=torch.float64)  # total, prior, decoder, vb; images
     i = block.start
-    for u8 in source.batches(block.start, block.stop, batch_size):
+    batches = progress_iter(
+        source.batches(block.start, block.stop, batch_size),
+        total=len(block),
+        desc="NLL" if rank_and_world()[1] == 1 else "NLL (rank 0)",
+        enabled=progress,
+        unit="images",
+        size=len,
+        lines=True,
+    )
+    for u8 in batches:
         x = dm.normalizer(u8).to(device)
         gen = PerSampleGenerator([seed + j for j in range(i, i + len(u8))], device=device)
         y = None if labels is None else labels[i : i + len(u8)]
         net = with_labels(loaded.net, y, device)
-        out = calc_bpd_loop(net, loaded.diffusion, x, generator=gen, progress=progress)
+        out = calc_bpd_loop(net, loaded.diffusion, x, generator=gen)
         vb = out["vb"].double().cpu()
         sums += torch.stack(
             [
@@ -202,10 +225,16 @@ def point_cloud_metrics(
 
 
 # ---------------------------------------------------------------------------------- FID & co
-def _sampled_features(
-    cfg: DictConfig, loaded: LoadedModel, dm: Any, metrics: SampleMetrics, fabric: Any
-) -> Features:
-    """Features of this rank's block of ``num_samples`` samples drawn from the checkpoint."""
+def _add_sampled(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    dm: Any,
+    metrics: SampleMetrics,
+    scores: Scores,
+    fabric: Any,
+) -> None:
+    """Add the features of this rank's block of ``num_samples`` samples drawn from the
+    checkpoint to ``scores``, batch by batch."""
     n = int(cfg.num_samples)
     sampler = build_sampler(cfg.get("sampler"), loaded)
     block = shard(n)
@@ -214,16 +243,17 @@ def _sampled_features(
     mine = None if labels is None else labels[block.start : block.stop]
     bs = int(cfg.batch_size)
     batches = generate_batches(loaded, sampler, seeds, bs, fabric.device, class_labels=mine)
-    parts = []
     with fabric.autocast():
         for x in progress_iter(
             batches,
-            total=-(-len(seeds) // bs),
-            desc="sampling",
+            total=len(seeds),
+            desc="sampling" if fabric.world_size == 1 else "sampling (rank 0)",
             enabled=bool(cfg.progress) and fabric.is_global_zero,
+            unit="images",
+            size=len,
+            lines=True,
         ):
-            parts.append(metrics.extract(to_uint8(x, dm.denormalize)))
-    return Features.cat(parts)
+            scores.add(metrics.extract(to_uint8(x, dm.denormalize)))
 
 
 def sample_metrics(
@@ -261,15 +291,17 @@ def sample_metrics(
     ref = reference_source(cfg, loaded, shape)
     t0 = time.time()
     ref_features = metrics.reference(ref, progress=progress)
+    scores = metrics.scores()
+    scores.add_reference(ref_features)
     if source is not None:
         if len(source) < fabric.world_size:
             raise ValueError(f"{cfg.samples} holds {len(source)} images, fewer than the devices")
-        gen = metrics.extract_source(source, progress=progress)
+        scores.add(metrics.extract_source(source, progress=progress))
     else:
         assert loaded is not None
-        gen = _sampled_features(cfg, loaded, dm, metrics, fabric)
-    results.update(metrics.score(gen, ref_features))
-    skipped.update(metrics.skipped)
+        _add_sampled(cfg, loaded, dm, metrics, scores, fabric)
+    results.update(scores.compute())
+    skipped.update(scores.skipped)
     results["num_samples"] = len(source) if source is not None else int(cfg.num_samples)
     results["num_reference"] = len(ref)
     results["extractor"] = metrics.extractor
@@ -278,14 +310,45 @@ def sample_metrics(
 
 
 # ---------------------------------------------------------------------------------- task
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the evaluate task; returns what it writes to ``metrics.json``."""
+def check_request(cfg: DictConfig) -> None:
+    """Every input checked before any process is started (a bad one fails once, not once per
+    device): something to score, a readable sample file whose labels match its images, a
+    readable checkpoint, the tracker setting."""
     if not cfg.get("samples") and not cfg.get("ckpt_path"):
         raise ConfigError(
             "nothing to evaluate: give samples=PATH.npz (or a folder of images) with ref=..., "
             "and/or ckpt_path=PATH (sampled here; also its NLL)"
         )
+    if cfg.get("samples"):
+        try:
+            open_images(cfg.samples)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"samples={cfg.samples}: {e}") from None
+    check_tracker(cfg.get("tracker"))
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)
+
+
+def scored_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+    """The checkpoint the scored images came from and its step: ``ckpt_path``, or the one
+    ``sample.py`` recorded next to a ``samples=`` file; (None, 0) when unknown."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path), 0
+    info = Path(str(cfg.samples)).parent / INFO_FILE
+    try:
+        recorded = json.loads(info.read_text())
+        return str(recorded["ckpt_path"]), int(recorded.get("global_step", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, 0
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluate task; returns what it writes to ``metrics.json``."""
+    check_request(cfg)
     fabric = launch(cfg)
+    out = output_dir(cfg)
+    if fabric.is_global_zero:
+        print_config_tree(cfg, launch_dir(out))
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     loaded = dm = None
@@ -315,10 +378,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         sample_metrics(cfg, loaded, dm, fabric, results, skipped)
     if skipped:
         results["skipped"] = skipped
-    out = output_dir(cfg)
     if rank_and_world()[0] == 0:
         write_json(out / "metrics.json", results)
         print(json.dumps(results, indent=2, sort_keys=True))
         print(Path(out) / "metrics.json")
+        ckpt, step = scored_checkpoint(cfg)
+        run = start_task_run(
+            cfg.get("tracker"),
+            "evaluate",
+            ckpt,
+            results.get("global_step", step),
+            to_plain(cfg),
+            out,
+        )
+        if run is not None:
+            run.log(
+                {k: v for k, v in results.items() if not k.endswith(("_seconds", "global_step"))}
+            )
+            run.finish()
     fabric.barrier()
     return results

@@ -35,36 +35,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
 from ddpm.config import validate_train_config
 from ddpm.errors import ConfigError
-from ddpm.loggers import finish_wandb, log_hyperparameters
+from ddpm.loggers import continue_loggers, finish_wandb, log_hyperparameters
 from ddpm.module import DiffusionModule
 from ddpm.run import resume_command
 from ddpm.run.directory import warn_if_disk_low
 from ddpm.run.launch import Launch, prepare_launch
 from ddpm.run.requeue import hand_over
 from ddpm.run.resume import check_weights_fit
-from ddpm.tasks.common import instantiate_dict, metrics_dict, output_dir, write_json
+from ddpm.tasks.common import instantiate_dict, launch_dir, metrics_dict, output_dir, write_json
 from ddpm.utils.config_tree import print_config_tree, to_plain
 from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
-
-
-def build_module(cfg: DictConfig, run_config: dict | None = None) -> DiffusionModule:
-    """The LightningModule described by ``cfg`` (network, diffusion, loss and timestep sampler,
-    optimizer)."""
-    lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
-    return DiffusionModule(
-        net=instantiate(cfg.model),
-        diffusion=instantiate(cfg.diffusion),
-        loss=instantiate(cfg.objective.loss),
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=lr_scheduler,
-        timestep_sampler=instantiate(cfg.objective.timestep_sampler),
-        train_seed=int(cfg.seed),
-        compile=bool(cfg.get("compile", False)),
-        run_config=run_config,
-        **({"p_uncond": float(cfg.p_uncond)} if cfg.get("p_uncond") is not None else {}),
-    )
 
 
 def record_classes(cfg: DictConfig, datamodule: Any) -> None:
@@ -146,21 +128,24 @@ def _resume_quiet(trainer: pl.Trainer, resuming: bool) -> Iterator[None]:
 
 def _fit(launch: Launch) -> dict[str, float]:
     cfg, run_dir, ckpt_path = launch.cfg, launch.run_dir, launch.ckpt_path
-    print_config_tree(cfg, run_dir)  # rank 0: on screen and in <run dir>/config_tree.log
+    print_config_tree(cfg, launch_dir(run_dir))  # rank 0: on screen and in this launch's record
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     record_classes(cfg, datamodule)
     run_config = to_plain(cfg)
-    module = build_module(cfg, run_config)
+    module = DiffusionModule.from_config(cfg, run_config)
+    resumed_step = None
     if launch.checkpoint is not None:
+        resumed_step = int(launch.checkpoint.get("global_step", 0))
         check_weights_fit(module, launch.checkpoint, str(ckpt_path))
         launch.checkpoint = None  # release the memory map
     if is_launch_rank_zero():
         warn_if_disk_low(run_dir, sum(p.numel() * p.element_size() for p in module.parameters()))
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))
     loggers = instantiate_dict(cfg.get("logger"))
+    continue_loggers(loggers, resumed_step)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hyperparameters(trainer, module, run_config)
 
