@@ -12,10 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
+from ddpm.errors import reports_errors
 from ddpm.tasks.sample import sample
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@reports_errors
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

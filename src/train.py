@@ -11,10 +11,12 @@ import hydra
 from omegaconf import DictConfig
 
 import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
+from ddpm.errors import reports_errors
 from ddpm.tasks.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@reports_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     metric = cfg.get("optimized_metric")

@@ -14,10 +14,12 @@ import hydra
 from omegaconf import DictConfig
 
 import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
+from ddpm.errors import reports_errors
 from ddpm.tasks.visualize import visualize
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
+@reports_errors
 def main(cfg: DictConfig) -> None:
     visualize(cfg)
 
