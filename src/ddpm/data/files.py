@@ -17,12 +17,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ddpm.data.transforms import resize_center_crop
+from ddpm.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 ON_BAD_IMAGE = ("error", "skip")  # fail naming every bad file, or warn and train on the rest
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """One or more image files cannot be decoded."""
 
 
