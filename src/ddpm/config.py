@@ -290,7 +290,8 @@ def sampler_problems(cfg: DictConfig) -> list[str]:
     data = _get(cfg, "data") or {}
     channels = data.get("channels") if "image_size" in data else None
     shape = (1, int(channels), 1, 1) if channels else (1, int(_get(cfg, "model.data_dim", 2)))
-    net = _ZeroNet(diffusion.model_output_channels(shape[1]))
+    out_channels = getattr(diffusion, "model_output_channels", lambda c: c)(shape[1])
+    net = _ZeroNet(out_channels)
     labels = torch.zeros(1, dtype=torch.long) if data.get("conditional") else None
     problems = []
     for paths, node in used.items():
@@ -303,10 +304,14 @@ def sampler_problems(cfg: DictConfig) -> list[str]:
         except (InstantiationException, ValueError, TypeError) as e:
             cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
             what = "the default sampler" if node is None else node.get("_target_")
+            T = getattr(diffusion, "num_timesteps", None)
             problems.append(
-                f"{paths} ({what}) cannot sample the run's process (T="
-                f"{diffusion.num_timesteps}: schedule.num_timesteps): {cause}"
+                f"{paths} ({what}) cannot sample the run's process"
+                + (f" (T={T}: schedule.num_timesteps)" if T is not None else "")
+                + f": {cause}"
             )
+        except Exception:  # noqa: BLE001 - the stand-in network, not the settings: the run tells
+            continue
     return problems
 
 
