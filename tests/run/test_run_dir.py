@@ -17,6 +17,7 @@ import torch
 
 import ddpm.run.checkpoint_files as checkpoint_files
 from cli_utils import cli_env, wait_for
+from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.errors import ConfigError
 from ddpm.run.checkpoint_files import find_checkpoint
 from ddpm.run.lock import EXCLUSIVE_FILE, run_dir_lock
@@ -157,3 +158,27 @@ def test_a_copied_run_directory_rotates_its_own_checkpoints(tmp_path: Path) -> N
         "last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"
     ]  # fmt: skip
     assert load_ckpt(copy / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
+def test_a_run_stopped_before_its_first_periodic_save_keeps_one_last_ckpt(tmp_path: Path) -> None:
+    """A stop signal before the first periodic save: ``last.ckpt`` is written by the preemption
+    save, not the checkpoint callback. Resumed in place or copied, the run still rewrites that
+    ``last.ckpt`` (no ``last-v1.ckpt``) and rotates its step files."""
+    stop = [
+        *FAST,
+        "trainer.max_steps=8",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "+callbacks.sig._target_=run_utils.SignalAt",
+        f"+callbacks.sig.signum={int(signal.SIGTERM)}",
+    ]
+    with pytest.raises(TrainingInterrupted):
+        train(compose_cfg([*stop, "+callbacks.sig.step=0"], tmp_path / "a"))
+    run, copy = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    shutil.copytree(run, copy, symlinks=True)
+    for d in (run, copy):
+        train(compose_cfg([*stop, "+callbacks.sig.step=100", "ckpt_path=last", f"run_dir={d}"],
+                          d.parent))  # fmt: skip
+        names = sorted(p.name for p in (d / "checkpoints").iterdir())
+        assert names == ["last.ckpt", "step_0000004.ckpt", "step_0000008.ckpt"], d
+        assert load_ckpt(d / "checkpoints" / "last.ckpt")["global_step"] == 8

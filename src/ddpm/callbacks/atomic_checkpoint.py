@@ -136,7 +136,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         there: a run directory copied or moved (``cp -a run run2``) rotates its own step files
         and rewrites its own ``last.ckpt``. (Lightning keeps nothing when the directory's path
         changed, so the files it finds are never rotated away and ``last.ckpt`` is written as
-        ``last-v1.ckpt`` beside them.)"""
+        ``last-v1.ckpt`` beside them.) With ``save_last``, the ``last.ckpt`` there is this
+        callback's own even when another writer saved it (a stop signal before the first periodic
+        save: :class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`)."""
         if self.dirpath is None:
             super().load_state_dict(state_dict)
             return
@@ -147,6 +149,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
         best_k = {here(p): score for p, score in state_dict.get("best_k_models", {}).items()}
         best_k.pop("", None)
+        last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        own_last = last if self.save_last and os.path.isfile(last) else ""
         super().load_state_dict(
             {
                 **state_dict,
@@ -154,7 +158,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 "best_k_models": best_k,
                 "best_model_path": here(state_dict.get("best_model_path")),
                 "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
-                "last_model_path": here(state_dict.get("last_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")) or own_last,
             }
         )
 
