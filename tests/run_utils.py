@@ -77,14 +77,14 @@ class SleepAtStep(pl.Callback):
 
 
 class SignalDuringTrainEnd(pl.Callback):
-    """Long end-of-training work (like a big sample grid) hit by a Ctrl+C: the sleep is that work,
-    which the signal must cut short."""
+    """Long end-of-training work (like a big sample grid) hit by a Ctrl+C (or ``signum``, e.g.
+    submitit's time-limit SIGUSR2): the sleep is that work, which the signal must cut short."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float, signum: int = int(signal.SIGINT)) -> None:
+        self.seconds, self.signum = seconds, signum
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), self.signum)
         time.sleep(self.seconds)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ddpm.checkpoint import (
+    BUILT_SECTIONS,
+    CONF_DIR,
     CONFIG_KEY,
-    LOADABLE_MODULES,
     CheckpointError,
     build_from_config,
+    check_stored_config,
     is_loadable,
     load_model,
+    open_checkpoint,
+    shipped_targets,
 )
 from ddpm.errors import ConfigError
 from ddpm.run.checkpoint_files import checkpoint_info, resolve_ckpt_path
@@ -171,27 +176,64 @@ def test_the_injected_config_would_write_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "a.txt").exists()
 
 
-def test_allowed_modules_admit_their_own_public_builders(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_network_process_sampler_and_data_a_config_names_loads(
+    stored: dict, tmp_path: Path
 ) -> None:
-    (tmp_path / "fake_interop.py").write_text(
-        "from os import system\n"
-        "from numpy import savetxt\n"
-        "class UNet2DModel:\n    pass\n"
-        "def build_unet(**kw):\n    return kw\n"
-        "def _private():\n    pass\n"
+    """The stored config of a run with any shipped model / data / sampler / objective passes the
+    check a load makes (composed for real: ``data=hf`` included), and nothing else does."""
+    toy = {"swiss_roll", "two_moons", "eight_gaussians"}
+    left = {g: _options(g) for g in ("data", "model", "sampler", "objective")}
+    while any(left.values()):  # each option once, a few groups per composition
+        picks = {
+            g: (names or ["ddpm" if g == "sampler" else _options(g)[0]])[0]
+            for g, names in left.items()
+        }
+        if picks["data"] in toy:
+            picks["model"] = "mlp"  # the U-Nets take images
+        overrides = [f"{g}={name}" for g, name in picks.items()]
+        config = to_plain(compose_cfg([*TINY, *overrides], tmp_path))
+        check_stored_config(config, " ".join(overrides))  # model.path, data.path: '???'
+        for g, name in picks.items():
+            if name in left[g]:
+                left[g].remove(name)
+    # public builders of our modules that no config names, or a class in another section
+    for section, target in [
+        ("model", "ddpm.interop.diffusers.to_diffusers_unet"),
+        ("model", "ddpm.interop.diffusers.load_unet"),
+        ("sampler", "ddpm.diffusion.samplers.sample_batches"),
+        ("data", "ddpm.nn.UNet"),
+        ("diffusion", "ddpm.data.ImageDataModule"),
+    ]:
+        assert not is_loadable(target, section), target
+        config = copy.deepcopy(stored["config"])
+        config[section] = {"_target_": target}
+        with pytest.raises(CheckpointError, match=f"{section}._target_"):
+            check_stored_config(config, "crafted.ckpt")
+    assert {"ddpm.nn.UNet", "ddpm.data.ImageDataModule"} <= {
+        t for s in BUILT_SECTIONS for t in shipped_targets().get(s, ())
+    }
+
+
+def test_the_allow_list_is_read_from_the_config_files(tmp_path: Path) -> None:
+    """A config group option added to conf/ makes its class loadable, in its section only; a
+    ``# @package _global_`` file counts under the keys it writes."""
+    conf = tmp_path / "conf"
+    (conf / "sampler").mkdir(parents=True)
+    (conf / "experiment").mkdir()
+    (conf / "sampler" / "euler.yaml").write_text("_target_: my_lab.EulerSampler\nsteps: 10\n")
+    (conf / "experiment" / "x.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: unet\n"
+        "model:\n  _target_: my_lab.Net\n  inner: {_target_: my_lab.Block}\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr("ddpm.checkpoint.LOADABLE_MODULES", {*LOADABLE_MODULES, "fake_interop"})
-    assert is_loadable("fake_interop.UNet2DModel") and is_loadable("fake_interop.build_unet")
-    for name in ("system", "savetxt", "_private", "missing", "UNet2DModel.__init__"):
-        assert not is_loadable(f"fake_interop.{name}"), name
-    assert is_loadable("ddpm.nn.UNet") and not is_loadable("ddpm.nn.unet.torch")
-    assert is_loadable("ddpm.diffusion.samplers.DDIMSampler")
-    for name in ("np", "torch", "math", "Model", "Generator", "_Sampler"):
-        assert not is_loadable(f"ddpm.diffusion.samplers.{name}"), name
-    assert not is_loadable("ddpm.interop.diffusers.os")
-    sys.modules.pop("fake_interop", None)
+    found = shipped_targets(conf)
+    assert found == {
+        "sampler": frozenset({"my_lab.EulerSampler"}),
+        "model": frozenset({"my_lab.Net", "my_lab.Block"}),
+    }
 
 
 RESUME_INJECTIONS = {
@@ -233,9 +275,10 @@ def test_resume_refuses_targets_injected_anywhere_in_the_run_config(
 def test_resume_accepts_the_targets_a_genuine_run_config_names(
     stored: dict, tmp_path: Path
 ) -> None:
-    from ddpm.run.resume import check_resumable_config, shipped_targets
+    from ddpm.run.resume import check_resumable_config
 
-    assert {"ddpm.callbacks.ema.EMA", "torch.optim.Adam"} <= shipped_targets()
+    shipped = set().union(*shipped_targets().values())
+    assert {"ddpm.callbacks.ema.EMA", "torch.optim.Adam"} <= shipped
     cfg = compose_cfg([*TINY, "logger=tensorboard"], tmp_path)
     check_resumable_config(to_plain(cfg), cfg, "genuine.ckpt")  # every shipped group's targets
     custom = copy.deepcopy(stored["config"])
@@ -244,3 +287,36 @@ def test_resume_accepts_the_targets_a_genuine_run_config_names(
         check_resumable_config(custom, compose_cfg(TINY, tmp_path), "other.ckpt")
     mine = compose_cfg([*TINY, "+callbacks.mine._target_=my_lab.MyCallback"], tmp_path)
     check_resumable_config(custom, mine, "own.ckpt")  # the command composes it itself
+
+
+class _System:
+    """A pickle payload that runs a shell command when unpickled."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_refusals_name_what_the_file_holds(tmp_path: Path) -> None:
+    """A payload is named as torch words it (``posix.system``: torch 2.6+'s "unsupported GLOBAL
+    ... whose module is blocked", 2.4+'s "GLOBAL ... was not an allowed global", older "Unsupported
+    class ..."); random bytes or a plain pickle are not a checkpoint, and nothing in them runs."""
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _System()}, evil)
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(evil)
+    assert f"Python object {os.system.__module__}.system" in str(info.value)
+    assert "could run code" in str(info.value)
+    for name, data in [("random.ckpt", os.urandom(4096)), ("plain.ckpt", pickle.dumps([1, 2]))]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as info:
+            open_checkpoint(tmp_path / name)
+        assert "Python object" not in str(info.value) and "run code" not in str(info.value)
+    from ddpm.checkpoint import _refused_global
+
+    for wording in (
+        "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+        "Unsupported global: GLOBAL posix.system was not an allowed global by default.",
+        "Unsupported class posix.system",
+    ):
+        assert _refused_global(wording) == "posix.system", wording
+    assert _refused_global("WeightsUnpickler error: Unsupported operand 149") is None

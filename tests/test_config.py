@@ -371,3 +371,25 @@ def test_debug_mode_overrides_a_local_config(tmp_path: Path) -> None:
     assert compose_cfg([searchpath], tmp_path).trainer.max_steps == 777  # the local file is read
     cfg = compose_cfg([searchpath, "debug=default"], tmp_path)
     assert cfg.trainer.max_steps == 20 and cfg.task_name == "debug"
+
+
+def test_every_sampler_the_run_uses_fits_its_process_at_start_up(tmp_path: Path) -> None:
+    """What would only fail at the first sample grid (step 400) or FID fails before any work,
+    naming the settings: more sampler steps than T (the default sampler's 20 with T=10 or 1), a
+    callback's own default sampler, guidance without class labels."""
+    cosine = [*TINY, "schedule=cosine"]  # the linear schedule refuses T=10 itself (β > 1)
+    grid = r"sampler, callbacks.sample_grid.sampler, callbacks.playground.sampler"
+    for T in (10, 1):
+        cfg = compose_cfg([*cosine, f"schedule.num_timesteps={T}"], tmp_path)
+        with pytest.raises(ConfigError, match=rf"{grid} \(.*DPMSolverSampler\).*steps=20 exceeds"):
+            validate_train_config(cfg)
+    fid = ["callbacks=[default,fid]", "callbacks.fid.sampler=null"]  # null: DDIM, 50 steps
+    few = [*cosine, "schedule.num_timesteps=30", "sampler=ddim", "sampler.steps=5", *fid]
+    with pytest.raises(ConfigError, match=r"callbacks.fid.sampler \(the default .*steps=50") as e:
+        validate_train_config(compose_cfg(few, tmp_path))
+    assert "callbacks.sample_grid" not in str(e.value)
+    with pytest.raises(ConfigError, match="guidance_scale=3 needs class_labels"):
+        validate_train_config(compose_cfg([*TINY, "sampler.guidance_scale=3"], tmp_path))
+    validate_train_config(
+        compose_cfg([*TINY, "data.conditional=true", "sampler.guidance_scale=3"], tmp_path)
+    )

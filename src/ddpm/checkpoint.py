@@ -4,10 +4,12 @@ and the diffusion. Checkpoints are data, never code:
 * :func:`open_checkpoint` is the one way a ``.ckpt`` file is opened (loading a model, resuming,
   finding a run's checkpoints): ``torch.load(weights_only=True)``, so a pickled object cannot run
   code, with a message of ours for unsafe, truncated and empty files.
-* The stored config may only name the project's own classes (:data:`LOADABLE_TARGETS`, plus the
-  public builders of the modules in :data:`LOADABLE_MODULES`): anything else is refused before
-  anything is built, wherever it hides (nested nodes, lists, ``_partial_`` nodes), and so are
-  ``${...}`` interpolations (a stored config is resolved; a resolver could build objects).
+* The stored config may only build, in each of its :data:`BUILT_SECTIONS`, what the project's
+  own configs (``conf/``) name in that section (:func:`shipped_targets`: one list, read from the
+  configs, so a new network, process, sampler or data module is loadable as soon as a config
+  names it): anything else is refused before anything is built, wherever it hides (nested
+  nodes, lists, ``_partial_`` nodes), and so are ``${...}`` interpolations (a stored config is
+  resolved; a resolver could build objects).
 
 Checkpoint layout (a Lightning checkpoint plus the keys below, each named once here):
     ``state_dict``      the LightningModule's raw weights (``net.*``)
@@ -22,78 +24,87 @@ Exported files (``src/export.py``) are safetensors with the config as JSON metad
 
 from __future__ import annotations
 
-import importlib
+import functools
 import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import ConfigError
 
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
 EMA_KEY = "ema_state_dict"
 EMA_STATE_KEY = "ema_state"
 
-# What a stored config may build: our networks, processes, losses and timestep samplers, samplers
-# and data modules (everything `sample.py`, `evaluate.py` and `visualize.py` build from a
-# checkpoint).
-LOADABLE_TARGETS: set[str] = {
-    "ddpm.nn.UNet",
-    "ddpm.nn.MLPDenoiser",
-    "ddpm.diffusion.GaussianDiffusion",
-    "ddpm.diffusion.DiffusionLoss",
-    "ddpm.diffusion.UniformTimestepSampler",
-    "ddpm.diffusion.LossSecondMomentTimestepSampler",
-    "ddpm.data.ImageDataModule",
-    "ddpm.data.ToyDataModule",
-}
-# Modules whose public builders are all loadable: a name in the module's ``__all__`` (when it
-# has one) that is a class or function defined in that module or its package (not one it
-# imported from elsewhere, such as ``os.system``).
-LOADABLE_MODULES: set[str] = {"ddpm.diffusion.samplers", "ddpm.interop.diffusers"}
+# The project's config groups: what they name is what a stored config may build (an installed
+# package's copy beside this file, else the checkout's top-level conf/).
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parents[1] / "conf"
 # The sections of a stored config that loading builds (the others are a record of the run).
 BUILT_SECTIONS = ("model", "diffusion", "objective", "sampler", "data")
 _HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, unsafe, or does not match the requested network."""
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, unreadable, unsafe, or does not match the requested network (a
+    :class:`ConfigError`: the file a setting names cannot be used)."""
 
 
-def register_loadable(target: str) -> None:
-    """Allow a stored config to build ``target`` (a dotted path to one of our classes)."""
-    LOADABLE_TARGETS.add(target)
+def _targets(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(section, target) of every ``_target_`` in a YAML node at dotted ``path``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_" and isinstance(value, str) and path:
+                yield path.split(".")[0], value
+            elif key != "defaults":
+                yield from _targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value, path)
 
 
-def is_loadable(target: str) -> bool:
-    """Whether a stored config may build ``target`` (imports nothing outside our modules)."""
-    if target in LOADABLE_TARGETS:
-        return True
-    module, _, name = target.rpartition(".")
-    if module not in LOADABLE_MODULES or not name.isidentifier() or name.startswith("_"):
-        return False
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return False
-    public = getattr(mod, "__all__", None)
-    obj = getattr(mod, name, None)
-    defined_in = str(getattr(obj, "__module__", ""))
-    return (
-        (public is None or name in public)
-        and callable(obj)
-        and (defined_in == module or defined_in.startswith(module + "."))
-    )
+@functools.cache
+def shipped_targets(conf_dir: Path = CONF_DIR) -> dict[str, frozenset[str]]:
+    """Every ``_target_`` the config files under ``conf_dir`` name, by section (the first key of
+    where it lands: ``conf/sampler/x.yaml`` -> ``sampler``, a ``# @package _global_`` file and the
+    primary configs at the top -> the keys they write, ``diffusion`` of ``train.yaml``)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(Path(conf_dir).rglob("*.yaml")):
+        text = path.read_text()
+        group = path.relative_to(conf_dir).parent.as_posix()
+        header = _PACKAGE.search(text)
+        package = header.group(1) if header else group.replace("/", ".")
+        package = "" if package in ("_global_", ".") else package
+        for section, target in _targets(yaml.load(text, Loader=_YAML_LOADER), package):
+            found.setdefault(section, set()).add(target)
+    return {section: frozenset(targets) for section, targets in found.items()}
+
+
+def is_loadable(target: str, section: str | None = None) -> bool:
+    """Whether a stored config may build ``target`` in ``section`` (None: in any of
+    :data:`BUILT_SECTIONS`): a shipped config names it there (:func:`shipped_targets`)."""
+    shipped = shipped_targets()
+    sections = BUILT_SECTIONS if section is None else (section,)
+    return any(target in shipped.get(s, ()) for s in sections)
+
+
+def _section(path: str) -> str:
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
 
 
 def check_stored_config(
@@ -105,11 +116,12 @@ def check_stored_config(
     """Refuse a stored config whose built sections name anything but our own classes.
 
     Every ``_target_`` under ``sections`` (default :data:`BUILT_SECTIONS`; None: the whole
-    config), in nested nodes and lists too, must be loadable (or pass ``allowed(target, path)``),
+    config), in nested nodes and lists too, must be named in its section by a shipped config
+    (:func:`is_loadable`; or pass ``allowed(target, path)``),
     Hydra's special keys are limited to the ones our configs use, and no string may be an
     interpolation. Raises :class:`CheckpointError` naming the first offending key.
     """
-    ok = allowed or (lambda target, path: is_loadable(target))
+    ok = allowed or (lambda target, path: is_loadable(target, _section(path)))
 
     def refuse(path: str, why: str) -> None:
         raise CheckpointError(
@@ -146,13 +158,17 @@ def check_stored_config(
             walk(config[section], section)
 
 
-def _unsafe_reason(message: str) -> str:
-    """What torch's weights-only unpickler refused, without its "re-run with
-    weights_only=False" advice (which would run the file's code)."""
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
-    if found:
-        return f"a reference to the Python object {found.group(1)}"
-    return "pickled Python objects other than tensors and plain data"
+# How torch's weights-only unpickler names a global it refused, over the versions: "Unsupported
+# global: GLOBAL io.open was not an allowed global by default" (2.4+), "Trying to load unsupported
+# GLOBAL posix.system whose module posix is blocked" (2.6+), "Unsupported class os.system" (<2.4).
+_REFUSED_GLOBAL = re.compile(r"(?:\bGLOBAL|[Uu]nsupported class)\s+([A-Za-z_][\w.]*)")
+
+
+def _refused_global(message: str) -> str | None:
+    """The Python object a weights-only load refused (``posix.system``), None when the file was
+    refused for another reason (not a pickle, an opcode it does not know)."""
+    found = _REFUSED_GLOBAL.search(message)
+    return found.group(1) if found else None
 
 
 def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
@@ -160,9 +176,13 @@ def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
     cheap for reading a few fields) on the CPU; :class:`CheckpointError` with an actionable
     message when the file is missing, empty, truncated, or holds code."""
     path = os.fspath(path)
+    try:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+    except OSError:  # removed since (a checkpoint rotated away)
+        empty = False
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
+    if empty:
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded: the file is empty (0 bytes), e.g. from an "
             "interrupted copy. Use another checkpoint of the run."
@@ -175,12 +195,21 @@ def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = _refused_global(str(e))
+        if refused is None:  # random bytes, a plain pickle: not a checkpoint, nothing to run
+            raise CheckpointError(
+                f"checkpoint {path} cannot be loaded: it is not a PyTorch checkpoint (or it is "
+                "damaged). Use one of your run's own checkpoints."
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded: it holds {_unsafe_reason(str(e))}, which "
-            "could run code when opened, so it is refused (checkpoints are opened with "
-            "torch.load(weights_only=True); ddpm's hold only tensors and plain data). It was "
-            "not written by ddpm or was altered: use one of your run's own checkpoints."
+            f"checkpoint {path} cannot be loaded: it holds a reference to the Python object "
+            f"{refused}, which could run code when opened, so it is refused (checkpoints are "
+            "opened with torch.load(weights_only=True); ddpm's hold only tensors and plain "
+            "data). It was not written by ddpm or was altered: use one of your run's own "
+            "checkpoints."
         ) from None
+    except FileNotFoundError:  # removed since it was found
+        raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # truncated zip, EOF, not a torch file
         first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import ddpm.hydra_setup  # noqa: F401 - resolvers and U-Net presets, before Hydra composes
 from ddpm.config import devices_count
+from ddpm.errors import reports_errors
 from ddpm.project import config_path
 from ddpm.tasks.evaluate import evaluate as evaluate_task
 from ddpm.tasks.export import export as export_task
@@ -92,6 +93,7 @@ class HardwareCheck(Callback):
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@reports_errors
 def train(cfg: DictConfig) -> float | None:
     """``ddpm-train``: train a diffusion model; returns ``optimized_metric`` (for a sweeper)."""
     metrics = train_task(cfg)
@@ -100,6 +102,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+@reports_errors
 def sample(cfg: DictConfig) -> None:
     """``ddpm-sample``: samples.npz (improved-diffusion's format) and grid.png from a checkpoint;
     ``devices=N`` splits the samples over N processes (the same images as one)."""
@@ -107,6 +110,7 @@ def sample(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@reports_errors
 def evaluate(cfg: DictConfig) -> None:
     """``ddpm-evaluate``: FID, IS, KID, precision/recall of samples and a checkpoint's NLL
     (bits/dim) into metrics.json."""
@@ -114,6 +118,7 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@reports_errors
 def export(cfg: DictConfig) -> None:
     """``ddpm-export``: a checkpoint as our safetensors or a diffusers pipeline folder; a diffusers
     folder in as our format."""
@@ -121,6 +126,7 @@ def export(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="visualize")
+@reports_errors
 def visualize(cfg: DictConfig) -> None:
     """``ddpm-visualize``: pictures of diffusion (PNG files in the run directory)."""
     visualize_task(cfg)

@@ -5,6 +5,7 @@ which config, is decided in :mod:`ddpm.run`.)"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import inspect
 import math
@@ -17,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.callbacks.inputs import default_sampler
 from ddpm.data import per_device_batch_size
 from ddpm.errors import ConfigError
 from ddpm.run import resume_command
@@ -239,6 +241,80 @@ def _settings_named(node: DictConfig, error: BaseException) -> str:
     return f" ({'; '.join(named)})" if named else ""
 
 
+def samplers_used(cfg: DictConfig) -> dict[str, Any]:
+    """The sampler nodes a training run samples with, by the settings that give them: ``sampler``
+    and every callback's ``sampler`` (the sample grid's, FID's, the playground's; null: the
+    callback's default, :func:`ddpm.callbacks.inputs.default_sampler`). Settings that resolve to
+    the same sampler (``${sampler}``) are listed together, ``a, b``."""
+    found: dict[str, tuple[list[str], Any]] = {}
+
+    def add(path: str, node: Any) -> None:
+        plain = None if node is None else OmegaConf.to_container(node, resolve=True)
+        key = repr(plain)
+        found.setdefault(key, ([], plain))[0].append(path)
+
+    if OmegaConf.is_dict(_get(cfg, "sampler")):
+        add("sampler", cfg.sampler)
+    callbacks = _get(cfg, "callbacks")
+    for name in callbacks or {}:
+        node = callbacks[name]
+        if OmegaConf.is_dict(node) and "_target_" in node and "sampler" in node:
+            add(f"callbacks.{name}.sampler", node.sampler)
+    return {", ".join(paths): plain for paths, plain in found.values()}
+
+
+class _ZeroNet:
+    """A network that predicts zeros, ``out_channels`` of them: what a sampler is run on at
+    start-up to check it against the process (its grid, steps vs T, guidance) without a model."""
+
+    def __init__(self, out_channels: int) -> None:
+        self.out_channels, self.null_class = out_channels, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], self.out_channels, *x.shape[2:]))
+
+
+def sampler_problems(cfg: DictConfig) -> list[str]:
+    """One message per sampler the run uses (:func:`samplers_used`) that cannot sample its
+    process: each is built and run once on one 1-pixel sample of a network that predicts zeros,
+    so what it would only find at the first sample grid or FID (``sampler.steps=20`` with
+    ``schedule.num_timesteps=10``, a spacing, guidance without labels) is found before any
+    work."""
+    used = samplers_used(cfg)
+    if not used:
+        return []
+    try:
+        diffusion = instantiate(cfg.diffusion)
+    except Exception:  # reported by build_problems
+        return []
+    data = _get(cfg, "data") or {}
+    channels = data.get("channels") if "image_size" in data else None
+    shape = (1, int(channels), 1, 1) if channels else (1, int(_get(cfg, "model.data_dim", 2)))
+    out_channels = getattr(diffusion, "model_output_channels", lambda c: c)(shape[1])
+    net = _ZeroNet(out_channels)
+    labels = torch.zeros(1, dtype=torch.long) if data.get("conditional") else None
+    problems = []
+    for paths, node in used.items():
+        try:
+            sampler = default_sampler() if node is None else instantiate(node)
+            if dataclasses.is_dataclass(sampler) and getattr(sampler, "compile", False):
+                sampler = dataclasses.replace(sampler, compile=False)
+            with torch.inference_mode():
+                sampler(net, diffusion, shape, class_labels=labels)
+        except (InstantiationException, ValueError, TypeError) as e:
+            cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+            what = "the default sampler" if node is None else node.get("_target_")
+            T = getattr(diffusion, "num_timesteps", None)
+            problems.append(
+                f"{paths} ({what}) cannot sample the run's process"
+                + (f" (T={T}: schedule.num_timesteps)" if T is not None else "")
+                + f": {cause}"
+            )
+        except Exception:  # noqa: BLE001 - the stand-in network, not the settings: the run tells
+            continue
+    return problems
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a training config before any work; raise :class:`ConfigError` listing every problem."""
     problems: list[str] = []
@@ -252,6 +328,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     problems += derived_key_problems(cfg)
     if not _get(cfg, "ckpt_path"):  # a resume builds the run's own objects, not the command's
         problems += build_problems(cfg)
+        problems += sampler_problems(cfg)  # a resume's: ddpm.run.launch.prepare_launch
     bs = _get(cfg, "data.batch_size")
     devices = devices_count(_get(cfg, "trainer.devices"), _get(cfg, "trainer.accelerator"))
     nodes = _get(cfg, "trainer.num_nodes", 1) or 1

@@ -29,8 +29,8 @@ def _model_out_channels(channels: int, variance_type: str) -> int:
     return model_output_channels(int(channels), str(variance_type))
 
 
-def _launch_subdir(output_dir: str, stamp: str) -> str:
-    return launch_subdir(str(output_dir), str(stamp))
+def _launch_subdir(output_dir: str) -> str:
+    return launch_subdir(str(output_dir))
 
 
 def register_resolvers() -> None:
@@ -38,7 +38,7 @@ def register_resolvers() -> None:
     ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
     ``${model_out_channels:C,variance_type}`` (the network's output channels for the objective:
     :func:`ddpm.diffusion.gaussian.model_output_channels`) and
-    ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
+    ``${ddpm_launch_subdir:run_dir}`` (looks at the run directory:
     :func:`ddpm.run.directory.launch_subdir`) and ``${ddpm_project_root:}`` (the default root of
     ``outputs/``, ``data/`` and caches: :func:`ddpm.project.project_root`)."""
     if not OmegaConf.has_resolver("ddpm_first"):

@@ -26,7 +26,8 @@ from ddpm.data import (
     ToyDataModule,
     per_device_batch_size,
 )
-from ddpm.data.transforms import resize_center_crop, to_channels
+from ddpm.data.transforms import random_flip, resize_center_crop, to_channels
+from ddpm.errors import DataError
 from hydra_utils import REPO_DIR
 
 CONF_DIR = REPO_DIR / "conf" / "data"
@@ -94,16 +95,43 @@ def test_denormalize_inverts_normalization(digits: ImageDataModule) -> None:
 def test_random_flip_per_sample() -> None:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 4, 5), dtype=torch.uint8)
-    ref = Normalization()(x)
-    out = BatchTransform(Normalization(), random_flip=True)(x)
+    ref = BatchTransform(Normalization())(x)
+    out = random_flip(ref.clone(), torch.Generator().manual_seed(0))
     same = (out == ref).flatten(1).all(1)
     flipped = (out == ref.flip(-1)).flatten(1).all(1)
     assert bool((same | flipped).all()) and 10 < int(flipped.sum()) < 54
     # the datamodule flips training batches only
     dm = ImageDataModule("digits", random_flip=True, batch_size=1617)
-    assert dm.train_dataloader().collate_fn.random_flip
-    assert not dm.val_dataloader().collate_fn.random_flip
-    assert not dm.reference_dataloader().collate_fn.random_flip
+    assert dm.train_dataloader().augment is random_flip
+    assert not hasattr(dm.val_dataloader(), "augment")
+    assert not hasattr(dm.reference_dataloader(), "augment")
+
+
+def test_flipped_batches_are_the_same_with_workers_and_after_a_resume(tmp_path: Path) -> None:
+    """An image folder loads with workers by default: its flipped batches equal those of a
+    loader without workers, and a loader resumed mid-epoch continues them exactly."""
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    kw = dict(root=tmp_path, image_size=8, batch_size=4, val_split=0.1)
+
+    def batches(num_workers: int | None, skip: int = 0, flip: bool = True) -> list[torch.Tensor]:
+        dm = ImageDataModule("image_folder", num_workers=num_workers, random_flip=flip, **kw)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        assert (loader.num_workers > 0) if num_workers is None else loader.num_workers == 0
+        loader.load_state_dict({"seed": loader.sampler.seed, "epoch": 1, "batches": skip})
+        return list(loader)
+
+    alone, workers, resumed = batches(0), batches(None), batches(None, skip=2)
+    plain = torch.cat(batches(0, flip=False))
+    flipped = (torch.cat(alone) != plain).flatten(1).any(1)
+    assert torch.equal(torch.cat(alone)[flipped], plain[flipped].flip(-1)) and flipped.any()
+    assert len(alone) == 5
+    for a, b in zip(alone, workers, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(alone[2:], resumed, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_reference_dataloader_deterministic_and_sharded(digits: ImageDataModule) -> None:
@@ -366,17 +394,17 @@ def test_image_folder_lazy_bad_file(tmp_path: Path) -> None:
 
 def test_image_folder_missing_file_or_empty_root(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(DataError, match=str(missing)):
         ImageDataModule("image_folder", root=missing)
     a_file = tmp_path / "file.png"
     a_file.write_bytes(b"x")
-    with pytest.raises(NotADirectoryError, match=str(a_file)):
+    with pytest.raises(DataError, match=str(a_file)):
         ImageDataModule("image_folder", root=a_file)
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "readme.txt").write_text("no images here")
     dm = ImageDataModule("image_folder", root=empty)
-    with pytest.raises(FileNotFoundError, match=f"no image files found .*{empty}"):
+    with pytest.raises(DataError, match=f"no image files found .*{empty}"):
         dm.setup()
 
 
@@ -407,7 +435,7 @@ def test_torchvision_offline_error(tmp_path: Path, offline: None, name: str, exp
     msg = str(info.value)
     assert repr(name) in msg and str(root) in msg and expected in msg
     assert "download failed" in msg and "offline" in msg
-    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, DataError)
     with pytest.raises(DatasetUnavailableError, match=expected):  # same via prepare_data()
         ImageDataModule(name, root=root, download=True).prepare_data()
 

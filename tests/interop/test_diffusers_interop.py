@@ -311,6 +311,11 @@ def test_refusals_name_what_does_not_map(tmp_path: Path) -> None:
         diffusion_from_scheduler_config({"num_train_timesteps": 10, "beta_schedule": "sigmoid"})
     with pytest.raises(InteropError, match="variance_type='learned'"):
         diffusion_from_scheduler_config({"num_train_timesteps": 10, "variance_type": "learned"})
+    # a scheduler that describes no process is refused at import, not in the imported file
+    with pytest.raises(InteropError, match="num_train_timesteps=0: .*no diffusion process"):
+        diffusion_from_scheduler_config({"num_train_timesteps": 0})
+    with pytest.raises(InteropError, match="no usable process: betas must lie in"):
+        diffusion_from_scheduler_config({"num_train_timesteps": 10, "beta_end": 2.0})
     bad = diffusers.UNet2DModel(
         sample_size=8,
         block_out_channels=(8, 16),

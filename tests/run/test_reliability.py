@@ -191,11 +191,35 @@ def test_k_consecutive_nonfinite_steps_stop_the_run(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteStepError, match=r"3 consecutive .*global steps 5\.\.7") as info:
         train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
-    assert "last.ckpt" in str(info.value)
     last, good = load_ckpt(ckpts / "last.ckpt"), load_ckpt(ckpts / "step_0000004.ckpt")
     assert last["global_step"] == 6  # written during the streak: skipped steps changed nothing
     for k, v in good["state_dict"].items():
         assert torch.equal(v, last["state_dict"][k]), k
+    # step 4's weights gave the first non-finite step (5), and last.ckpt holds them too: the
+    # message names the newest checkpoint from before them
+    named = f"step 4, whose weights gave the first non-finite step 5) is {ckpts}/step_0000002.ckpt"
+    assert f"from before the divergence (before global {named}" in str(info.value)
+
+
+def test_a_divergence_before_any_checkpoint_is_said_so(tmp_path: Path) -> None:
+    """A huge LR: every step after the second is non-finite. No checkpoint predates the weights
+    that diverged, and the message says so instead of naming one holding them."""
+    cfg = compose_cfg(
+        [
+            *FAST,
+            "trainer.max_steps=50",
+            "callbacks.nonfinite_guard.max_consecutive=3",
+            "+callbacks.nan._target_=run_utils.NaNAt",
+            "+callbacks.nan.from_step=2",
+        ],
+        tmp_path,
+    )
+    with pytest.raises(NonFiniteStepError, match=r"global steps 3\.\.5") as info:
+        train(cfg)
+    assert "No checkpoint predates the divergence: the weights after global step 2" in str(
+        info.value
+    )
+    assert "step_0000002.ckpt" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ continuity, weights_only. (Exactness over many stop points: test_resume_exact.py
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -16,7 +17,8 @@ from ddpm.errors import ConfigError
 from ddpm.loggers import RUN_FILE, carry_over_wandb_id, read_identity
 from ddpm.run import resume_command
 from ddpm.run.checkpoint_files import find_checkpoint, resolve_ckpt_path
-from ddpm.run.directory import check_run_dir, run_dir_lock
+from ddpm.run.directory import check_run_dir
+from ddpm.run.lock import run_dir_lock
 from ddpm.run.resume import check_not_finished
 from ddpm.tasks.train import train
 from hydra_utils import TINY, compose_cfg
@@ -223,3 +225,52 @@ def test_run_stopped_by_max_time_leaves_its_final_weights(tmp_path: Path) -> Non
     out = train(cfg)
     ckpt = _ckpt(tmp_path / "run")
     assert out["global_step"] in (5, 6) and ckpt["global_step"] == out["global_step"]
+
+
+# ====================================================================== longer runs
+SHORT = [
+    *RESUME,
+    "trainer.limit_val_batches=0",
+    "callbacks.best_checkpoint=null",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.model_checkpoint.save_top_k=-1",
+]
+
+
+def test_extending_a_finished_run_decays_its_lr_over_the_new_length(tmp_path: Path) -> None:
+    """A finished cosine run extended with ``trainer.max_steps``, the command its refusal gives:
+    from the stored step the LR is the new length's schedule (half the peak for a cosine with no
+    warm-up at 4 of 8 steps), not the old schedule's floor of 0 (which left the weights as they
+    were), and it ends at the floor again at the new end."""
+    lr = 1e-3
+    cosine = ["lr_scheduler=cosine", "lr_scheduler.warmup_steps=0", f"optimizer.lr={lr}"]
+    train(compose_cfg([*SHORT, *cosine, "trainer.max_steps=4"], tmp_path))
+    run = tmp_path / "run"
+    resume = ["ckpt_path=last", f"run_dir={run}"]
+    with pytest.raises(ConfigError, match=r"from step 4 the LR is 0\.5 x optimizer\.lr") as info:
+        train(compose_cfg([*resume, "trainer.max_steps=4"], tmp_path))
+    assert "trainer.max_steps=8" in str(info.value)
+    train(compose_cfg([*resume, "trainer.max_steps=8"], tmp_path))  # what the message says
+    ck = run / "checkpoints"
+    steps = {s: load_ckpt(ck / f"step_{s:07d}.ckpt") for s in range(4, 9)}
+    assert steps[8]["ddpm_config"]["lr_scheduler"]["total_steps"] == 8
+    for s, ckpt in steps.items():  # the LR each step leaves for the next: lr (1 + cos(π s/8)) / 2
+        want = 0.0 if s == 4 else lr * (1 + math.cos(math.pi * s / 8)) / 2
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(want), s
+    assert max_diff(steps[4]["state_dict"], steps[8]["state_dict"]) > 0  # it trained
+
+
+def test_a_resume_checks_the_samplers_it_will_use(tmp_path: Path) -> None:
+    """The sampler may change on a resume (``sampler.steps=20`` changes the run's own DDIM, in the
+    sample grid too); one that cannot sample the run's process (more steps than its T) is
+    refused before any work, not at the first sample grid."""
+    few = ["schedule=cosine", "schedule.num_timesteps=10", "sampler=ddim", "sampler.steps=5"]
+    train(compose_cfg([*SHORT, *few, "trainer.max_steps=1"], tmp_path))
+    run = tmp_path / "run"
+    cfg = compose_cfg(
+        ["ckpt_path=last", f"run_dir={run}", "trainer.max_steps=2", "sampler.steps=20"], tmp_path
+    )
+    grid = r"sampler, callbacks.sample_grid.sampler.* \(ddpm.diffusion.samplers.DDIMSampler\)"
+    with pytest.raises(ConfigError, match=rf"{grid}.*steps=20 exceeds T=10"):
+        train(cfg)
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 1

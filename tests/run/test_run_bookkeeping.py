@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
+import ddpm.run.directory as directory
 from cli_utils import run_cli, wait_for
 from ddpm.callbacks.preemption import TrainingInterrupted
 from ddpm.errors import ConfigError
@@ -121,6 +123,59 @@ def test_a_requeued_job_resumes_its_own_run(
     # ... the requeued job itself (same id, same command, no ckpt_path) continues its run
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     assert train(compose_cfg(interrupted, tmp_path))["global_step"] == 4
+
+
+def test_a_requeue_of_a_finished_run_succeeds_doing_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submitit's time-limit SIGUSR2 during the final sample grid: the job stops (the final step
+    is saved) and submitit requeues it; the requeued job finds its run finished and succeeds."""
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "91")
+    run = tmp_path / "run"
+    command = [
+        *BASE,
+        f"run_dir={run}",
+        "trainer.max_steps=3",
+        "+callbacks.slow_end._target_=run_utils.SignalDuringTrainEnd",
+        "+callbacks.slow_end.seconds=30",
+        f"+callbacks.slow_end.signum={int(signal.SIGUSR2)}",
+    ]
+    with pytest.raises(TrainingInterrupted) as info:
+        train(compose_cfg(command, tmp_path))
+    assert info.value.code == 128 + signal.SIGUSR2
+    last = run / "checkpoints" / "last.ckpt"
+    saved = last.stat().st_mtime_ns
+    metrics = train(compose_cfg(command, tmp_path))  # the requeued job: same id, same command
+    assert metrics["global_step"] == 3 and "interrupted_by_signal" not in metrics
+    assert last.stat().st_mtime_ns == saved  # nothing trained, nothing written
+    monkeypatch.setenv("SLURM_JOB_ID", "92")  # anyone else is still told how to extend it
+    with pytest.raises(ConfigError, match="already finished"):
+        train(compose_cfg([*command, "ckpt_path=last"], tmp_path))
+
+
+def test_every_launch_into_a_run_keeps_its_own_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeued job is a new process with the config submitit pickled, whose ``${now:...}``
+    Hydra resolved (and copies into each job's config) at submission: its record still goes to
+    a directory of its own, and the record and the log agree within a launch."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)  # a run is there already
+    master = compose_cfg([f"run_dir={run}"], tmp_path)
+    OmegaConf.select(master, "hydra.sweep.dir")  # resolves ${now:...}: the controller's time
+
+    def job_record() -> tuple[str, str]:
+        monkeypatch.setattr(directory, "_LAUNCH_SUBDIRS", {}, raising=False)  # a new process
+        job = compose_cfg([f"run_dir={run}"], tmp_path)  # hydra.runtime.output_dir: run
+        OmegaConf.copy_cache(from_config=master, to_config=job)  # Hydra's load_sweep_config
+        log = str(job.hydra.job_logging.handlers.file.filename)
+        return str(job.hydra.output_subdir), log
+
+    (first, first_log), (second, _) = job_record(), job_record()
+    assert first.startswith("launches/") and second.startswith("launches/") and first != second
+    assert Path(first_log).parent == run / first.removesuffix(".hydra")  # with the record
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from ddpm.data.datamodule import split_indices
 from ddpm.data.datasets import check_labels
 from ddpm.data.sources import load_digits_labels, load_digits_uint8
 from ddpm.data.transforms import prepare
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, DataError
 from ddpm.module import DiffusionModule
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import train
@@ -110,6 +110,12 @@ def test_unlabelled_data_and_bad_labels_are_clear_errors(tmp_path: Path) -> None
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(stray / "loose.png")
     with pytest.raises(ValueError, match="in no class folder.*loose.png"):
         ImageDataModule("image_folder", root=stray, image_size=8, conditional=True).setup()
+    holes = _folder(tmp_path / "holes", {"a": 3, "b": 3})
+    (holes / "c").mkdir()  # a class folder without images: not a class never seen
+    (holes / "d").mkdir()
+    (holes / "d" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match="2 of them hold no image files: c, d"):
+        ImageDataModule("image_folder", root=holes, image_size=8, conditional=True).setup()
     with pytest.raises(ValueError, match="recorded with 9 classes"):
         ImageDataModule("digits", root=None, conditional=True, num_classes=9).setup()
     with pytest.raises(ValueError, match=r"2 label\(s\) outside \[0, 10\)"):

@@ -130,6 +130,38 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         saved inside the loop instead (:class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`
         with ``save_on_train_end``)."""
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As Lightning, but what the callback remembers of its files (the top-k, the best, the
+        last) is taken by file name in *this* callback's directory, keeping the files present
+        there: a run directory copied or moved (``cp -a run run2``) rotates its own step files
+        and rewrites its own ``last.ckpt``. (Lightning keeps nothing when the directory's path
+        changed, so the files it finds are never rotated away and ``last.ckpt`` is written as
+        ``last-v1.ckpt`` beside them.) With ``save_last``, the ``last.ckpt`` there is this
+        callback's own even when another writer saved it (a stop signal before the first periodic
+        save: :class:`~ddpm.callbacks.preemption.PreemptionCheckpoint`)."""
+        if self.dirpath is None:
+            super().load_state_dict(state_dict)
+            return
+
+        def here(path: str | None) -> str:
+            mine = os.path.join(self.dirpath, os.path.basename(path)) if path else ""
+            return mine if mine and os.path.isfile(mine) else ""
+
+        best_k = {here(p): score for p, score in state_dict.get("best_k_models", {}).items()}
+        best_k.pop("", None)
+        last = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        own_last = last if self.save_last and os.path.isfile(last) else ""
+        super().load_state_dict(
+            {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_k_models": best_k,
+                "best_model_path": here(state_dict.get("best_model_path")),
+                "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")) or own_last,
+            }
+        )
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         atomic_save_checkpoint(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step

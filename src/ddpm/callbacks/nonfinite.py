@@ -1,8 +1,9 @@
 """Never train on, save or recommend non-finite weights.
 
 * :class:`NonFiniteGuard` skips optimizer steps with non-finite gradients (stopping after K in a
-  row) and stops the run when the weights themselves became non-finite (an update that
-  overflowed), naming the newest checkpoint whose weights are finite.
+  row, naming the newest checkpoint from before the weights the streak started from, or saying
+  that none predates the divergence) and stops the run when the weights themselves became
+  non-finite (an update that overflowed), naming the newest checkpoint whose weights are finite.
 * :func:`refuse_nonfinite_weights` is called by the checkpoint writer before every save: a
   checkpoint with non-finite weights (network or EMA) is never written, ``last.ckpt`` included.
 
@@ -62,28 +63,49 @@ def _finite_tensors(obj: object) -> bool:
     return True
 
 
-def newest_finite_checkpoint(dirpaths: list[str]) -> str | None:
+def newest_finite_checkpoint(dirpaths: list[str], before_step: int | None = None) -> str | None:
     """The newest checkpoint (:func:`ddpm.run.checkpoint_files.newest_first`) in ``dirpaths``
-    whose network and EMA weights are all finite, or None."""
+    whose network and EMA weights are all finite (and, with ``before_step``, whose global step
+    is below it), or None."""
     paths = [p for d in dirpaths for p in glob.glob(os.path.join(d, "*.ckpt"))]
     for path in newest_first(paths)[0]:
         ckpt = open_checkpoint(path, mmap=True)
+        if before_step is not None and int(ckpt.get("global_step", 0)) >= before_step:
+            continue
         if _finite_tensors(ckpt.get("state_dict", {})) and _finite_tensors(ckpt.get(EMA_KEY, {})):
             return path
     return None
 
 
-def finite_checkpoint_hint(trainer: pl.Trainer) -> str:
-    """A sentence naming the newest checkpoint with finite weights (what to resume from)."""
+def finite_checkpoint_hint(trainer: pl.Trainer, first_bad_step: int | None = None) -> str:
+    """A sentence naming the checkpoint to resume from: the newest one with finite weights, or,
+    given the first of a streak of non-finite steps (numbered like ``global_step`` after them),
+    the newest one from before the weights that step started from (those gave the non-finite
+    loss; a checkpoint holding them, or any later one, would diverge again)."""
     dirs = {
         cb.dirpath
         for cb in trainer.checkpoint_callbacks
         if isinstance(cb, ModelCheckpoint) and cb.dirpath
     }
-    path = newest_finite_checkpoint(sorted(dirs)) if trainer.is_global_zero else None
+    if not trainer.is_global_zero:
+        return ""
+    before = None if first_bad_step is None else first_bad_step - 1
+    path = newest_finite_checkpoint(sorted(dirs), before)
+    if path is None and before is not None:
+        return (
+            f"No checkpoint predates the divergence: the weights after global step {before} "
+            f"gave the first non-finite step ({first_bad_step}), and every checkpoint holds those "
+            "or later ones. "
+        )
     if path is None:
-        return "No checkpoint with finite weights was written. " if trainer.is_global_zero else ""
+        return "No checkpoint with finite weights was written. "
     resume = resume_command(source_run_dir(path), ckpt_path=path)
+    if before is not None:
+        return (
+            f"The newest checkpoint from before the divergence (before global step {before}, "
+            f"whose weights gave the first non-finite step {first_bad_step}) is {path} (resume "
+            f"with {resume}). "
+        )
     return f"The newest checkpoint with finite weights is {path} (resume with {resume}). "
 
 
@@ -110,8 +132,8 @@ class NonFiniteGuard(pl.Callback):
     counted and logged as ``train/nonfinite_steps``. After ``max_consecutive`` such steps in a
     row the run stops with an error naming the steps. Weights that became non-finite (the last
     update overflowed) stop the run at once: training on would only spread NaN, and no
-    checkpoint is written from them. Both errors name the newest checkpoint whose weights are
-    finite. Under DDP gradients are already all-reduced and weights are replicated, so every
+    checkpoint is written from them. The errors name the checkpoint to resume from
+    (:func:`finite_checkpoint_hint`). Under DDP gradients are already all-reduced and weights are replicated, so every
     rank takes the same decision.
     """
 
@@ -153,7 +175,8 @@ class NonFiniteGuard(pl.Callback):
                 raise NonFiniteStepError(
                     f"{self.consecutive} consecutive optimizer steps with a non-finite loss or "
                     f"gradients (global steps {first}..{last}, all skipped; "
-                    f"{self.skipped} skipped in total). Stopping. {finite_checkpoint_hint(trainer)}"
+                    f"{self.skipped} skipped in total). Stopping. "
+                    f"{finite_checkpoint_hint(trainer, first)}"
                     "Lower the learning rate, check the data for NaN/Inf, or try "
                     "trainer.precision=32-true."
                 )

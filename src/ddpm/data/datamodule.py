@@ -33,7 +33,8 @@ from ddpm.data.sources import (
     ImageFolder,
     ImageSource,
 )
-from ddpm.data.transforms import NORMALIZATIONS, BatchTransform, Normalization
+from ddpm.data.transforms import NORMALIZATIONS, BatchTransform, Normalization, random_flip
+from ddpm.errors import ConfigError, DataError
 from ddpm.utils.checks import check_positive_int
 
 # data.name -> the kind of image data
@@ -83,13 +84,13 @@ def make_source(name: str, **settings: Any) -> ImageSource:
     """The source of image data ``name`` (:data:`SOURCES`) built from the ``settings`` given
     (None: not given, the source's default). A setting the source does not take is an error."""
     if name not in SOURCES:
-        raise ValueError(f"data name must be one of {sorted(SOURCES)}, got {name!r}")
+        raise ConfigError(f"data name must be one of {sorted(SOURCES)}, got {name!r}")
     source = SOURCES[name]
     accepted = list(inspect.signature(source).parameters)
     given = {k: v for k, v in settings.items() if v is not None}
     for key in given:
         if key not in accepted:
-            raise ValueError(
+            raise ConfigError(
                 f"data.{key} is not a setting of data {name!r}; its own settings are "
                 f"{', '.join(accepted) or 'none'}"
             )
@@ -134,20 +135,20 @@ class ClassLabels:
         if self._names is None:
             names = self._class_names()
             if names is None and self.conditional:
-                raise ValueError(
+                raise DataError(
                     f"data.conditional=true, but data {self.name!r} has no class labels; "
                     "labelled data: digits, mnist, fashion_mnist, cifar10, image_folder (one "
                     "sub-folder per class), hf (set data.label_column=<column>), "
                     "eight_gaussians, two_moons"
                 )
             if names is not None and not names:
-                raise ValueError(f"data {self.name!r} has no classes (data.conditional=true)")
+                raise DataError(f"data {self.name!r} has no classes (data.conditional=true)")
             recorded_k, recorded_names = self._recorded
             if names is not None and (
                 (recorded_k is not None and recorded_k != len(names))
                 or (recorded_names is not None and recorded_names != names)
             ):
-                raise ValueError(
+                raise DataError(
                     f"the run was recorded with {recorded_k} classes {recorded_names}, but data "
                     f"{self.name!r} now has {len(names)}: {names}; point the run at the data it "
                     "was trained on"
@@ -183,8 +184,13 @@ class DataModule(ClassLabels, pl.LightningDataModule):
     pin_memory: bool = False
 
     def _collate(self, train: bool) -> Callable[[Any], Tensor]:
-        """The collate_fn of uint8 examples (``train``: with augmentation)."""
+        """The collate_fn of uint8 examples."""
         raise NotImplementedError
+
+    def _augment(self) -> Callable[[Tensor, torch.Generator | None], Tensor] | None:
+        """The augmentation of training batches (:class:`~ddpm.data.order.ResumableDataLoader`:
+        drawn in the training process from the step's seeded stream), None for none."""
+        return None
 
     def setup(self, stage: str | None = None) -> None:
         """The world size (the Trainer's, known before its processes start), this device's
@@ -216,13 +222,14 @@ class DataModule(ClassLabels, pl.LightningDataModule):
         )
         if train:
             trainer = getattr(self, "trainer", None)
-            return train_loader(ds, batch_size, self.world_size, trainer, **kwargs)
+            augment = self._augment()
+            return train_loader(ds, batch_size, self.world_size, trainer, augment, **kwargs)
         return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         n, bs = len(self.dataset("train")), self.per_device_batch_size
         if n < bs:
-            raise ValueError(
+            raise DataError(
                 f"the training split of {self.name!r} has {n} examples, fewer than batch_size "
                 f"{bs} (per device): lower data.batch_size"
             )
@@ -445,7 +452,7 @@ class ImageDataModule(DataModule):
             return train_all, test
         n = len(train_all)
         if n < 2:
-            raise ValueError(f"{self.name!r} has {n} image(s): too few to hold out validation data")
+            raise DataError(f"{self.name!r} has {n} image(s): too few to hold out validation data")
         train_idx, val_idx = split_indices(n, self.val_split, self.seed)
         return subset(train_all, train_idx), subset(train_all, val_idx)
 
@@ -475,4 +482,7 @@ class ImageDataModule(DataModule):
         return self.normalizer.denormalize(x)
 
     def _collate(self, train: bool) -> BatchTransform:
-        return BatchTransform(self.normalizer, random_flip=train and self.random_flip)
+        return BatchTransform(self.normalizer)
+
+    def _augment(self) -> Callable[[Tensor, torch.Generator | None], Tensor] | None:
+        return random_flip if self.random_flip else None

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ddpm.data.transforms import resize_center_crop
+from ddpm.errors import DataError
 from ddpm.utils.distributed import broadcast_object, rank_and_world
 from ddpm.utils.progress import Progress
 
@@ -32,7 +33,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".
 ON_BAD_IMAGE = ("error", "skip")  # fail naming every bad file, or warn and train on the rest
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """One or more image files cannot be decoded."""
 
 

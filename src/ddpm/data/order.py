@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ddpm.utils.seeding import step_seed
+from ddpm.utils.seeding import seeded_generator, step_seed
 
 
 class EpochShuffleOrder(DistributedSampler):
@@ -59,33 +60,46 @@ class ResumableDataLoader(DataLoader):
     that counted the batches it handed out, like torchdata's ``StatefulDataLoader``, would resume
     one batch late).
 
-    A batch is collated (``collate_fn``: random flips) under a CPU RNG seeded by (seed, epoch,
-    rank, batch), so its augmentation does not depend on when it was fetched either. With
-    ``num_workers > 0`` the collate runs in the workers, whose RNG streams a resume does not restore.
+    ``augment(batch, generator)`` (random flips) runs here, in the training process, after the
+    batch left the workers, with a CPU generator seeded by (seed, epoch, rank, batch): the
+    augmentation does not depend on when the batch was fetched nor on ``num_workers`` (worker
+    processes have RNG streams of their own, which a resume does not restore). Batches of
+    ``(x, labels)`` augment ``x``.
     """
 
     def __init__(
-        self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        progress: Callable[[], tuple[int, int]] | None = None,
+        augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.progress = progress
+        self.progress, self.augment = progress, augment
+
+    def _augmented(self, batch: Any, generator: torch.Generator | None) -> Any:
+        if self.augment is None:
+            return batch
+        if isinstance(batch, (tuple, list)):
+            return type(batch)([self.augment(batch[0], generator), *batch[1:]])
+        return self.augment(batch, generator)
 
     def __iter__(self) -> Iterator[Any]:
         order = self.sampler
-        if not isinstance(order, EpochShuffleOrder) or self.num_workers > 0:
-            yield from super().__iter__()
+        if not isinstance(order, EpochShuffleOrder):  # replaced (e.g. overfit_batches)
+            for batch in super().__iter__():
+                yield self._augmented(batch, None)
             return
         first = order.skip // int(self.batch_size or 1)
-        with torch.random.fork_rng(devices=[]):  # its base seed: drawn, unused without workers
+        with torch.random.fork_rng(devices=[]):  # its base seed: not from the global streams
             it = super().__iter__()
         for j in itertools.count(first):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(step_seed(order.seed, order.epoch, order.rank, j))
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-            yield batch
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            seed = step_seed(order.seed, order.epoch, order.rank, j)
+            yield self._augmented(batch, seeded_generator(seed))
 
     def state_dict(self) -> dict[str, int]:
         order = self.sampler
@@ -119,11 +133,17 @@ def trainer_progress(trainer: Any) -> tuple[int, int]:
 
 
 def train_loader(
-    ds: Dataset, batch_size: int, world_size: int, trainer: Any, **kwargs: Any
+    ds: Dataset,
+    batch_size: int,
+    world_size: int,
+    trainer: Any,
+    augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+    **kwargs: Any,
 ) -> DataLoader:
     """Shuffled, drop-last training loader of this process (rank ``trainer.global_rank`` of
     ``world_size``): a :class:`ResumableDataLoader` over an :class:`EpochShuffleOrder` seeded by
-    ``torch.initial_seed()`` (the run's ``seed``), exact when resumed mid-epoch."""
+    ``torch.initial_seed()`` (the run's ``seed``), with ``augment``, exact when resumed mid-epoch
+    and with any number of workers."""
     rank = int(getattr(trainer, "global_rank", 0) or 0) if world_size > 1 else 0
     order = EpochShuffleOrder(len(ds), torch.initial_seed(), world_size, rank)
     return ResumableDataLoader(
@@ -132,5 +152,6 @@ def train_loader(
         sampler=order,
         drop_last=True,
         progress=lambda: trainer_progress(trainer),
+        augment=augment,
         **kwargs,
     )

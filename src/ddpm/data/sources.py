@@ -29,9 +29,10 @@ from ddpm.data.files import (
     readable_files,
 )
 from ddpm.data.transforms import prepare
+from ddpm.errors import DataError
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(DataError):
     """A dataset's files are missing and could not be downloaded."""
 
 
@@ -269,10 +270,20 @@ class CelebA(TorchvisionSet):
 # -- image folders ---------------------------------------------------------------------------------
 
 
-def folder_classes(root: Path) -> list[str]:
+def folder_classes(root: Path, files: list[Path]) -> list[str]:
     """torchvision ``ImageFolder``'s classes: the sorted names of ``root``'s sub-folders (hidden
-    ones skipped); label k is the k-th name."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    ones skipped); label k is the k-th name. A class folder without image ``files`` is an error
+    (as torchvision's): it would be a class the network is conditioned on but never sees."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    seen = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
+    empty = [c for c in classes if c not in seen]
+    if empty:
+        raise DataError(
+            f"data.conditional=true takes the classes from the sub-folders of data.root={root}, "
+            f"but {len(empty)} of them hold no image files: {', '.join(empty[:10])}. Put images "
+            "in them, remove them, or set data.conditional=false"
+        )
+    return classes
 
 
 def folder_labels(root: Path, files: list[Path], classes: list[str]) -> Tensor:
@@ -287,7 +298,7 @@ def folder_labels(root: Path, files: list[Path], classes: list[str]) -> Tensor:
         else:
             labels.append(index[parts[0]])
     if outside:
-        raise ValueError(
+        raise DataError(
             f"data.conditional=true reads the class of an image from its sub-folder "
             f"(root/<class>/<image>, torchvision's ImageFolder convention), but "
             f"{len(outside)} image(s) under {root} are in no class folder, e.g. {outside[0]}; "
@@ -318,12 +329,12 @@ class ImageFolder(ImageSource):
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if root is None:
-            raise ValueError("data=image_folder needs data.root=/path/to/images")
+            raise DataError("data=image_folder needs data.root=/path/to/images")
         self.root = Path(root).expanduser()
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder not found: {self.root} (data.root)")
+            raise DataError(f"image folder not found: {self.root} (data.root)")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"data.root is not a directory: {self.root}")
+            raise DataError(f"data.root is not a directory: {self.root}")
         self.on_bad_image = check_on_bad_image(on_bad_image)
         self.verify_images = bool(verify_images)
         self.cache_dir = cache_dir
@@ -340,12 +351,12 @@ class ImageFolder(ImageSource):
         return f"image_folder_{folder_fingerprint(self.files())}"
 
     def class_names(self) -> list[str] | None:
-        return folder_classes(self.root) or None
+        return folder_classes(self.root, self.files()) or None
 
     def load(self, image_size: int, channels: int) -> tuple[Dataset, None]:
         files = self.files()
         if not files:
-            raise FileNotFoundError(
+            raise DataError(
                 f"no image files found under {self.root} (searched recursively for "
                 ".jpg/.jpeg/.png/.gif/.bmp/.webp/.tif); check data.root"
             )

@@ -101,18 +101,21 @@ class Normalization:
 
 
 class BatchTransform:
-    """collate_fn: stack uint8 samples (or take a uint8 batch), normalise, and flip each image
-    left-right with probability 1/2 when ``random_flip`` (training only)."""
+    """collate_fn: stack uint8 samples (or take a uint8 batch) and normalise. (Random flips are
+    drawn after the batch left the DataLoader's workers: :func:`random_flip`.)"""
 
-    def __init__(self, normalization: Normalization, random_flip: bool = False) -> None:
+    def __init__(self, normalization: Normalization) -> None:
         self.normalization = normalization
-        self.random_flip = bool(random_flip)
 
     def __call__(self, batch: Tensor | Sequence[Tensor]) -> Tensor:
         x = batch if isinstance(batch, Tensor) else torch.stack(list(batch))
-        x = self.normalization(x)
-        if self.random_flip:
-            flip = torch.rand(x.shape[0]) < 0.5
-            if flip.any():
-                x[flip] = x[flip].flip(-1)
-        return x
+        return self.normalization(x)
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image of the batch ``x`` left-right with probability 1/2 (one draw per image
+    from ``generator``), in place."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    if flip.any():
+        x[flip] = x[flip].flip(-1)
+    return x

@@ -9,7 +9,9 @@ While it trains
       dropout of a micro-batch come from streams seeded by (seed, rank, epoch, batch); data order
       from a permutation seeded by (seed, epoch), sharded by rank
       (:class:`ddpm.data.order.EpochShuffleOrder`); random flips from (seed, epoch, rank,
-      batch). No RNG state needs saving: a resumed run draws what the uninterrupted one drew.
+      batch), drawn in the training process after the DataLoader's workers
+      (:class:`ddpm.data.order.ResumableDataLoader`). No RNG state needs saving: a resumed run
+      draws what the uninterrupted one drew, with any number of workers.
     * Checkpoints are written atomically (:mod:`ddpm.callbacks.atomic_checkpoint`) and always
       inside the training loop, including the final step's ``last.ckpt``; they hold the weights,
       EMA, optimizer and LR-schedule state, loop counters, the loader's position in the epoch,
@@ -25,7 +27,9 @@ When it is stopped
     * SIGKILL, a crash, a node failure: the newest complete checkpoint stays loadable (at worst a
       stale ``*.partial`` is left and removed on the next start); the steps since are redone.
 
-When it is started again (:func:`ddpm.run.launch.prepare_launch`), before anything is written
+When it is started again (:func:`ddpm.run.launch.start_launch`), before anything is written
+    0. Rank 0 takes the directory's lock (:mod:`ddpm.run.lock`, one live process per run, on
+       every OS), so what it resumes is read from a directory no other process writes.
     1. ``ckpt_path=last|auto|<file>`` is resolved to a loadable checkpoint, or fails clearly
        (:mod:`ddpm.run.checkpoint_files`). A scheduler job whose run directory records its own
        job id (a requeued job) resumes from its newest checkpoint without being asked; any other launch
@@ -33,12 +37,17 @@ When it is started again (:func:`ddpm.run.launch.prepare_launch`), before anythi
        (:mod:`ddpm.run.directory`).
     2. The run's own config is restored from the checkpoint; the command may change only when
        to stop, cadences, logging, paths and devices, else it is refused listing the differences
-       (``resume_overrides=force`` overrides). A finished run says how to extend it; a network
-       that does not fit the weights is refused by name (:mod:`ddpm.run.resume`).
-    3. Hydra keeps each later launch's own record apart (``launches/<time>/``), so a refused or
-       resumed launch never rewrites the run's record.
-    4. Rank 0 takes the directory's lock (one live process per run), records the scheduler job,
-       removes stale ``*.partial`` files and continues the W&B run; Lightning restores the rest.
+       (``resume_overrides=force`` overrides). A finished run says how to extend it (a decaying
+       LR schedule is rebuilt over the new length, :mod:`ddpm.lr_schedules`); a job requeued
+       into a finished run does nothing and succeeds; a network that does not fit the weights is
+       refused by name (:mod:`ddpm.run.resume`). Every sampler the run uses is checked against
+       its process (:func:`ddpm.config.sampler_problems`).
+    3. Hydra keeps each later launch's own record apart (``launches/<time>/``, each requeue its
+       own), so a refused or resumed launch never rewrites the run's record.
+    4. Rank 0 records the scheduler job, removes stale ``*.partial`` files and continues the W&B
+       run; Lightning restores the rest. The checkpoint callback takes its files by name in its
+       own directory, so a copied run directory rotates its own checkpoints
+       (:class:`ddpm.callbacks.atomic_checkpoint.AtomicModelCheckpoint`).
 """
 
 from __future__ import annotations

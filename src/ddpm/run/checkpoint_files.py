@@ -49,16 +49,21 @@ def checkpoint_files(run_dir: str | os.PathLike) -> list[str]:
 def newest_first(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
     """(the loadable checkpoints among ``paths``, newest first; one message per file that cannot
     be loaded). Newest = highest ``global_step`` stored in the file; ties go to ``last.ckpt``,
-    then to the newer file."""
+    then to the newer file. A file that vanished since it was listed (rotated away by a run
+    still writing there) is neither: it is simply not there."""
     ranked, broken = [], []
     for p in map(os.fspath, paths):
         try:
             info = checkpoint_info(p)
+            mtime = os.path.getmtime(p)
         except ConfigError as e:
-            broken.append(str(e))
+            if os.path.exists(p):
+                broken.append(str(e))
+            continue
+        except FileNotFoundError:
             continue
         is_last = os.path.basename(p) == "last.ckpt"
-        ranked.append((info["global_step"], is_last, os.path.getmtime(p), p))
+        ranked.append((info["global_step"], is_last, mtime, p))
     return [p for *_, p in sorted(ranked, reverse=True)], broken
 
 

@@ -1,15 +1,13 @@
-"""The run directory: one run per directory, one live process per run, and a record of which
-scheduler jobs trained in it (so a requeued job recognises its own run)."""
+"""The run directory: one run per directory, and a record of which scheduler jobs trained in it (so
+a requeued job recognises its own run). One live process per run: :mod:`ddpm.run.lock`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import socket
-from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from ddpm.errors import ConfigError
@@ -19,7 +17,6 @@ from ddpm.utils.distributed import is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 RECORD_FILE = "run.json"
 LAUNCHES_DIR = "launches"
 
@@ -77,17 +74,29 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and ((run_dir / ".hydra").is_dir() or bool(checkpoint_files(run_dir)))
 
 
-def launch_subdir(output_dir: str, stamp: str) -> str:
+# This process's launch record directory of each run directory (one per process: a requeued job
+# is a new process and gets its own, whatever time its pickled config remembers).
+_LAUNCH_SUBDIRS: dict[str, str] = {}
+
+
+def launch_subdir(output_dir: str) -> str:
     """Where this launch's Hydra record (``.hydra/``) and log go, relative to the run directory:
-    ``""`` for a new run, ``launches/<stamp>/`` when the directory already holds a run (a resume,
+    ``""`` for a new run, ``launches/<time>/`` when the directory already holds a run (a resume,
     a requeue, or a launch that will be refused), so that no launch rewrites the run's own record.
-    The OmegaConf resolver ``${ddpm_launch_subdir:dir,stamp}`` (``conf/hydra/default.yaml``).
-    DDP processes other than the first (``hydra.output_subdir=null``) log at the top."""
-    if not is_launch_rank_zero() or not holds_run(Path(output_dir)):
-        return ""
-    sub = Path(output_dir) / LAUNCHES_DIR / stamp
-    sub.mkdir(parents=True, exist_ok=True)  # the log file is opened before Hydra writes here
-    return f"{LAUNCHES_DIR}/{stamp}/"
+    The time is this process's start of the launch, so every launch (every requeue too) keeps its
+    own record; the answer is fixed on the first call, so the record and the log agree. The
+    OmegaConf resolver ``${ddpm_launch_subdir:dir}`` (``conf/hydra/default.yaml``). DDP processes
+    other than the first (``hydra.output_subdir=null``) log at the top."""
+    key = os.path.abspath(output_dir)
+    if key not in _LAUNCH_SUBDIRS:
+        sub = ""
+        if is_launch_rank_zero() and holds_run(Path(output_dir)):
+            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+            # the log file is opened before Hydra writes its record here
+            (Path(output_dir) / LAUNCHES_DIR / stamp).mkdir(parents=True, exist_ok=True)
+            sub = f"{LAUNCHES_DIR}/{stamp}/"
+        _LAUNCH_SUBDIRS[key] = sub
+    return _LAUNCH_SUBDIRS[key]
 
 
 def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
@@ -135,31 +144,3 @@ def warn_if_disk_low(directory: Path, n_bytes: int) -> None:
             directory,
             4 * n_bytes / 2**20,
         )
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<run_dir>/.lock`` (released when the process dies, even by
-    SIGKILL): two live processes never train in the same directory."""
-    import fcntl  # POSIX only: imported where the lock is taken
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = path.read_text().strip() or "unknown"
-            raise ConfigError(
-                f"{run_dir} is in use by another training process ({owner}); a run never writes "
-                "into another run's directory. Wait for it to end or stop it first."
-            ) from None
-        except OSError as e:  # a file system without locks (some network file systems)
-            log.warning("cannot lock %s (%s): concurrent runs in it are not detected", path, e)
-        else:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock

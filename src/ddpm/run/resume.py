@@ -13,16 +13,19 @@ how to extend it (:func:`check_not_finished`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ddpm.checkpoint import CheckpointError, check_stored_config, is_loadable
+from ddpm.checkpoint import CheckpointError, check_stored_config, shipped_targets
 from ddpm.errors import ConfigError
 from ddpm.run import resume_command
 from ddpm.utils.config_tree import to_plain
@@ -35,6 +38,7 @@ RESUME_OVERRIDES = ("refuse", "force")
 # pictures, where files go, how the work is spread over devices. Prefixes of dotted paths.
 _MAY_CHANGE = (
     "trainer.max_steps",
+    "lr_scheduler.total_steps",  # the schedule's length: by default the run's (max_steps)
     "trainer.max_epochs",
     "trainer.max_time",
     "trainer.min_steps",
@@ -82,6 +86,8 @@ _GLOBAL = ""  # the prefix of every path
 _MISSING = object()
 # ${a.b}, also inside ${resolver:${a.b},...}; and ${oc.select:a.b,default}
 _REF = re.compile(r"\$\{(?:oc\.select:)?([A-Za-z_][\w.]*)[},]")
+# a whole value that is another setting: ${a.b}, ${oc.select:a.b,default}
+_WHOLE_REF = re.compile(r"\$\{(?:oc\.select:)?([A-Za-z_][\w.]*)(?:,[^${}]*)?\}")
 
 
 def may_change(path: str) -> bool:
@@ -186,6 +192,7 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
     touched = touched_paths(cfg, overrides, choices)
     _take_recorded_classes(cfg, stored)
     merged, differences = merge_run_config(to_plain(cfg), stored, touched, mode == "force")
+    _follow_references(cfg, merged, touched)
     if differences and mode != "force":
         raise ConfigError(
             f"this command would change settings of the run it resumes ({source}):\n  - "
@@ -198,7 +205,69 @@ def restore_run_config(cfg: DictConfig, stored: dict, source: str) -> DictConfig
     if differences:
         log.warning("resume_overrides=force: changing the run's\n  %s", "\n  ".join(differences))
     _warn_devices(stored, merged)
+    _schedule_follows_the_run(stored, merged)
     return OmegaConf.create(merged)
+
+
+def _schedule_follows_the_run(stored: dict, merged: dict) -> None:
+    """A decaying LR schedule that ended where the run ended (``lr_scheduler.total_steps`` equal
+    to the run's ``trainer.max_steps``, the default ``${trainer.max_steps}``) ends where the
+    resumed run ends: a resume that changes ``trainer.max_steps`` (e.g. extends a finished run)
+    and does not set ``lr_scheduler.total_steps`` itself decays over the new length, continued
+    from the stored step (:class:`ddpm.lr_schedules.StepSchedule`), instead of staying at the
+    old schedule's floor (an LR of 0 by default)."""
+    old_total = (stored.get("lr_scheduler") or {}).get("total_steps")
+    schedule = merged.get("lr_scheduler") or {}
+    old_max = (stored.get("trainer") or {}).get("max_steps")
+    new_max = (merged.get("trainer") or {}).get("max_steps")
+    if (
+        old_total is None
+        or old_total != old_max
+        or schedule.get("total_steps") != old_total
+        or not isinstance(new_max, int)
+        or new_max <= 0
+        or new_max == old_max
+    ):
+        return
+    schedule["total_steps"] = new_max
+    log.warning(
+        "trainer.max_steps %s -> %s: the LR schedule (%s) ended at the run's end and is rebuilt "
+        "to end at the new one (lr_scheduler.total_steps=%s): from the resumed step on, the LR "
+        "is what a %s-step schedule gives there",
+        old_max,
+        new_max,
+        schedule.get("_target_"),
+        new_max,
+        new_max,
+    )
+
+
+def _follow_references(cfg: DictConfig, merged: dict, touched: set[str]) -> None:
+    """A setting that the command's config gives as another one (``sampler: ${sampler}`` of the
+    sample grid, ``${oc.select:a.b,default}``) and that the command touched through it takes the
+    resumed value of that one: ``sampler.steps=50`` on a resume changes the steps of the run's
+    own sampler, in the callbacks too, instead of handing them the command's default sampler."""
+    raw = _leaves(OmegaConf.to_container(cfg, resolve=False))
+    for path, value in raw.items():
+        found = _WHOLE_REF.fullmatch(value) if isinstance(value, str) else None
+        if found is None or path.startswith("hydra") or not _under(path, touched):
+            continue
+        source = _select(merged, found.group(1))
+        *parents, key = path.split(".")
+        holder = merged
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if source is not _MISSING and isinstance(holder, dict) and key in holder:
+            holder[key] = copy.deepcopy(source)
+
+
+def _select(config: dict, path: str) -> Any:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def _take_recorded_classes(cfg: DictConfig, stored: dict) -> None:
@@ -232,16 +301,43 @@ def _warn_devices(stored: dict, merged: dict) -> None:
         )
 
 
+def run_finished(cfg: DictConfig, ckpt: dict) -> bool:
+    """Whether the checkpoint ``ckpt`` already reached ``cfg``'s ``trainer.max_steps``."""
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    return isinstance(max_steps, int) and 0 < max_steps <= int(ckpt.get("global_step", 0))
+
+
 def check_not_finished(cfg: DictConfig, ckpt: dict, run_dir: Path) -> None:
     """Refuse to 'resume' a run that already reached ``trainer.max_steps``; say how to extend it."""
     step = int(ckpt.get("global_step", 0))
     max_steps = OmegaConf.select(cfg, "trainer.max_steps", default=-1)
-    if isinstance(max_steps, int) and 0 < max_steps <= step:
+    if run_finished(cfg, ckpt):
+        schedule = OmegaConf.select(cfg, "lr_scheduler", default=None)
+        decays = OmegaConf.is_dict(schedule) and schedule.get("total_steps") == max_steps
+        longer = 2 * step
         raise ConfigError(
             f"the run in {run_dir} already finished: its checkpoint is at global step {step} and "
             f"trainer.max_steps={max_steps}. To train it longer: "
-            f"{resume_command(run_dir, f'trainer.max_steps={2 * step}')}"
+            f"{resume_command(run_dir, f'trainer.max_steps={longer}')}"
+            + (
+                f"\nIts LR schedule decays to the end of the run (lr_scheduler.total_steps="
+                f"{max_steps}), so it is rebuilt over the new length: from step {step} the LR is "
+                f"{_lr_factor(schedule, step, longer):.3g} x optimizer.lr (what a {longer}-step "
+                f"schedule has at step {step}; it ended at "
+                f"{_lr_factor(schedule, step, max_steps):.3g} x) and decays again to "
+                f"{_lr_factor(schedule, longer, longer):.3g} x at step {longer}."
+                if decays
+                else ""
+            )
         )
+
+
+def _lr_factor(schedule: DictConfig, step: int, total_steps: int) -> float:
+    """The LR multiplier at optimizer ``step`` of the ``lr_scheduler`` node over
+    ``total_steps``."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    node = OmegaConf.merge(schedule, {"total_steps": total_steps})
+    return float(instantiate(node)(optimizer=optimizer).factor(step))
 
 
 def check_weights_fit(module: Any, ckpt: dict, source: str) -> None:
@@ -264,28 +360,17 @@ def check_weights_fit(module: Any, ckpt: dict, source: str) -> None:
         )
 
 
-def shipped_targets() -> set[str]:
-    """Every ``_target_`` the project's own config groups (``conf/``) name."""
-    conf = Path(__file__).resolve().parents[3] / "conf"
-    found: set[str] = set()
-    for path in conf.rglob("*.yaml"):
-        for line in path.read_text().splitlines():
-            key, _, value = line.strip().partition(":")
-            if key == "_target_" and value.strip():
-                found.add(value.strip().strip("'\""))
-    return found
-
-
 def check_resumable_config(stored: dict, cfg: DictConfig, source: str) -> None:
     """A resume instantiates the stored run config (callbacks, loggers, optimizer ... too), so a
     checkpoint is data, never code: every ``_target_`` in it must be one of our loadable classes,
-    one that the project's configs name, or the one this command composes at the same place
-    (the user's own config vouches for it). :class:`ConfigError` otherwise."""
-    shipped = shipped_targets()
+    one that the project's configs name anywhere (:func:`ddpm.checkpoint.shipped_targets`), or
+    the one this command composes at the same place (the user's own config vouches for it).
+    :class:`ConfigError` otherwise."""
+    shipped = set().union(*shipped_targets().values())
 
     def allowed(target: str, path: str) -> bool:
         here = OmegaConf.select(cfg, f"{path}._target_", default=None, throw_on_missing=False)
-        return is_loadable(target) or target in shipped or target == here
+        return target in shipped or target == here
 
     try:
         check_stored_config(stored, source, sections=None, allowed=allowed)

@@ -161,7 +161,7 @@ def _import_diffusers(source: Path, cfg: DictConfig) -> Path:
         "data": data,
         "sampler": {
             "_target_": "ddpm.diffusion.samplers.DDIMSampler",
-            "steps": 50,
+            "steps": min(50, diffusion["num_timesteps"]),
             "eta": 0.0,
             "spacing": hints["spacing"],
             "clip_denoised": hints["clip_denoised"],

@@ -4,14 +4,15 @@ What a launch does before and after the fit (what happens when a run is killed a
 told in :mod:`ddpm.run`):
 
 1. The config is validated (one message per problem).
-2. :func:`ddpm.run.launch.prepare_launch` decides what the launch continues (``ckpt_path``, or a
-   requeued job's own run), checks the run directory and restores the run's own config, all
-   before anything is written there.
-3. Rank 0 locks the run directory for the whole fit and records the scheduler job in it.
-4. ``trainer.fit(..., weights_only=True)``: no pickled code is executed from a checkpoint.
-5. In a sweep that optimises ``optimized_metric`` (Optuna), the metric describes the final
+2. Rank 0 locks the run directory for the whole fit (:func:`ddpm.run.launch.start_launch`);
+   then :func:`ddpm.run.launch.prepare_launch` decides what the launch continues (``ckpt_path``,
+   or a requeued job's own run), checks the run directory and restores the run's own config,
+   all before anything is written there, and the scheduler job is recorded. A job requeued into
+   a run that already finished does nothing and succeeds.
+3. ``trainer.fit(..., weights_only=True)``: no pickled code is executed from a checkpoint.
+4. In a sweep that optimises ``optimized_metric`` (Optuna), the metric describes the final
    weights: validated once more at the end if the last validation was at an earlier step.
-6. A stop signal ends with ``last.ckpt`` written, ``metrics.json`` recording it, the requeue
+5. A stop signal ends with ``last.ckpt`` written, ``metrics.json`` recording it, the requeue
    handed over (:func:`ddpm.run.requeue.hand_over`) and :class:`TrainingInterrupted` re-raised
    (exit code 128 + signal).
 """
@@ -19,6 +20,7 @@ told in :mod:`ddpm.run`):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import warnings
@@ -39,7 +41,7 @@ from ddpm.loggers import continue_loggers, finish_wandb, log_hyperparameters
 from ddpm.module import DiffusionModule
 from ddpm.run import resume_command
 from ddpm.run.directory import warn_if_disk_low
-from ddpm.run.launch import Launch, prepare_launch
+from ddpm.run.launch import Launch, start_launch
 from ddpm.run.requeue import hand_over
 from ddpm.run.resume import check_weights_fit
 from ddpm.tasks.common import instantiate_dict, launch_dir, metrics_dict, output_dir, write_json
@@ -84,9 +86,22 @@ def _order_callbacks(callbacks: list) -> list:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train; returns the final metrics (``trainer.callback_metrics``) as floats."""
     validate_train_config(cfg)
-    launch = prepare_launch(cfg, output_dir(cfg))
-    with launch.hold():
+    with start_launch(cfg, output_dir(cfg)) as launch:
+        if launch.finished:
+            return _finished_metrics(launch)
         return _fit(launch)
+
+
+def _finished_metrics(launch: Launch) -> dict[str, float]:
+    """What a launch that has nothing to do returns: the run's final metrics (``metrics.json``,
+    without the signal that interrupted its end-of-training work)."""
+    try:
+        metrics = json.loads((launch.run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    metrics.pop("interrupted_by_signal", None)
+    step = (launch.checkpoint or {}).get("global_step", 0)
+    return {**metrics, "global_step": float(step)}
 
 
 def optimising_sweep() -> bool:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddpm.errors import ConfigError
+
 __all__ = ["InteropError", "require_diffusers"]
 
 INSTALL_HINT = "pip install 'ddpm-lightning[diffusers]' (or pip install diffusers)"
 
 
-class InteropError(ValueError):
+class InteropError(ConfigError):
     """A network, process or folder with no exact counterpart on the other side."""
 
 

@@ -73,7 +73,12 @@ def diffusion_from_scheduler_config(config: Mapping[str, Any]) -> tuple[dict[str
     """(our ``GaussianDiffusion`` config node, sampler hints ``clip_denoised`` and ``spacing``)
     for a diffusers DDPM/DDIM scheduler config."""
     c = dict(config)
-    T = int(c["num_train_timesteps"])
+    T = c.get("num_train_timesteps")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise InteropError(
+            f"num_train_timesteps={T!r}: the scheduler describes no diffusion process (T must be "
+            "an integer >= 1)"
+        )
     prediction = c.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise InteropError(f"prediction_type={prediction!r} (ours: one of {PREDICTION_TYPES})")
@@ -125,4 +130,8 @@ def diffusion_from_scheduler_config(config: Mapping[str, Any]) -> tuple[dict[str
         raise InteropError(f"clip_sample_range={c['clip_sample_range']} (ours: x̂₀ in [-1, 1])")
     inverse = {theirs: ours for ours, theirs in TIMESTEP_SPACINGS.items()}
     spacing = inverse.get(c.get("timestep_spacing", "leading"), "uniform")
+    try:  # the process itself checks the rest (β in (0, 1), ...): refused here, not at sampling
+        GaussianDiffusion(**{k: v for k, v in node.items() if k != "_target_"})
+    except ValueError as e:
+        raise InteropError(f"the scheduler config describes no usable process: {e}") from None
     return node, {"clip_denoised": clip, "spacing": spacing}
