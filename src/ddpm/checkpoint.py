@@ -43,16 +43,15 @@ from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
+from ddpm.project import conf_dir
 
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
 EMA_KEY = "ema_state_dict"
 EMA_STATE_KEY = "ema_state"
 
-# The project's config groups: what they name is what a stored config may build (an installed
-# package's copy beside this file, else the checkout's top-level conf/).
-_HERE = Path(__file__).resolve().parent
-CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parents[1] / "conf"
+# The project's config groups: what they name is what a stored config may build.
+CONF_DIR = conf_dir()
 # The sections of a stored config that loading builds (the others are a record of the run).
 BUILT_SECTIONS = ("model", "diffusion", "objective", "sampler", "data")
 _HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}

@@ -25,16 +25,15 @@ from torchmetrics import MeanMetric
 
 from ddpm.callbacks._lightning import clip_gradients
 from ddpm.checkpoint import (
+    BUILT_SECTIONS,
     CONFIG_KEY,
     T_SAMPLER_KEY,
     check_stored_config,
-    is_loadable,
     net_state_dict,
     read_checkpoint,
 )
 from ddpm.contracts import find_ema
 from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, UniformTimestepSampler
-from ddpm.run.resume import shipped_targets
 from ddpm.utils.classes import with_labels
 from ddpm.utils.seeding import seed_global_rngs, seeded_generator, step_seed
 
@@ -157,13 +156,7 @@ class DiffusionModule(pl.LightningModule):
         path = os.fspath(checkpoint_path)
         ckpt = read_checkpoint(path)
         config = ckpt[CONFIG_KEY]
-        shipped = shipped_targets()
-        check_stored_config(
-            config,
-            path,
-            sections=("optimizer", "lr_scheduler"),
-            allowed=lambda target, _: is_loadable(target) or target in shipped,
-        )
+        check_stored_config(config, path, sections=(*BUILT_SECTIONS, "optimizer", "lr_scheduler"))
         module = cls.from_config(config, run_config=config, **kwargs)
         weights, _ = net_state_dict(ckpt, use_ema=False)
         module.net.load_state_dict(weights, strict=strict is not False)

@@ -25,11 +25,16 @@ def checkout_root() -> Path | None:
     return None
 
 
+def conf_dir() -> Path:
+    """The config files on disk: the checkout's ``conf/`` or the installed package's copy."""
+    root = checkout_root()
+    return root / "conf" if root is not None else PACKAGE_DIR / "conf"
+
+
 def config_path() -> str:
     """The primary config directory for ``hydra.main``: the checkout's ``conf/`` or the installed
     package's ``pkg://ddpm.conf``."""
-    root = checkout_root()
-    return str(root / "conf") if root is not None else f"pkg://{CONF_PACKAGE}"
+    return str(conf_dir()) if checkout_root() is not None else f"pkg://{CONF_PACKAGE}"
 
 
 def command(task: str) -> str:
