@@ -291,7 +291,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loaded = dm = None
     images = True
     if cfg.get("ckpt_path"):
-        loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
+        loaded = load_model(
+            cfg.ckpt_path,
+            use_ema=bool(cfg.use_ema),
+            sigma_rel=cfg.get("ema_sigma_rel"),
+            device=fabric.device,
+        )
         results["global_step"] = loaded.global_step
         dm = build_datamodule(loaded.config["data"], cfg)
         images = len(loaded.sample_shape) == 3

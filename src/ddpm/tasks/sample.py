@@ -143,7 +143,12 @@ def sample(cfg: DictConfig) -> Path:
     if n < 1 or bs < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {n} and {bs}")
     fabric = launch(cfg)
-    loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
+    loaded = load_model(
+        cfg.ckpt_path,
+        use_ema=bool(cfg.use_ema),
+        sigma_rel=cfg.get("ema_sigma_rel"),
+        device=fabric.device,
+    )
     sampler = build_sampler(cfg.get("sampler"), loaded, cfg.get("guidance_scale"))
     labels = sample_labels(loaded, n, given)
     images = len(loaded.sample_shape) == 3
@@ -184,6 +189,7 @@ def sample(cfg: DictConfig) -> Path:
                 "num_samples": n,
                 "seed_first": int(cfg.seed),
                 "used_ema": loaded.used_ema,
+                "ema_sigma_rel": cfg.get("ema_sigma_rel"),
                 "global_step": loaded.global_step,
                 "sampler": OmegaConf.to_container(cfg.sampler, resolve=True)
                 if cfg.get("sampler") is not None
