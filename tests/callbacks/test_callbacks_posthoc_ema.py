@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from ddpm.checkpoint import EMA_KEY, POSTHOC_EMA_KEY, CheckpointError, load_model
+from ddpm.errors import ConfigError
+from ddpm.tasks.evaluate import evaluate
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import train
 from hydra_utils import TINY, compose_cfg
@@ -61,6 +63,20 @@ def test_sample_takes_the_ema_length(run: Path, tmp_path: Path) -> None:
     posthoc = sample(compose_cfg([*common, "ema_sigma_rel=0.1"], tmp_path / "b", "sample"))
     a, b = (np.load(p)["arr_0"].astype(int) for p in (own, posthoc))
     assert np.abs(a - b).max() <= 1  # uint8 rounding of float-equal samples
+
+
+@pytest.mark.parametrize("bad", ["0.5", "0", "abc"])
+def test_sample_and_evaluate_refuse_a_bad_length_by_name(
+    run: Path, tmp_path: Path, bad: str
+) -> None:
+    ckpt = run / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_path={ckpt}", "accelerator=cpu", "progress=false", f"ema_sigma_rel={bad}"]
+    with pytest.raises(CheckpointError, match=rf"ema_sigma_rel='?{bad}'? .*sigma_rel must be"):
+        sample(compose_cfg(common, tmp_path / "s", config_name="sample"))
+    with pytest.raises(CheckpointError, match=rf"ema_sigma_rel='?{bad}'? .*sigma_rel must be"):
+        evaluate(compose_cfg(common, tmp_path / "e", config_name="evaluate"))
+    with pytest.raises(ConfigError, match="ema_sigma_rel chooses the EMA of ckpt_path"):
+        evaluate(compose_cfg(["samples=x.npz", *common[1:]], tmp_path / "f", "evaluate"))
 
 
 def test_missing_profiles_snapshots_and_contradictions_are_clear(run: Path, tmp_path: Path) -> None:

@@ -285,6 +285,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to evaluate: give samples=PATH.npz (or a folder of images) with ref=..., "
             "and/or ckpt_path=PATH (sampled here; also its NLL)"
         )
+    if cfg.get("ema_sigma_rel") is not None and not cfg.get("ckpt_path"):
+        raise ConfigError("ema_sigma_rel chooses the EMA of ckpt_path=...; no ckpt_path is given")
     fabric = launch(cfg)
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
