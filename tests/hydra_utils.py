@@ -63,6 +63,7 @@ MICRO = [
     "~callbacks.forward_picture",
     "callbacks.sample_grid.at_train_end=false",
     "sampler.steps=2",
+    "callbacks.posthoc_ema.every_n_steps=5",  # post-hoc EMA snapshots between steps
     "+callbacks.probe._target_=run_utils.RngProbe",
 ]
 

@@ -18,6 +18,8 @@ Checkpoint layout (a Lightning checkpoint plus the keys below, each named once h
                         has one (importance sampling's loss history)
     ``ema_state_dict``  :data:`EMA_KEY`: the EMA network's weights (keys of ``net``), when EMA ran
     ``ema_state``       :data:`EMA_STATE_KEY`: the EMA's counters
+    ``ema_posthoc``     :data:`POSTHOC_EMA_KEY`: post-hoc EMA profiles and their snapshot files,
+                        when the run tracked them (:mod:`ddpm.utils.posthoc_ema`)
 Exported files (``src/export.py``) are safetensors with the config as JSON metadata (under
 :data:`CONFIG_KEY`).
 """
@@ -44,11 +46,13 @@ from torch import nn
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import ConfigError
 from ddpm.project import conf_dir
+from ddpm.utils.posthoc_ema import reconstruct
 
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
 EMA_KEY = "ema_state_dict"
 EMA_STATE_KEY = "ema_state"
+POSTHOC_EMA_KEY = "ema_posthoc"
 
 # The project's config groups: what they name is what a stored config may build.
 CONF_DIR = conf_dir()
@@ -290,14 +294,57 @@ def net_state_dict(ckpt: dict[str, Any], use_ema: bool = True) -> tuple[dict[str
     return sd, False
 
 
+def posthoc_state_dict(
+    ckpt: dict[str, Any], path: str | os.PathLike, sigma_rel: float
+) -> dict[str, Any]:
+    """The EMA of relative width ``sigma_rel`` reconstructed from the run's post-hoc EMA snapshots
+    (EDM2; :func:`ddpm.utils.posthoc_ema.reconstruct`). The snapshot files are looked for in the
+    recorded directory, then in a directory of that name beside the checkpoint's directory (the
+    run directory was moved)."""
+    record = ckpt.get(POSTHOC_EMA_KEY)
+    if record is None:
+        raise CheckpointError(
+            f"{path} holds no post-hoc EMA profiles, so ema_sigma_rel cannot be reconstructed: "
+            "train with the posthoc_ema callback (callbacks.posthoc_ema), or use ema_sigma_rel=null"
+        )
+    recorded = os.fspath(record["dirpath"])
+    moved = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(recorded)
+    )
+    names = [str(e["file"]) for e in record["snapshots"]]
+    found = [d for d in (recorded, moved) if all(os.path.isfile(os.path.join(d, n)) for n in names)]
+    if not found:
+        raise CheckpointError(
+            f"the post-hoc EMA snapshots of {path} ({len(names)} files) are neither in {recorded} "
+            f"nor in {moved}"
+        )
+    try:
+        weights, _ = reconstruct(record, found[0], sigma_rel)
+    except ValueError as e:
+        raise CheckpointError(f"ema_sigma_rel={sigma_rel!r} for {path}: {e}") from None
+    return weights
+
+
 def load_model(
-    path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    sigma_rel: float | None = None,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Rebuild network + diffusion from a checkpoint and load its (EMA) weights, in eval mode."""
+    """Rebuild network + diffusion from a checkpoint and load its (EMA) weights, in eval mode;
+    with ``sigma_rel`` the EMA of that relative width, reconstructed post hoc (EDM2)."""
     ckpt = read_checkpoint(path)
     config = ckpt[CONFIG_KEY]
     net, diffusion = build_from_config(config)
-    sd, used_ema = net_state_dict(ckpt, use_ema)
+    if sigma_rel is None:
+        sd, used_ema = net_state_dict(ckpt, use_ema)
+    elif not use_ema:
+        raise CheckpointError(
+            f"ema_sigma_rel={sigma_rel!r} asks for an EMA but use_ema=false: set one of them"
+        )
+    else:
+        sd, used_ema = posthoc_state_dict(ckpt, path, sigma_rel), True
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -22,6 +22,7 @@ from ddpm.callbacks.inputs import default_sampler
 from ddpm.data import per_device_batch_size
 from ddpm.errors import ConfigError
 from ddpm.run import resume_command
+from ddpm.utils.posthoc_ema import MAX_SIGMA_REL
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -111,6 +112,8 @@ NUMERIC_SETTINGS: dict[str, _Range] = {
     "objective.loss.min_snr_gamma": _POSITIVE,
     "callbacks.ema.decay": _Range(low=0, high=1, low_open=True, high_open=True),
     "callbacks.ema.half_life_kimg": _POSITIVE,
+    "callbacks.ema.sigma_rel": _Range(low=0, high=MAX_SIGMA_REL, low_open=True),
+    "callbacks.posthoc_ema.every_n_steps": _COUNT,
     "callbacks.ema.update_every": _COUNT,
     "callbacks.ema.start_step": _STEPS,
     "callbacks.model_checkpoint.every_n_train_steps": _STEPS,

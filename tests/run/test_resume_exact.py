@@ -1,6 +1,7 @@
 """Exact resume at every stop point: for a split k + (N - k) of an N-step run, the resumed run's
-weights, EMA weights, optimizer and LR-schedule state, loop and loader position, importance-sampler
-history and global RNG streams equal the uninterrupted run's (to 1e-6 in fp32).
+weights, EMA weights, post-hoc EMA profiles and snapshot files, optimizer and LR-schedule state,
+loop and loader position, importance-sampler history and global RNG streams equal the
+uninterrupted run's (to 1e-6 in fp32).
 
 One uninterrupted run per recipe writes a checkpoint at every step and fingerprints the global RNG
 streams after every step; each split resumes once, either from a run that stopped at k (by
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 
 from cli_utils import run_cli
+from ddpm.checkpoint import POSTHOC_EMA_KEY
 from ddpm.tasks.train import train
+from ddpm.utils.posthoc_ema import read_snapshot
 from hydra_utils import MICRO, compose_cfg
 from run_utils import load_ckpt, max_diff
 
@@ -52,6 +55,23 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     assert la == lb  # the loader's position: seed, epoch, batches
     if "ddpm_t_sampler" in a:
         assert max_diff(a["ddpm_t_sampler"], b["ddpm_t_sampler"]) == 0.0
+    pa, pb = a[POSTHOC_EMA_KEY], b[POSTHOC_EMA_KEY]
+    assert pa["snapshots"] and pa["snapshots"] == pb["snapshots"]
+    assert pa["num_updates"] == pb["num_updates"] == a["global_step"]
+    for x, y in zip(pa["profiles"], pb["profiles"], strict=True):
+        assert max_diff(x, y) < 1e-6
+
+
+def assert_same_snapshots(a: Path, b: Path) -> None:
+    """Every post-hoc EMA snapshot file of run ``a`` is in run ``b``, with the same weights (a
+    run resumed in a new directory copied the earlier ones and wrote the later ones)."""
+    files = sorted(p.name for p in (a / "ema_snapshots").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (b / "ema_snapshots").glob("*.safetensors"))
+    for name in files:
+        (sa, ia), (sb, ib) = (read_snapshot(r / "ema_snapshots" / name) for r in (a, b))
+        assert ia == ib
+        for x, y in zip(sa, sb, strict=True):
+            assert max_diff(x, y) < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +147,7 @@ def test_resumed_run_equals_the_straight_run(
         load_ckpt(reference / "checkpoints" / "last.ckpt"),
         load_ckpt(run / "checkpoints" / "last.ckpt"),
     )
+    assert_same_snapshots(reference, run)
     ref_rng = json.loads((reference / "rng.json").read_text())
     got_rng = json.loads((run / "rng.json").read_text())
     resumed_steps = [str(s) for s in range(k + 1, n + 1)]

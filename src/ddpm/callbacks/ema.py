@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.checkpoint import EMA_KEY, EMA_STATE_KEY
+from ddpm.utils.posthoc_ema import check_sigma_rel, power_ema_beta, sigma_rel_to_gamma
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:
@@ -113,7 +114,10 @@ class EMA(WeightAveraging):
     0.5 ** (images since the last update / (half_life_kimg * 1000)), where the images since the
     last update are counted over all devices (= global batch x accumulation x ``update_every``).
     With ``warmup`` β is capped by (1 + n) / (10 + n), n = number of EMA updates so far, so short
-    runs get a useful average (after 3000 updates β <= 0.997).
+    runs get a useful average (after 3000 updates β <= 0.997). With ``sigma_rel`` the average is
+    EDM2's power-function EMA of that relative length (Karras et al. 2024, eq. 3-4): β = (1 -
+    1/(n+1))^(γ+1), an average over the last ~σ_rel-fraction of the run whatever its length
+    (``decay`` and ``warmup`` then unused).
 
     Before ``start_step`` the EMA just follows the weights (copied every step), and the counter n
     starts at ``start_step``.
@@ -122,6 +126,8 @@ class EMA(WeightAveraging):
         decay: β per update, in (0, 1).
         warmup: cap β by (1 + n) / (10 + n).
         half_life_kimg: if set, β from this half-life in thousands of images (overrides ``decay``).
+        sigma_rel: if set, EDM2's power-function EMA of this relative length (overrides
+            ``decay`` and ``warmup``; not with ``half_life_kimg``).
         update_every: update every N optimizer steps.
         start_step: first optimizer step (0-based) that updates the EMA.
         device: where to keep the EMA copy (default: the model's device).
@@ -137,6 +143,7 @@ class EMA(WeightAveraging):
         start_step: int = 0,
         device: torch.device | str | None = None,
         log_decay: bool = True,
+        sigma_rel: float | None = None,
     ) -> None:
         if not (isinstance(decay, (int, float)) and 0.0 < decay < 1.0):
             raise ValueError(f"decay must be a number in (0, 1), got {decay!r}")
@@ -146,6 +153,13 @@ class EMA(WeightAveraging):
             and math.isfinite(half_life_kimg)
         ):
             raise ValueError(f"half_life_kimg must be null or a number > 0, got {half_life_kimg!r}")
+        if sigma_rel is not None:
+            check_sigma_rel(sigma_rel)
+            if half_life_kimg is not None:
+                raise ValueError(
+                    "set one EMA length: sigma_rel (power-function EMA) or half_life_kimg, "
+                    f"not both (got {sigma_rel!r} and {half_life_kimg!r})"
+                )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
@@ -154,6 +168,8 @@ class EMA(WeightAveraging):
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.half_life_kimg = None if half_life_kimg is None else float(half_life_kimg)
+        self.sigma_rel = None if sigma_rel is None else float(sigma_rel)
+        self._gamma = None if sigma_rel is None else sigma_rel_to_gamma(sigma_rel)
         self.update_every = int(update_every)
         self.start_step = int(start_step)
         self.log_decay = bool(log_decay)
@@ -182,6 +198,8 @@ class EMA(WeightAveraging):
 
     def decay_at(self, num_updates: int, images_per_update: float | None = None) -> float:
         """β of the update that follows ``num_updates`` earlier updates."""
+        if self._gamma is not None:
+            return power_ema_beta(self._gamma, num_updates + 1)
         if self.half_life_kimg is not None:
             if images_per_update is None:
                 raise ValueError("half_life_kimg needs the number of images per update")
@@ -281,6 +299,7 @@ class EMA(WeightAveraging):
             "decay": self.decay,
             "warmup": self.warmup,
             "half_life_kimg": self.half_life_kimg,
+            "sigma_rel": self.sigma_rel,
             "update_every": self.update_every,
             "start_step": self.start_step,
         }

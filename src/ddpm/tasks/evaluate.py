@@ -324,6 +324,8 @@ def check_request(cfg: DictConfig) -> None:
             open_images(cfg.samples)
         except (ValueError, OSError) as e:
             raise ConfigError(f"samples={cfg.samples}: {e}") from None
+    if cfg.get("ema_sigma_rel") is not None and not cfg.get("ckpt_path"):
+        raise ConfigError("ema_sigma_rel chooses the EMA of ckpt_path=...; no ckpt_path is given")
     check_tracker(cfg.get("tracker"))
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)
@@ -354,7 +356,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loaded = dm = None
     images = True
     if cfg.get("ckpt_path"):
-        loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
+        loaded = load_model(
+            cfg.ckpt_path,
+            use_ema=bool(cfg.use_ema),
+            sigma_rel=cfg.get("ema_sigma_rel"),
+            device=fabric.device,
+        )
         results["global_step"] = loaded.global_step
         dm = build_datamodule(loaded.config["data"], cfg)
         images = len(loaded.sample_shape) == 3

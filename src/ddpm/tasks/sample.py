@@ -205,6 +205,7 @@ def _request(cfg: DictConfig, loaded: LoadedModel, sampler: object, n: int, give
         "num_samples": n,
         "seed_first": int(cfg.seed),
         "used_ema": loaded.used_ema,
+        "ema_sigma_rel": cfg.get("ema_sigma_rel"),
         "sampler": OmegaConf.to_container(node, resolve=True)
         if node is not None
         else loaded.config.get("sampler"),
@@ -291,7 +292,12 @@ def sample(cfg: DictConfig) -> Path:
     out = output_dir(cfg)
     if fabric.is_global_zero:
         print_config_tree(cfg, launch_dir(out))
-    loaded = load_model(cfg.ckpt_path, use_ema=bool(cfg.use_ema), device=fabric.device)
+    loaded = load_model(
+        cfg.ckpt_path,
+        use_ema=bool(cfg.use_ema),
+        sigma_rel=cfg.get("ema_sigma_rel"),
+        device=fabric.device,
+    )
     sampler = build_sampler(cfg.get("sampler"), loaded, cfg.get("guidance_scale"))
     labels = sample_labels(loaded, n, given)
     request = _request(cfg, loaded, sampler, n, given)
