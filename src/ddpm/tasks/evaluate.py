@@ -319,13 +319,13 @@ def check_request(cfg: DictConfig) -> None:
             "nothing to evaluate: give samples=PATH.npz (or a folder of images) with ref=..., "
             "and/or ckpt_path=PATH (sampled here; also its NLL)"
         )
+    if cfg.get("ema_sigma_rel") is not None and not cfg.get("ckpt_path"):
+        raise ConfigError("ema_sigma_rel chooses the EMA of ckpt_path=...; no ckpt_path is given")
     if cfg.get("samples"):
         try:
             open_images(cfg.samples)
         except (ValueError, OSError) as e:
             raise ConfigError(f"samples={cfg.samples}: {e}") from None
-    if cfg.get("ema_sigma_rel") is not None and not cfg.get("ckpt_path"):
-        raise ConfigError("ema_sigma_rel chooses the EMA of ckpt_path=...; no ckpt_path is given")
     check_tracker(cfg.get("tracker"))
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)
