@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import Process
 
 CONFIG_KEY = "ddpm_config"
 T_SAMPLER_KEY = "ddpm_t_sampler"
@@ -51,9 +51,13 @@ LOADABLE_TARGETS: set[str] = {
     "ddpm.nn.UNet",
     "ddpm.nn.MLPDenoiser",
     "ddpm.diffusion.GaussianDiffusion",
+    "ddpm.diffusion.EDMProcess",
+    "ddpm.diffusion.RectifiedFlow",
     "ddpm.diffusion.DiffusionLoss",
     "ddpm.diffusion.UniformTimestepSampler",
     "ddpm.diffusion.LossSecondMomentTimestepSampler",
+    "ddpm.diffusion.LogNormalTimestepSampler",
+    "ddpm.diffusion.FlowTimestepSampler",
     "ddpm.data.ImageDataModule",
     "ddpm.data.ToyDataModule",
 }
@@ -195,8 +199,11 @@ def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
 
 @dataclass
 class LoadedModel:
+    """A trained network and its process (``diffusion``: DDPM's discrete chain, EDM's process or
+    rectified flow, with the parameterisation the network was trained in)."""
+
     net: nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: Process
     config: dict[str, Any]
     used_ema: bool
     global_step: int
@@ -240,8 +247,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def build_from_config(config: dict[str, Any]) -> tuple[nn.Module, GaussianDiffusion]:
-    """Instantiate the network and the diffusion described by a stored run config (checked with
+def build_from_config(config: dict[str, Any]) -> tuple[nn.Module, Process]:
+    """Instantiate the network and the process described by a stored run config (checked with
     :func:`check_stored_config` first)."""
     check_stored_config(config, "the checkpoint")
     if "model" not in config or "diffusion" not in config:

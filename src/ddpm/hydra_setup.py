@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ddpm.diffusion.gaussian import model_output_channels
+from ddpm.diffusion.process import model_output_channels
 from ddpm.nn import PRESETS
 from ddpm.run.directory import launch_subdir
 
@@ -36,7 +36,7 @@ def register_resolvers() -> None:
     """Register the resolvers the YAML uses, each one what OmegaConf cannot express itself:
     ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
     ``${model_out_channels:C,variance_type}`` (the network's output channels for the objective:
-    :func:`ddpm.diffusion.gaussian.model_output_channels`) and
+    :func:`ddpm.diffusion.process.model_output_channels`) and
     ``${ddpm_launch_subdir:run_dir,stamp}`` (looks at the run directory:
     :func:`ddpm.run.directory.launch_subdir`)."""
     if not OmegaConf.has_resolver("ddpm_first"):

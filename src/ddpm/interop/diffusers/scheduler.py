@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm.diffusion.gaussian import PREDICTION_TYPES, GaussianDiffusion
+from ddpm.diffusion.gaussian import DISCRETE_PREDICTION_TYPES, GaussianDiffusion
 from ddpm.interop.diffusers.errors import InteropError, require_diffusers
 
 __all__ = ["TIMESTEP_SPACINGS", "diffusion_from_scheduler_config", "scheduler_config"]
@@ -75,8 +75,10 @@ def diffusion_from_scheduler_config(config: Mapping[str, Any]) -> tuple[dict[str
     c = dict(config)
     T = int(c["num_train_timesteps"])
     prediction = c.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise InteropError(f"prediction_type={prediction!r} (ours: one of {PREDICTION_TYPES})")
+    if prediction not in DISCRETE_PREDICTION_TYPES:
+        raise InteropError(
+            f"prediction_type={prediction!r} (ours: one of {DISCRETE_PREDICTION_TYPES})"
+        )
     variances = {
         "fixed_small": "fixed_small",
         "fixed_small_log": "fixed_small",
