@@ -264,3 +264,12 @@ def test_langevin_corrector_fixes_a_coarse_predictor(name) -> None:
     assert err_pc < 0.25 * err_plain, (err_plain, err_pc)
     with pytest.raises(ValueError, match="corrector"):
         ddim_sample(oracle, process, (4, 2), corrector="annealed")
+
+
+def test_continuous_processes_do_not_export_to_a_ddpm_scheduler() -> None:
+    from ddpm.interop.diffusers.errors import InteropError
+    from ddpm.interop.diffusers.scheduler import scheduler_config
+
+    for process in (EDMProcess(), RectifiedFlow()):
+        with pytest.raises(InteropError, match="continuous process"):
+            scheduler_config(process)
