@@ -84,3 +84,11 @@ def compose_cfg(overrides: list[str], tmp_path: Path, config_name: str = "train"
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def compose_group(group: str, name: str) -> DictConfig:
+    """One option of a config group composed on its own (``conf/<group>/<name>.yaml`` with its
+    own defaults list, e.g. a sampler's ``base/default``), as a node to instantiate."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=f"{CONF_DIR}/{group}", version_base="1.3"):
+        return compose(config_name=name)

@@ -219,3 +219,27 @@ class ClassConditionalOracle(MixtureOracle):
         if label is None:
             return super().sample_data(n, generator)
         return self.classes[label].sample_data(n, generator)
+
+
+class ProcessGaussianOracle:
+    """The optimal network for x₀ ~ N(μ, s² I) on any process of the family, in its own
+    parameterisation: called as the samplers call a network, ``net(c_in·x, τ)``, it recovers t
+    from τ (``t_of_tau``), x from c_in·x, and returns F = (E[x₀ | x] - c_skip x)/c_out with
+    E[x₀ | x] = μ + α s² (x - α μ)/(α² s² + σ²). Float64 inside, all rows at one t."""
+
+    def __init__(self, process, mean: float, std: float, t_of_tau) -> None:
+        self.process, self.mean, self.std, self.t_of_tau = process, mean, std, t_of_tau
+        self.calls = 0
+
+    def posterior_mean(self, x: Tensor, t: float) -> Tensor:
+        (alpha,), (sigma,) = self.process.alpha_sigma_np([t])
+        v = alpha**2 * self.std**2 + sigma**2
+        return self.mean + alpha * self.std**2 * (x - alpha * self.mean) / v
+
+    def __call__(self, x_in: Tensor, tau: Tensor) -> Tensor:
+        self.calls += 1
+        t = float(self.t_of_tau(float(tau.reshape(-1)[0])))
+        p = self.process.preconditioning_np([t])
+        c_in, c_skip, c_out = (float(c if not hasattr(c, "shape") else c[0]) for c in p[:3])
+        x = x_in.double() / c_in
+        return ((self.posterior_mean(x, t) - c_skip * x) / c_out).to(x_in.dtype)

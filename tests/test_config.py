@@ -50,7 +50,10 @@ def test_groups_are_not_empty() -> None:
 
 @pytest.mark.parametrize("name", options("schedule"))
 def test_schedule_options_build_a_diffusion(name: str, tmp_path: Path) -> None:
-    cfg = compose_cfg([f"schedule={name}"], tmp_path)
+    # a continuous process with the objective that trains on it (DDPM's ε cannot on rectified flow)
+    objective = {"edm": "edm", "edm_vp": "edm", "rectified_flow": "flow_matching"}.get(name)
+    extra = [f"objective={objective}"] if objective else []
+    cfg = compose_cfg([*extra, f"schedule={name}"], tmp_path)
     diffusion = instantiate(cfg.diffusion)
     assert diffusion.num_timesteps == cfg.schedule.num_timesteps
     assert diffusion.schedule == name

@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import Process
 from ddpm.errors import ConfigError
 from ddpm.project import conf_dir
 from ddpm.utils.posthoc_ema import reconstruct
@@ -227,8 +227,11 @@ def open_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
 
 @dataclass
 class LoadedModel:
+    """A trained network and its process (``diffusion``: DDPM's discrete chain, EDM's process or
+    rectified flow, with the parameterisation the network was trained in)."""
+
     net: nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: Process
     config: dict[str, Any]
     used_ema: bool
     global_step: int
@@ -272,8 +275,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def build_from_config(config: dict[str, Any]) -> tuple[nn.Module, GaussianDiffusion]:
-    """Instantiate the network and the diffusion described by a stored run config (checked with
+def build_from_config(config: dict[str, Any]) -> tuple[nn.Module, Process]:
+    """Instantiate the network and the process described by a stored run config (checked with
     :func:`check_stored_config` first)."""
     check_stored_config(config, "the checkpoint")
     if "model" not in config or "diffusion" not in config:

@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ddpm.diffusion.gaussian import model_output_channels
+from ddpm.diffusion.process import model_output_channels
 from ddpm.nn import PRESETS
 from ddpm.project import project_root
 from ddpm.run.directory import launch_subdir
@@ -37,7 +37,7 @@ def register_resolvers() -> None:
     """Register the resolvers the YAML uses, each one what OmegaConf cannot express itself:
     ``${ddpm_first:a,b}`` (the first value that is not null: ``oc.select`` returns a null as is),
     ``${model_out_channels:C,variance_type}`` (the network's output channels for the objective:
-    :func:`ddpm.diffusion.gaussian.model_output_channels`) and
+    :func:`ddpm.diffusion.process.model_output_channels`) and
     ``${ddpm_launch_subdir:run_dir}`` (looks at the run directory:
     :func:`ddpm.run.directory.launch_subdir`) and ``${ddpm_project_root:}`` (the default root of
     ``outputs/``, ``data/`` and caches: :func:`ddpm.project.project_root`)."""

@@ -1,4 +1,5 @@
-"""The LightningModule: an ε-network (or x₀/v-network) trained with a diffusion objective.
+"""The LightningModule: a network trained with a diffusion objective on any process of the family
+(DDPM's discrete chain, EDM's, rectified flow; :mod:`ddpm.diffusion.process`).
 
 Thin glue: the network comes from ``ddpm.nn``, the process, the loss and the timestep sampler from
 ``ddpm.diffusion``, the optimizer and LR schedule from config (``_partial_`` callables). Every
@@ -33,7 +34,8 @@ from ddpm.checkpoint import (
     read_checkpoint,
 )
 from ddpm.contracts import find_ema
-from ddpm.diffusion import DiffusionLoss, GaussianDiffusion, UniformTimestepSampler
+from ddpm.diffusion import DiffusionLoss, Process, TimestepSampler
+from ddpm.diffusion.timestep_sampling import default_timestep_sampler
 from ddpm.utils.classes import with_labels
 from ddpm.utils.seeding import seed_global_rngs, seeded_generator, step_seed
 
@@ -46,17 +48,19 @@ class DiffusionModule(pl.LightningModule):
     """Wraps ``net`` and the diffusion loss.
 
     Args:
-        net: ``net(x_t, t, class_labels=None) -> output`` (``ddpm.nn``); output channels must
-            match the diffusion's ``model_output_channels``. A class-conditional network (with
+        net: ``net(x_t, τ, class_labels=None) -> output`` (``ddpm.nn``); output channels must
+            match the process's ``model_output_channels``. A class-conditional network (with
             a ``null_class``) trains on ``(x, labels)`` batches.
-        diffusion: the :class:`GaussianDiffusion` (schedule, prediction and variance type).
+        diffusion: the process (:class:`~ddpm.diffusion.process.Process`: schedule and
+            parameterisation).
         loss: a :class:`DiffusionLoss` (simple / hybrid / vlb).
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
         lr_scheduler: ``optimizer -> LRScheduler`` stepped every optimizer step, or None.
         timestep_sampler: draws the t of each training sample and its importance weight; default
             uniform (DDPM), ``LossSecondMomentTimestepSampler`` for improved DDPM's importance
-            sampling. Told every step's losses (``update``); its ``state_dict``, if it has one, is
-            checkpointed.
+            sampling, EDM's log-normal σ, flow matching's uniform or logit-normal t; it must
+            draw in the process's time domain. Told every step's losses (``update``); its
+            ``state_dict``, if it has one, is checkpointed.
         val_seed: seed of the validation t and noise (the same at every evaluation).
         train_seed: seed of the training t, noise, label dropout and dropout.
         compile: wrap the network in ``torch.compile`` for training.
@@ -69,11 +73,11 @@ class DiffusionModule(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        diffusion: GaussianDiffusion,
+        diffusion: Process,
         loss: DiffusionLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
-        timestep_sampler: UniformTimestepSampler | None = None,
+        timestep_sampler: TimestepSampler | None = None,
         val_seed: int = 1234,
         train_seed: int = 0,
         compile: bool = False,
@@ -84,12 +88,8 @@ class DiffusionModule(pl.LightningModule):
         loss.check(diffusion)
         if isinstance(p_uncond, bool) or not 0.0 <= float(p_uncond) <= 1.0:
             raise ValueError(f"p_uncond must be a probability in [0, 1], got {p_uncond!r}")
-        self.timestep_sampler = timestep_sampler or UniformTimestepSampler(diffusion.num_timesteps)
-        if self.timestep_sampler.num_timesteps != diffusion.num_timesteps:
-            raise ValueError(
-                f"the timestep sampler draws t from {self.timestep_sampler.num_timesteps} "
-                f"timesteps, the process has T={diffusion.num_timesteps}"
-            )
+        self.timestep_sampler = timestep_sampler or default_timestep_sampler(diffusion)
+        self.timestep_sampler.check(diffusion)
         self.p_uncond = float(p_uncond)
         self.net = net
         self.diffusion = diffusion
@@ -215,13 +215,10 @@ class DiffusionModule(pl.LightningModule):
             self._log_quartiles("train", t, terms["loss"].detach())
         return loss
 
-    def _quartile(self, t: Tensor) -> Tensor:
-        """The quartile of each t (0 = smallest t, least noise)."""
-        return (t * QUARTILES // self.diffusion.num_timesteps).clamp(max=QUARTILES - 1)
-
     def _log_quartiles(self, prefix: str, t: Tensor, per_sample: Tensor) -> None:
-        """This step's loss by quartile of t."""
-        q = self._quartile(t)
+        """This step's loss by quartile of the time range (q0: least noise;
+        ``Process.noise_quartile``)."""
+        q = self.diffusion.noise_quartile(t)
         for i in range(QUARTILES):
             m = q == i
             cnt = m.sum()
@@ -238,13 +235,11 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x0, labels = self._split_batch(batch)  # the conditional loss: no label dropout
         g = seeded_generator(step_seed(self.val_seed, self.global_rank, batch_idx), x0.device)
-        t = torch.randint(
-            0, self.diffusion.num_timesteps, x0.shape[:1], generator=g, device=g.device
-        )
+        t = self.timestep_sampler.validation_timesteps(x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         terms = self.loss(with_labels(self.net, labels), self.diffusion, x0, t, noise)
         self._log_val_mean("loss", terms["loss"])
-        q = self._quartile(t)
+        q = self.diffusion.noise_quartile(t)
         for i in range(QUARTILES):
             self._log_val_mean(f"loss_q{i}", terms["loss"], (q == i).to(terms["loss"].dtype))
         ema = find_ema(self._trainer)

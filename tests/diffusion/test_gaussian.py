@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import PREDICTION_TYPES, VARIANCE_TYPES, GaussianDiffusion
+from ddpm.diffusion import (
+    DISCRETE_PREDICTION_TYPES,
+    PREDICTION_TYPES,
+    VARIANCE_TYPES,
+    GaussianDiffusion,
+)
 
 T = 1000
 
@@ -174,7 +179,7 @@ def test_conversions_round_trip(diff: GaussianDiffusion) -> None:
 def test_training_targets() -> None:
     g = torch.Generator().manual_seed(4)
     x0, eps, t = torch.rand(8, 2, generator=g), torch.randn(8, 2, generator=g), torch.arange(8)
-    for pt in PREDICTION_TYPES:
+    for pt in DISCRETE_PREDICTION_TYPES:
         d = GaussianDiffusion(schedule="cosine", num_timesteps=10, prediction_type=pt)
         want = {"epsilon": eps, "sample": x0, "v_prediction": d.get_v(x0, eps, t)}[pt]
         assert torch.equal(d.training_target(x0, eps, t), want)

@@ -22,7 +22,7 @@ from ddpm.diffusion import (
     heun_sample,
     unipc_sample,
 )
-from hydra_utils import REPO_DIR
+from hydra_utils import compose_group
 from oracles import ClassConditionalOracle, gen
 
 MEANS = [[-0.4, -0.3], [0.4, 0.3], [0.3, -0.5]]  # overlapping classes: guidance matters
@@ -214,9 +214,8 @@ def test_guidance_needs_labels_and_a_null_class() -> None:
 
 def test_config_sampler_passes_labels_and_its_guidance_scale() -> None:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO_DIR / "conf" / "sampler" / "ddim.yaml")
+    cfg = compose_group("sampler", "ddim")
     sampler = instantiate(cfg, steps=10, guidance_scale=2.0, clip_denoised=False)
     assert isinstance(sampler, DDIMSampler)
     d = GaussianDiffusion(num_timesteps=50)

@@ -17,6 +17,7 @@ from ddpm.diffusion import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverSampler,
+    EulerSampler,
     GaussianDiffusion,
     HeunSampler,
     UniPCSampler,
@@ -32,10 +33,9 @@ from ddpm.diffusion import (
 )
 from ddpm.diffusion.samplers import sample_batches
 from ddpm.utils.seeding import PerSampleGenerator
-from hydra_utils import REPO_DIR
+from hydra_utils import compose_group
 from oracles import GaussianOracle, MixtureOracle, gen
 
-CONF = REPO_DIR / "conf" / "sampler"
 MU = [0.2, -0.3]
 MEANS = [[-0.5, -0.5], [0.5, 0.4]]
 STDS = [0.1, 0.15]
@@ -724,7 +724,7 @@ def test_bad_arguments_rejected() -> None:
             "ddim.yaml",
             DDIMSampler,
             ddim_sample,
-            {"steps": 50, "eta": 0.0, "spacing": "uniform", "clip_denoised": True},
+            {"steps": 50, "eta": 0.0, "spacing": "auto", "clip_denoised": True},
         ),
         (
             "dpm_solver.yaml",
@@ -740,14 +740,14 @@ def test_bad_arguments_rejected() -> None:
             {"steps": 20, "order": 2, "algorithm_type": "sde-dpmsolver++"},
         ),
         ("unipc.yaml", UniPCSampler, unipc_sample, {"steps": 10, "solver_type": "bh2"}),
-        ("heun.yaml", HeunSampler, heun_sample, {"steps": 18, "spacing": "karras"}),
+        ("heun.yaml", HeunSampler, heun_sample, {"steps": 18, "spacing": "auto"}),
+        ("euler.yaml", EulerSampler, ddim_sample, {"steps": 20, "spacing": "auto"}),
     ],
 )
 def test_sampler_configs_instantiate(file, cls, fn, fields) -> None:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    sampler = instantiate(OmegaConf.load(CONF / file))
+    sampler = instantiate(compose_group("sampler", file.removesuffix(".yaml")))
     assert type(sampler) is cls and file.startswith(sampler.name)
     assert sampler.guidance_scale == 1.0
     for key, value in fields.items():

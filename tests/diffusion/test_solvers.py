@@ -24,8 +24,8 @@ from ddpm.diffusion import (
     dpm_solver_sample,
     dpm_solver_timesteps,
     heun_sample,
-    heun_timesteps,
     karras_timesteps,
+    step_timesteps,
     unipc_sample,
 )
 from ddpm.diffusion.samplers import dpm_solver_coefficients
@@ -82,7 +82,7 @@ def test_solver_grids_are_diffusers_timesteps(T, n) -> None:
         s.set_timesteps(n)
         # diffusers' Heun keeps fractional timesteps (linspace, Karras); ours are the nearest
         theirs_t = torch.unique_consecutive(s.timesteps).round().long().tolist()
-        assert heun_timesteps(d, n, ours) == theirs_t, ours
+        assert step_timesteps(d, n, ours) == theirs_t, ours
 
 
 def test_karras_grid_is_rounded_in_log_sigma_and_used_as_rounded() -> None:
@@ -158,7 +158,8 @@ def _local_error(order: int, sde: bool, scale: float) -> float:
 
     lam = -0.5 + scale * np.array([-0.5, -0.2, 0.0, 0.3])  # λ at s_2, s_1, s_0 and t
     ac = 1.0 / (1.0 + np.exp(-2.0 * lam))  # λ = log(α/σ), α² = ᾱ
-    c = dpm_solver_coefficients(np.append(ac, 0.5), order, False, sde)[2]
+    ac = np.append(ac, 0.5)
+    c = dpm_solver_coefficients(np.sqrt(ac), np.sqrt(1 - ac), order, False, sde)[2]
 
     def x0(lm: float) -> float:
         return math.sin(2.0 * lm) + 0.3 * lm**3
@@ -181,7 +182,7 @@ def test_dpm_solver_multistep_local_order(sde) -> None:
     assert _local_error(3, sde, 0.125) < _local_error(2, sde, 0.125)
     # the noise and the x coefficient of the SDE step: σ_t √(1 - e^{-2h}) and (σ_t/σ_s) e^{-h}
     ac = np.array([0.3, 0.6])
-    a, _, _, _, s = dpm_solver_coefficients(ac, 2, True, sde)[0]
+    a, _, _, _, s = dpm_solver_coefficients(np.sqrt(ac), np.sqrt(1 - ac), 2, True, sde)[0]
     h = 0.5 * (math.log(0.6 / 0.4) - math.log(0.3 / 0.7))
     ratio = math.sqrt(0.4 / 0.7)
     assert math.isclose(a, ratio * (math.exp(-h) if sde else 1.0), rel_tol=1e-12)
@@ -237,7 +238,7 @@ def test_heun_matches_diffusers(prediction_type, spacing, clip) -> None:
     from diffusers import HeunDiscreteScheduler
 
     d, o, x_t = setup(prediction_type)
-    ts = heun_timesteps(d, 8, spacing)
+    ts = step_timesteps(d, 8, spacing)
     s = HeunDiscreteScheduler(
         num_train_timesteps=1000,
         trained_betas=d.betas.double().numpy(),
@@ -281,7 +282,7 @@ def test_heun_churn_is_edm_algorithm_2() -> None:
     assert o.calls == 2 * 40 - 1
     assert (churn - plain).abs().mean() > 0.05
     sig = sigma_of(d, list(range(1000)))
-    grid = heun_timesteps(d, 40)
+    grid = step_timesteps(d, 40, "karras")
     gamma = min(10.0 / 40, math.sqrt(2) - 1)
     expected = [
         int(np.abs(sig - (1 + gamma) * sig[t]).argmin()) if 0.05 <= sig[t] <= 50 else t
@@ -405,7 +406,7 @@ def test_solver_configs_validate_once() -> None:
     with pytest.raises(ValueError, match="spacing must be one of"):
         UniPCSampler(spacing="quadratic")
     with pytest.raises(ValueError, match="spacing must be one of"):
-        HeunSampler(spacing="logSNR")
+        HeunSampler(spacing="lognormal")
     with pytest.raises(ValueError, match="s_churn must be"):
         HeunSampler(s_churn=-1.0)
     with pytest.raises(ValueError, match="s_tmax must be >= s_tmin"):

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from cli_utils import run_cli
 from ddpm.checkpoint import load_model
 from ddpm.loggers import read_identity
 from ddpm.tasks.train import train
-from hydra_utils import CLI_TINY, TINY, compose_cfg
+from hydra_utils import CLI_TINY, TINY, compose_cfg, compose_group
 
 TINY_NO_CALLBACKS = [o for o in CLI_TINY if not o.startswith("callbacks.")]
 
@@ -23,6 +24,44 @@ def test_fast_dev_run_every_schedule(schedule: str, tmp_path: Path) -> None:
     metrics = train(cfg)
     assert metrics["global_step"] == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize(
+    ("objective", "schedule", "process"),
+    [
+        ("edm", "edm", "EDMProcess"),
+        ("edm", "edm_vp", "EDMProcess"),
+        ("flow_matching", "rectified_flow", "RectifiedFlow"),
+    ],
+)
+def test_continuous_objectives_train_and_sample(objective, schedule, process, tmp_path) -> None:
+    """objective=edm | flow_matching through the real config and Trainer: a few steps with the
+    sample grid and its denoising strip, then the checkpoint alone samples with every sampler."""
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"objective={objective}",
+            f"schedule={schedule}",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "callbacks.model_checkpoint.every_n_train_steps=3",
+            "callbacks.sample_grid.every_n_steps=3",
+            "callbacks.sample_grid.num_samples=2",
+            "callbacks.sample_grid.batch_size=2",
+            "sampler=euler",
+            "sampler.steps=3",
+        ],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    loaded = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert type(loaded.diffusion).__name__ == process
+    for name in ("euler", "heun", "ddim", "dpm_solver", "unipc", "ddpm"):
+        sampler = instantiate(compose_group("sampler", name), steps=3, corrector="langevin")
+        x = sampler(loaded.net, loaded.diffusion, (2, *loaded.sample_shape), generator=None)
+        assert x.shape == (2, *loaded.sample_shape) and torch.isfinite(x).all(), name
 
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path: Path) -> None:

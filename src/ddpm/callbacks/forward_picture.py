@@ -25,7 +25,8 @@ class ForwardProcessPicture(PictureCallback):
     default_num_samples = 8
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, net: Any) -> list[Path]:
-        if self.saved or len(self.shape(trainer)) != 3:  # drawn once
+        # drawn once; the picture counts DDPM's forward steps (a continuous process: not drawn)
+        if self.saved or len(self.shape(trainer)) != 3 or not pl_module.diffusion.discrete:
             return []
         x0 = validation_samples(trainer, self.num_samples)
         if x0 is None:

@@ -161,7 +161,9 @@ class NonFiniteGuard(pl.Callback):
                 f"them. {finite_checkpoint_hint(trainer)}Lower the learning rate (optimizer.lr) "
                 "or try trainer.precision=32-true."
             )
-        if grads_ok:
+        if grads_ok or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16's GradScaler skips a step with Inf/NaN gradients itself (and lowers the
+            # scale); dropping them here would make its step fail ("No inf checks were recorded")
             self.consecutive = 0
         else:
             for p in params:

@@ -1,17 +1,14 @@
-"""Diffusion math in plain torch: schedules, the process q and its posterior, training
-objectives and the timesteps they train on, the NLL bound and samplers.
+"""Diffusion math in plain torch: one family of processes x_t = α(t) x₀ + σ(t) ε (DDPM's
+discrete chain, EDM's, rectified flow) with the network's parameterisations, the training
+objectives and the times they train on, DDPM's NLL bound and the samplers.
 
-The network is ``net(x_t, t) -> output`` throughout; losses, the bound and samplers take it
-first: ``loss(net, diffusion, x_start, t)``, ``calc_bpd_loop(net, diffusion, x_start)``,
-``ddim_sample(net, diffusion, shape)``.
+The network is ``net(x_t, τ) -> output`` throughout; losses, the bound and samplers take it
+first: ``loss(net, process, x_start, t)``, ``calc_bpd_loop(net, diffusion, x_start)``,
+``ddim_sample(net, process, shape)``.
 """
 
-from ddpm.diffusion.gaussian import (
-    PREDICTION_TYPES,
-    VARIANCE_TYPES,
-    GaussianDiffusion,
-    extract,
-)
+from ddpm.diffusion.continuous import EDMProcess, RectifiedFlow
+from ddpm.diffusion.gaussian import DISCRETE_PREDICTION_TYPES, GaussianDiffusion, extract
 from ddpm.diffusion.losses import (
     LOSS_TYPES,
     DiffusionLoss,
@@ -22,13 +19,20 @@ from ddpm.diffusion.losses import (
     vb_terms_bpd,
 )
 from ddpm.diffusion.nll import calc_bpd_loop, prior_bpd
+from ddpm.diffusion.parameterisation import (
+    PREDICTION_TYPES,
+    Preconditioning,
+    preconditioning,
+)
+from ddpm.diffusion.process import VARIANCE_TYPES, Process
 from ddpm.diffusion.respace import SPACINGS, respace, space_timesteps
 from ddpm.diffusion.samplers import (
     DPM_SPACINGS,
-    HEUN_SPACINGS,
+    STEP_SPACINGS,
     DDIMSampler,
     DDPMSampler,
     DPMSolverSampler,
+    EulerSampler,
     HeunSampler,
     UniPCSampler,
     ddim_invert,
@@ -37,33 +41,47 @@ from ddpm.diffusion.samplers import (
     dpm_solver_sample,
     dpm_solver_timesteps,
     heun_sample,
-    heun_timesteps,
     karras_timesteps,
     sample_batches,
+    step_timesteps,
     unipc_sample,
 )
 from ddpm.diffusion.schedules import SCHEDULES, make_beta_schedule, rescale_zero_terminal_snr
 from ddpm.diffusion.timestep_sampling import (
+    ContinuousTimestepSampler,
+    DiscreteTimestepSampler,
+    FlowTimestepSampler,
+    LogNormalTimestepSampler,
     LossSecondMomentTimestepSampler,
     TimestepSampler,
     UniformTimestepSampler,
 )
 
 __all__ = [
+    "DISCRETE_PREDICTION_TYPES",
     "DPM_SPACINGS",
-    "HEUN_SPACINGS",
     "LOSS_TYPES",
     "PREDICTION_TYPES",
     "SCHEDULES",
     "SPACINGS",
+    "STEP_SPACINGS",
     "VARIANCE_TYPES",
+    "ContinuousTimestepSampler",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverSampler",
     "DiffusionLoss",
+    "DiscreteTimestepSampler",
+    "EDMProcess",
+    "EulerSampler",
+    "FlowTimestepSampler",
     "GaussianDiffusion",
     "HeunSampler",
+    "LogNormalTimestepSampler",
     "LossSecondMomentTimestepSampler",
+    "Preconditioning",
+    "Process",
+    "RectifiedFlow",
     "TimestepSampler",
     "UniPCSampler",
     "UniformTimestepSampler",
@@ -76,17 +94,18 @@ __all__ = [
     "dpm_solver_timesteps",
     "extract",
     "heun_sample",
-    "heun_timesteps",
     "karras_timesteps",
     "make_beta_schedule",
     "mean_flat",
     "min_snr_weight",
     "normal_kl",
+    "preconditioning",
     "prior_bpd",
     "rescale_zero_terminal_snr",
     "respace",
     "sample_batches",
     "space_timesteps",
+    "step_timesteps",
     "unipc_sample",
     "vb_terms_bpd",
 ]

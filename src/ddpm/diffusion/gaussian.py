@@ -12,31 +12,22 @@ precision ᾱ_t rounds to 1.0 for the first steps, which would give those steps 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ddpm.diffusion.process import (
+    VARIANCE_TYPES,
+    ZERO_SNR_ALPHA_CUMPROD,
+    Process,
+    no_autocast,
+)
 from ddpm.diffusion.schedules import make_beta_schedule
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
-
-
-LEARNED_VARIANCE_TYPES = ("learned_range", "learned")
-
-
-def model_output_channels(data_channels: int, variance_type: str) -> int:
-    """Channels a network outputs for ``data_channels`` of data: 2C when the variance is learned
-    (improved DDPM, Nichol & Dhariwal 2021, sec. 3.1: v is output next to ε), else C."""
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    return int(data_channels) * (2 if variance_type in LEARNED_VARIANCE_TYPES else 1)
-
-
-def _no_autocast(x: Tensor) -> AbstractContextManager:
-    return torch.autocast(device_type=x.device.type, enabled=False)
+# what a network of the discrete process may predict (the conversions of the β tables)
+DISCRETE_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def extract(arr: Tensor, t: Tensor, ndim: int) -> Tensor:
@@ -45,8 +36,9 @@ def extract(arr: Tensor, t: Tensor, ndim: int) -> Tensor:
     return out.reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
-class GaussianDiffusion(nn.Module):
-    """The forward process q, its posterior, and the reverse-step parameterisation p_θ.
+class GaussianDiffusion(Process):
+    """DDPM's discrete process: the forward process q, its posterior, and the reverse-step
+    parameterisation p_θ (:class:`~ddpm.diffusion.process.Process` with t an integer index).
 
     Args:
         betas: β_1..β_T; if None they come from ``make_beta_schedule(schedule, num_timesteps)``.
@@ -63,6 +55,11 @@ class GaussianDiffusion(nn.Module):
     The buffers are not saved in a ``state_dict``: the schedule is rebuilt from the config.
     """
 
+    discrete: ClassVar[bool] = True
+    time_domain: ClassVar[str] = "index"
+    prediction_types: ClassVar[tuple[str, ...]] = DISCRETE_PREDICTION_TYPES
+    variance_types: ClassVar[tuple[str, ...]] = VARIANCE_TYPES
+
     def __init__(
         self,
         betas: Sequence[float] | np.ndarray | None = None,
@@ -74,15 +71,7 @@ class GaussianDiffusion(nn.Module):
         rescale_zero_terminal_snr: bool = False,
         schedule_kwargs: dict | None = None,
     ) -> None:
-        super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-            )
-        if variance_type not in VARIANCE_TYPES:
-            raise ValueError(
-                f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}"
-            )
+        super().__init__(prediction_type, variance_type)
         betas = make_beta_schedule(
             schedule,
             num_timesteps,
@@ -96,10 +85,9 @@ class GaussianDiffusion(nn.Module):
                 "rescale_zero_terminal_snr needs prediction_type 'v_prediction' or 'sample': "
                 "an ε-prediction cannot recover x₀ at ᾱ_T = 0 (Lin et al. 2023, §3.2)"
             )
-        self.prediction_type = prediction_type
-        self.variance_type = variance_type
         self.schedule = schedule if schedule is not None else "custom"
         self.num_timesteps = int(betas.shape[0])
+        self.t_min, self.t_max = 0.0, float(self.num_timesteps - 1)
 
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -144,6 +132,10 @@ class GaussianDiffusion(nn.Module):
             )
         # float64 copies for samplers that need exact ᾱ (respacing, DPM-Solver log-SNR).
         self.register_buffer("alphas_cumprod_f64", torch.from_numpy(ac.copy()), persistent=False)
+        # λ = log(α/σ) at each index (α² floored at 2⁻²⁴), for the continuous extension
+        solver_ac = np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_CUMPROD)
+        log_snr = 0.5 * (np.log(solver_ac) - np.log1p(-solver_ac))
+        self.register_buffer("log_snr_f64", torch.from_numpy(log_snr), persistent=False)
 
     # ------------------------------------------------------------------ utilities
     def extra_repr(self) -> str:
@@ -151,14 +143,6 @@ class GaussianDiffusion(nn.Module):
             f"T={self.num_timesteps}, schedule={self.schedule}, "
             f"prediction_type={self.prediction_type}, variance_type={self.variance_type}"
         )
-
-    @property
-    def learned_variance(self) -> bool:
-        return self.variance_type in LEARNED_VARIANCE_TYPES
-
-    def model_output_channels(self, data_channels: int) -> int:
-        """How many channels the network must output for ``data_channels`` of data."""
-        return model_output_channels(data_channels, self.variance_type)
 
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32, shape like ``t``."""
@@ -168,11 +152,109 @@ class GaussianDiffusion(nn.Module):
     def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
         """(α_t, σ_t) = (√ᾱ_t, √(1-ᾱ_t)) at the indices ``t``, float32, shaped (B, 1, ..., 1)
         with ``ndim`` dims: x_t = α_t x₀ + σ_t ε in the notation of VDM (Kingma et al. 2021) and
-        DPM-Solver, not DDPM's α_t = 1 - β_t (the buffer ``alphas``)."""
+        DPM-Solver, not DDPM's α_t = 1 - β_t (the buffer ``alphas``). A floating-point ``t``
+        takes the continuous extension (:meth:`_alpha_sigma`)."""
+        if t.is_floating_point():
+            return super().alpha_sigma(t, ndim)
         return (
             extract(self.sqrt_alphas_cumprod, t, ndim),
             extract(self.sqrt_one_minus_alphas_cumprod, t, ndim),
         )
+
+    # ------------------------------------------------------------------ the process interface
+    def _interpolate_log_snr(self, t: Any) -> tuple[Any, Any]:
+        """(λ(t), dλ/dt) of the continuous extension: λ linear between the integer timesteps
+        (the network is then evaluated at fractional t), t ∈ [0, T-1]."""
+        T = self.num_timesteps
+        if isinstance(t, Tensor):
+            table = self.log_snr_f64.to(device=t.device, dtype=t.dtype)
+            lo = t.floor().clamp(0, max(T - 2, 0)).long()
+            hi = (lo + 1).clamp(max=T - 1)
+            w = t - lo.to(t.dtype)
+        else:
+            table = self.log_snr_f64.cpu().numpy()
+            lo = np.clip(np.floor(t), 0, max(T - 2, 0)).astype(np.int64)
+            hi = np.minimum(lo + 1, T - 1)
+            w = t - lo
+        slope = table[hi] - table[lo]
+        return table[lo] + w * slope, slope
+
+    def _alpha_sigma(self, t: Any) -> tuple[Any, Any]:
+        """The continuous extension: α² = sigmoid(2λ), σ² = sigmoid(-2λ) with λ interpolated."""
+        lam, _ = self._interpolate_log_snr(t)
+        if isinstance(lam, Tensor):
+            return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+        return np.sqrt(1.0 / (1.0 + np.exp(-2 * lam))), np.sqrt(1.0 / (1.0 + np.exp(2 * lam)))
+
+    def _alpha_sigma_dot(self, t: Any) -> tuple[Any, Any]:
+        """dα/dt = α σ² λ̇, dσ/dt = -σ α² λ̇ (variance preserving, λ piecewise linear)."""
+        alpha, sigma = self._alpha_sigma(t)
+        _, slope = self._interpolate_log_snr(t)
+        return alpha * sigma**2 * slope, -sigma * alpha**2 * slope
+
+    def _net_time(self, t: Any) -> Any:
+        return t
+
+    def net_time(self, t: Tensor) -> Tensor:
+        """The network's timestep: ``timestep_map[t]`` on a respaced diffusion, else ``t``."""
+        tmap = getattr(self, "timestep_map", None)
+        return t if tmap is None else tmap.to(t.device)[t]
+
+    def net_time_np(self, t: Any) -> list[int]:
+        return self.net_time(torch.as_tensor(np.asarray(t), dtype=torch.long)).tolist()
+
+    def _table(self, floor: bool) -> np.ndarray:
+        """ᾱ of every index in float64; ``floor``: ᾱ = 0 replaced by 2⁻²⁴ (the σ/λ solvers)."""
+        ac = self.alphas_cumprod_f64.detach().cpu().numpy()
+        return np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_CUMPROD) if floor else ac
+
+    def alpha_sigma_np(self, t: Any, floor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(√ᾱ, √(1-ᾱ)) at integer ``t`` from the float64 table; fractional t: the extension."""
+        t = np.asarray(t, dtype=np.float64)
+        if not np.all(t == np.round(t)):
+            return super().alpha_sigma_np(t, floor)
+        ac = self._table(floor)[t.astype(np.int64)]
+        return np.sqrt(ac), np.sqrt(1.0 - ac)
+
+    def sigma_tilde_np(self, t: Any, floor: bool = False) -> np.ndarray:
+        """σ̃ = √((1-ᾱ)/ᾱ), EDM's σ(t) of a variance-preserving schedule."""
+        t = np.asarray(t, dtype=np.float64)
+        if not np.all(t == np.round(t)):
+            return super().sigma_tilde_np(t, floor)
+        ac = self._table(floor)[t.astype(np.int64)]
+        with np.errstate(divide="ignore"):
+            return np.sqrt((1.0 - ac) / ac)
+
+    def log_snr_np(self, t: Any, floor: bool = False) -> np.ndarray:
+        """λ = ½ (log ᾱ - log(1-ᾱ)) at integer ``t`` from the float64 table."""
+        t = np.asarray(t, dtype=np.float64)
+        if not np.all(t == np.round(t)):
+            return super().log_snr_np(t, floor)
+        ac = self._table(floor)[t.astype(np.int64)]
+        with np.errstate(divide="ignore"):
+            return 0.5 * (np.log(ac) - np.log1p(-ac))
+
+    def time_of_log_snr(self, lam: np.ndarray) -> np.ndarray:
+        """The index nearest to each λ (in λ = -log σ̃, as the Karras grid rounds)."""
+        table = self.log_snr_f64.cpu().numpy()
+        lam = np.asarray(lam, dtype=np.float64)
+        return np.argmin(np.abs(table[None, :] - lam.reshape(-1, 1)), axis=1).reshape(lam.shape)
+
+    def langevin_alpha(self, t: float) -> float:
+        """1 - β_t = ᾱ_t/ᾱ_{t-1} of the chain (Song et al. 2021's VP corrector)."""
+        ac = self._table(floor=False)
+        return float(ac[int(t)] / (ac[int(t) - 1] if int(t) > 0 else 1.0))
+
+    def prior_std(self, t: float) -> float:
+        """p(x_T) = N(0, I) (DDPM)."""
+        return 1.0
+
+    def noise_quartile(self, t: Tensor) -> Tensor:
+        return (t * 4 // self.num_timesteps).clamp(max=3)
+
+    def network_output(self, net: Any, x_t: Tensor, t: Tensor) -> Tensor:
+        """The network at x_t and its timesteps (``timestep_map[t]`` on a respaced diffusion)."""
+        return net(x_t, self.net_time(t)).float()
 
     def _check_t(self, t: Tensor) -> None:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
@@ -184,7 +266,7 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x₀, (1-ᾱ_t) I) (eq. 4)."""
-        with _no_autocast(x_start):
+        with no_autocast(x_start):
             x_start = x_start.float()
             nd = x_start.ndim
             alpha, _ = self.alpha_sigma(t, nd)
@@ -193,23 +275,11 @@ class GaussianDiffusion(nn.Module):
             log_var = extract(self.log_one_minus_alphas_cumprod, t, nd).expand_as(x_start)
         return mean, var, log_var
 
-    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε (DDPM eq. 4), computed in float32 under any autocast."""
-        with _no_autocast(x_start):
-            x_start = x_start.float()
-            noise = torch.randn_like(x_start) if noise is None else noise.float()
-            if noise.shape != x_start.shape:
-                raise ValueError(
-                    f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}"
-                )
-            alpha, sigma = self.alpha_sigma(t, x_start.ndim)
-            return alpha * x_start + sigma * noise
-
     def q_posterior_mean_variance(
         self, x_start: Tensor, x_t: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mean μ̃_t, variance β̃_t and clipped log β̃_t of q(x_{t-1} | x_t, x₀) (DDPM eq. 6-7)."""
-        with _no_autocast(x_t):
+        with no_autocast(x_t):
             nd = x_t.ndim
             mean = (
                 extract(self.posterior_mean_coef1, t, nd) * x_start.float()
@@ -277,7 +347,7 @@ class GaussianDiffusion(nn.Module):
         With ``clip_denoised`` x̂₀ is clipped to [-1, 1] and ε̂ recomputed from the clipped x̂₀,
         so both stay consistent with x_t (as DDIM and improved-diffusion do).
         """
-        with _no_autocast(x_t):
+        with no_autocast(x_t):
             x_t = x_t.float()
             pred, _ = self.split_model_output(model_output, x_t.shape[1])
             if self.prediction_type == "epsilon":
@@ -333,7 +403,7 @@ class GaussianDiffusion(nn.Module):
         ε-network without clipping this equals eq. 11, (x_t - β_t/√(1-ᾱ_t) ε̂)/√α_t.
         Returns ``mean``, ``variance``, ``log_variance``, ``pred_xstart``, ``pred_noise``.
         """
-        with _no_autocast(x_t):
+        with no_autocast(x_t):
             x_t = x_t.float()
             _, var_values = self.split_model_output(model_output, x_t.shape[1])
             x0, eps = self.model_predictions(model_output, x_t, t, clip_denoised)
@@ -346,11 +416,3 @@ class GaussianDiffusion(nn.Module):
             "pred_xstart": x0,
             "pred_noise": eps,
         }
-
-    def training_target(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The regression target of L_simple for the configured ``prediction_type``."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "sample":
-            return x_start
-        return self.get_v(x_start, noise, t)

@@ -1,6 +1,10 @@
 """Training objectives: L_simple, L_vlb and L_hybrid, with min-SNR-γ weighting.
 
-* L_simple (DDPM eq. 14): ‖target - f_θ(x_t, t)‖² for the configured target (ε, x₀ or v).
+* L_simple (DDPM eq. 14): ‖F* - F_θ‖², the network output F against its target F* of the
+  process's parameterisation (:mod:`ddpm.diffusion.parameterisation`): ε, x₀, v, the flow
+  velocity ε - x₀ (flow matching, Lipman et al. 2023 / Liu et al. 2023) or EDM's preconditioned
+  target, for which this is EDM's loss λ(σ)‖D - x₀‖² (Karras et al. 2022, eq. 8 with
+  λ(σ) c_out(σ)² = 1), up to EDM's sum over pixels where this takes the mean.
 * L_vlb: the term L_{t-1} = KL(q(x_{t-1}|x_t,x₀) ‖ p_θ(x_{t-1}|x_t)) in bits/dim, and the
   discretized-Gaussian decoder NLL L_0 at t = 0 (DDPM eq. 5, 13).
 * L_hybrid = L_simple + λ·L_vlb, λ = 0.001, with a stop-gradient on the mean in L_vlb so the
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
-from ddpm.diffusion.respace import net_timesteps
+from ddpm.diffusion.process import Process
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 LN2 = math.log(2.0)
@@ -97,10 +101,12 @@ def vb_terms_bpd(
     return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
 
-def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Tensor:
+def min_snr_weight(diffusion: Process, t: Tensor, gamma: float) -> Tensor:
     """Min-SNR-γ weight (Hang et al. 2023) for the MSE on the configured target.
 
-    ε target: min(SNR, γ)/SNR; x₀ target: min(SNR, γ); v target: min(SNR, γ)/(SNR + 1).
+    The x₀-space weight min(SNR, γ) moved to the network's output F (x̂₀ error = c_out·(F error),
+    so the weight is min(SNR, γ) c_out²): ε target: min(SNR, γ)/SNR; x₀ target: min(SNR, γ);
+    v target: min(SNR, γ)/(SNR + 1) (variance preserving); otherwise min(SNR, γ) c_out².
     """
     snr = diffusion.snr(t)
     clipped = torch.clamp(snr, max=gamma)
@@ -108,7 +114,9 @@ def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Ten
         return clipped / snr.clamp(min=1e-20)
     if diffusion.prediction_type == "sample":
         return clipped
-    return clipped / (snr + 1.0)
+    if diffusion.prediction_type == "v_prediction" and diffusion.discrete:
+        return clipped / (snr + 1.0)
+    return clipped * diffusion.preconditioning(t, 1).c_out.reshape(t.shape) ** 2
 
 
 class DiffusionLoss:
@@ -140,8 +148,14 @@ class DiffusionLoss:
         self.lambda_vlb = float(lambda_vlb)
         self.min_snr_gamma = min_snr_gamma
 
-    def check(self, diffusion: GaussianDiffusion) -> None:
-        """Reject combinations that would leave part of the network untrained."""
+    def check(self, diffusion: Process) -> None:
+        """Reject combinations that would leave part of the network untrained, or a bound the
+        process does not have."""
+        if self.loss_type != "simple" and not diffusion.discrete:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} trains on DDPM's variational bound, which only the "
+                f"discrete process has; {type(diffusion).__name__} trains with loss_type 'simple'"
+            )
         if diffusion.learned_variance and self.loss_type == "simple":
             raise ValueError(
                 f"variance_type={diffusion.variance_type!r} is learned only through the bound: "
@@ -151,20 +165,20 @@ class DiffusionLoss:
     def __call__(
         self,
         net: Callable[[Tensor, Tensor], Tensor],
-        diffusion: GaussianDiffusion,
+        diffusion: Process,
         x_start: Tensor,
         t: Tensor,
         noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """The terms at x_t = q_sample(x_start, t, noise) for the network ``net(x_t, t)``
-        (called at the network's timesteps: ``timestep_map[t]`` on a respaced diffusion)."""
+        """The terms at x_t = q_sample(x_start, t, noise) for the network ``net(x_t, τ)``
+        (called as the process says: ``diffusion.network_output``, e.g. at ``timestep_map[t]``
+        on a respaced diffusion, or at EDM's c_in·x_t and c_noise)."""
         self.check(diffusion)
         x_start = x_start.float()
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = diffusion.q_sample(x_start, t, noise)
-        # a respaced diffusion's index t is the network's timestep timestep_map[t]
-        model_output = net(x_t, net_timesteps(diffusion, t)).float()
+        model_output = diffusion.network_output(net, x_t, t)
         pred, var_values = diffusion.split_model_output(model_output, x_start.shape[1])
         terms: dict[str, Tensor] = {}
         target = diffusion.training_target(x_start, noise, t)

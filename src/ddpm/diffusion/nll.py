@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
 from ddpm.diffusion.losses import LN2, mean_flat, normal_kl, vb_terms_bpd
-from ddpm.diffusion.respace import net_timesteps
+from ddpm.diffusion.process import require_discrete
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
@@ -50,6 +50,7 @@ def calc_bpd_loop(
     batch it is in). A respaced diffusion (:func:`~ddpm.diffusion.respace.respace`) is the bound
     of its K-step chain, with the network called at the original timesteps ``timestep_map``.
     """
+    require_discrete(diffusion, "The variational bound (bits/dim)")
     x_start = x_start.float()
     b, T = x_start.shape[0], diffusion.num_timesteps
     device = x_start.device
@@ -59,7 +60,7 @@ def calc_bpd_loop(
         noise = randn(x_start.shape, generator, device)
         x_t = diffusion.q_sample(x_start, t, noise)
         out = vb_terms_bpd(
-            diffusion, net(x_t, net_timesteps(diffusion, t)), x_start, x_t, t, clip_denoised
+            diffusion, diffusion.network_output(net, x_t, t), x_start, x_t, t, clip_denoised
         )
         vb[:, t_idx] = out["output"]
         xstart_mse[:, t_idx] = mean_flat((out["pred_xstart"] - x_start) ** 2)

@@ -104,11 +104,3 @@ def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> Gauss
         tmap = old_map.detach().cpu()[tmap]
     new.register_buffer("timestep_map", tmap, persistent=False)
     return new
-
-
-def net_timesteps(diffusion: GaussianDiffusion, t: torch.Tensor) -> torch.Tensor:
-    """The timesteps to call the network with at the diffusion's indices ``t``:
-    ``timestep_map[t]`` for a respaced diffusion (improved-diffusion's ``_WrappedModel``), else
-    ``t`` itself."""
-    tmap = getattr(diffusion, "timestep_map", None)
-    return t if tmap is None else tmap.to(t.device)[t]

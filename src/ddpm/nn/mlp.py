@@ -30,7 +30,8 @@ class MLPDenoiser(ConditionedNet):
     t -> sinusoidal(time_embed_dim) -> Linear -> SiLU -> Linear -> SiLU (emb, hidden_dim);
     x -> Linear -> ``num_layers`` residual blocks (each adds a projection of emb) -> SiLU ->
     Linear. ``t`` is rescaled by ``1000 / num_timesteps`` before the sinusoidal embedding, so
-    the embedding spans the same frequencies for any number of diffusion steps T.
+    the embedding spans the same frequencies for any number of diffusion steps T; ``None`` feeds
+    ``t`` as is (a process without timesteps, e.g. EDM's c_noise).
     ``out_dim=None`` means ``data_dim`` (pass ``2 * data_dim`` for a learned variance).
     ``num_classes=K`` adds a learned class embedding (K + 1, label K the null class) to the
     time MLP's output, as the U-Net does.
@@ -43,7 +44,7 @@ class MLPDenoiser(ConditionedNet):
         hidden_dim: int = 128,
         num_layers: int = 3,
         time_embed_dim: int = 64,
-        num_timesteps: int = 1000,
+        num_timesteps: int | None = 1000,
         num_classes: int | None = None,
     ) -> None:
         out_dim = data_dim if out_dim is None else out_dim
@@ -53,11 +54,11 @@ class MLPDenoiser(ConditionedNet):
             ("hidden_dim", hidden_dim),
             ("num_layers", num_layers),
             ("time_embed_dim", time_embed_dim),
-            ("num_timesteps", num_timesteps),
+            ("num_timesteps", 1 if num_timesteps is None else num_timesteps),
         ]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        super().__init__(num_classes, t_scale=1000.0 / num_timesteps)
+        super().__init__(num_classes, None if num_timesteps is None else 1000.0 / num_timesteps)
         self.data_dim = data_dim
         self.out_dim = out_dim
         self.time_embed_dim = time_embed_dim

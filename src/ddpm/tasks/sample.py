@@ -85,7 +85,7 @@ def build_sampler(
         check_guidance_scale(node.guidance_scale, "sampler.guidance_scale")
     steps = node.get("steps")
     T = loaded.diffusion.num_timesteps
-    if steps is not None and int(steps) > T:
+    if loaded.diffusion.discrete and steps is not None and int(steps) > T:
         raise ValueError(f"sampler.steps={steps} exceeds the model's T={T} training timesteps")
     return instantiate(node)
 

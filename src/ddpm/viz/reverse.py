@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.diffusion.samplers.timesteps import step_timesteps
 from ddpm.utils.images import Denormalize, make_grid_uint8
 from ddpm.utils.seeding import PerSampleGenerator
 from ddpm.viz.plots import FONTSIZE, cell_inches, cloud_limit, image_grid_panel, new_figure, scatter
@@ -38,6 +39,21 @@ def strip_timesteps(num_timesteps: int, num_frames: int = 8) -> list[int]:
     )
 
 
+def _checked_times(process: Any, timesteps: Sequence[float]) -> list[float]:
+    """``timesteps`` descending, refused outside the process's time range."""
+    if process.discrete:
+        wanted: list[float] = sorted({int(t) for t in timesteps}, reverse=True)
+        lo, hi = 0, process.num_timesteps - 1
+    else:
+        wanted = sorted({float(t) for t in timesteps}, reverse=True)
+        lo, hi = process.t_min, process.t_max
+    if not wanted or wanted[-1] < lo or wanted[0] > hi:
+        raise ValueError(
+            f"timesteps must be a non-empty list in [{lo}, {hi}], got {list(timesteps)}"
+        )
+    return wanted
+
+
 @torch.inference_mode()
 def denoising_trajectory(
     sampler: Callable[..., Any],
@@ -53,20 +69,18 @@ def denoising_trajectory(
 ) -> dict[str, Tensor]:
     """Run ``sampler`` once for ``seeds`` (one per-sample seed each; ``class_labels`` one per
     seed for a class-conditional network) and record the steps of the sampler's own grid nearest
-    to the model ``timesteps`` (default :func:`strip_timesteps` ``(T, num_frames)``).
+    to the model ``timesteps`` (default :func:`strip_timesteps` ``(T, num_frames)`` on DDPM's
+    chain; on a continuous process ``num_frames`` times of its natural grid, matched in log t).
 
     Returns ``timesteps`` (K,), ``x_t`` and ``pred_xstart`` (K, len(seeds), *sample_shape) on
     the CPU, and the final ``samples``.
     """
-    T = diffusion.num_timesteps
     if timesteps is not None:
-        wanted = sorted({int(t) for t in timesteps}, reverse=True)
-        if not wanted or wanted[-1] < 0 or wanted[0] >= T:
-            raise ValueError(
-                f"timesteps must be a non-empty list in [0, {T - 1}], got {list(timesteps)}"
-            )
-    else:
-        wanted = strip_timesteps(T, num_frames)
+        wanted = _checked_times(diffusion, timesteps)
+    elif diffusion.discrete:
+        wanted = strip_timesteps(diffusion.num_timesteps, num_frames)
+    else:  # the process's natural grid (Karras σ on EDM's, uniform t on rectified flow)
+        wanted = step_timesteps(diffusion, num_frames)
     gen = PerSampleGenerator(list(seeds), device=device or "cpu")
     extra = {} if class_labels is None else {"class_labels": class_labels}
     out = sampler(
@@ -102,7 +116,10 @@ def reverse_figure(
     """A :func:`denoising_trajectory`, columns from the noisiest recorded step (left) to the last
     one. Images: rows "seed s: x_t" and "seed s: x̂₀" for each of ``seeds`` (x_t can exceed
     [-1, 1]: it is clamped like any image). 2-D points: the x_t and x̂₀ clouds."""
-    ts = [int(t) for t in traj["timesteps"]]
+    ts = [
+        f"{t:.3g}" if traj["timesteps"].is_floating_point() else int(t)
+        for t in traj["timesteps"].tolist()
+    ]
     x_t, x0 = traj["x_t"], traj["pred_xstart"]  # (K, S, ...)
     k = len(ts)
     if x_t.ndim == 3:  # (K, N, 2)

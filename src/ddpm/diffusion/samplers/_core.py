@@ -1,5 +1,5 @@
 """What every sampler shares: the common options, the grid, the guided network call (the
-denoiser), x_T, intermediates and option checks."""
+denoiser), x_T, the Langevin corrector, intermediates and option checks."""
 
 from __future__ import annotations
 
@@ -12,25 +12,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm.diffusion.gaussian import GaussianDiffusion
-from ddpm.diffusion.respace import net_timesteps
+from ddpm.diffusion.parameterisation import Preconditioning
+from ddpm.diffusion.process import Process
 from ddpm.utils.devices import model_device
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
 Net = Callable[..., Tensor]
 Generator = torch.Generator | PerSampleGenerator | None
-Intermediates = bool | int | Sequence[int]
+Intermediates = bool | int | Sequence[float]
 SampleOutput = Tensor | tuple[Tensor, dict[str, Tensor]]
-
-# ᾱ = 0 (zero terminal SNR) has σ = ∞ and λ = -∞; the σ/λ-space solvers use ᾱ = 2⁻²⁴ there,
-# as diffusers' DPM-Solver/UniPC schedulers do with ``rescale_betas_zero_snr``.
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
-
 
 # ---------------------------------------------------------------------------------------- checks
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")  # DPM-Solver++: ODE, SDE
 SOLVER_TYPES = ("bh1", "bh2")  # UniPC's B(h)
+CORRECTORS = ("langevin",)  # predictor-corrector sampling (Song et al. 2021), or None
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -61,6 +57,12 @@ def check_choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def check_steps_setting(steps: Any, optional: bool = False) -> None:
     """A config's ``steps``: an integer >= 1 (or None when ``optional``); T is checked at call."""
     if optional and steps is None:
@@ -81,6 +83,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "s_churn": lambda v: check_number(v, "s_churn", 0.0),
     "s_tmin": lambda v: check_number(v, "s_tmin", 0.0),
     "s_noise": lambda v: check_number(v, "s_noise", 0.0),
+    "snr": lambda v: check_number(v, "snr", 0.0),
+    "corrector_steps": lambda v: check_count(v, "corrector_steps"),
+    "corrector": lambda v: None if v is None else check_choice(v, "corrector", CORRECTORS),
 }
 
 
@@ -109,36 +114,41 @@ def draw_noise(shape: Sequence[int], generator: Generator, device: torch.device)
 
 
 # ---------------------------------------------------------------------------------------- grid
-def alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
-    """ᾱ of every index of ``diffusion`` in float64."""
-    return diffusion.alphas_cumprod_f64.detach().cpu().numpy()
+@dataclass(frozen=True)
+class Grid:
+    """A sampler's steps on a process: at step k the process time ``t[k]``, α_k and σ_k
+    (float64; α = 0 replaced by √(2⁻²⁴) on a ``solver`` grid) and the network's time input
+    ``net_t[k]`` (an integer timestep on DDPM's discrete process, τ(t) on a continuous one)."""
+
+    t: list[float] | list[int]
+    alpha: np.ndarray
+    sigma: np.ndarray
+    net_t: list[float] | list[int]
+    pre: Preconditioning
+
+    def __len__(self) -> int:
+        return len(self.t)
 
 
-def solver_alphas_cumprod(diffusion: GaussianDiffusion) -> np.ndarray:
-    """ᾱ for the σ/λ-space solvers: ᾱ = 0 replaced by ``ZERO_SNR_ALPHA_CUMPROD``."""
-    ac = alphas_cumprod(diffusion)
-    return np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_CUMPROD)
-
-
-def grid(
-    diffusion: GaussianDiffusion, indices: Iterable[int], solver: bool = False
-) -> tuple[np.ndarray, list[int]]:
-    """A sampler's grid: (ᾱ, the network's timestep) at each of the ``indices`` of
-    ``diffusion``, the timestep being ``timestep_map`` of a respaced diffusion. ``solver``:
-    ᾱ of the σ/λ-space solvers (:func:`solver_alphas_cumprod`)."""
-    indices = list(indices)
-    ac = solver_alphas_cumprod(diffusion) if solver else alphas_cumprod(diffusion)
-    return ac[indices], net_timesteps(diffusion, torch.tensor(indices, dtype=torch.long)).tolist()
-
-
-def log_snr(ac: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(α, σ, λ) of a grid's ᾱ followed by the clean end α = 1, σ = 0, λ = +∞ (α = √ᾱ,
-    σ = √(1-ᾱ), λ = log(α/σ): the variables of DPM-Solver and UniPC)."""
-    alpha = np.append(np.sqrt(ac), 1.0)
-    sigma = np.append(np.sqrt(1.0 - ac), 0.0)
+def with_clean_end(
+    alpha: np.ndarray, sigma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(α, σ, λ) of a grid followed by the clean end α = 1, σ = 0, λ = +∞ (λ = log(α/σ): the
+    variable of DPM-Solver and UniPC)."""
+    alpha = np.append(alpha, 1.0)
+    sigma = np.append(sigma, 0.0)
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma)
     return alpha, sigma, lam
+
+
+def grid(process: Process, times: Iterable[float], solver: bool = False) -> Grid:
+    """The :class:`Grid` of ``process`` at ``times``; ``solver``: α floored for the σ/λ-space
+    solvers (:data:`~ddpm.diffusion.process.ZERO_SNR_ALPHA_CUMPROD`)."""
+    times = list(times)
+    alpha, sigma = process.alpha_sigma_np(times, floor=solver)
+    pre = process.preconditioning_np(times, floor=solver)
+    return Grid(times, alpha, sigma, process.net_time_np(times), pre)
 
 
 def combine(a: float, x: Tensor, terms: Iterable[tuple[float, Tensor | None]]) -> Tensor:
@@ -156,31 +166,30 @@ class Denoiser:
     """EDM's denoiser D(x; σ) = x̂₀ on a grid: ``denoise(x, k)`` calls the (guided) network at
     step k and returns (x̂₀, ε̂ or None, variance values).
 
-    The same math as :meth:`GaussianDiffusion.model_predictions`, with the schedule values of
-    the grid (α = √ᾱ, σ = √(1-ᾱ)) precomputed as Python floats instead of gathered per step.
-    Classifier-free guidance (package docstring) mixes the conditional and null-class outputs
-    before any conversion.
+    The parameterisation's affine maps (:mod:`ddpm.diffusion.parameterisation`) with the grid's
+    coefficients precomputed as Python floats: x̂₀ = c_skip x + c_out F(c_in x, τ_k),
+    ε̂ = e_skip x + e_out F; with ``clip_denoised`` x̂₀ is clipped and ε̂ = (x - α x̂₀)/σ
+    recomputed. Classifier-free guidance (package docstring) mixes the conditional and null-class
+    outputs F before any conversion.
     """
 
     def __init__(
         self,
         net: Net,
-        diffusion: GaussianDiffusion,
-        alphas_cumprod: Sequence[float],
-        net_timesteps: Sequence[int],
+        process: Process,
+        grid: Grid,
         clip_denoised: bool,
         class_labels: Tensor | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        """``alphas_cumprod``: ᾱ at each step; ``net_timesteps``: the network's t there."""
-        self.net, self.diffusion, self.clip = net, diffusion, clip_denoised
-        self.kind = diffusion.prediction_type
-        self.alpha = [math.sqrt(a) for a in alphas_cumprod]
-        self.sigma = [math.sqrt(1.0 - a) for a in alphas_cumprod]
-        if self.kind == "epsilon":  # x₀ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε
-            self.recip = [1.0 / math.sqrt(a) for a in alphas_cumprod]
-            self.recipm1 = [math.sqrt(1.0 / a - 1.0) for a in alphas_cumprod]
-        self.net_timesteps = [int(s) for s in net_timesteps]
+        self.net, self.process, self.clip = net, process, clip_denoised
+        self.alpha = grid.alpha.tolist()
+        self.sigma = grid.sigma.tolist()
+        self.c_in, self.c_skip, self.c_out, self.e_skip, self.e_out = (
+            np.broadcast_to(np.asarray(c, dtype=np.float64), (len(grid),)).tolist()
+            for c in grid.pre
+        )
+        self.net_times = list(grid.net_t)
         self.class_labels = class_labels
         self.scale = check_number(guidance_scale, "guidance_scale")
 
@@ -191,7 +200,8 @@ class Denoiser:
         generator: Generator,
         device: torch.device | str | None,
     ) -> Tensor:
-        """x_T in float32 on the device (default: the network's); fixes the batch for the calls."""
+        """Unit-variance noise (or ``noise``) in float32 on the device (default: the network's);
+        fixes the batch for the calls."""
         device = model_device(self.net) if device is None else torch.device(device)
         if noise is not None:
             if shape is not None and tuple(noise.shape) != tuple(shape):
@@ -205,41 +215,45 @@ class Denoiser:
         self.labels = _guidance_labels(self.net, self.class_labels, self.scale, batch, device)
         self.guided = self.labels is not None and self.labels.shape[0] == 2 * batch
         width = 2 * batch if self.guided else batch
-        ts = torch.tensor(self.net_timesteps, dtype=torch.long).to(device)
+        dtype = torch.long if self.process.discrete else torch.float32
+        ts = torch.tensor(self.net_times, dtype=dtype).to(device)
         self.t = ts[:, None].expand(len(ts), width).contiguous()  # row k: the input at step k
         return x
 
     def net_output(self, x: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-        """The (guided) network output at step k as (mean prediction, variance values)."""
+        """The (guided) network output F at step k as (prediction, variance values)."""
+        x_in = x if self.c_in[k] == 1.0 else x * self.c_in[k]
+        split = self.process.split_model_output
         if self.labels is None:
-            return self.diffusion.split_model_output(self.net(x, self.t[k]), x.shape[1])
+            return split(self.net(x_in, self.t[k]), x.shape[1])
         if not self.guided:
-            out = self.net(x, self.t[k], class_labels=self.labels)
-            return self.diffusion.split_model_output(out, x.shape[1])
-        out = self.net(torch.cat([x, x]), self.t[k], class_labels=self.labels)
-        pred, var_values = self.diffusion.split_model_output(out, x.shape[1])
+            return split(self.net(x_in, self.t[k], class_labels=self.labels), x.shape[1])
+        out = self.net(torch.cat([x_in, x_in]), self.t[k], class_labels=self.labels)
+        pred, var_values = split(out, x.shape[1])
         cond, uncond = pred.chunk(2)
-        # ε̃ = ε_u + s (ε_c - ε_u) in the network's output space; the conditional variance
+        # F̃ = F_u + s (F_c - F_u) in the network's output space; the conditional variance
         pred = torch.lerp(uncond, cond, self.scale)
         return pred, None if var_values is None else var_values.chunk(2)[0]
 
     def __call__(
-        self, x: Tensor, k: int, need_eps: bool = False
+        self, x: Tensor, k: int, need_eps: bool = False, clip: bool | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(x̂₀, ε̂ when ``need_eps`` else None, variance values) at step k; ``clip``: override
+        ``clip_denoised`` (the corrector's score uses the network's own ε̂)."""
+        clip = self.clip if clip is None else clip
         pred, var_values = self.net_output(x, k)
+        if self.c_skip[k] == 0.0:
+            x0 = pred if self.c_out[k] == 1.0 else pred * self.c_out[k]
+        else:
+            x0 = torch.add(x * self.c_skip[k], pred, alpha=self.c_out[k])
         eps = None
-        if self.kind == "epsilon":
-            eps = pred
-            x0 = torch.sub(x * self.recip[k], pred, alpha=self.recipm1[k])
-        elif self.kind == "sample":
-            x0 = pred
-        else:  # v: x₀ = α x_t - σ v, ε = σ x_t + α v
-            x0 = torch.sub(x * self.alpha[k], pred, alpha=self.sigma[k])
-            if need_eps and not self.clip:
-                eps = torch.add(x * self.sigma[k], pred, alpha=self.alpha[k])
-        if self.clip:
+        if need_eps and not clip:
+            if self.e_skip[k] == 0.0 and self.e_out[k] == 1.0:
+                eps = pred
+            else:
+                eps = torch.add(x * self.e_skip[k], pred, alpha=self.e_out[k])
+        if clip:
             x0 = x0.clamp(-1.0, 1.0)
-            eps = None
         if need_eps and eps is None:  # ε = (x_t - α x̂₀)/σ
             eps = torch.sub(x, x0, alpha=self.alpha[k]).mul_(1.0 / self.sigma[k])
         return x0, eps, var_values
@@ -281,8 +295,11 @@ def _guidance_labels(
 class Recorder:
     """Keeps (t, x_t, x̂₀) at the steps ``return_intermediates`` asks for (package docstring)."""
 
-    def __init__(self, request: Intermediates, timesteps: Sequence[int]) -> None:
+    def __init__(
+        self, request: Intermediates, timesteps: Sequence[float], discrete: bool = True
+    ) -> None:
         n = len(timesteps)
+        self.dtype = torch.long if discrete else torch.float64
         if request is None or isinstance(request, (bool, int, np.integer)):
             stride = int(request or 0)
             if stride < 0:
@@ -290,10 +307,12 @@ class Recorder:
             self.steps = set(range(0, n, stride)) | {n - 1} if stride else set()
             self.requested = stride > 0
         else:
-            wanted = [int(t) for t in request]
-            grid = np.asarray(timesteps)
+            wanted = np.asarray([float(t) for t in request], dtype=np.float64)
+            grid = np.asarray(timesteps, dtype=np.float64)
+            if not discrete:  # continuous times (σ, t > 0) span decades: nearest in log t
+                wanted, grid = np.log(np.maximum(wanted, 1e-30)), np.log(grid)
             self.steps = {int(np.argmin(np.abs(grid - t))) for t in wanted}
-            self.requested = bool(wanted)
+            self.requested = len(wanted) > 0
         self.timesteps = list(timesteps)
         self.items: list[tuple[int, Tensor, Tensor]] = []
 
@@ -307,7 +326,7 @@ class Recorder:
             return x
         ts, xs, x0s = zip(*self.items, strict=True) if self.items else ((), (), ())
         return x, {
-            "timesteps": torch.tensor(ts, dtype=torch.long),
+            "timesteps": torch.tensor(ts, dtype=self.dtype),
             "x_t": torch.stack(xs) if xs else torch.empty(0),
             "pred_xstart": torch.stack(x0s) if x0s else torch.empty(0),
         }
@@ -327,6 +346,9 @@ class SampleCall:
     noise: Tensor | None = None
     class_labels: Tensor | None = None
     guidance_scale: float = 1.0
+    corrector: str | None = None
+    snr: float = 0.16
+    corrector_steps: int = 1
 
     @classmethod
     def parse(cls, caller: str, common: dict[str, Any], exclude: Sequence[str] = ()) -> SampleCall:
@@ -340,45 +362,57 @@ class SampleCall:
                 f"options it takes {names}"
             )
         check_flag(common.get("clip_denoised", True), "clip_denoised")
+        check_options(
+            {k: common[k] for k in ("corrector", "snr", "corrector_steps") if k in common}
+        )
         return cls(**common)
 
     def start(
         self,
         net: Net,
-        diffusion: GaussianDiffusion,
+        process: Process,
         shape: Sequence[int] | None,
-        alphas_cumprod: Sequence[float],
-        net_timesteps: Sequence[int],
+        grid: Grid,
         desc: str,
-        recorded_timesteps: Sequence[int] | None = None,
+        recorded_times: Sequence[float] | None = None,
+        prior: bool = True,
     ) -> Run:
-        """x_T and the loop's helpers on the grid (``alphas_cumprod``, ``net_timesteps``: ᾱ and
-        the network's timestep at each step, :func:`grid`); ``recorded_timesteps``: the
-        timestep of each loop step (default: ``net_timesteps``)."""
+        """x at the grid's first time and the loop's helpers on ``grid`` (:func:`grid`):
+        ``noise`` (or fresh unit noise) times the process's prior std there (``prior``; False
+        takes ``noise`` as x itself, e.g. the image an inversion starts from);
+        ``recorded_times``: the time of each loop step for the intermediates (default: the
+        grid's, the network's timestep on a discrete process)."""
         denoise = Denoiser(
-            net,
-            diffusion,
-            alphas_cumprod,
-            net_timesteps,
-            self.clip_denoised,
-            self.class_labels,
-            self.guidance_scale,
+            net, process, grid, self.clip_denoised, self.class_labels, self.guidance_scale
         )
         x = denoise.start(shape, self.noise, self.generator, self.device)
-        rec_t = net_timesteps if recorded_timesteps is None else recorded_timesteps
-        return Run(self, denoise, x, Recorder(self.return_intermediates, rec_t), desc)
+        std = process.prior_std(grid.t[0]) if prior else 1.0
+        if std != 1.0:
+            x = x * std
+        if recorded_times is None:
+            recorded_times = grid.net_t if process.discrete else grid.t
+        record = Recorder(self.return_intermediates, recorded_times, process.discrete)
+        return Run(self, process, grid, denoise, x, record, desc)
 
 
 class Run:
-    """One sampling loop: x_T (``x``), the denoiser x̂₀ = D(x_t) at step k
-    (``denoise(x, k)``), the intermediates (``record(k, x, x0)``; ``result(x)`` is what the
-    sampler returns), fresh noise from the call's generator on x_T's device (``noise``) and
-    the progress-reporting steps."""
+    """One sampling loop: the starting x (``x``), the denoiser x̂₀ = D(x_t) at step k
+    (``denoise(x, k)``), the Langevin corrector at step k (``correct(x, k)``), the
+    intermediates (``record(k, x, x0)``; ``result(x)`` is what the sampler returns), fresh noise
+    from the call's generator on x's device (``noise``) and the progress-reporting steps."""
 
     def __init__(
-        self, call: SampleCall, denoise: Denoiser, x: Tensor, record: Recorder, desc: str
+        self,
+        call: SampleCall,
+        process: Process,
+        grid: Grid,
+        denoise: Denoiser,
+        x: Tensor,
+        record: Recorder,
+        desc: str,
     ) -> None:
-        self.call, self.denoise, self.x, self.record, self.desc = call, denoise, x, record, desc
+        self.call, self.process, self.grid = call, process, grid
+        self.denoise, self.x, self.record, self.desc = denoise, x, record, desc
         self.device = x.device
 
     def result(self, x: Tensor) -> SampleOutput:
@@ -389,3 +423,27 @@ class Run:
 
     def steps(self, n: int) -> Iterator[int]:
         return progress_iter(range(n), total=n, desc=self.desc, enabled=self.call.progress)
+
+    def correct(self, x: Tensor, k: int) -> Tensor:
+        """``corrector_steps`` Langevin steps at the grid's step k (Song et al. 2021, Alg. 4-5,
+        the corrector of predictor-corrector sampling) when ``corrector="langevin"``, else x.
+
+        The score of the same network, s = ∇ log p_t(x) = -ε̂/σ_k (ε̂ unclipped); each step
+        x ← x + η s + √(2η) z, z ~ N(0, I), with η = 2 α_i (r ‖z‖/‖s‖)² from the target
+        signal-to-noise ratio r = ``snr`` (per-sample norms, so a sample does not depend on its
+        batch) and α_i the process's per-step α (1 - β_t on DDPM's chain, 1 on a continuous
+        process, as Song et al.'s VP and VE correctors). One network call per step.
+        """
+        if self.call.corrector is None or self.denoise.sigma[k] == 0.0:
+            return x
+        alpha_i = self.process.langevin_alpha(self.grid.t[k])
+        inv_sigma = -1.0 / self.denoise.sigma[k]
+        for _ in range(self.call.corrector_steps):
+            _, eps, _ = self.denoise(x, k, need_eps=True, clip=False)
+            score = eps * inv_sigma
+            z = self.noise(x.shape)
+            ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp(min=1e-20)
+            step = (2.0 * alpha_i) * (self.call.snr * ratio) ** 2
+            step = step.reshape(-1, *([1] * (x.ndim - 1)))
+            x = x + step * score + (2.0 * step).sqrt() * z
+        return x

@@ -16,14 +16,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from ddpm.diffusion.gaussian import GaussianDiffusion
-from ddpm.diffusion.respace import SPACINGS
+from ddpm.diffusion.process import Process
 from ddpm.diffusion.samplers._core import Net, SampleOutput, check_options
 from ddpm.diffusion.samplers.ddim import ddim_sample
 from ddpm.diffusion.samplers.ddpm import ddpm_sample
 from ddpm.diffusion.samplers.dpm_solver import dpm_solver_sample
 from ddpm.diffusion.samplers.heun import heun_sample
-from ddpm.diffusion.samplers.timesteps import DPM_SPACINGS, HEUN_SPACINGS
+from ddpm.diffusion.samplers.timesteps import DPM_SPACINGS, STEP_SPACINGS
 from ddpm.diffusion.samplers.unipc import unipc_sample
 
 
@@ -33,11 +32,15 @@ class Sampler:
 
     name: ClassVar[str] = ""
     sample_fn: ClassVar[Callable[..., SampleOutput]]
-    spacings: ClassVar[Sequence[str]] = SPACINGS
+    spacings: ClassVar[Sequence[str]] = STEP_SPACINGS
     steps_optional: ClassVar[bool] = False
     # options every sampler has (keyword-only, after each sampler's own)
     clip_denoised: bool = field(default=True, kw_only=True)
     guidance_scale: float = field(default=1.0, kw_only=True)
+    # predictor-corrector sampling (Song et al. 2021): "langevin" after every step, or None
+    corrector: str | None = field(default=None, kw_only=True)
+    snr: float = field(default=0.16, kw_only=True)
+    corrector_steps: int = field(default=1, kw_only=True)
     compile: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -60,9 +63,9 @@ class Sampler:
             return torch.compile(net)
 
     def __call__(
-        self, net: Net, diffusion: GaussianDiffusion, shape: Sequence[int] | None, **common: Any
+        self, net: Net, process: Process, shape: Sequence[int] | None, **common: Any
     ) -> SampleOutput:
-        """``sample_fn(net, diffusion, shape, **common, **options)``; ``common``: the call's
+        """``sample_fn(net, process, shape, **common, **options)``; ``common``: the call's
         ``generator``, ``progress``, ``return_intermediates``, ``device``, ``noise`` and
         ``class_labels`` (:class:`~ddpm.diffusion.samplers.SampleCall`)."""
         options = self.options()
@@ -73,7 +76,7 @@ class Sampler:
                 "arguments of a call"
             )
         net = self.compiled(net) if self.compile else net
-        return type(self).sample_fn(net, diffusion, shape, **common, **options)
+        return type(self).sample_fn(net, process, shape, **common, **options)
 
 
 @dataclass
@@ -84,7 +87,7 @@ class DDPMSampler(Sampler):
     sample_fn = staticmethod(ddpm_sample)
     steps_optional: ClassVar[bool] = True
     steps: int | None = None
-    spacing: str = "uniform"
+    spacing: str = "auto"
 
 
 @dataclass
@@ -95,7 +98,18 @@ class DDIMSampler(Sampler):
     sample_fn = staticmethod(ddim_sample)
     steps: int = 50
     eta: float = 0.0
-    spacing: str = "uniform"
+    spacing: str = "auto"
+
+
+@dataclass
+class EulerSampler(Sampler):
+    """Euler on the probability-flow ODE (:func:`ddim_sample` with η = 0: the same step on any
+    process; rectified flow's and EDM's Euler sampler)."""
+
+    name: ClassVar[str] = "euler"
+    sample_fn = staticmethod(ddim_sample)
+    steps: int = 20
+    spacing: str = "auto"
 
 
 @dataclass
@@ -106,7 +120,7 @@ class MultistepSampler(Sampler):
     spacings: ClassVar[Sequence[str]] = DPM_SPACINGS
     steps: int = 20
     order: int = 2
-    spacing: str = "uniform"
+    spacing: str = "auto"
 
 
 @dataclass
@@ -138,9 +152,8 @@ class HeunSampler(Sampler):
 
     name: ClassVar[str] = "heun"
     sample_fn = staticmethod(heun_sample)
-    spacings: ClassVar[Sequence[str]] = HEUN_SPACINGS
     steps: int = 10
-    spacing: str = "karras"
+    spacing: str = "auto"
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float | None = None

@@ -1,4 +1,5 @@
-"""DPM-Solver++ multistep (Lu et al. 2022), the ODE solver and its SDE variant, orders 1-3."""
+"""DPM-Solver++ multistep (Lu et al. 2022), the ODE solver and its SDE variant, orders 1-3, in
+λ = log(α/σ) on any process of the family."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.process import Process
 from ddpm.diffusion.samplers._core import (
     Net,
     SampleCall,
@@ -17,18 +18,22 @@ from ddpm.diffusion.samplers._core import (
     check_options,
     combine,
     grid,
-    log_snr,
+    with_clean_end,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 
 
 def dpm_solver_coefficients(
-    ac: np.ndarray, order: int, lower_order_final: bool, sde: bool = False
+    alpha: np.ndarray,
+    sigma: np.ndarray,
+    order: int,
+    lower_order_final: bool,
+    sde: bool = False,
 ) -> list[tuple[float, float, float, float, float]]:
     """Per step (a, c0, c1, c2, s): x_next = a x + c0 D_k + c1 D_{k-1} + c2 D_{k-2} + s z, D = x̂₀.
 
     DPM-Solver++ multistep (Lu et al. 2022, Alg. 2; third order as in diffusers) in λ = log(α/σ)
-    on the grid ``ac`` followed by σ = 0. With h = λ_t - λ_s, H = h (ODE) or 2h (SDE-DPM-Solver++,
+    on the grid (``alpha``, ``sigma``, descending in t) followed by σ = 0. With h = λ_t - λ_s, H = h (ODE) or 2h (SDE-DPM-Solver++,
     Lu et al. 2022 §5 / diffusers' ``sde-dpmsolver++``) and D1, D2 the divided differences of
     the previous x̂₀: a = (σ_t/σ_s) e^{h-H}, c0 = α_t (1 - e^{-H}), second order (midpoint)
     adds α_t (1 - e^{-H}) D1/2, third order α_t (φ₁ + 1) D1 - α_t (φ₂ - 1/2) D2 with
@@ -37,8 +42,8 @@ def dpm_solver_coefficients(
     most second order at the one before when ``lower_order_final`` and fewer than 15 steps (as
     diffusers).
     """
-    n = len(ac)
-    alpha, sigma, lam = log_snr(ac)
+    n = len(alpha)
+    alpha, sigma, lam = with_clean_end(alpha, sigma)
     m = np.eye(3)  # D_k, D_{k-1}, D_{k-2} as coefficient vectors
     out = []
     for k in range(n):
@@ -76,21 +81,22 @@ def dpm_solver_coefficients(
 @torch.inference_mode()
 def dpm_solver_sample(
     net: Net,
-    diffusion: GaussianDiffusion,
+    process: Process,
     shape: Sequence[int] | None,
     *,
     steps: int = 20,
     order: int = 2,
     algorithm_type: str = "dpmsolver++",
-    spacing: str = "uniform",
+    spacing: str = "auto",
     lower_order_final: bool = True,
     **common: Any,
 ) -> SampleOutput:
     """DPM-Solver++(2M/3M) (Lu et al. 2022): multistep data-prediction solver of the diffusion ODE,
     or of the reverse SDE with ``algorithm_type="sde-dpmsolver++"`` (DPM-Solver++(2M) SDE).
 
-    The discrete-time version of diffusers' ``DPMSolverMultistepScheduler(algorithm_type,
-    solver_order=order, final_sigmas_type="zero")``: with h = λ_t - λ_s, the 2M step is
+    diffusers' ``DPMSolverMultistepScheduler(algorithm_type, solver_order=order,
+    final_sigmas_type="zero")`` on the process's λ grid (its ``EDMDPMSolverMultistepScheduler`` on
+    EDM's, its ``use_flow_sigmas`` on rectified flow's): with h = λ_t - λ_s, the 2M step is
     x_t = (σ_t/σ_s) x_s + α_t (1 - e^{-h}) (D0 + D1/(2 r)), D0 = x̂₀(x_s), D1 = D0 - x̂₀ of the
     previous step, r = h_prev/h (coefficients: :func:`dpm_solver_coefficients`). The first step
     is first order, the last goes to σ = 0 (returns x̂₀). ``clip_denoised`` clips x̂₀ (diffusers'
@@ -102,12 +108,13 @@ def dpm_solver_sample(
         {"order": order, "algorithm_type": algorithm_type, "lower_order_final": lower_order_final}
     )
     sde = algorithm_type == "sde-dpmsolver++"
-    ac, net_t = grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing), solver=True)
-    coefs = dpm_solver_coefficients(ac, order, lower_order_final, sde)
-    run = call.start(net, diffusion, shape, ac, net_t, "DPM-Solver++")
+    g = grid(process, dpm_solver_timesteps(process, steps, spacing), solver=True)
+    coefs = dpm_solver_coefficients(g.alpha, g.sigma, order, lower_order_final, sde)
+    run = call.start(net, process, shape, g, "DPM-Solver++")
     x = run.x
     d1 = d2 = None  # x̂₀ of the previous two steps
-    for k in run.steps(len(net_t)):
+    for k in run.steps(len(g)):
+        x = run.correct(x, k)
         x0, _, _ = run.denoise(x, k)
         run.record(k, x, x0)
         a, c0, c1, c2, s = coefs[k]

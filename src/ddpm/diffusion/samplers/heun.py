@@ -1,4 +1,5 @@
-"""EDM's Heun sampler (Karras et al. 2022, Alg. 1-2) on a discrete variance-preserving schedule."""
+"""EDM's Heun sampler (Karras et al. 2022, Alg. 1-2) on any process of the family, in the
+scaled variable x̃ = x/α and its noise level σ̃ = σ/α."""
 
 from __future__ import annotations
 
@@ -9,38 +10,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.diffusion.gaussian import GaussianDiffusion
-from ddpm.diffusion.samplers._core import (
-    Net,
-    SampleCall,
-    SampleOutput,
-    check_options,
-    grid,
-    solver_alphas_cumprod,
-)
-from ddpm.diffusion.samplers.timesteps import heun_timesteps
+from ddpm.diffusion.process import Process
+from ddpm.diffusion.samplers._core import Net, SampleCall, SampleOutput, check_options, grid
+from ddpm.diffusion.samplers.timesteps import step_timesteps
 
 
-def _churned(sigmas: np.ndarray, all_sigmas: np.ndarray, n: int, churn: tuple) -> np.ndarray:
-    """Indices of the discrete σ nearest to σ̂_i = (1 + γ_i) σ_i (Alg. 2, line 4-5, with EDM's
-    ``round_sigma`` for discrete models), γ_i = min(S_churn/N, √2 - 1) on [S_tmin, S_tmax]."""
+def _churned(process: Process, sigmas: np.ndarray, n: int, churn: tuple) -> list[float]:
+    """The times of σ̂_i = (1 + γ_i) σ_i (Alg. 2, line 4-5), γ_i = min(S_churn/N, √2 - 1) on
+    [S_tmin, S_tmax]: on a discrete process the index of the nearest σ̃ (EDM's ``round_sigma``
+    for discrete models), on a continuous one t(σ̂) itself."""
     s_churn, s_tmin, s_tmax = churn
     s_tmax = math.inf if s_tmax is None else s_tmax
     gamma = np.where(
         (sigmas >= s_tmin) & (sigmas <= s_tmax), min(s_churn / n, math.sqrt(2.0) - 1.0), 0.0
     )
     wanted = (1.0 + gamma) * sigmas
-    return np.argmin(np.abs(all_sigmas[None, :] - wanted[:, None]), axis=1)
+    if not process.discrete:
+        return process.time_of_log_snr(-np.log(wanted)).tolist()
+    all_sigmas = process.sigma_tilde_np(np.arange(process.num_timesteps), floor=True)
+    return np.argmin(np.abs(all_sigmas[None, :] - wanted[:, None]), axis=1).tolist()
 
 
 @torch.inference_mode()
 def heun_sample(
     net: Net,
-    diffusion: GaussianDiffusion,
+    process: Process,
     shape: Sequence[int] | None,
     *,
     steps: int = 10,
-    spacing: str = "karras",
+    spacing: str = "auto",
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float | None = None,
@@ -49,38 +47,43 @@ def heun_sample(
 ) -> SampleOutput:
     """EDM's second-order Heun sampler (Karras et al. 2022, Alg. 1; Alg. 2 with ``s_churn`` > 0).
 
-    In σ(t) = √((1-ᾱ_t)/ᾱ_t) and x_σ = x_t/√ᾱ_t (the probability-flow ODE dx/dσ = (x - D(x; σ))/σ,
-    D = x̂₀): an Euler step to σ_{i+1}, then, unless σ_{i+1} = 0, the trapezoidal correction
-    with the slope at the Euler point. ``steps`` = N timesteps (:func:`heun_timesteps`, then
-    σ = 0) cost 2N - 1 network calls. Alg. 2 first raises σ_i in [S_tmin, S_tmax] (``s_tmax``
-    None: no bound) to σ̂_i = (1 + γ_i) σ_i, rounded to the nearest σ of the schedule, adding
-    noise of variance σ̂_i² - σ_i² (times ``s_noise``²). x_T = ``noise`` (unit variance, as every
-    sampler here) is x_σ = x_T/√ᾱ. ``s_churn = 0`` is diffusers' ``HeunDiscreteScheduler``
-    (which takes fractional timesteps on a ``uniform`` grid; ours are the nearest integers).
-    The first step starts at σ(T-1): a schedule where that is huge (cosine: 2·10⁴; zero
-    terminal SNR) makes it one long, inaccurate trapezoid (EDM starts at σ_max = 80).
+    In σ̃ = σ/α and x̃ = x/α (the probability-flow ODE dx̃/dσ̃ = (x̃ - D(x; σ̃))/σ̃, D = x̂₀; on a
+    discrete schedule σ̃(t) = √((1-ᾱ_t)/ᾱ_t)): an Euler step to σ̃_{i+1}, then, unless σ̃_{i+1} = 0,
+    the trapezoidal correction with the slope at the Euler point. ``steps`` = N times
+    (:func:`~ddpm.diffusion.samplers.timesteps.step_timesteps`, ``auto``: ``karras`` except on
+    rectified flow, then σ = 0) cost 2N - 1 network calls (EDM: 18 steps, 35 calls). Alg. 2
+    first raises σ̃_i in [S_tmin, S_tmax] (``s_tmax`` None: no bound) to σ̂_i = (1 + γ_i) σ̃_i
+    (rounded to the nearest σ̃ of a discrete schedule), adding noise of variance σ̂_i² - σ̃_i²
+    (times ``s_noise``²). x starts as ``noise`` times the process's prior std. ``s_churn = 0``
+    on DDPM's schedule is diffusers' ``HeunDiscreteScheduler`` (which takes fractional timesteps
+    on a ``uniform`` grid; ours are the nearest integers). The first step starts at σ̃(t_max): a
+    schedule where that is huge (cosine: 2·10⁴; zero terminal SNR; rectified flow, where α = 0
+    is floored at 2⁻¹²) makes it one long, inaccurate trapezoid (EDM starts at σ_max = 80).
     ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
     call = SampleCall.parse("heun_sample", common)
     check_options({"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise})
-    ts = heun_timesteps(diffusion, steps, spacing)
+    ts = step_timesteps(process, steps, spacing, default="karras")
     n = len(ts)
-    all_ac = solver_alphas_cumprod(diffusion)
-    all_sigmas = np.sqrt((1.0 - all_ac) / all_ac)
-    sig = all_sigmas[ts]
-    hat = _churned(sig, all_sigmas, n, (s_churn, s_tmin, s_tmax)) if s_churn > 0 else ts
+    sig = process.sigma_tilde_np(ts, floor=True)
+    hat = _churned(process, sig, n, (s_churn, s_tmin, s_tmax)) if s_churn > 0 else ts
     # network calls: step i at σ̂_i (index i), its correction at σ_{i+1} (index n + i)
-    ac, net_t = grid(diffusion, [*hat, *ts[1:]], solver=True)
-    scale_in = np.sqrt(ac).tolist()  # x_t = √ᾱ x_σ
-    sig_hat = all_sigmas[list(hat)].tolist()
+    g = grid(process, [*hat, *ts[1:]], solver=True)
+    scale_in = g.alpha.tolist()  # x = α x̃
+    sig_hat = process.sigma_tilde_np(hat, floor=True).tolist()
     sig_next = [*sig[1:].tolist(), 0.0]
-    run = call.start(net, diffusion, shape, ac, net_t, "Heun", net_t[:n])
-    x = run.x / math.sqrt(all_ac[ts[0]])  # x_σ
+    recorded = (g.net_t if process.discrete else g.t)[:n]
+    run = call.start(net, process, shape, g, "Heun", recorded, prior=False)
+    alpha0 = float(process.alpha_sigma_np([ts[0]], floor=True)[0][0])
+    x = run.x * process.prior_std(ts[0]) / alpha0  # x̃
     for i in run.steps(n):
         if sig_hat[i] > sig[i]:  # Alg. 2: x̂ = x + √(σ̂² - σ²) S_noise ε
             std = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
             x = x + run.noise(x.shape) * std
         x_t = x * scale_in[i]
+        if call.corrector is not None:  # Langevin in x, at the step's noise level
+            x_t = run.correct(x_t, i)
+            x = x_t / scale_in[i]
         x0, _, _ = run.denoise(x_t, i)
         run.record(i, x_t, x0)
         d = (x - x0) / sig_hat[i]

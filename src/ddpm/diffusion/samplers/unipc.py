@@ -1,4 +1,5 @@
-"""UniPC (Zhao et al. 2023): unified predictor-corrector multistep solver, data prediction."""
+"""UniPC (Zhao et al. 2023): unified predictor-corrector multistep solver, data prediction, in
+λ = log(α/σ) on any process of the family."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.process import Process
 from ddpm.diffusion.samplers._core import (
     Net,
     SampleCall,
@@ -18,7 +19,7 @@ from ddpm.diffusion.samplers._core import (
     check_options,
     combine,
     grid,
-    log_snr,
+    with_clean_end,
 )
 from ddpm.diffusion.samplers.timesteps import dpm_solver_timesteps
 
@@ -75,17 +76,17 @@ def _unipc_update(
 
 
 def unipc_coefficients(
-    ac: np.ndarray, order: int, solver_type: str = "bh2"
+    alpha: np.ndarray, sigma: np.ndarray, order: int, solver_type: str = "bh2"
 ) -> list[tuple[tuple[float, np.ndarray] | None, tuple[float, np.ndarray]]]:
     """Per step k: (corrector (a, c) or None, predictor (a, c)) for :func:`unipc_sample`.
 
-    Grid ``ac`` followed by σ = 0. The predictor at k has order min(order, k+1, n-k) (warm-up,
+    Grid (``alpha``, ``sigma``, descending in t) followed by σ = 0. The predictor at k has order min(order, k+1, n-k) (warm-up,
     and lower orders at the end, as diffusers' ``lower_order_final``); the corrector at k >= 1
     (it reuses the network call at k, so UniPC costs one call per step) has the order of the
     predictor that led to k.
     """
-    n = len(ac)
-    alpha, sigma, lam = log_snr(ac)
+    n = len(alpha)
+    alpha, sigma, lam = with_clean_end(alpha, sigma)
     bh2 = solver_type == "bh2"
     out = []
     prev_order = 0
@@ -102,19 +103,19 @@ def unipc_coefficients(
 @torch.inference_mode()
 def unipc_sample(
     net: Net,
-    diffusion: GaussianDiffusion,
+    process: Process,
     shape: Sequence[int] | None,
     *,
     steps: int = 10,
     order: int = 2,
     solver_type: str = "bh2",
-    spacing: str = "uniform",
+    spacing: str = "auto",
     **common: Any,
 ) -> SampleOutput:
     """UniPC (Zhao et al. 2023): UniP-p predictor + UniC-p corrector, one network call per step.
 
-    The discrete-time version of diffusers' ``UniPCMultistepScheduler(solver_order=order,
-    solver_type, predict_x0=True, lower_order_final=True, final_sigmas_type="zero")``. At step k
+    diffusers' ``UniPCMultistepScheduler(solver_order=order, solver_type, predict_x0=True,
+    lower_order_final=True, final_sigmas_type="zero")`` on the process's λ grid. At step k
     the network's x̂₀ at the predicted x_k first corrects x_k (UniC, from the previous state),
     then the predictor goes on from the corrected x_k; x̂₀ is not re-evaluated after the
     correction. ``solver_type``: ``bh1`` (B(h) = h, the paper's choice for unconditional
@@ -124,19 +125,20 @@ def unipc_sample(
     """
     call = SampleCall.parse("unipc_sample", common)
     check_options({"order": order, "solver_type": solver_type})
-    ac, net_t = grid(diffusion, dpm_solver_timesteps(diffusion, steps, spacing), solver=True)
-    coefs = unipc_coefficients(ac, order, solver_type)
-    run = call.start(net, diffusion, shape, ac, net_t, "UniPC")
+    g = grid(process, dpm_solver_timesteps(process, steps, spacing), solver=True)
+    coefs = unipc_coefficients(g.alpha, g.sigma, order, solver_type)
+    run = call.start(net, process, shape, g, "UniPC")
     x = run.x
     history: list[Tensor] = []  # x̂₀ of the previous steps, newest first (D_0, D_1, ...)
     x_prev = x
-    for k in run.steps(len(net_t)):
+    for k in run.steps(len(g)):
         x0, _, _ = run.denoise(x, k)
         run.record(k, x, x0)
         corr, (a, c) = coefs[k]
         if corr is not None:  # UniC: from the previous state, with D_t = x̂₀ at the new one
             a_c, c_c = corr
             x = combine(a_c, x_prev, [*zip(c_c[:4], history, strict=False), (c_c[4], x0)])
+        x = run.correct(x, k)  # Langevin after UniC (which would overwrite it from x_prev)
         history = [x0, *history][:3]
         x_prev = x
         x = combine(a, x, zip(c[:4], history, strict=False))  # UniP

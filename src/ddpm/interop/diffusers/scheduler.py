@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ddpm.diffusion.gaussian import PREDICTION_TYPES, GaussianDiffusion
+from ddpm.diffusion.gaussian import DISCRETE_PREDICTION_TYPES, GaussianDiffusion
+from ddpm.diffusion.process import Process
 from ddpm.interop.diffusers.errors import InteropError, require_diffusers
 
 __all__ = ["TIMESTEP_SPACINGS", "diffusion_from_scheduler_config", "scheduler_config"]
@@ -31,7 +32,7 @@ def _named_schedules(betas: np.ndarray) -> list[dict[str, Any]]:
 
 
 def scheduler_config(
-    diffusion: GaussianDiffusion,
+    diffusion: Process,
     *,
     clip_sample: bool = True,
     timestep_spacing: str = "leading",
@@ -40,6 +41,12 @@ def scheduler_config(
     when diffusers' float32 ᾱ matches ours to 1e-6 (DDPM's linear -> ``linear`` with its scaled
     endpoints, cosine -> ``squaredcos_cap_v2``, ``scaled_linear``), else ``trained_betas``."""
     diffusers = require_diffusers()
+    if not diffusion.discrete:
+        raise InteropError(
+            f"{type(diffusion).__name__} (schedule={diffusion.schedule!r}) is a continuous process: "
+            "only DDPM's discrete chain exports as a DDPMScheduler (EDM's and rectified flow's "
+            "network inputs and time conditioning are not a diffusers U-Net pipeline's)"
+        )
     if diffusion.variance_type == "learned":
         raise InteropError(
             "variance_type='learned' (the network outputs log σ²) has no diffusers scheduler "
@@ -80,8 +87,10 @@ def diffusion_from_scheduler_config(config: Mapping[str, Any]) -> tuple[dict[str
             "an integer >= 1)"
         )
     prediction = c.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise InteropError(f"prediction_type={prediction!r} (ours: one of {PREDICTION_TYPES})")
+    if prediction not in DISCRETE_PREDICTION_TYPES:
+        raise InteropError(
+            f"prediction_type={prediction!r} (ours: one of {DISCRETE_PREDICTION_TYPES})"
+        )
     variances = {
         "fixed_small": "fixed_small",
         "fixed_small_log": "fixed_small",
