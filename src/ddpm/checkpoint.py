@@ -81,19 +81,32 @@ def _targets(node: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _targets(value, path)
 
 
+def _file_targets(path: Path, package: str) -> Iterator[tuple[str, str]]:
+    """(section, target) of one config file placed at ``package``, and of the files its defaults
+    list includes ``@_here_`` (a group's shared ``base/...``), which land where it does (the
+    U-Net presets included so are ConfigStore nodes, data without targets)."""
+    node = yaml.load(path.read_text(), Loader=_YAML_LOADER)
+    yield from _targets(node, package)
+    for entry in node.get("defaults", []) if isinstance(node, dict) else []:
+        if isinstance(entry, str) and entry.endswith("@_here_"):
+            included = path.parent / f"{entry.removesuffix('@_here_')}.yaml"
+            if included.is_file():
+                yield from _file_targets(included, package)
+
+
 @functools.cache
 def shipped_targets(conf_dir: Path = CONF_DIR) -> dict[str, frozenset[str]]:
     """Every ``_target_`` the config files under ``conf_dir`` name, by section (the first key of
     where it lands: ``conf/sampler/x.yaml`` -> ``sampler``, a ``# @package _global_`` file and the
-    primary configs at the top -> the keys they write, ``diffusion`` of ``train.yaml``)."""
+    primary configs at the top -> the keys they write, ``diffusion`` of ``train.yaml``; a file
+    included ``@_here_`` lands where its includer does)."""
     found: dict[str, set[str]] = {}
     for path in sorted(Path(conf_dir).rglob("*.yaml")):
-        text = path.read_text()
         group = path.relative_to(conf_dir).parent.as_posix()
-        header = _PACKAGE.search(text)
+        header = _PACKAGE.search(path.read_text())
         package = header.group(1) if header else group.replace("/", ".")
         package = "" if package in ("_global_", ".") else package
-        for section, target in _targets(yaml.load(text, Loader=_YAML_LOADER), package):
+        for section, target in _file_targets(path, package):
             found.setdefault(section, set()).add(target)
     return {section: frozenset(targets) for section, targets in found.items()}
 
