@@ -120,7 +120,9 @@ class DiffusionModule(pl.LightningModule):
             net=instantiate(cfg.model),
             diffusion=instantiate(cfg.diffusion),
             loss=instantiate(cfg.objective.loss),
-            optimizer=instantiate(cfg.optimizer),
+            # plain lists (betas), not ListConfig: the optimizer state lands in checkpoints,
+            # which are opened with torch.load(weights_only=True)
+            optimizer=instantiate(cfg.optimizer, _convert_="all"),
             lr_scheduler=lr_scheduler,
             timestep_sampler=instantiate(cfg.objective.timestep_sampler),
             train_seed=int(cfg.seed),

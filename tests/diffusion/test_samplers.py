@@ -50,6 +50,7 @@ def toy_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------ timestep subsets
 def test_space_timesteps_match_diffusers_ddim() -> None:
+    pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler
 
     for T, n in [(1000, 50), (1000, 7), (100, 100), (10, 3)]:
@@ -131,6 +132,7 @@ def test_respace_zero_terminal_snr() -> None:
 
 # ------------------------------------------------------------------------ diffusers cross-checks
 def test_q_sample_matches_diffusers_add_noise() -> None:
+    pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler
 
     d = GaussianDiffusion(num_timesteps=1000, schedule="cosine")
@@ -148,6 +150,7 @@ def test_q_sample_matches_diffusers_add_noise() -> None:
 @pytest.mark.parametrize("clip", [False, True])
 def test_one_ddpm_step_matches_diffusers(prediction_type, variance_type, clip) -> None:
     """One ancestral step t -> t-1 (run as a 2-step respaced chain) == DDPMScheduler.step."""
+    pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler
 
     T = 1000
@@ -186,6 +189,7 @@ def test_one_ddpm_step_matches_diffusers(prediction_type, variance_type, clip) -
 @pytest.mark.parametrize("clip", [False, True])
 def test_one_ddim_step_matches_diffusers(prediction_type, eta, clip) -> None:
     """One DDIM step t -> t - T/50 == DDIMScheduler.step (ε̂ re-derived from the clipped x̂₀)."""
+    pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler
 
     T = 1000
@@ -250,6 +254,7 @@ def _diffusers_loop(scheduler, model, x, **step_kwargs) -> torch.Tensor:
 
 
 def test_full_ddpm_and_ddim_loops_match_diffusers() -> None:
+    pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler, DDPMScheduler
 
     d = GaussianDiffusion(num_timesteps=200, variance_type="fixed_large")
@@ -274,6 +279,7 @@ def test_full_ddpm_and_ddim_loops_match_diffusers() -> None:
 
 
 def test_ddim_inversion_matches_diffusers_inverse_scheduler() -> None:
+    pytest.importorskip("diffusers")
     from diffusers import DDIMInverseScheduler
 
     d = GaussianDiffusion(num_timesteps=200)
@@ -300,6 +306,7 @@ DIFFUSERS_NUMPY2_WARNING = "ignore:__array__ implementation:DeprecationWarning"
 @pytest.mark.parametrize("clip", [False, True])
 def test_dpm_solver_loop_matches_diffusers(order, steps, clip) -> None:
     """Full DPM-Solver++ loop == DPMSolverMultistepScheduler (linspace, lower_order_final)."""
+    pytest.importorskip("diffusers")
     from diffusers import DPMSolverMultistepScheduler
 
     d = GaussianDiffusion(num_timesteps=1000)
@@ -325,6 +332,7 @@ def test_dpm_solver_loop_matches_diffusers(order, steps, clip) -> None:
 
 @pytest.mark.filterwarnings(DIFFUSERS_NUMPY2_WARNING)
 def test_dpm_solver_trailing_matches_diffusers() -> None:
+    pytest.importorskip("diffusers")
     from diffusers import DPMSolverMultistepScheduler
 
     # (linear: with the cosine schedule's ᾱ_T = 2e-9, x̂₀ at T-1 carries ~1e-3 of float32

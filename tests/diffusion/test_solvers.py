@@ -59,6 +59,7 @@ def sigma_of(d: GaussianDiffusion, ts: list[int]) -> np.ndarray:
 @pytest.mark.parametrize(("T", "n"), [(1000, 10), (1000, 25), (200, 7)])
 def test_solver_grids_are_diffusers_timesteps(T, n) -> None:
     """One ``spacing`` vocabulary (ddpm.diffusion.samplers.timesteps) == diffusers' schedulers."""
+    pytest.importorskip("diffusers")
     from diffusers import (
         DPMSolverMultistepScheduler,
         HeunDiscreteScheduler,
@@ -106,6 +107,7 @@ def test_karras_grid_is_rounded_in_log_sigma_and_used_as_rounded() -> None:
 @pytest.mark.parametrize("clip", [False, True])
 def test_dpm_solver_sde_matches_diffusers(order, clip) -> None:
     """DPM-Solver++(2M) SDE == diffusers' ``algorithm_type="sde-dpmsolver++"``, same noise."""
+    pytest.importorskip("diffusers")
     from diffusers import DPMSolverMultistepScheduler
 
     d, o, x_t = setup()
@@ -137,6 +139,7 @@ def test_dpm_solver_sde_matches_diffusers(order, clip) -> None:
 def test_dpm_solver_on_karras_grid_matches_diffusers(order) -> None:
     """Karras grid: the solver runs on the σ of the rounded timesteps (diffusers with the same
     timesteps); it differs from diffusers' own Karras run only by that rounding of σ."""
+    pytest.importorskip("diffusers")
     from diffusers import DPMSolverMultistepScheduler
 
     d, o, x_t = setup()
@@ -201,6 +204,7 @@ def test_dpm_solver_multistep_local_order(sde) -> None:
     ],
 )
 def test_unipc_matches_diffusers(order, solver_type, spacing, clip) -> None:
+    pytest.importorskip("diffusers")
     from diffusers import UniPCMultistepScheduler
 
     d, o, x_t = setup()
@@ -235,6 +239,7 @@ def test_unipc_matches_diffusers(order, solver_type, spacing, clip) -> None:
 def test_heun_matches_diffusers(prediction_type, spacing, clip) -> None:
     """EDM Heun (s_churn = 0) == HeunDiscreteScheduler on our integer timesteps; diffusers works
     on x_σ = x_t/√ᾱ and scales the network input back."""
+    pytest.importorskip("diffusers")
     from diffusers import HeunDiscreteScheduler
 
     d, o, x_t = setup(prediction_type)
