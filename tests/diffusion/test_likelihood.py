@@ -19,15 +19,18 @@ import pytest
 import torch
 from torch import Tensor
 
+from ddpm.diffusion import EDMProcess, GaussianDiffusion, RectifiedFlow
 from ddpm.diffusion.likelihood import (
     DEQUANTIZATION_BITS,
     normal_log_prob,
     ode_log_likelihood,
     pf_ode_nll,
     pf_ode_velocity,
+    process_nll,
     uniform_dequantize,
 )
 from ddpm.utils.seeding import PerSampleGenerator
+from oracles import ProcessGaussianOracle
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -325,3 +328,30 @@ def test_bad_options_are_named(options: dict, match: str) -> None:
 def test_dequantize_refuses_data_off_the_8_bit_grid() -> None:
     with pytest.raises(ValueError, match="8-bit images"):
         uniform_dequantize(torch.full((2, 3), 0.1234))
+
+
+# -- a network on a process of the family (process_nll) --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ddpm", "edm", "edm_vp", "rf"])
+def test_process_nll_of_the_optimal_network_is_the_marginal_density(name: str) -> None:
+    """The PF-ODE of the optimal denoiser for x₀ ~ N(μ, s²I), wired through the process (its
+    parameterisation, network time and velocity), returns log N(x; α μ, (α² s² + σ²) I) at
+    t_min: the exact density of x_{t_min}, for DDPM's discrete chain (read at fractional t),
+    EDM's VE and VP forms and rectified flow."""
+    mu, s = 0.3, 0.5
+    if name == "ddpm":
+        process, t_of_tau = GaussianDiffusion(schedule="linear", num_timesteps=1000), float
+    elif name == "rf":
+        process, t_of_tau = RectifiedFlow(prediction_type="velocity"), lambda tau: tau / 1000.0
+    else:
+        process = EDMProcess(prediction_type="edm", variance_preserving=name == "edm_vp")
+        t_of_tau = lambda tau: math.exp(4 * tau)  # noqa: E731 - c_noise = ¼ ln σ
+    oracle = ProcessGaussianOracle(process, mu, s, t_of_tau)
+    x = torch.tensor([[0.9, -0.4, 0.2, 0.5]])  # one sample: the oracle answers at one t
+    out = process_nll(oracle, process, x, dequantize=False, divergence="exact")
+    (alpha,), (sigma,) = process.alpha_sigma_np([process.t_min])
+    std = math.sqrt(alpha**2 * s**2 + sigma**2)
+    expected = -normal_log_prob((x - alpha * mu).double(), std) / (4 * LN2)
+    assert out["bpd"].item() == pytest.approx(expected.item(), abs=2e-3)
+    assert out["nfe"].item() > 0

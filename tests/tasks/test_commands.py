@@ -154,6 +154,20 @@ def test_evaluate_nll_is_finite_and_independent_of_the_batch_size(
     # image i draws its noise from seed + i: the bound does not depend on the batching
     again = evaluate(eval_cfg(tmp_path / "b", *common, "batch_size=4"))
     assert again["test/nll_bpd"] == pytest.approx(metrics["test/nll_bpd"], rel=1e-6)
+    assert "test/nll_ode_bpd" not in metrics  # the ODE's only where asked, beside a bound
+
+
+def test_evaluate_reports_the_pf_ode_likelihood_beside_the_bound(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """nll.ode.enabled=true: both numbers for a DDPM network; the ODE's is dequantised, so it
+    bounds the same discrete NLL in the same units (finite, positive)."""
+    ode = ["nll.ode.enabled=true", "nll.ode.rtol=1e-3", "nll.ode.atol=1e-3"]
+    common = [f"ckpt_path={tiny_ckpt}", "nll.num_images=2", "metrics.enabled=false", *ode]
+    metrics = evaluate(eval_cfg(tmp_path / "a", *common, "batch_size=2"))
+    assert np.isfinite(metrics["test/nll_bpd"]) and metrics["test/nll_bpd"] > 0
+    assert np.isfinite(metrics["test/nll_ode_bpd"]) and metrics["test/nll_ode_bpd"] > 0
+    assert metrics["test/nll_ode_nfe"] > 0
 
 
 def test_evaluate_scores_a_sample_file_like_the_checkpoint_it_came_from(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -12,6 +13,7 @@ from hydra.utils import instantiate
 from cli_utils import run_cli
 from ddpm.checkpoint import load_model
 from ddpm.loggers import read_identity
+from ddpm.tasks.evaluate import evaluate
 from ddpm.tasks.train import train
 from hydra_utils import CLI_TINY, TINY, compose_cfg, compose_group
 
@@ -50,11 +52,17 @@ def test_continuous_objectives_train_and_sample(objective, schedule, process, tm
             "callbacks.sample_grid.batch_size=2",
             "sampler=euler",
             "sampler.steps=3",
+            "callbacks=[default,nll]",  # no bound on this process: the PF-ODE likelihood
+            "callbacks.nll.every_n_steps=3",
+            "callbacks.nll.num_images=2",
+            "callbacks.nll.batch_size=2",
+            "callbacks.nll.ode_rtol=1e-3",
         ],
         tmp_path,
     )
     metrics = train(cfg)
     assert metrics["global_step"] == 3 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert np.isfinite(metrics["val/nll_ode_bpd"]) and "val/nll_bpd" not in metrics
     assert list((tmp_path / "run" / "samples").glob("*.png"))
     loaded = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert type(loaded.diffusion).__name__ == process
@@ -62,6 +70,14 @@ def test_continuous_objectives_train_and_sample(objective, schedule, process, tm
         sampler = instantiate(compose_group("sampler", name), steps=3, corrector="langevin")
         x = sampler(loaded.net, loaded.diffusion, (2, *loaded.sample_shape), generator=None)
         assert x.shape == (2, *loaded.sample_shape) and torch.isfinite(x).all(), name
+    # its likelihood: the probability-flow ODE's (no variational bound on a continuous process)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    nll = ["nll.num_images=2", "batch_size=2", "metrics.enabled=false", "nll.ode.rtol=1e-3"]
+    evaluated = evaluate(
+        compose_cfg([f"ckpt_path={ckpt}", *nll], tmp_path / "eval", config_name="evaluate")
+    )
+    assert np.isfinite(evaluated["test/nll_ode_bpd"]) and evaluated["test/nll_ode_nfe"] > 0
+    assert "test/nll_bpd" not in evaluated
 
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ Every ``every_n_steps`` optimizer steps: the exact variational bound (DDPM eq. 5
 :func:`ddpm.diffusion.calc_bpd_loop`) of the first ``num_images`` validation images under the EMA
 network. Logged: ``val/nll_bpd`` (total), ``val/nll_prior_bpd`` (L_T), ``val/nll_decoder_bpd``
 (L_0, ``vb[:, 0]``) and ``val/nll_vb_bpd`` (Σ_{t>1} L_{t-1}, ``vb[:, 1:]``), so that
-total = prior + decoder + vb.
+total = prior + decoder + vb. The probability-flow ODE likelihood (``ode``;
+:func:`ddpm.diffusion.process_nll`, dequantised bits/dim) as ``val/nll_ode_bpd``: by default only
+on a process without a bound (EDM, flow matching), with ``ode=true`` also beside DDPM's.
 
 The subset is split into chunks of ``batch_size`` images; chunk k uses noise from a generator
 seeded with ``seed + k`` and is evaluated by rank k mod W, and per-image sums are reduced over the
@@ -27,7 +29,7 @@ from torch import Tensor
 from ddpm.callbacks.inputs import first_labelled_samples
 from ddpm.callbacks.periodic import PeriodicCallback, eval_net, is_fast_dev_run, log_metrics_now
 from ddpm.contracts import HasValidationData, optional
-from ddpm.diffusion import calc_bpd_loop
+from ddpm.diffusion import calc_bpd_loop, process_nll
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import num_classes_of, with_labels
 from ddpm.utils.devices import model_device
@@ -35,6 +37,7 @@ from ddpm.utils.devices import model_device
 log = logging.getLogger(__name__)
 
 METRICS = ("val/nll_bpd", "val/nll_prior_bpd", "val/nll_decoder_bpd", "val/nll_vb_bpd")
+ODE_METRIC = "val/nll_ode_bpd"
 
 
 class NLLCallback(PeriodicCallback):
@@ -49,6 +52,8 @@ class NLLCallback(PeriodicCallback):
         clip_denoised: clip x̂₀ to [-1, 1] in the posterior mean (as improved-diffusion's eval).
         at_train_end: also evaluate when training ends (if not just done at that step).
         progress: progress bar over the T terms on rank 0.
+        ode: the PF-ODE likelihood too (None: only where the process has no bound).
+        ode_rtol: relative and absolute tolerance of its adaptive solver.
     """
 
     def __init__(
@@ -61,6 +66,8 @@ class NLLCallback(PeriodicCallback):
         clip_denoised: bool = True,
         at_train_end: bool = False,
         progress: bool = False,
+        ode: bool | None = None,
+        ode_rtol: float = 1e-5,
     ) -> None:
         super().__init__(every_n_steps, at_train_end)
         check_positive_int("num_images", num_images)
@@ -71,6 +78,8 @@ class NLLCallback(PeriodicCallback):
         self.use_ema = bool(use_ema)
         self.clip_denoised = bool(clip_denoised)
         self.progress = bool(progress)
+        self.ode = ode if ode is None else bool(ode)
+        self.ode_rtol = float(ode_rtol)
         self.disabled = False
         self.history: list[tuple[int, dict[str, float]]] = []
         self._images: Tensor | None = None
@@ -131,11 +140,14 @@ class NLLCallback(PeriodicCallback):
         if images is None:
             return None
         rank, world = trainer.global_rank, trainer.world_size
+        process = pl_module.diffusion
+        bound = process.discrete
+        ode = not bound if self.ode is None else self.ode
         with eval_net(pl_module, self.use_ema) as net:
             device = model_device(net, pl_module.device)
             labels = self._labels if num_classes_of(net) is not None else None
-            # per-image sums: total, prior, decoder, vb; and the image count
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
+            # per-image sums: total, prior, decoder, vb; ode; and the image count
+            sums = torch.zeros(6, dtype=torch.float64, device=device)
             for k, start in enumerate(range(0, images.shape[0], self.batch_size)):
                 if k % world != rank:
                     continue
@@ -143,34 +155,43 @@ class NLLCallback(PeriodicCallback):
                 y = None if labels is None else labels[start : start + self.batch_size]
                 # CPU noise: the same values on any device type
                 g = torch.Generator().manual_seed(self.seed + k)
-                out = calc_bpd_loop(
-                    with_labels(net, y, device),
-                    pl_module.diffusion,
-                    x,
-                    clip_denoised=self.clip_denoised,
-                    generator=g,
-                    progress=self.progress and trainer.is_global_zero,
-                )
-                vb = out["vb"].double()
-                sums += torch.stack(
-                    [
-                        out["total_bpd"].double().sum(),
-                        out["prior_bpd"].double().sum(),
-                        vb[:, 0].sum(),
-                        vb[:, 1:].sum(),
-                        torch.tensor(float(x.shape[0]), dtype=torch.float64, device=device),
-                    ]
-                )
+                if bound:
+                    out = calc_bpd_loop(
+                        with_labels(net, y, device),
+                        process,
+                        x,
+                        clip_denoised=self.clip_denoised,
+                        generator=g,
+                        progress=self.progress and trainer.is_global_zero,
+                    )
+                    vb = out["vb"].double()
+                    sums[0] += out["total_bpd"].double().sum()
+                    sums[1] += out["prior_bpd"].double().sum()
+                    sums[2] += vb[:, 0].sum()
+                    sums[3] += vb[:, 1:].sum()
+                if ode:
+                    out = process_nll(
+                        with_labels(net, y, device),
+                        process,
+                        x,
+                        dequantize=True,
+                        generator=g,
+                        rtol=self.ode_rtol,
+                        atol=self.ode_rtol,
+                    )
+                    sums[4] += out["bpd"].double().sum()
+                sums[5] += float(x.shape[0])
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        n = float(sums[4])
-        values = (sums[:4] / n).tolist()
-        metrics = dict(zip(METRICS, values))
+        n = float(sums[5])
+        metrics = dict(zip(METRICS, (sums[:4] / n).tolist())) if bound else {}
+        if ode:
+            metrics[ODE_METRIC] = float(sums[4] / n)
         log_metrics_now(trainer, metrics)
         self.history.append((trainer.global_step, metrics))
         if trainer.is_global_zero:
             log.info(
-                "step %d: val/nll_bpd=%.4f (prior %.2e, decoder %.4f, vb %.4f)",
+                "step %d: %s",
                 trainer.global_step,
-                *values,
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
             )
         return metrics

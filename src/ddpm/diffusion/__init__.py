@@ -9,6 +9,7 @@ first: ``loss(net, process, x_start, t)``, ``calc_bpd_loop(net, diffusion, x_sta
 
 from ddpm.diffusion.continuous import EDMProcess, RectifiedFlow
 from ddpm.diffusion.gaussian import DISCRETE_PREDICTION_TYPES, GaussianDiffusion, extract
+from ddpm.diffusion.likelihood import pf_ode_nll, process_nll
 from ddpm.diffusion.losses import (
     LOSS_TYPES,
     DiffusionLoss,
@@ -100,7 +101,9 @@ __all__ = [
     "min_snr_weight",
     "normal_kl",
     "preconditioning",
+    "pf_ode_nll",
     "prior_bpd",
+    "process_nll",
     "rescale_zero_terminal_snr",
     "respace",
     "sample_batches",

@@ -54,6 +54,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ddpm.diffusion.process import Process
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -338,3 +339,45 @@ def pf_ode_nll(
         bpd += (draw + DEQUANTIZATION_BITS if dequantize else draw) / num_draws
         nfe += out["nfe"]
     return {"bpd": bpd, "nll": bpd * d * _LN2, "nfe": nfe}
+
+
+# -- a network on a process of the family -------------------------------------------------
+
+
+def process_velocity(net: Callable[..., Tensor], process: Process) -> VelocityFn:
+    """``u(x, t)`` of a trained network on ``process``: x̂₀ from its output by the
+    parameterisation (unclipped: the ODE needs a smooth field), then u = α̇ x̂₀ + σ̇ ε̂
+    (:meth:`~ddpm.diffusion.process.Process.velocity`). DDPM's discrete process is read at
+    fractional t (λ interpolated between its timesteps), as Song et al. 2021 treat it as VP."""
+
+    def u(x: Tensor, t: Tensor) -> Tensor:
+        out = process.network_output(net, x, t)
+        x0_hat, _ = process.model_predictions(out, x, t, clip_denoised=False)
+        return process.velocity(x, t, x0_hat).to(x.dtype)
+
+    return u
+
+
+def process_nll(
+    net: Callable[..., Tensor],
+    process: Process,
+    x: Tensor,
+    *,
+    dequantize: bool,
+    num_draws: int = 1,
+    generator: Generator = None,
+    **options,
+) -> dict[str, Tensor]:
+    """:func:`pf_ode_nll` of ``net`` on ``process`` over its whole time range [t_min, t_max],
+    the prior N(0, s² I) with s² = α(t_max)² + σ(t_max)² (:meth:`Process.prior_std`)."""
+    std = process.prior_std(process.t_max)
+    return pf_ode_nll(
+        process_velocity(net, process),
+        x,
+        t_span=(float(process.t_min), float(process.t_max)),
+        prior_log_prob=lambda z: normal_log_prob(z, std),
+        dequantize=dequantize,
+        num_draws=num_draws,
+        generator=generator,
+        **options,
+    )

@@ -99,6 +99,12 @@ def launch_subdir(output_dir: str) -> str:
     return _LAUNCH_SUBDIRS[key]
 
 
+def end_launch_record(output_dir: str | os.PathLike) -> None:
+    """The launch into ``output_dir`` is over: a later launch in this process (the Python API,
+    a notebook) decides its own record afresh (:func:`launch_subdir`)."""
+    _LAUNCH_SUBDIRS.pop(os.path.abspath(output_dir), None)
+
+
 def check_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     """A run never writes into another run's directory."""
     if not run_dir.is_dir() or not checkpoint_files(run_dir):

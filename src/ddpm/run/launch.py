@@ -23,7 +23,13 @@ from ddpm.run.checkpoint_files import (
     resolve_ckpt_path,
     source_run_dir,
 )
-from ddpm.run.directory import check_run_dir, check_writable, record_job, requeued_job
+from ddpm.run.directory import (
+    check_run_dir,
+    check_writable,
+    end_launch_record,
+    record_job,
+    requeued_job,
+)
 from ddpm.run.lock import run_dir_lock
 from ddpm.run.resume import (
     check_not_finished,
@@ -60,14 +66,17 @@ def start_launch(cfg: DictConfig, run_dir: Path) -> Iterator[Launch]:
         yield prepare_launch(cfg, run_dir)
         return
     check_writable(run_dir)
-    with run_dir_lock(run_dir):
-        launch = prepare_launch(cfg, run_dir)
-        if not launch.finished:
-            record_job(run_dir)
-        if launch.ckpt_path is not None and not launch.finished:
-            remove_partial_files(run_dir / "checkpoints")  # no other writer (lock)
-            carry_over_wandb_id(launch.cfg, run_dir, launch.ckpt_path)
-        yield launch
+    try:
+        with run_dir_lock(run_dir):
+            launch = prepare_launch(cfg, run_dir)
+            if not launch.finished:
+                record_job(run_dir)
+            if launch.ckpt_path is not None and not launch.finished:
+                remove_partial_files(run_dir / "checkpoints")  # no other writer (lock)
+                carry_over_wandb_id(launch.cfg, run_dir, launch.ckpt_path)
+            yield launch
+    finally:
+        end_launch_record(run_dir)
 
 
 def prepare_launch(cfg: DictConfig, run_dir: Path) -> Launch:

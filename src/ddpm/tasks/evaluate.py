@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import LoadedModel, load_model, read_checkpoint
-from ddpm.diffusion import calc_bpd_loop
+from ddpm.diffusion import calc_bpd_loop, process_nll
 from ddpm.errors import ConfigError
 from ddpm.metrics import (
     DatasetImages,
@@ -153,32 +153,41 @@ def reference_source(
 
 
 # ---------------------------------------------------------------------------------- NLL
-@torch.inference_mode()
 def nll_bpd(
     loaded: LoadedModel,
     dm: Any,
-    num_images: int | None,
+    nll: DictConfig,
     batch_size: int,
     seed: int,
     device: torch.device,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Mean bound (bits/dim) and its parts over the first ``num_images`` test images; image i
-    draws its noise from seed ``seed + i``, each process bounds its block. Collective."""
+    """Mean bits/dim over the first ``nll.num_images`` test images: DDPM's variational bound and
+    its parts (``nll.bound``; discrete processes) and the probability-flow ODE likelihood
+    (``nll.ode``; every process, uniformly dequantised; by default only where there is no
+    bound), side by side. Image i draws its noise,
+    dequantisation and probes from seed ``seed + i``; each process does its block. Collective."""
     if dm.normalization != "minus_one_one":
         warnings.warn(
             f"data normalization is {dm.normalization!r}; the bits/dim bound assumes 8-bit "
             "images scaled to [-1, 1] (minus_one_one)",
             stacklevel=2,
         )
-    source = DatasetImages(rank_zero_first(lambda: dm.dataset("test")), key="", limit=num_images)
+    bound = bool(nll.bound) and loaded.diffusion.discrete
+    use_ode = not bound if nll.ode.enabled is None else bool(nll.ode.enabled)
+    ode = {k: v for k, v in to_plain(nll.ode).items() if k != "enabled"} if use_ode else None
+    if not bound and ode is None:
+        return {}
+    source = DatasetImages(
+        rank_zero_first(lambda: dm.dataset("test")), key="", limit=nll.num_images
+    )
     # a class-conditional network: the bound on -log p(x | y) with each image's label
     conditional = num_classes_of(loaded.net) is not None and getattr(dm, "conditional", False)
     labels = dm.labels("test") if conditional else None
     if len(source) == 0:
         raise ValueError("the test split is empty: nothing to evaluate")
     block = shard(len(source))
-    sums = torch.zeros(5, dtype=torch.float64)  # total, prior, decoder, vb; images
+    sums = torch.zeros(7, dtype=torch.float64)  # total, prior, decoder, vb; ode, nfe; images
     i = block.start
     batches = progress_iter(
         source.batches(block.start, block.stop, batch_size),
@@ -191,24 +200,35 @@ def nll_bpd(
     )
     for u8 in batches:
         x = dm.normalizer(u8).to(device)
-        gen = PerSampleGenerator([seed + j for j in range(i, i + len(u8))], device=device)
+        seeds = [seed + j for j in range(i, i + len(u8))]
         y = None if labels is None else labels[i : i + len(u8)]
         net = with_labels(loaded.net, y, device)
-        out = calc_bpd_loop(net, loaded.diffusion, x, generator=gen)
-        vb = out["vb"].double().cpu()
-        sums += torch.stack(
-            [
-                out["total_bpd"].double().sum().cpu(),
-                out["prior_bpd"].double().sum().cpu(),
-                vb[:, 0].sum(),
-                vb[:, 1:].sum(),
-                torch.tensor(float(len(u8)), dtype=torch.float64),
-            ]
-        )
+        if bound:
+            with torch.inference_mode():
+                out = calc_bpd_loop(
+                    net, loaded.diffusion, x, generator=PerSampleGenerator(seeds, device=device)
+                )
+            vb = out["vb"].double().cpu()
+            sums[0] += out["total_bpd"].double().sum().cpu()
+            sums[1] += out["prior_bpd"].double().sum().cpu()
+            sums[2] += vb[:, 0].sum()
+            sums[3] += vb[:, 1:].sum()
+        if ode is not None:
+            gen = PerSampleGenerator(seeds, device=device)
+            out = process_nll(net, loaded.diffusion, x, dequantize=True, generator=gen, **ode)
+            sums[4] += out["bpd"].double().sum().cpu()
+            sums[5] += out["nfe"].double().sum().cpu()
+        sums[6] += float(len(u8))
         i += len(u8)
     sums = all_reduce_sum(sums)
-    n = float(sums[4])
-    return {**dict(zip(NLL_KEYS, (sums[:4] / n).tolist())), "test/nll_num_images": n}
+    n = float(sums[6])
+    results: dict[str, float] = {"test/nll_num_images": n}
+    if bound:
+        results.update(zip(NLL_KEYS, (sums[:4] / n).tolist()))
+    if ode is not None:
+        results["test/nll_ode_bpd"] = float(sums[4] / n)
+        results["test/nll_ode_nfe"] = float(sums[5] / n)
+    return results
 
 
 def point_cloud_metrics(
@@ -373,7 +393,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 nll_bpd(
                     loaded,
                     dm,
-                    cfg.nll.num_images,
+                    cfg.nll,
                     int(cfg.batch_size),
                     int(cfg.seed),
                     fabric.device,
