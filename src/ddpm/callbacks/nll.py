@@ -29,7 +29,7 @@ from torch import Tensor
 from ddpm.callbacks.inputs import first_labelled_samples
 from ddpm.callbacks.periodic import PeriodicCallback, eval_net, is_fast_dev_run, log_metrics_now
 from ddpm.contracts import HasValidationData, optional
-from ddpm.diffusion import calc_bpd_loop, process_nll
+from ddpm.diffusion.nll import nll_sums
 from ddpm.utils.checks import check_positive_int
 from ddpm.utils.classes import num_classes_of, with_labels
 from ddpm.utils.devices import model_device
@@ -154,32 +154,16 @@ class NLLCallback(PeriodicCallback):
                 x = images[start : start + self.batch_size].to(device)
                 y = None if labels is None else labels[start : start + self.batch_size]
                 # CPU noise: the same values on any device type
-                g = torch.Generator().manual_seed(self.seed + k)
-                if bound:
-                    out = calc_bpd_loop(
-                        with_labels(net, y, device),
-                        process,
-                        x,
-                        clip_denoised=self.clip_denoised,
-                        generator=g,
-                        progress=self.progress and trainer.is_global_zero,
-                    )
-                    vb = out["vb"].double()
-                    sums[0] += out["total_bpd"].double().sum()
-                    sums[1] += out["prior_bpd"].double().sum()
-                    sums[2] += vb[:, 0].sum()
-                    sums[3] += vb[:, 1:].sum()
-                if ode:
-                    out = process_nll(
-                        with_labels(net, y, device),
-                        process,
-                        x,
-                        dequantize=True,
-                        generator=g,
-                        rtol=self.ode_rtol,
-                        atol=self.ode_rtol,
-                    )
-                    sums[4] += out["bpd"].double().sum()
+                sums[:5] += nll_sums(
+                    with_labels(net, y, device),
+                    process,
+                    x,
+                    bound=bound,
+                    ode={"rtol": self.ode_rtol, "atol": self.ode_rtol} if ode else None,
+                    generator=lambda k=k: torch.Generator().manual_seed(self.seed + k),
+                    clip_denoised=self.clip_denoised,
+                    progress=self.progress and trainer.is_global_zero,
+                )[:5]
                 sums[5] += float(x.shape[0])
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         n = float(sums[5])

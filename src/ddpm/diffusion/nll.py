@@ -10,13 +10,15 @@ divided by ln 2: the total is the bound in bits/dim. Costs T network calls per b
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ddpm.diffusion.gaussian import GaussianDiffusion
+from ddpm.diffusion.likelihood import process_nll
 from ddpm.diffusion.losses import LN2, mean_flat, normal_kl, vb_terms_bpd
-from ddpm.diffusion.process import require_discrete
+from ddpm.diffusion.process import Process, require_discrete
 from ddpm.utils.progress import progress_iter
 from ddpm.utils.seeding import PerSampleGenerator, randn
 
@@ -74,3 +76,45 @@ def calc_bpd_loop(
         "xstart_mse": xstart_mse,
         "mse": mse,
     }
+
+
+# the per-image sums of :func:`nll_sums`, in order (``vb`` = Σ_{t>1} L_{t-1})
+NLL_SUMS = ("total_bpd", "prior_bpd", "decoder_bpd", "vb_bpd", "ode_bpd", "ode_nfe")
+
+
+def nll_sums(
+    net: Callable[..., Tensor],
+    process: Process,
+    x_start: Tensor,
+    *,
+    bound: bool,
+    ode: dict[str, Any] | None,
+    generator: Callable[[], torch.Generator | PerSampleGenerator],
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> Tensor:
+    """Both likelihoods of a batch as per-image sums (float64, :data:`NLL_SUMS` order; zeros for
+    a part not asked for): DDPM's bound and its parts (``bound``, :func:`calc_bpd_loop`) and the
+    probability-flow ODE's dequantised bits/dim with its network evaluations (``ode``: options
+    of :func:`~ddpm.diffusion.likelihood.process_nll`). Each part draws from a fresh
+    ``generator()``, so one does not shift the other's draws."""
+    sums = torch.zeros(len(NLL_SUMS), dtype=torch.float64, device=x_start.device)
+    if bound:
+        out = calc_bpd_loop(
+            net,
+            process,
+            x_start,
+            clip_denoised=clip_denoised,
+            generator=generator(),
+            progress=progress,
+        )
+        vb = out["vb"].double()
+        sums[0] = out["total_bpd"].double().sum()
+        sums[1] = out["prior_bpd"].double().sum()
+        sums[2] = vb[:, 0].sum()
+        sums[3] = vb[:, 1:].sum()
+    if ode is not None:
+        out = process_nll(net, process, x_start, dequantize=True, generator=generator(), **ode)
+        sums[4] = out["bpd"].double().sum()
+        sums[5] = out["nfe"].double().sum()
+    return sums

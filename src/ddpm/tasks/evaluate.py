@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.checkpoint import LoadedModel, load_model, read_checkpoint
-from ddpm.diffusion import calc_bpd_loop, process_nll
+from ddpm.diffusion.nll import nll_sums
 from ddpm.errors import ConfigError
 from ddpm.metrics import (
     DatasetImages,
@@ -203,21 +203,14 @@ def nll_bpd(
         seeds = [seed + j for j in range(i, i + len(u8))]
         y = None if labels is None else labels[i : i + len(u8)]
         net = with_labels(loaded.net, y, device)
-        if bound:
-            with torch.inference_mode():
-                out = calc_bpd_loop(
-                    net, loaded.diffusion, x, generator=PerSampleGenerator(seeds, device=device)
-                )
-            vb = out["vb"].double().cpu()
-            sums[0] += out["total_bpd"].double().sum().cpu()
-            sums[1] += out["prior_bpd"].double().sum().cpu()
-            sums[2] += vb[:, 0].sum()
-            sums[3] += vb[:, 1:].sum()
-        if ode is not None:
-            gen = PerSampleGenerator(seeds, device=device)
-            out = process_nll(net, loaded.diffusion, x, dequantize=True, generator=gen, **ode)
-            sums[4] += out["bpd"].double().sum().cpu()
-            sums[5] += out["nfe"].double().sum().cpu()
+        sums[:6] += nll_sums(
+            net,
+            loaded.diffusion,
+            x,
+            bound=bound,
+            ode=ode,
+            generator=lambda seeds=seeds: PerSampleGenerator(seeds, device=device),
+        ).cpu()
         sums[6] += float(len(u8))
         i += len(u8)
     sums = all_reduce_sum(sums)
