@@ -71,7 +71,7 @@ def sweep(
 
 
 def plot(
-    rows: list[dict[str, Any]], held_out: float, run_ema: dict[str, float], path: Path, title: str
+    rows: list[dict[str, Any]], floor: float, run_ema: dict[str, float], path: Path, title: str
 ) -> None:
     import matplotlib
 
@@ -84,8 +84,8 @@ def plot(
         (k, f"seed set {k[-1]}") for k in rows[0] if k.startswith("fd_set")
     ]:
         ax.plot(xs, [r[key] for r in rows], marker="o", ms=3, label=label)
-    ax.axhline(held_out, color="gray", ls=":", label="held-out real digits")
-    ax.axhline(1.5 * held_out, color="gray", ls="--", lw=0.8, label="1.5x held-out (goal)")
+    ax.axhline(floor, color="gray", ls=":", label="real digits (the data's own figure)")
+    ax.axhline(1.5 * floor, color="gray", ls="--", lw=0.8, label="1.5x real digits (goal)")
     for name, fd in run_ema.items():
         ax.axhline(fd, color="C3", lw=0.8, ls="-.", label=name)
     ax.set_xscale("log")
@@ -124,19 +124,19 @@ def main() -> None:
         for k in range(args.seeds)
     }
     print(f"\n{args.ckpt} (step {run_ema.global_step}), {args.nfe} NFE, {args.num_samples} samples")
-    print(f"held-out digits' figure {scorer.held_out:.3f}; the run's own EMA: {run_fd}\n")
+    print(f"real digits' figure {scorer.floor:.3f}; the run's own EMA: {run_fd}\n")
     print(table(res["rows"], list(res["rows"][0])))
     print(f"\nchosen by validation: sigma_rel={res['best']}")
     path = args.plot or ROOT / "outputs" / "bench" / f"ema_sweep_{stamp}.png"
     title = f"{args.ckpt.parent.parent.name}, step {run_ema.global_step}, {args.nfe} NFE"
-    plot(res["rows"], scorer.held_out, run_fd, path, title)
+    plot(res["rows"], scorer.floor, run_fd, path, title)
     print(f"plot: {path}")
     write_json(
         f"ema_sweep_{stamp}",
         {
             "machine": machine(),
             "ckpt": str(args.ckpt),
-            "held_out_figure": scorer.held_out,
+            "real_digits_figure": scorer.floor,
             "run_ema": run_fd,
             **res,
         },

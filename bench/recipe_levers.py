@@ -1,7 +1,7 @@
 """Levers on the default digits recipe at a fixed compute budget (issue 22): each lever is a set of
 ``train.py`` overrides, trained for the optimizer steps that cost what the baseline's budget
-costs, and scored like ``quality.py`` (Fréchet distance to the training digits in the digit
-classifier's feature space, relative to the held-out digits' own figure).
+costs, and scored like ``quality.py`` (Fréchet distance to the held-out digits in the digit
+classifier's feature space, relative to as many real training digits' own figure).
 
 Steps per lever: the baseline's ``--steps`` times the baseline's CPU time per training step over
 the lever's (``cost``: both measured in interleaved rounds, one thread, process CPU time, so the
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
         + [f"{p}_{k}_{n}" for p in ("run", "ph") for n in args.nfe for k in ("fd", "x")]
         + ["sigma_rel"]
     )
-    print(f"\nbudget: {args.steps} baseline steps; held-out figure {scorer.held_out:.3f}\n")
+    print(f"\nbudget: {args.steps} baseline steps; real digits' figure {scorer.floor:.3f}\n")
     print(table(rows, cols))
     write_json(
         f"recipe_levers_{stamp}",
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> None:
             "machine": machine(),
             "budget_steps": args.steps,
             "train_seed": args.train_seed,
-            "held_out_figure": scorer.held_out,
+            "real_digits_figure": scorer.floor,
             "rows": rows,
         },
         args.out,
