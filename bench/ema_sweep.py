@@ -5,7 +5,7 @@ validation.
 For each σ_rel the EMA is reconstructed (``ddpm.checkpoint.load_model(..., sigma_rel=...)``, the
 path ``sample.py`` / ``evaluate.py ema_sigma_rel=...`` take), ``--num-samples`` samples are drawn
 with DPM-Solver++(2M) at ``--nfe`` network evaluations and scored by the digit classifier: the
-Fréchet distance to the training digits (``quality.py``'s measure) on the validation seeds
+Fréchet distance to the held-out digits (``quality.py``'s measure) on the validation seeds
 (``quality.VALIDATION_SEED`` on: never a reported seed set), which chooses the length, and on
 the ``--seeds`` reported seed sets. The least-squares fit's relative error (0 = a tracked
 profile) is printed beside each length. Prints a table and the chosen σ_rel, writes a PNG.
@@ -92,7 +92,7 @@ def plot(
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("EMA length sigma_rel (EDM2), reconstructed post hoc")
-    ax.set_ylabel("Fréchet distance to the training digits (lower is better)")
+    ax.set_ylabel("Fréchet distance to the held-out digits (lower is better)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
