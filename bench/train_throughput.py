@@ -370,6 +370,8 @@ def main() -> None:
         f"batch {args.batch_size}, {args.image_size}x{args.image_size}x{args.channels}, "
         f"{args.repeats} rounds x {args.steps} steps, device {device}, threads {threads}"
     )
+    if not args.compile:
+        cols = [c for c in cols if c not in ("x_diffusers_compiled_cpu", "compile_s")]
     print(table(rows, cols))
     path = write_json("train", {"args": vars(args), "machine": machine(), "rows": rows}, args.out)
     print(f"wrote {path}")
