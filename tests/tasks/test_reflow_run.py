@@ -45,6 +45,7 @@ FAST = [
 ]
 FLOW = ["objective=flow_matching", "schedule=rectified_flow", "sampler=euler"]
 REFLOW = [
+    "sampler=euler",  # the sample grids' (experiment=swiss_roll's ddpm cannot sample a flow)
     "reflow.num_pairs=4000",
     "reflow.batch_size=2000",
     "reflow.eval_samples=1000",

@@ -361,6 +361,7 @@ def points_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow  # trains three 2-D models
 def test_trajectories_side_by_side(
     points_ckpts: dict[str, Path], tiny_ckpt: Path, tmp_path: Path
 ) -> None:

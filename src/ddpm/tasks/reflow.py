@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -67,16 +68,16 @@ def check_teacher(loaded: LoadedModel, path: str) -> None:
         )
 
 
-def _data_overrides() -> list[tuple[str, str]]:
+def _data_overrides() -> list[tuple[str, Any]]:
     """The command line's ``data.KEY=VALUE`` overrides, applied over the teacher's data."""
     if not HydraConfig.initialized():
         return []
-    out = []
-    for o in HydraConfig.get().overrides.task:
-        key, sep, value = o.partition("=")
-        if sep and key.startswith("data."):
-            out.append((key, value))
-    return out
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [
+        (o.key_or_group, o.value())
+        for o in parsed
+        if o.key_or_group.startswith("data.") and not o.is_delete() and not o.is_sweep_override()
+    ]
 
 
 def _rederive(cfg: DictConfig) -> None:
@@ -103,7 +104,7 @@ def adopt_teacher(cfg: DictConfig, loaded: LoadedModel, pairs: Path) -> None:
             cfg[key] = OmegaConf.create(stored[key])
         _rederive(cfg)
         for key, value in _data_overrides():
-            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v, force_add=True)
+            OmegaConf.update(cfg, key, value, force_add=True)
         cfg.data.pairs = str(pairs)
 
 

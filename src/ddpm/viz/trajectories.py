@@ -63,7 +63,7 @@ def trajectories_figure(
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
         if reference is not None:
-            scatter(ax, reference, lim=lim, color="0.85", size=2, alpha=0.6)
+            scatter(ax, reference, lim=lim, color="0.7", size=2, alpha=0.5)
         r = result[name]
         _draw_paths(ax, r["path"], max_paths)
         steps = len(r["path"].times)
