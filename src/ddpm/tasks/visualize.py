@@ -475,6 +475,7 @@ def run_compare(cfg: DictConfig, out: Path) -> dict[str, Any]:
         )
     fig = comparison_figure(
         samples,
+        seeds,
         "The same seeds through each model",
         _image_denormalizer(cfg, first),
         dpi=int(cfg.dpi),

@@ -78,28 +78,31 @@ def trajectories_figure(
         "S = ∫ E‖(Z₁ - Z₀) - Ż‖² (Liu et al. 2023)",
         fontsize=FONTSIZE + 2,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))  # room for the suptitle above the panels' titles
     return fig
 
 
 def comparison_figure(
     samples: Mapping[str, Tensor],
+    seeds: Sequence[int],
     title: str = "",
     denormalize: Any = None,
     dpi: int = 100,
 ) -> Any:
-    """The same seeds through each model: one row of images per model (``{name: (N, C, H, W)}``,
-    the same N for all)."""
+    """The same ``seeds`` through each model: one row of images per model
+    (``{name: (len(seeds), C, H, W)}``), one column per seed."""
     names = list(samples)
     counts = {int(x.shape[0]) for x in samples.values()}
-    if len(counts) != 1:
-        raise ValueError(f"every model needs the same number of samples, got {sorted(counts)}")
-    n = counts.pop()
+    if counts != {len(seeds)}:
+        raise ValueError(
+            f"every model needs {len(seeds)} samples (one per seed), got {sorted(counts)}"
+        )
+    n = len(seeds)
     images = torch.cat([samples[k].float().cpu() for k in names])
     return labelled_image_grid(
         images,
         n,
-        col_labels=[str(i) for i in range(n)],
+        col_labels=[f"seed {s}" for s in seeds],
         row_labels=names,
         title=title,
         denormalize=denormalize,
