@@ -21,7 +21,14 @@ import pytest
 
 from hydra_utils import CONF_DIR, REPO_DIR
 
-COMMANDS = ("ddpm-train", "ddpm-sample", "ddpm-evaluate", "ddpm-export", "ddpm-visualize")
+COMMANDS = (
+    "ddpm-train",
+    "ddpm-sample",
+    "ddpm-evaluate",
+    "ddpm-export",
+    "ddpm-visualize",
+    "ddpm-reflow",
+)
 
 # a user's own experiment, in a config directory of their own (README "Install as a library")
 USER_EXPERIMENT = """\

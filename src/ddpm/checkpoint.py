@@ -376,3 +376,18 @@ def load_model(
         used_ema=used_ema,
         global_step=int(ckpt.get("global_step", 0)),
     )
+
+
+def init_weights(net: nn.Module, path: str | os.PathLike, setting: str = "init_from") -> bool:
+    """Load the network weights of the checkpoint ``path`` (its EMA when it has one) into ``net``
+    to start training from them (fine-tuning; reflow's student starts as its teacher); returns
+    whether they were the EMA. A network of another shape is an error naming ``setting``."""
+    sd, used_ema = net_state_dict(read_checkpoint(path), use_ema=True)
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{setting}={os.fspath(path)}: its weights do not fit this run's network (the model "
+            f"section must be the checkpoint's): {e}"
+        ) from e
+    return used_ema

@@ -1,5 +1,5 @@
 """The command-line apps, one Hydra app per task: ``ddpm-train``, ``ddpm-sample``,
-``ddpm-evaluate``, ``ddpm-export``, ``ddpm-visualize`` (console scripts of an installed package),
+``ddpm-evaluate``, ``ddpm-export``, ``ddpm-visualize``, ``ddpm-reflow`` (console scripts of an installed package),
 the same apps as ``python src/train.py`` ... in a checkout. Every argument is a Hydra override;
 ``--config-dir DIR`` adds a directory of your own configs to the search path.
 
@@ -13,6 +13,7 @@ the same apps as ``python src/train.py`` ... in a checkout. Every argument is a 
     ddpm-evaluate ckpt_path=PATH metrics.enabled=false    # test NLL (bits/dim) only
     ddpm-export ckpt_path=PATH out=model.safetensors      # or format=diffusers out=DIR
     ddpm-visualize what=forward 'schedules=[linear,cosine]'
+    ddpm-reflow experiment=swiss_roll teacher=PATH     # rectified flow's reflow of a flow model
 
 The configs are the checkout's ``conf/`` or the installed copy (:func:`ddpm.project.config_path`);
 before Hydra makes the run directory, :class:`HardwareCheck` refuses a launch whose accelerator
@@ -34,6 +35,7 @@ from ddpm.errors import reports_errors
 from ddpm.project import config_path
 from ddpm.tasks.evaluate import evaluate as evaluate_task
 from ddpm.tasks.export import export as export_task
+from ddpm.tasks.reflow import reflow as reflow_task
 from ddpm.tasks.sample import sample as sample_task
 from ddpm.tasks.train import train as train_task
 from ddpm.tasks.visualize import visualize as visualize_task
@@ -130,3 +132,13 @@ def export(cfg: DictConfig) -> None:
 def visualize(cfg: DictConfig) -> None:
     """``ddpm-visualize``: pictures of diffusion (PNG files in the run directory)."""
     visualize_task(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reflow")
+@reports_errors
+def reflow(cfg: DictConfig) -> float | None:
+    """``ddpm-reflow``: rectified flow's reflow of a flow-matching checkpoint (pairs, then a
+    training run from the teacher's weights; :mod:`ddpm.tasks.reflow`)."""
+    metrics = reflow_task(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None

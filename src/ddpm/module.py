@@ -7,7 +7,8 @@ random draw comes from a stream seeded by its position (:mod:`ddpm.utils.seeding
 step's timesteps, noise, label dropout and dropout by (seed, rank, epoch, batch), so a resumed run
 draws what the uninterrupted one drew without any RNG state in the checkpoint; a validation
 batch's timesteps and noise by (val_seed, rank, batch), so ``val/loss`` is comparable across
-evaluations. The validation losses are torchmetrics ``MeanMetric``s: the mean over every
+evaluations; a batch of coupled pairs (:class:`~ddpm.data.pairs.CoupledBatch`, rectified flow's
+reflow) brings its own noise. The validation losses are torchmetrics ``MeanMetric``s: the mean over every
 validation sample of every rank (the quartiles of t too, weighted by membership).
 """
 
@@ -34,6 +35,7 @@ from ddpm.checkpoint import (
     read_checkpoint,
 )
 from ddpm.contracts import find_ema
+from ddpm.data.pairs import CoupledBatch
 from ddpm.diffusion import DiffusionLoss, Process, TimestepSampler
 from ddpm.diffusion.timestep_sampling import default_timestep_sampler
 from ddpm.utils.classes import with_labels
@@ -183,6 +185,8 @@ class DiffusionModule(pl.LightningModule):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if getattr(self.net, "null_class", None) is None:
             return x0, None
+        if isinstance(batch, CoupledBatch):
+            raise ValueError("coupled (x0, noise) pairs carry no labels for a conditional network")
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise ValueError(
                 f"the network is class-conditional (num_classes={self.net.null_class}) but the "
@@ -202,7 +206,10 @@ class DiffusionModule(pl.LightningModule):
         seed_global_rngs(step_seed(self.train_seed, _GLOBAL_STREAM, *position))  # dropout
         g = seeded_generator(step_seed(self.train_seed, _NOISE_STREAM, *position), x0.device)
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device, generator=g)
-        noise = torch.randn(x0.shape, generator=g, device=x0.device)
+        if isinstance(batch, CoupledBatch):  # reflow: each x0 with its own noise (ddpm.data.pairs)
+            noise = batch.noise
+        else:
+            noise = torch.randn(x0.shape, generator=g, device=x0.device)
         if labels is not None:  # after t and noise: those draws are the unconditional run's
             labels = self.drop_labels(labels, g)
         net = with_labels(self.__dict__["_train_net"], labels)

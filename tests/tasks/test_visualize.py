@@ -4,6 +4,7 @@ interpolation ends with the oracle denoiser)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 from cli_utils import run_cli
+from ddpm.checkpoint import load_model
 from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion.reflow import straightness
+from ddpm.tasks.train import train
 from ddpm.tasks.visualize import visualize
 from ddpm.utils.images import read_png
 from ddpm.viz import interpolate, make_diffusions, schedule_curves, schedule_figure, slerp
@@ -320,3 +324,92 @@ def test_cli_writes_pngs(tmp_path: Path) -> None:
     printed = [Path(ln) for ln in res.stdout.splitlines() if ln.endswith(".png") and " " not in ln]
     assert sorted(p.name for p in printed) == ["forward.png", "schedules.png"]
     assert all(p.is_file() for p in printed)
+
+
+# ------------------------------------------------------------------------------ trajectories
+POINTS = [
+    "experiment=swiss_roll",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.n_train=2000",
+    "data.n_val=200",
+    "data.batch_size=256",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "callbacks.sample_grid.every_n_steps=3",  # the grid and the playground on every process
+    "callbacks.sample_grid.num_samples=50",
+    "callbacks.sample_grid.batch_size=50",
+    "callbacks.playground.num_samples=50",
+    "~callbacks.posthoc_ema",
+]
+OBJECTIVES = {
+    "ddpm": [],
+    "edm": ["objective=edm", "schedule=edm", "sampler=heun", "sampler.steps=4"],
+    "flow": ["objective=flow_matching", "schedule=rectified_flow", "sampler=euler"],
+}
+
+
+@pytest.fixture(scope="module")
+def points_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A few steps of the 2-D MLP under each objective, trained through ``train(cfg)``."""
+    out = {}
+    for name, extra in OBJECTIVES.items():
+        root = tmp_path_factory.mktemp(name)
+        train(compose_cfg([*POINTS, *extra], root))
+        out[name] = root / "run" / "checkpoints" / "last.ckpt"
+    return out
+
+
+@pytest.mark.slow  # trains three 2-D models
+def test_trajectories_side_by_side(
+    points_ckpts: dict[str, Path], tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    paths = ",".join(str(p) for p in points_ckpts.values())
+    result = run(
+        [
+            "what=trajectories",
+            f"ckpt_paths=[{paths}]",
+            "labels=[DDPM,EDM,flow]",
+            "trajectories.num_samples=64",
+            "trajectories.sampler.steps=12",
+        ],
+        tmp_path,
+    )
+    assert_pngs(result, ["trajectories.png"])
+    res = result["result"]
+    assert list(res) == ["DDPM", "EDM", "flow"]
+    for name, ckpt in zip(res, points_ckpts.values(), strict=True):
+        r = res[name]
+        path = r["path"]
+        assert path.x.shape == (12, 64, 2)
+        # the same seeds: the same unit noise, started at each process's prior std
+        torch.testing.assert_close(path.noise, res["flow"]["path"].noise)
+        m = load_model(ckpt)
+        std = m.diffusion.prior_std(m.diffusion.t_max)
+        torch.testing.assert_close(path.start, std * path.noise)
+        assert r["straightness"] == pytest.approx(
+            float(straightness(path, m.diffusion.t_max).mean())
+        )
+    record = json.loads((tmp_path / "run" / "trajectories.json").read_text())
+    assert record["models"]["flow"]["straightness"] == pytest.approx(res["flow"]["straightness"])
+    with pytest.raises(ValueError, match="2-D models"):
+        run(["what=trajectories", f"ckpt_paths=[{points_ckpts['flow']},{tiny_ckpt}]"], tmp_path)
+
+
+def test_compare_rows_are_the_same_seeds(tiny_ckpt: Path, tmp_path: Path) -> None:
+    result = run(
+        [
+            "what=compare",
+            f"ckpt_paths=[{tiny_ckpt},{tiny_ckpt}]",
+            "compare.seeds=[0,1,2]",
+            "sampler=euler",
+            "sampler.steps=3",
+        ],
+        tmp_path,
+    )
+    assert_pngs(result, ["compare.png"])
+    rows = list(result["samples"].values())
+    assert len(rows) == 2 and rows[0].shape[0] == 3 and rows[0].ndim == 4
+    torch.testing.assert_close(rows[0], rows[1])  # one model, the same seeds: the same images
+    assert not torch.allclose(rows[0][0], rows[0][1])

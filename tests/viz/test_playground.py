@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import GaussianDiffusion, RectifiedFlow
+from ddpm.diffusion.samplers import EulerSampler
 from ddpm.metrics.distances import energy_distance, mmd
 from ddpm.tasks.visualize import visualize
-from ddpm.viz import score_field
+from ddpm.viz import playground_figures, playground_report, score_field
 from hydra_utils import compose_cfg
 from oracles import GaussianOracle
 
@@ -167,3 +168,53 @@ def test_training_logs_playground_pictures_and_distance(tmp_path) -> None:
     assert (samples / "reverse_step_0000030.png").is_file()
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["val/energy_distance"] == pytest.approx(metrics["val/energy_distance"])
+
+
+class FlowGaussianOracle(torch.nn.Module):
+    """The exact network of rectified flow (τ = 1000 t) for data N(μ, s² I): x̂₀ = E[x₀ | x_t] =
+    μ + (1-t) s² (x_t - (1-t) μ)/r² with r² = (1-t)² s² + t², ε̂ = (x_t - (1-t) x̂₀)/t; it
+    outputs the velocity ε̂ - x̂₀ or x̂₀."""
+
+    def __init__(self, mu: torch.Tensor, s: float, prediction_type: str) -> None:
+        super().__init__()
+        self.mu, self.s, self.prediction_type = mu, s, prediction_type
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        t = (tau.double() / 1000).reshape(-1, 1)
+        x = x.double()
+        r2 = (1 - t) ** 2 * self.s**2 + t**2
+        x0 = self.mu + (1 - t) * self.s**2 * (x - (1 - t) * self.mu) / r2
+        out = x0 if self.prediction_type == "sample" else (x - (1 - t) * x0) / t - x0
+        return out.float()
+
+
+@pytest.mark.parametrize("prediction_type", ["velocity", "sample"])
+def test_score_field_on_rectified_flow_is_the_true_score(prediction_type: str) -> None:
+    """On a continuous process the score is -ε̂/σ_t at process time t: rectified flow's
+    x_t ~ N((1-t) μ, ((1-t)² s² + t²) I) for data N(μ, s² I)."""
+    flow = RectifiedFlow(num_timesteps=1000, prediction_type=prediction_type)
+    mu, s = torch.tensor([0.5, -0.3], dtype=torch.float64), 0.4
+    oracle = FlowGaussianOracle(mu, s, prediction_type)
+    for t in (0.05, 0.5, 0.95):
+        field = score_field(oracle, flow, t, lim=2.0, grid_size=5)
+        x = field["points"].double()
+        true = -(x - (1 - t) * mu) / ((1 - t) ** 2 * s**2 + t**2)
+        torch.testing.assert_close(field["score"].double(), true, rtol=1e-4, atol=1e-4)
+
+
+def test_playground_report_on_a_continuous_process() -> None:
+    """The playground of a flow model: distances, trajectories at process times and the score
+    field; no forward picture (DDPM's chain only)."""
+    flow = RectifiedFlow(num_timesteps=1000)
+    oracle = FlowGaussianOracle(torch.zeros(2, dtype=torch.float64), 1.0, "velocity")
+    ref = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    report = playground_report(
+        oracle, flow, ref, {"euler": EulerSampler(steps=8, clip_denoised=False)}, frames=4
+    )
+    assert report["forward"] is None
+    assert sorted(report["scores"]) == [0.01, 0.05, 0.15, 0.4, 0.8]
+    times = report["trajectories"]["euler"]["timesteps"].tolist()
+    assert times[0] == pytest.approx(1.0) and len(times) == 4
+    d = report["distances"]
+    assert d["euler"]["energy_distance"] < 0.02  # the exact network samples N(0, I)
+    assert set(playground_figures(report)) == {"reverse", "score", "samples"}

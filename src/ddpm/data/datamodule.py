@@ -24,6 +24,7 @@ from ddpm.data.datasets import LabeledCollate, LabeledDataset, TensorImages, che
 from ddpm.data.files import ImageFiles
 from ddpm.data.hf import HuggingFace
 from ddpm.data.order import train_loader
+from ddpm.data.pairs import collate_pairs, load_pairs
 from ddpm.data.sources import (
     CIFAR10,
     MNIST,
@@ -182,6 +183,18 @@ class DataModule(ClassLabels, pl.LightningDataModule):
     world_size: int = 1
     num_workers: int = 0
     pin_memory: bool = False
+    # a file of coupled (x₀, z) training pairs (ddpm.data.pairs: reflow), or None
+    pairs: str | None = None
+
+    def _init_pairs(self, pairs: str | os.PathLike | None) -> None:
+        """``pairs``: train on the coupled (x₀, z) pairs of that file (:mod:`ddpm.data.pairs`)
+        instead of the training split with fresh noise; validation stays on the data."""
+        if pairs is not None and self.conditional:
+            raise ConfigError(
+                "data.pairs (coupled reflow pairs) and data.conditional=true: class-conditional "
+                "pairs are not supported"
+            )
+        self.pairs = None if pairs is None else os.fspath(pairs)
 
     def _collate(self, train: bool) -> Callable[[Any], Tensor]:
         """The collate_fn of uint8 examples."""
@@ -207,8 +220,9 @@ class DataModule(ClassLabels, pl.LightningDataModule):
         train: bool = False,
         ds: Dataset | None = None,
         persistent: bool = True,
+        collate: Callable[[Any], Any] | None = None,
     ) -> DataLoader:
-        collate = self._collate(train)
+        collate = collate or self._collate(train)
         if ds is None:
             ds = self.dataset(split)
             if self.conditional:
@@ -227,7 +241,16 @@ class DataModule(ClassLabels, pl.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        n, bs = len(self.dataset("train")), self.per_device_batch_size
+        bs = self.per_device_batch_size
+        if self.pairs is not None:
+            pairs = load_pairs(self.pairs, self.sample_shape)
+            if len(pairs) < bs:
+                raise DataError(
+                    f"data.pairs={self.pairs} holds {len(pairs)} pairs, fewer than batch_size "
+                    f"{bs} (per device): lower data.batch_size or make more pairs"
+                )
+            return self._loader("train", bs, train=True, ds=pairs, collate=collate_pairs)
+        n = len(self.dataset("train"))
         if n < bs:
             raise DataError(
                 f"the training split of {self.name!r} has {n} examples, fewer than batch_size "
@@ -283,6 +306,7 @@ class ImageDataModule(DataModule):
             class in :mod:`ddpm.data.sources` and :mod:`ddpm.data.hf`); None leaves the source's
             default, and one it does not take is an error. Every source's settings are listed
             here, so that config validation knows them.
+        pairs: train on the coupled (x₀, z) pairs of this file (reflow; :mod:`ddpm.data.pairs`).
     """
 
     def __init__(
@@ -314,9 +338,11 @@ class ImageDataModule(DataModule):
         test_split: str | None = None,
         config_name: str | None = None,
         revision: str | None = None,
+        pairs: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self._init_classes(conditional, num_classes, class_names)
+        self._init_pairs(pairs)
         self.name = name
         self.source = make_source(
             name,

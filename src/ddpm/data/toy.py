@@ -9,6 +9,7 @@ in their configs).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,8 @@ def _stack(batch: Tensor | list[Tensor]) -> Tensor:
 class ToyDataModule(DataModule):
     """A 2-D point cloud: ``n_train`` training and ``n_val`` held-out points (seed ``seed`` and
     ``seed + 1``), standardised with the training set's statistics. ``conditional=True`` yields
-    ``(points, labels)`` (eight_gaussians: 8 classes, two_moons: 2; :class:`ClassLabels`)."""
+    ``(points, labels)`` (eight_gaussians: 8 classes, two_moons: 2; :class:`ClassLabels`);
+    ``pairs``: train on coupled (x₀, z) pairs (:mod:`ddpm.data.pairs`)."""
 
     normalization = None  # not images: no [-1, 1] scaling, no bits/dim
     in_memory = True
@@ -89,9 +91,11 @@ class ToyDataModule(DataModule):
         conditional: bool = False,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
+        pairs: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         self._init_classes(conditional, num_classes, class_names)
+        self._init_pairs(pairs)
         if name not in TOY_DATASETS:
             raise ValueError(f"toy data name must be one of {sorted(TOY_DATASETS)}, got {name!r}")
         for value, what in ((n_train, "n_train"), (n_val, "n_val"), (batch_size, "batch_size")):

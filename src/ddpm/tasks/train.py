@@ -35,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.callbacks.preemption import PreemptionCheckpoint, TrainingInterrupted
+from ddpm.checkpoint import init_weights
 from ddpm.config import validate_train_config
 from ddpm.errors import ConfigError
 from ddpm.loggers import continue_loggers, finish_wandb, log_hyperparameters
@@ -156,6 +157,11 @@ def _fit(launch: Launch) -> dict[str, float]:
         resumed_step = int(launch.checkpoint.get("global_step", 0))
         check_weights_fit(module, launch.checkpoint, str(ckpt_path))
         launch.checkpoint = None  # release the memory map
+    elif cfg.get("init_from"):
+        used_ema = init_weights(module.net, cfg.init_from)
+        log.info(
+            "network initialised from %s (%s weights)", cfg.init_from, "EMA" if used_ema else "raw"
+        )
     if is_launch_rank_zero():
         warn_if_disk_low(run_dir, sum(p.numel() * p.element_size() for p in module.parameters()))
     callbacks = _order_callbacks(instantiate_dict(cfg.get("callbacks")))

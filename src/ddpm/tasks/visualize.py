@@ -16,6 +16,11 @@
 * ``playground`` (2-D checkpoint): forward cloud, reverse trajectories, score field, generated vs
   true data with energy distance / MMD for every sampler (``playground_*.png``,
   ``playground.json``).
+* ``trajectories`` (2-D checkpoints, ``ckpt_paths=[a,b]``): the probability-flow ODE paths of the
+  same seeds through each model, side by side, each titled with its straightness S
+  (``trajectories.png``, ``trajectories.json``): DDPM / EDM / flow matching, before / after reflow.
+* ``compare`` (image checkpoints, ``ckpt_paths=[a,b]``): the same seeds through each model's
+  sampler, one row per model (``compare.png``).
 
 Returns a dict with ``paths`` (the PNGs written), ``figures`` (matplotlib Figures) and the data
 behind them (tensors / arrays), so tests check numbers, not pixels.
@@ -37,7 +42,7 @@ from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.contracts import HasReferenceLoader, require
 from ddpm.project import command
 from ddpm.tasks.common import output_dir, write_json
-from ddpm.tasks.sample import build_sampler, sample_labels
+from ddpm.tasks.sample import build_sampler, generate, sample_labels
 from ddpm.utils.classes import num_classes_of, parse_class_labels
 from ddpm.viz import (
     denoising_trajectory,
@@ -58,11 +63,27 @@ from ddpm.viz import (
     save_figure,
     schedule_figure,
 )
+from ddpm.viz.trajectories import (
+    comparison_figure,
+    model_label,
+    ode_trajectories,
+    trajectories_figure,
+    unique_labels,
+)
 
 log = logging.getLogger(__name__)
 
-WHATS = ("forward", "reverse", "loss_by_t", "interpolate", "guidance", "playground")
-NEEDS_CHECKPOINT = ("reverse", "loss_by_t", "interpolate", "guidance", "playground")
+WHATS = (
+    "forward",
+    "reverse",
+    "loss_by_t",
+    "interpolate",
+    "guidance",
+    "playground",
+    "trajectories",
+    "compare",
+)
+NEEDS_CHECKPOINT = WHATS[1:]
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -367,7 +388,7 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
         num_samples=n,
         seed=int(cfg.seed),
         frames=int(cfg.playground.frames),
-        score_timesteps=None if st is None else [int(t) for t in st],
+        score_timesteps=None if st is None else [float(t) for t in st],
         grid_size=int(cfg.playground.grid_size),
         device=device,
     )
@@ -387,6 +408,83 @@ def run_playground(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return {**report, "figures": figs, "paths": paths}
 
 
+def _load_all(cfg: DictConfig, device: torch.device) -> dict[str, LoadedModel]:
+    """The checkpoints of ``ckpt_paths`` (or the one ``ckpt_path``) by label (``labels``, else
+    :func:`~ddpm.viz.trajectories.model_label`)."""
+    paths = list(cfg.get("ckpt_paths") or ([cfg.ckpt_path] if cfg.get("ckpt_path") else []))
+    if not paths:
+        raise CheckpointError(
+            f"what={cfg.what} needs checkpoints: {command('visualize')} what={cfg.what} "
+            "'ckpt_paths=[A,B]'"
+        )
+    use_ema = bool(cfg.get("use_ema", True))
+    loaded = [load_model(p, use_ema=use_ema, device=device) for p in paths]
+    labels = list(cfg.get("labels") or [])
+    if labels and len(labels) != len(paths):
+        raise ValueError(f"labels: {len(labels)} given for {len(paths)} ckpt_paths")
+    labels = labels or [model_label(m.config, m.global_step) for m in loaded]
+    return dict(zip(unique_labels([str(x) for x in labels]), loaded, strict=True))
+
+
+def run_trajectories(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    device = _device(cfg)
+    models = _load_all(cfg, device)
+    for name, m in models.items():
+        if m.sample_shape != (2,):
+            raise ValueError(
+                f"what=trajectories needs 2-D models; {name} makes samples of shape "
+                f"{m.sample_shape} (images: what=compare)"
+            )
+    sampler = instantiate(cfg.trajectories.sampler)
+    n = _num_samples(cfg, "trajectories")
+    result = ode_trajectories(
+        {k: (m.net, m.diffusion) for k, m in models.items()}, sampler, n, int(cfg.seed), device
+    )
+    reference = held_out(build_datamodule(cfg, next(iter(models.values()))), "val", n)
+    fig = trajectories_figure(result, reference, int(cfg.trajectories.max_paths), dpi=int(cfg.dpi))
+    paths: list[Path] = []
+    _save(fig, out / "trajectories.png", paths)
+    record = {
+        k: {"straightness": r["straightness"], "steps": len(r["path"].times)}
+        for k, r in result.items()
+    }
+    write_json(out / "trajectories.json", {"models": record, "sampler": sampler_label(sampler)})
+    print(json.dumps(record, indent=2))
+    return {"result": result, "figures": {"trajectories": fig}, "paths": paths}
+
+
+def run_compare(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    device = _device(cfg)
+    models = _load_all(cfg, device)
+    seeds = [int(s) for s in cfg.compare.seeds]
+    if not seeds:
+        raise ValueError("compare.seeds must name at least one seed")
+    samples, first = {}, next(iter(models.values()))
+    if len(first.sample_shape) != 3:
+        raise ValueError("what=compare draws images; for 2-D models use what=trajectories")
+    for name, m in models.items():
+        if m.sample_shape != first.sample_shape:
+            raise ValueError(
+                f"what=compare needs models of one sample shape: {name} makes "
+                f"{m.sample_shape}, the first {first.sample_shape}"
+            )
+        sampler = build_sampler(cfg.get("sampler"), m)
+        labels = sample_labels(m, len(seeds))
+        samples[f"{name}\n{sampler_label(sampler)}"] = generate(
+            m, sampler, seeds, len(seeds), device, class_labels=labels
+        )
+    fig = comparison_figure(
+        samples,
+        seeds,
+        "The same seeds through each model",
+        _image_denormalizer(cfg, first),
+        dpi=int(cfg.dpi),
+    )
+    paths: list[Path] = []
+    _save(fig, out / "compare.png", paths)
+    return {"samples": samples, "seeds": seeds, "figures": {"compare": fig}, "paths": paths}
+
+
 RUNNERS = {
     "forward": run_forward,
     "reverse": run_reverse,
@@ -394,6 +492,8 @@ RUNNERS = {
     "interpolate": run_interpolate,
     "guidance": run_guidance,
     "playground": run_playground,
+    "trajectories": run_trajectories,
+    "compare": run_compare,
 }
 
 

@@ -1,5 +1,6 @@
-"""The 2-D playground, pictured and measured: the forward diffusion of the point cloud, the reverse
-trajectory of every sampler, the learned score field s_θ(x, t) = -ε̂(x, t)/√(1-ᾱ_t) at a few t,
+"""The 2-D playground, pictured and measured: the forward diffusion of the point cloud (DDPM's
+discrete chain), the reverse trajectory of every sampler, the learned score field
+s_θ(x, t) = -ε̂(x, t)/σ_t at a few t (any process of the family),
 and a number for sample quality: the energy distance (and MMD) between generated points and
 held-out data, next to the same distance for N(0, I) (the sampler's starting point) and for a
 second sample of the data (the estimator's noise floor)."""
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.diffusion import Process
 from ddpm.metrics.distances import distribution_distances
 from ddpm.viz.forward import forward_diffusion, forward_figure
 from ddpm.viz.plots import FONTSIZE, cloud_limit, new_figure, scatter
@@ -27,30 +28,45 @@ def _fractions(T: int, fractions: Sequence[float], lo: int = 0, hi: int | None =
     return sorted({int(min(max(round(f * T), lo), hi)) for f in fractions})
 
 
+def process_times(process: Process, fractions: Sequence[float]) -> list[float]:
+    """Times at ``fractions`` of the process's range: DDPM's integer timesteps (of T), else
+    f·t_max clipped to [t_min, t_max]."""
+    if process.discrete:
+        return _fractions(int(process.num_timesteps), fractions)
+    return sorted({min(max(f * process.t_max, process.t_min), process.t_max) for f in fractions})
+
+
+def _time_tensor(process: Process, t: float, n: int, device: Any = "cpu") -> Tensor:
+    dtype = torch.long if process.discrete else torch.float32
+    return torch.full((n,), t, dtype=dtype, device=device)
+
+
 @torch.no_grad()
 def score_field(
     net: Net,
-    diffusion: GaussianDiffusion,
-    t: int,
+    diffusion: Process,
+    t: float,
     lim: float,
     grid_size: int = 21,
     device: torch.device | str = "cpu",
 ) -> dict[str, Tensor]:
-    """The learned score -ε̂(x, t)/√(1-ᾱ_t) on a ``grid_size``² grid over [-lim, lim]² at model
-    timestep ``t`` (ε̂ from any prediction type via ``GaussianDiffusion.model_predictions``)."""
+    """The learned score -ε̂(x, t)/σ_t (σ_t = √(1-ᾱ_t) on DDPM's chain) on a ``grid_size``² grid
+    over [-lim, lim]² at process time ``t`` (ε̂ from any prediction type via
+    ``Process.model_predictions``)."""
     axis = torch.linspace(-lim, lim, grid_size)
     gy, gx = torch.meshgrid(axis, axis, indexing="ij")
     x = torch.stack([gx.flatten(), gy.flatten()], dim=1).to(device)
-    tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
-    _, eps = diffusion.model_predictions(net(x, tt), x, tt, clip_denoised=False)
-    score = -eps.float().cpu() / float(diffusion.sqrt_one_minus_alphas_cumprod[int(t)])
-    return {"points": x.cpu(), "score": score}
+    tt = _time_tensor(diffusion, t, x.shape[0], device)
+    out = diffusion.network_output(net, x, tt)
+    _, eps = diffusion.model_predictions(out, x, tt, clip_denoised=False)
+    sigma = diffusion.alpha_sigma(tt, 2)[1]
+    return {"points": x.cpu(), "score": (-eps / sigma).float().cpu()}
 
 
 @torch.no_grad()
 def playground_report(
     net: Net,
-    diffusion: GaussianDiffusion,
+    diffusion: Process,
     reference: Tensor,
     samplers: Mapping[str, Callable[..., Any]],
     *,
@@ -71,8 +87,9 @@ def playground_report(
 
     Returns ``distances`` (``{sampler name | "gaussian" | "data": {"energy_distance", "mmd"}}``),
     ``samples`` (``{name: (n, 2)}``), ``trajectories`` (``{name: {timesteps, x_t, pred_xstart}}``),
-    ``forward`` (:func:`forward_diffusion` of ``reference`` under the model's schedule),
-    ``scores`` (``{t: score_field}``) and ``reference``.
+    ``forward`` (:func:`forward_diffusion` of ``reference`` under the model's schedule; None on a
+    continuous process), ``scores`` (``{t: score_field}``) and ``reference``. The timesteps are
+    DDPM's integer ones or, on a continuous process, process times.
     """
     reference = reference.detach().float().cpu()
     if reference.ndim != 2 or reference.shape[1] != 2:
@@ -81,7 +98,10 @@ def playground_report(
         raise ValueError("samplers must name at least one sampler")
     n = int(num_samples or reference.shape[0])
     T = diffusion.num_timesteps
-    wanted = strip_timesteps(T, frames)
+    if diffusion.discrete:
+        wanted: list[float] = list(strip_timesteps(T, frames))
+    else:
+        wanted = np.linspace(diffusion.t_max, diffusion.t_min, frames).tolist()
     distances: dict[str, dict[str, float]] = {}
     samples: dict[str, Tensor] = {}
     trajectories: dict[str, dict[str, Tensor]] = {}
@@ -102,29 +122,32 @@ def playground_report(
     if second_reference is not None:
         distances["data"] = distribution_distances(second_reference.float().cpu()[:n], reference)
 
-    fwd_t = (
-        [int(round(f * T)) for f in (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)]
-        if forward_timesteps is None
-        else [int(t) for t in forward_timesteps]
-    )
-    forward = forward_diffusion(
-        reference,
-        {diffusion.schedule: diffusion},
-        sorted(set(fwd_t)),
-        generator=torch.Generator().manual_seed(int(seed) + 2),
-    )
+    forward = None
+    if diffusion.discrete:
+        fwd_t = (
+            [int(round(f * T)) for f in (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)]
+            if forward_timesteps is None
+            else [int(t) for t in forward_timesteps]
+        )
+        forward = forward_diffusion(
+            reference,
+            {diffusion.schedule: diffusion},
+            sorted(set(fwd_t)),
+            generator=torch.Generator().manual_seed(int(seed) + 2),
+        )
     score_t = (
-        _fractions(T, (0.01, 0.05, 0.15, 0.4, 0.8))
+        process_times(diffusion, (0.01, 0.05, 0.15, 0.4, 0.8))
         if score_timesteps is None
-        else sorted({int(t) for t in score_timesteps})
+        else sorted({int(t) if diffusion.discrete else float(t) for t in score_timesteps})
     )
-    if min(score_t) < 0 or max(score_t) >= T:
-        raise ValueError(f"score_timesteps must lie in [0, {T - 1}], got {score_t}")
+    lo, hi = (0, T - 1) if diffusion.discrete else (diffusion.t_min, diffusion.t_max)
+    if min(score_t) < lo or max(score_t) > hi:
+        raise ValueError(f"score_timesteps must lie in [{lo}, {hi}], got {score_t}")
     lim = max(3.0, cloud_limit(reference))
     scores = {t: score_field(net, diffusion, t, lim, grid_size, device) for t in score_t}
     g = torch.Generator().manual_seed(int(seed) + 3)
     for t, field in scores.items():  # the noisy data the score field acts on, for context
-        tt = torch.full((reference.shape[0],), t, dtype=torch.long)
+        tt = _time_tensor(diffusion, t, reference.shape[0])
         field["x_t"] = diffusion.q_sample(reference, tt, torch.randn(reference.shape, generator=g))
     return {
         "distances": distances,
@@ -142,14 +165,17 @@ def playground_report(
 def playground_figures(
     report: Mapping[str, Any], dpi: int = 100, max_points: int = 1000
 ) -> dict[str, Any]:
-    """``{"forward", "reverse", "score", "samples": Figure}`` of a :func:`playground_report`.
+    """``{"forward", "reverse", "score", "samples": Figure}`` of a :func:`playground_report`
+    (no ``forward`` on a continuous process).
 
     The forward and reverse panels draw at most ``max_points`` points each (rendering time)."""
     ref, lim = report["reference"], report["lim"]
     dist = report["distances"]
     fwd = report["forward"]
-    fwd = {**fwd, "x_t": {k: v[:, :max_points] for k, v in fwd["x_t"].items()}}
-    figs: dict[str, Any] = {"forward": forward_figure(fwd, dpi=dpi)}
+    figs: dict[str, Any] = {}
+    if fwd is not None:
+        fwd = {**fwd, "x_t": {k: v[:, :max_points] for k, v in fwd["x_t"].items()}}
+        figs["forward"] = forward_figure(fwd, dpi=dpi)
 
     # reverse: one row per sampler, x_t at the recorded steps, then the final samples over data
     trajs = report["trajectories"]
@@ -158,7 +184,7 @@ def playground_figures(
     for r, (name, tr) in enumerate(trajs.items()):
         for c, t in enumerate(tr["timesteps"].tolist()):
             ax = fig.add_subplot(len(trajs), k, r * k + c + 1)
-            scatter(ax, tr["x_t"][c, :max_points], f"{name}: x_t, t={t}", lim)
+            scatter(ax, tr["x_t"][c, :max_points], f"{name}: x_t, t={t:.4g}", lim)
         ax = fig.add_subplot(len(trajs), k, r * k + k)
         scatter(ax, ref, lim=lim, color="0.75", label="data")
         scatter(ax, report["samples"][name], f"{name}: samples", lim, color="C1", label="samples")
@@ -197,10 +223,10 @@ def playground_figures(
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        ax.set_title(f"t={t}", fontsize=FONTSIZE + 1)
+        ax.set_title(f"t={t:.4g}", fontsize=FONTSIZE + 1)
         ax.tick_params(labelsize=FONTSIZE - 1)
     fig.suptitle(
-        "Learned score s_θ(x, t) = -ε̂/√(1-ᾱ_t): arrows = direction, colour = log10 |s_θ|; "
+        "Learned score s_θ(x, t) = -ε̂/σ_t: arrows = direction, colour = log10 |s_θ|; "
         "grey = noisy data x_t",
         fontsize=FONTSIZE + 3,
     )

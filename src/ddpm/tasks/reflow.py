@@ -1,0 +1,209 @@
+"""``reflow(cfg)``: rectified flow's reflow (Liu et al. 2023, "Flow straight and fast", Alg. 1).
+
+1. The teacher (``teacher=CKPT``, a flow-matching model: objective=flow_matching,
+   schedule=rectified_flow) gives the run its network, process, objective and data
+   (:data:`TEACHER_SECTIONS`; ``data.*`` overrides on the command line still apply).
+2. Its deterministic sampler (``reflow.sampler``, Euler with 100 steps by default) maps
+   ``reflow.num_pairs`` noises z to samples x = ODE(z), written in chunks under
+   ``<run>/reflow/`` (chunk i's noise is seeded by (``reflow.seed``, i): an interrupted generation
+   continues where it stopped) and then as ``<run>/reflow/pairs.pt``.
+3. A normal training run (:func:`ddpm.tasks.train.train`: checkpoints, EMA, resume, grids, W&B)
+   starts from the teacher's weights (``init_from``) and trains on the pairs
+   (``data.pairs``): x_t = (1 - t) x + t z, target z - x.
+4. The straightness S of the teacher's and the student's paths (the same seeded noises) is
+   logged (``val/straightness``, :class:`~ddpm.callbacks.straightness.Straightness`), and
+   written with the pairs' own to ``<run>/reflow/straightness.json``.
+
+Resume an interrupted reflow with the same command and ``run_dir=<run> ckpt_path=auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ddpm.callbacks.straightness import METRIC
+from ddpm.checkpoint import LoadedModel, load_model
+from ddpm.config import DERIVED_KEYS
+from ddpm.data.pairs import load_pairs, save_pairs
+from ddpm.diffusion import RectifiedFlow
+from ddpm.diffusion.reflow import chunk_sizes, coupled_pairs, mean_straightness, seeded_noise
+from ddpm.errors import ConfigError
+from ddpm.tasks.common import output_dir, write_json
+from ddpm.tasks.train import train
+from ddpm.utils.classes import num_classes_of
+from ddpm.utils.distributed import is_launch_rank_zero
+
+log = logging.getLogger(__name__)
+
+# what the student takes from its teacher (the network must be the teacher's to start from it)
+TEACHER_SECTIONS = ("model", "schedule", "diffusion", "objective", "data")
+PAIRS_DIR = "reflow"
+WAIT_SECONDS = 5.0
+
+
+def check_teacher(loaded: LoadedModel, path: str) -> None:
+    """A ConfigError unless ``loaded`` is an unconditional flow-matching model."""
+    process = loaded.diffusion
+    if not isinstance(process, RectifiedFlow) or process.prediction_type != "velocity":
+        schedule = loaded.config.get("schedule", {}).get("name", type(process).__name__)
+        raise ConfigError(
+            f"teacher={path} is not a flow-matching model (schedule={schedule}, prediction_type="
+            f"{process.prediction_type}): reflow needs one trained with objective=flow_matching "
+            "schedule=rectified_flow"
+        )
+    if num_classes_of(loaded.net) is not None:
+        raise ConfigError(
+            f"teacher={path} is class-conditional: reflow supports unconditional ones"
+        )
+
+
+def _data_overrides() -> list[tuple[str, Any]]:
+    """The command line's ``data.KEY=VALUE`` overrides, applied over the teacher's data."""
+    if not HydraConfig.initialized():
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [
+        (o.key_or_group, o.value())
+        for o in parsed
+        if o.key_or_group.startswith("data.") and not o.is_delete() and not o.is_sweep_override()
+    ]
+
+
+def _rederive(cfg: DictConfig) -> None:
+    """The derived keys (:data:`ddpm.config.DERIVED_KEYS`) of adopted, resolved sections back as
+    interpolations of their owners (T is ``schedule.num_timesteps``, ...), as composing made them."""
+    for path, owners in DERIVED_KEYS.items():
+        node = OmegaConf.select(cfg, path, default=None)
+        if node is None:
+            continue
+        if not OmegaConf.is_dict(node):  # a leaf with one owner
+            OmegaConf.update(cfg, path, f"${{{owners}}}")
+            continue
+        for k in [k for k in node if k != "_target_"]:  # a node built from groups' keys
+            found = [g for g in owners.split(" / ") if k in (OmegaConf.select(cfg, g) or {})]
+            if found:
+                node[k] = f"${{{found[0]}.{k}}}"
+
+
+def adopt_teacher(cfg: DictConfig, loaded: LoadedModel, pairs: Path) -> None:
+    """The teacher's :data:`TEACHER_SECTIONS` into ``cfg``, and the pairs as the training data."""
+    stored = loaded.config
+    with open_dict(cfg):
+        for key in TEACHER_SECTIONS:
+            cfg[key] = OmegaConf.create(stored[key])
+        _rederive(cfg)
+        for key, value in _data_overrides():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        cfg.data.pairs = str(pairs)
+
+
+def _request(cfg: DictConfig) -> dict[str, Any]:
+    sampler = OmegaConf.to_container(cfg.reflow.sampler, resolve=True)
+    return {
+        "teacher": os.path.abspath(str(cfg.teacher)),
+        "num_pairs": int(cfg.reflow.num_pairs),
+        "batch_size": int(cfg.reflow.batch_size),
+        "seed": int(cfg.reflow.seed),
+        "sampler": sampler,
+    }
+
+
+def make_pairs(loaded: LoadedModel, sampler: Any, out: Path, request: dict[str, Any]) -> float:
+    """Write the teacher's (x = ODE(z), z) pairs to ``out/pairs.pt`` chunk by chunk (kept under
+    ``out/chunks/`` until all are made); returns the mean straightness of their paths."""
+    final = out / "pairs.pt"
+    recorded = out / "request.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != request:
+        raise ConfigError(
+            f"{out} holds reflow pairs made with other settings ({recorded}); start a new run "
+            "(no run_dir) or repeat those settings"
+        )
+    if final.is_file():
+        return float(torch.load(final, map_location="cpu", weights_only=True)["straightness"])
+    chunks = out / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    write_json(recorded, request)
+    shape = loaded.sample_shape
+    sizes = chunk_sizes(request["num_pairs"], request["batch_size"])
+    xs, zs, total = [], [], 0.0
+    for i, n in enumerate(sizes):
+        path = chunks / f"{i:05d}.pt"
+        if path.is_file():
+            chunk = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            z = seeded_noise((n, *shape), request["seed"], i)
+            x, _, s = coupled_pairs(loaded.net, loaded.diffusion, z, sampler)
+            save_pairs(path, x, z, straightness_sum=float(s.sum()))
+            chunk = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("reflow pairs: chunk %d/%d (%d pairs)", i + 1, len(sizes), n)
+        xs.append(chunk["x0"])
+        zs.append(chunk["noise"])
+        total += float(chunk["straightness_sum"])
+    s_pairs = total / request["num_pairs"]
+    save_pairs(final, torch.cat(xs), torch.cat(zs), straightness=s_pairs)
+    for i in range(len(sizes)):
+        (chunks / f"{i:05d}.pt").unlink(missing_ok=True)
+    chunks.rmdir()
+    return s_pairs
+
+
+def _wait_for(path: Path) -> None:
+    """Other ranks of a launch that starts every rank at once: wait for rank 0's pairs."""
+    while not path.is_file():
+        time.sleep(WAIT_SECONDS)
+
+
+def reflow(cfg: DictConfig) -> dict[str, float]:
+    """Reflow the teacher (module docstring); returns the training metrics with the
+    straightness of the teacher (``reflow/straightness_teacher``) and of the pairs' paths."""
+    if cfg.get("teacher") is None:
+        if cfg.get("ckpt_path") is None:
+            raise ConfigError(
+                "teacher=PATH: the flow-matching checkpoint to reflow (objective=flow_matching "
+                "schedule=rectified_flow); or run_dir=<reflow run> ckpt_path=last to resume one"
+            )
+        return train(cfg)  # a resume: the run's own config (teacher, pairs) is restored
+    run_dir = output_dir(cfg)
+    out = run_dir / PAIRS_DIR
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    loaded = load_model(cfg.teacher)
+    check_teacher(loaded, str(cfg.teacher))
+    adopt_teacher(cfg, loaded, out / "pairs.pt")
+    sampler = instantiate(cfg.reflow.sampler)
+    report_path = out / "straightness.json"
+    if is_launch_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        s_pairs = make_pairs(loaded, sampler, out, _request(cfg))
+        s_teacher = mean_straightness(
+            loaded.net, loaded.diffusion, sampler, loaded.sample_shape,
+            int(cfg.reflow.eval_samples), int(cfg.reflow.eval_seed), int(cfg.reflow.batch_size),
+        )  # fmt: skip
+        log.info("straightness: teacher %.5f (its %d pairs' paths: %.5f)", s_teacher,
+                 int(cfg.reflow.num_pairs), s_pairs)  # fmt: skip
+    else:
+        _wait_for(out / "pairs.pt")
+        s_pairs = s_teacher = float("nan")
+    load_pairs(out / "pairs.pt", loaded.sample_shape)  # readable before the run starts
+    del loaded
+    metrics = train(cfg)
+    metrics["reflow/straightness_teacher"] = s_teacher
+    metrics["reflow/straightness_pairs"] = s_pairs
+    if is_launch_rank_zero():
+        report = {"teacher": s_teacher, "pairs": s_pairs, "student": metrics.get(METRIC)}
+        report["global_step"] = metrics.get("global_step")
+        write_json(report_path, report)
+        log.info("straightness: teacher %.5f -> student %s (%s)", s_teacher,
+                 report["student"], report_path)  # fmt: skip
+    return metrics
