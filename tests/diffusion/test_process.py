@@ -113,11 +113,18 @@ def test_karras_noise_levels_rho_7() -> None:
 
 @pytest.mark.parametrize("name", ["ddpm", "edm", "edm_vp", "rf"])
 def test_conversions_between_parameterisations_are_exact(name) -> None:
-    """F* of each parameterisation maps back to (x₀, ε) exactly; the velocity is α̇x₀ + σ̇ε."""
+    """F* of each parameterisation maps back to (x₀, ε) exactly; the velocity is α̇x₀ + σ̇ε.
+    DDPM's chain also at fractional t (the continuous extension the PF-ODE likelihood reads:
+    every conversion, ε's included, and the SNR use the interpolated α(t), σ(t), not the
+    timestep below)."""
     base = processes()[name]
     g = gen(1)
     x0, eps = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)
     t = random_times(base, 64, g)
+    times = [t]
+    if base.discrete:
+        frac = (t.double() + torch.rand(64, generator=g, dtype=torch.float64)).clamp(max=99.0)
+        times.append(frac.float())
     for pt in base.prediction_types:
         if name == "rf" and pt == "epsilon":
             continue
@@ -127,12 +134,16 @@ def test_conversions_between_parameterisations_are_exact(name) -> None:
             process = type(base)(
                 prediction_type=pt, **({"variance_preserving": True} if name == "edm_vp" else {})
             )
-        x_t = process.q_sample(x0, t, eps)
-        f = process.training_target(x0, eps, t)
-        x0_hat, eps_hat = process.model_predictions(f, x_t, t, clip_denoised=False)
-        torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=1e-4, msg=pt)
-        torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=1e-4, msg=pt)
-        if not base.discrete:
+        for t in times:
+            x_t = process.q_sample(x0, t, eps)
+            f = process.training_target(x0, eps, t)
+            x0_hat, eps_hat = process.model_predictions(f, x_t, t, clip_denoised=False)
+            torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=1e-4, msg=pt)
+            torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=1e-4, msg=pt)
+            alpha, sigma = process.alpha_sigma(t, 1)
+            torch.testing.assert_close(process.snr(t), (alpha**2 / sigma**2).reshape(t.shape))
+            if base.discrete and not t.is_floating_point():
+                continue
             alpha_dot, sigma_dot = process.alpha_sigma_dot(t, 2)
             torch.testing.assert_close(
                 process.velocity(x_t, t, x0), alpha_dot * x0 + sigma_dot * eps, atol=1e-4, rtol=1e-4

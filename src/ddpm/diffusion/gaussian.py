@@ -145,7 +145,9 @@ class GaussianDiffusion(Process):
         )
 
     def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32, shape like ``t``."""
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32, shape like ``t`` (fractional t: the extension)."""
+        if t.is_floating_point():
+            return super().snr(t)
         t = t.long()
         return self.alphas_cumprod.to(t.device)[t] / self.one_minus_alphas_cumprod.to(t.device)[t]
 
@@ -291,8 +293,12 @@ class GaussianDiffusion(Process):
 
     # ------------------------------------------------------------------ ε / x₀ / v conversions
     def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x₀ = (x_t - √(1-ᾱ) ε)/√ᾱ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε."""
+        """x₀ = (x_t - √(1-ᾱ) ε)/√ᾱ = √(1/ᾱ) x_t - √(1/ᾱ - 1) ε; a floating-point ``t`` takes
+        the continuous extension (the probability-flow ODE reads the chain between timesteps)."""
         nd = x_t.ndim
+        if t.is_floating_point():
+            alpha, sigma = self.alpha_sigma(t, nd)
+            return (x_t - sigma * noise) / alpha
         return (
             extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t
             - extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * noise
