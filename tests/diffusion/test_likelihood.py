@@ -366,16 +366,14 @@ def test_process_nll_of_the_optimal_network_is_the_marginal_density(name: str) -
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_process_nll_on_a_coarse_ddpm_chain_is_exact_up_to_the_solver(prediction_type) -> None:
-    """T = 100: the chain read at fractional t is a continuous process of its own (λ linear
-    between timesteps; the optimal network of that process is the oracle), so the ODE gives
-    its exact density whatever T; what remains is the solver's tolerance at the kinks of λ
-    (the velocity jumps at every timestep): 3-5e-4 bits/dim at rtol = atol = 1e-5, 6e-5 at
-    1e-6 (measured). (An ε-network's x̂₀ taken at the timestep below t was off by 5e-3.)"""
+    """T = 100: the chain read at fractional t is a continuous process of its own (λ a monotone
+    cubic through the timesteps; the optimal network of that process is the oracle), so the ODE
+    gives its exact density whatever T, to the solver's tolerance: 1e-5 bits/dim in < 100 NFE
+    (measured). A piecewise-linear λ made the velocity jump at every timestep (3-5e-4 bits/dim
+    in 500-650 NFE); an ε-network's x̂₀ taken at the timestep below t was off by 5e-3."""
     process = GaussianDiffusion(
         schedule="linear", num_timesteps=100, prediction_type=prediction_type
     )
-    error, _ = _optimal_network_error(process, float)
-    assert abs(error) < 1e-3
-    if prediction_type == "epsilon":
-        tight, _ = _optimal_network_error(process, float, rtol=1e-6, atol=1e-6)
-        assert abs(tight) < 1e-4 and abs(tight) < abs(error) / 3
+    error, nfe = _optimal_network_error(process, float)
+    assert abs(error) < 1e-4
+    assert nfe < 200

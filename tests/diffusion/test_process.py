@@ -95,6 +95,33 @@ def test_edm_target_has_unit_variance_and_the_optimal_denoiser_minimises_the_los
             assert _mse(f, target) > _mse(f_opt, target)
 
 
+@pytest.mark.parametrize(("schedule", "T"), [("linear", 100), ("cosine", 1000), ("cosine", 3)])
+def test_ddpm_continuous_extension_is_a_monotone_c1_log_snr(schedule, T) -> None:
+    """DDPM's chain at fractional t: λ passes through every timestep's, decreases, and dλ/dt
+    (the velocity's factor) is its derivative and continuous across the timesteps."""
+    d = GaussianDiffusion(schedule=schedule, num_timesteps=T)
+    table = d.log_snr_np(np.arange(T))
+    t = np.linspace(0.0, T - 1.0, 8 * (T - 1) + 1)
+    lam, dlam = d._interpolate_log_snr(t)
+    np.testing.assert_allclose(lam[::8], table, rtol=0, atol=1e-12)
+    assert np.all(np.diff(lam) < 0) and np.all(dlam < 0)
+    h = 1e-6  # central differences, across the knots too
+    numeric = (d._interpolate_log_snr(t[1:-1] + h)[0] - d._interpolate_log_snr(t[1:-1] - h)[0]) / (
+        2 * h
+    )
+    np.testing.assert_allclose(numeric, dlam[1:-1], rtol=1e-5, atol=1e-6)
+    # the tensor path is the same function
+    lam_t, dlam_t = d._interpolate_log_snr(torch.from_numpy(t))
+    np.testing.assert_allclose(lam_t.numpy(), lam, rtol=1e-12)
+    np.testing.assert_allclose(dlam_t.numpy(), dlam, rtol=1e-12)
+    # α̇, σ̇ of the extension are the derivatives of its α, σ
+    tf = torch.tensor([0.25, 0.5 * (T - 1), T - 1.25], dtype=torch.float64).clamp(min=0.1)
+    a_dot, s_dot = d.alpha_sigma_dot_np(tf.numpy())
+    (a_p, s_p), (a_m, s_m) = (d.alpha_sigma_np(tf.numpy() + e) for e in (h, -h))
+    np.testing.assert_allclose((a_p - a_m) / (2 * h), a_dot, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose((s_p - s_m) / (2 * h), s_dot, rtol=1e-4, atol=1e-6)
+
+
 def _mse(f: torch.Tensor, target: torch.Tensor) -> float:
     return ((f.double() - target) ** 2).mean().item()
 
