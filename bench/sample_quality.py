@@ -1,11 +1,15 @@
 """Sample quality against network evaluations (NFE) for every sampler, on one trained checkpoint.
 
-For a default-recipe digits checkpoint (``python src/train.py``), every sampler draws the same
-seeds at NFE in {5, 8, 10, 15, 20, 50, 100} and the samples are scored by the repo's digit
-classifier (``digits_classifier.py``): Fréchet distance to the held-out digits in the
-classifier's feature space (lower is better), mean confidence and number of classes. Heun
-costs 2N - 1 evaluations for N steps, so it runs at the odd NFE at or below each target.
-Prints Markdown tables, writes a JSON and a PNG (quality vs NFE).
+For a digits checkpoint of any objective (``python src/train.py``, or with ``objective=edm`` /
+``objective=flow_matching``: the samplers run on the checkpoint's own process), every sampler
+draws the same seeds at NFE in {5, 8, 10, 15, 20, 50, 100} and the samples are scored by the
+repo's digit classifier (``digits_classifier.py``): Fréchet distance to the held-out digits in
+the classifier's feature space (lower is better), mean confidence and number of classes. Heun
+costs 2N - 1 evaluations for N steps, so it runs at the odd NFE at or below each target. The
+network calls of every row are counted and must equal its NFE, on every process. On EDM's
+process and rectified flow ``ddim`` is their Euler sampler (η = 0), and ``spacing=auto`` is the
+process's own grid (EDM: Karras σ, so ``dpm_solver_2m_karras`` equals ``dpm_solver_2m`` there;
+rectified flow: uniform in t). Prints Markdown tables, writes a JSON and a PNG (quality vs NFE).
 
     python src/train.py run_dir=outputs/sample_quality/digits_default
     python bench/sample_quality.py \\
@@ -53,21 +57,41 @@ SAMPLERS: dict[str, Callable[[int], tuple[Any, int]]] = {
 }
 
 
+class CountingNet(torch.nn.Module):
+    """The network, counting its calls (one per network evaluation of a batch)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
 def generate(
     loaded: Any, sampler: Any, all_seeds: range, batch_size: int, device: torch.device
-) -> Tensor:
-    """Samples in [0, 1], one per seed (independent of the batch size)."""
-    out = []
+) -> tuple[Tensor, int]:
+    """(samples in [0, 1], one per seed (independent of the batch size); network evaluations
+    per sample)."""
+    out, net, batches = [], CountingNet(loaded.net), 0
     for start in range(0, len(all_seeds), batch_size):
         seeds = all_seeds[start : start + batch_size]
         gen = PerSampleGenerator(seeds, device=device)
         shape = (len(seeds), *loaded.sample_shape)
-        x = sampler(loaded.net, loaded.diffusion, shape, generator=gen, device=device)
+        x = sampler(net, loaded.diffusion, shape, generator=gen, device=device)
         out.append(x.float().cpu())
-    return (torch.cat(out) + 1.0) / 2.0
+        batches += 1
+    return (torch.cat(out) + 1.0) / 2.0, net.calls // batches
 
 
-def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path) -> None:
+def describe(loaded: Any) -> str:
+    """The checkpoint's process and parameterisation, e.g. ``schedule=edm, prediction_type=edm``."""
+    process = loaded.diffusion
+    return f"schedule={process.schedule}, prediction_type={process.prediction_type}"
+
+
+def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +125,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path) ->
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Sample quality vs NFE, default digits recipe (EMA weights)")
+    fig.suptitle(f"Sample quality vs NFE, digits, {what} (EMA weights)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -110,7 +134,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, float], path: Path) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a checkpoint of the default digits recipe")
+    p.add_argument("--ckpt", required=True, help="a digits checkpoint (any objective)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--first-seed", type=int, default=0, help="sample i uses seed first-seed + i")
     p.add_argument("--batch-size", type=int, default=250)
@@ -134,6 +158,7 @@ def main() -> None:
 
     real = ImageDataModule("digits", root=None).dataset("train").data[:n_real] / 255.0
     reference = clf.scores(real, frechet=True)
+    print(f"checkpoint: {describe(loaded)}, step {loaded.global_step}", flush=True)
     print(f"classifier accuracy on the held-out digits: {clf.accuracy:.3f}", flush=True)
     print(f"{n_real} training digits: {reference}", flush=True)
 
@@ -144,11 +169,13 @@ def main() -> None:
             sampler, nfe = SAMPLERS[name](target)
             t0 = time.perf_counter()
             try:
-                images = generate(loaded, sampler, seeds, args.batch_size, device)
+                images, calls = generate(loaded, sampler, seeds, args.batch_size, device)
             except ValueError as e:  # e.g. a Karras grid with repeated timesteps
                 print(f"{name} NFE {target}: skipped ({e})", flush=True)
                 continue
             secs = time.perf_counter() - t0
+            if calls != nfe:
+                raise RuntimeError(f"{name} at NFE {nfe} called the network {calls} times")
             row = {"sampler": name, "nfe": nfe, **clf.scores(images, frechet=True)}
             row["seconds"] = round(secs, 1)
             rows.append(row)
@@ -156,8 +183,8 @@ def main() -> None:
 
     cols = ["sampler", "nfe", "frechet", "confidence", "classes", "digits_IS", "seconds"]
     print(
-        f"\n{args.num_samples} samples per row, seeds {seeds[0]}..{seeds[-1]}; checkpoint step "
-        f"{loaded.global_step}\n"
+        f"\n{args.num_samples} samples per row, seeds {seeds[0]}..{seeds[-1]}; checkpoint "
+        f"{describe(loaded)}, step {loaded.global_step}\n"
     )
     rows.sort(key=lambda r: (args.samplers.index(r["sampler"]), r["nfe"]))
     print(table(rows, cols))
@@ -169,12 +196,13 @@ def main() -> None:
         )
     print("\nFréchet distance by NFE (Heun: the odd NFE at or below the column's)\n")
     print(table(pivot, ["sampler", *[str(n) for n in args.nfe]]))
-    plot(rows, reference, plot_path)
+    plot(rows, reference, plot_path, describe(loaded))
     print(f"\nplot: {plot_path}")
     payload = {
         "machine": machine(),
         "ckpt": str(args.ckpt),
         "global_step": loaded.global_step,
+        "process": describe(loaded),
         "num_samples": args.num_samples,
         "first_seed": args.first_seed,
         "classifier_acc": clf.accuracy,

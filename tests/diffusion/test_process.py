@@ -95,6 +95,33 @@ def test_edm_target_has_unit_variance_and_the_optimal_denoiser_minimises_the_los
             assert _mse(f, target) > _mse(f_opt, target)
 
 
+@pytest.mark.parametrize(("schedule", "T"), [("linear", 100), ("cosine", 1000), ("cosine", 3)])
+def test_ddpm_continuous_extension_is_a_monotone_c1_log_snr(schedule, T) -> None:
+    """DDPM's chain at fractional t: λ passes through every timestep's, decreases, and dλ/dt
+    (the velocity's factor) is its derivative and continuous across the timesteps."""
+    d = GaussianDiffusion(schedule=schedule, num_timesteps=T)
+    table = d.log_snr_np(np.arange(T))
+    t = np.linspace(0.0, T - 1.0, 8 * (T - 1) + 1)
+    lam, dlam = d._interpolate_log_snr(t)
+    np.testing.assert_allclose(lam[::8], table, rtol=0, atol=1e-12)
+    assert np.all(np.diff(lam) < 0) and np.all(dlam < 0)
+    h = 1e-6  # central differences, across the knots too
+    numeric = (d._interpolate_log_snr(t[1:-1] + h)[0] - d._interpolate_log_snr(t[1:-1] - h)[0]) / (
+        2 * h
+    )
+    np.testing.assert_allclose(numeric, dlam[1:-1], rtol=1e-5, atol=1e-6)
+    # the tensor path is the same function
+    lam_t, dlam_t = d._interpolate_log_snr(torch.from_numpy(t))
+    np.testing.assert_allclose(lam_t.numpy(), lam, rtol=1e-12)
+    np.testing.assert_allclose(dlam_t.numpy(), dlam, rtol=1e-12)
+    # α̇, σ̇ of the extension are the derivatives of its α, σ
+    tf = torch.tensor([0.25, 0.5 * (T - 1), T - 1.25], dtype=torch.float64).clamp(min=0.1)
+    a_dot, s_dot = d.alpha_sigma_dot_np(tf.numpy())
+    (a_p, s_p), (a_m, s_m) = (d.alpha_sigma_np(tf.numpy() + e) for e in (h, -h))
+    np.testing.assert_allclose((a_p - a_m) / (2 * h), a_dot, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose((s_p - s_m) / (2 * h), s_dot, rtol=1e-4, atol=1e-6)
+
+
 def _mse(f: torch.Tensor, target: torch.Tensor) -> float:
     return ((f.double() - target) ** 2).mean().item()
 
@@ -113,11 +140,18 @@ def test_karras_noise_levels_rho_7() -> None:
 
 @pytest.mark.parametrize("name", ["ddpm", "edm", "edm_vp", "rf"])
 def test_conversions_between_parameterisations_are_exact(name) -> None:
-    """F* of each parameterisation maps back to (x₀, ε) exactly; the velocity is α̇x₀ + σ̇ε."""
+    """F* of each parameterisation maps back to (x₀, ε) exactly; the velocity is α̇x₀ + σ̇ε.
+    DDPM's chain also at fractional t (the continuous extension the PF-ODE likelihood reads:
+    every conversion, ε's included, and the SNR use the interpolated α(t), σ(t), not the
+    timestep below)."""
     base = processes()[name]
     g = gen(1)
     x0, eps = torch.randn(64, 3, generator=g), torch.randn(64, 3, generator=g)
     t = random_times(base, 64, g)
+    times = [t]
+    if base.discrete:
+        frac = (t.double() + torch.rand(64, generator=g, dtype=torch.float64)).clamp(max=99.0)
+        times.append(frac.float())
     for pt in base.prediction_types:
         if name == "rf" and pt == "epsilon":
             continue
@@ -127,12 +161,16 @@ def test_conversions_between_parameterisations_are_exact(name) -> None:
             process = type(base)(
                 prediction_type=pt, **({"variance_preserving": True} if name == "edm_vp" else {})
             )
-        x_t = process.q_sample(x0, t, eps)
-        f = process.training_target(x0, eps, t)
-        x0_hat, eps_hat = process.model_predictions(f, x_t, t, clip_denoised=False)
-        torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=1e-4, msg=pt)
-        torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=1e-4, msg=pt)
-        if not base.discrete:
+        for t in times:
+            x_t = process.q_sample(x0, t, eps)
+            f = process.training_target(x0, eps, t)
+            x0_hat, eps_hat = process.model_predictions(f, x_t, t, clip_denoised=False)
+            torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=1e-4, msg=pt)
+            torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=1e-4, msg=pt)
+            alpha, sigma = process.alpha_sigma(t, 1)
+            torch.testing.assert_close(process.snr(t), (alpha**2 / sigma**2).reshape(t.shape))
+            if base.discrete and not t.is_floating_point():
+                continue
             alpha_dot, sigma_dot = process.alpha_sigma_dot(t, 2)
             torch.testing.assert_close(
                 process.velocity(x_t, t, x0), alpha_dot * x0 + sigma_dot * eps, atol=1e-4, rtol=1e-4

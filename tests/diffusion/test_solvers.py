@@ -1,5 +1,7 @@
-"""Few-step solvers (DPM-Solver++ 3M and SDE, UniPC, EDM's Heun) against diffusers' schedulers,
-the closed-form probability-flow ODE of Gaussian data, and the exact oracles of tests/oracles.py.
+"""Few-step solvers (DPM-Solver++ 3M and SDE, UniPC, EDM's Heun) against diffusers' schedulers
+(DPM-Solver++ also on EDM's process and rectified flow: ``EDMDPMSolverMultistepScheduler`` and
+the flow-sigma ``DPMSolverMultistepScheduler``), the closed-form probability-flow ODE of Gaussian
+data, and the exact oracles of tests/oracles.py.
 
 Where diffusers 0.42.1 disagrees with the math, the test checks the math: its SDE-DPM-Solver++
 third-order step has the wrong sign on the 1/2 of its D2 coefficient (the variance of Gaussian
@@ -17,8 +19,10 @@ import torch
 
 from ddpm.diffusion import (
     DPMSolverSampler,
+    EDMProcess,
     GaussianDiffusion,
     HeunSampler,
+    RectifiedFlow,
     UniPCSampler,
     ddim_sample,
     dpm_solver_sample,
@@ -153,6 +157,138 @@ def test_dpm_solver_on_karras_grid_matches_diffusers(order) -> None:
     s = DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True, **kwargs)
     s.set_timesteps(15)
     assert (ours - diffusers_loop(s, o, x_t)).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------------ DPM-Solver++, continuous
+class RandomNet(torch.nn.Module):
+    """A fixed random network F(x_in, τ) (tanh MLP on (x, τ/250)): x̂₀ is nonlinear in x and τ,
+    so every history term of a multistep solver shows in the result."""
+
+    def __init__(self, dim: int = 2, width: int = 32) -> None:
+        super().__init__()
+        g = gen(11)
+        self.w1 = torch.randn(dim + 1, width, generator=g) / math.sqrt(dim + 1)
+        self.b1 = torch.randn(width, generator=g)
+        self.w2 = torch.randn(width, dim, generator=g) / math.sqrt(width)
+
+    def forward(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        tau = tau.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))).expand(*x.shape[:-1], 1)
+        h = torch.tanh(torch.cat([x, tau / 250.0], -1) @ self.w1.to(x.dtype) + self.b1.to(x.dtype))
+        return h @ self.w2.to(x.dtype)
+
+
+def edm_loop(scheduler, net, x, generator) -> torch.Tensor:
+    """diffusers' EDM pipeline loop: net(c_in x, c_noise), x̂₀ = c_skip x + c_out F in step."""
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        out = net(x_in, t.reshape(1).expand(x.shape[0]))
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+DPM_CONTINUOUS_RUNS = [
+    # (order, algorithm_type, steps, clip): < 15 steps exercises lower_order_final
+    (2, "dpmsolver++", 10, False),
+    (2, "dpmsolver++", 25, True),
+    (3, "dpmsolver++", 10, True),
+    (3, "dpmsolver++", 25, False),
+    (1, "sde-dpmsolver++", 10, False),
+    (2, "sde-dpmsolver++", 12, True),
+    (2, "sde-dpmsolver++", 25, False),
+]
+
+
+@pytest.mark.parametrize("variance_preserving", [False, True])
+@pytest.mark.parametrize(("order", "algorithm_type", "steps", "clip"), DPM_CONTINUOUS_RUNS)
+def test_dpm_solver_on_edm_matches_diffusers_edm_dpm_solver(
+    variance_preserving, order, algorithm_type, steps, clip
+) -> None:
+    """DPM-Solver++ (2M, 3M, 2M SDE) on EDM's process == diffusers'
+    ``EDMDPMSolverMultistepScheduler`` (Karras σ, ρ = 7, σ ∈ [0.002, 80], then σ = 0;
+    ``final_sigmas_type="zero"``, its "epsilon" output is EDM's F): same network, same x_T, same
+    SDE noise. diffusers works on the VE variable; on the VP process x = α·x_VE at every step and
+    α = 1 at σ = 0, so the samples are the same. (diffusers' EDM scheduler has no third-order SDE
+    step.)"""
+    pytest.importorskip("diffusers")
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    process = EDMProcess(variance_preserving=variance_preserving)
+    net = RandomNet()
+    noise = torch.randn(256, 1, 2, generator=gen(4))
+    s = EDMDPMSolverMultistepScheduler(
+        solver_order=order, algorithm_type=algorithm_type, thresholding=clip, sample_max_value=1.0
+    )
+    s.set_timesteps(steps)
+    np.testing.assert_allclose(s.sigmas[:-1].numpy(), karras_timesteps(process, steps), rtol=1e-5)
+    theirs = edm_loop(s, net, noise * s.init_noise_sigma, gen(7))
+    ours = dpm_solver_sample(
+        net,
+        process,
+        None,
+        steps=steps,
+        order=order,
+        algorithm_type=algorithm_type,
+        noise=noise,
+        clip_denoised=clip,
+        generator=gen(7),
+    )
+    assert theirs.abs().max() == 1.0 if clip else theirs.abs().max() > 1.0  # clipping acts
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logSNR"])
+@pytest.mark.parametrize(("order", "algorithm_type", "steps", "clip"), DPM_CONTINUOUS_RUNS)
+def test_dpm_solver_on_rectified_flow_matches_diffusers_flow_sigmas(
+    spacing, order, algorithm_type, steps, clip
+) -> None:
+    """DPM-Solver++ on rectified flow == diffusers' ``DPMSolverMultistepScheduler(
+    use_flow_sigmas=True, prediction_type="flow_prediction")`` (α = 1 - σ, x̂₀ = x - σ·u) run on
+    our grid: diffusers' step reads only its ``sigmas``, which are set to our times then 0.
+
+    Two documented differences of diffusers' own run, hence the shared grid: (1) its flow grid is
+    ours shifted by -1/T, linspace(1 - 1/T, 0, n+1) without the 0 (ours: linspace(1, 1/T, n+1)
+    without the last, so that x_T = ε exactly at t = 1); (2) at t = 1 itself (α = 0: our
+    ``uniform`` grid's first point) diffusers takes λ = -∞, which zeroes the next step's
+    divided difference D1, while ours uses α² = 2⁻²⁴ (``ZERO_SNR_ALPHA_CUMPROD``, diffusers'
+    own convention for zero-terminal-SNR schedules): the samples then differ by ~1e-3 with this
+    network. The ``karras`` and ``logSNR`` grids start at α = 2⁻¹² > 0 and compare exactly."""
+    pytest.importorskip("diffusers")
+    from diffusers import DPMSolverMultistepScheduler
+
+    process, T = RectifiedFlow(num_timesteps=1000), 1000
+    kwargs = {"solver_order": order, "algorithm_type": algorithm_type, "thresholding": clip}
+    s = DPMSolverMultistepScheduler(
+        num_train_timesteps=T,
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        sample_max_value=1.0,
+        **kwargs,
+    )
+    s.set_timesteps(steps)
+    np.testing.assert_allclose(  # (1): diffusers' grid is our uniform one minus 1/T
+        s.sigmas[:-1].numpy() + 1.0 / T, dpm_solver_timesteps(process, steps, "uniform"), 1e-6
+    )
+    ts = dpm_solver_timesteps(process, steps, spacing)
+    assert ts[0] < 1.0 and 1.0 - ts[0] == pytest.approx(2.0**-12, rel=1e-3)
+    s.sigmas = torch.tensor([*ts, 0.0], dtype=torch.float32)
+    s.timesteps = torch.tensor(ts, dtype=torch.float64) * T
+    net = RandomNet()
+    noise = torch.randn(256, 1, 2, generator=gen(4))
+    theirs = diffusers_loop(s, net, noise * process.prior_std(ts[0]), generator=gen(7))
+    ours = dpm_solver_sample(
+        net,
+        process,
+        None,
+        steps=steps,
+        order=order,
+        algorithm_type=algorithm_type,
+        spacing=spacing,
+        noise=noise,
+        clip_denoised=clip,
+        generator=gen(7),
+    )
+    assert theirs.abs().max() == 1.0 if clip else theirs.abs().max() > 1.0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def _local_error(order: int, sde: bool, scale: float) -> float:

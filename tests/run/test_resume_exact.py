@@ -35,6 +35,10 @@ RECIPES = {
     # importance sampling of t (loss_second_moment) with gradient accumulation: 4 steps an epoch
     "vlb_accumulate": (["objective=vlb", "trainer.accumulate_grad_batches=3"], 10),
     "hybrid": (["objective=hybrid"], 8),
+    # the continuous processes: EDM's ln σ ~ N(-1.2, 1.2²) and flow matching's t ~ U(0, 1) draws,
+    # validation and sample grids (Euler on σ / t) between steps
+    "edm": (["objective=edm"], 8),
+    "flow_matching": (["objective=flow_matching"], 8),
     # class-conditional: labels in the batches, label dropout from the step's noise stream
     "conditional": (["data.conditional=true", "p_uncond=0.3"], 14),
 }
@@ -100,6 +104,9 @@ SPLITS = [
     ("vlb_accumulate", "stop", 5),  # mid-epoch, 15 batches in
     ("vlb_accumulate", "ckpt", 4),  # an epoch boundary
     ("hybrid", "stop", 5),
+    ("edm", "stop", 5),  # mid-epoch, after a validation and a sample grid
+    ("flow_matching", "stop", 5),
+    ("flow_matching", "ckpt", 3),
     ("conditional", "stop", 5),
     ("conditional", "ckpt", 12),  # an epoch boundary
 ]

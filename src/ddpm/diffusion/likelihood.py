@@ -27,6 +27,18 @@ Contract (plain callables, so any process can be wired in one line):
   the ODE then gives log p_{t_min}(x₀), the density of α x₀ + σ ε at t_min evaluated at the data
   (Song et al. start VP at t_min = 1e-5; the tests use 2e-3 for VE and 1e-3 for flow matching).
 
+DDPM's discrete chain (:func:`process_velocity`) is read at fractional t as a continuous process
+of its own: λ = log(α/σ) a monotone cubic through the timesteps (C¹: the velocity is continuous),
+every conversion (ε, x₀, v -> x̂₀, ε̂), α̇, σ̇ and the network's time input taken at that t. For
+the optimal network of that process the ODE then gives the exact density of √ᾱ₀ x₀ + √β₁ ε (the
+chain's t = 0) whatever T, to the solver's tolerance: 1e-5 bits/dim in < 100 NFE at T = 100 and
+1000 on 4-D Gaussian data (measured). Two readings that are not exact, measured on the same
+data: λ linear between timesteps makes the velocity jump at each one (3-5e-4 bits/dim in 500-650
+NFE at T = 100, rtol = atol = 1e-5), and an ε-network's x̂₀ taken at the timestep below t (the β
+tables) is off by O(1/T) (5e-3 bits/dim at T = 100, 5e-4 at T = 1000). A trained network, unlike
+the oracle, has seen only integer t: between them it answers with its time embedding's
+interpolation.
+
 Bits/dim (:func:`pf_ode_nll`). For 8-bit images x = 2k/255 − 1, k ∈ {0..255}, uniform
 dequantisation (Song et al. 2021, Table 2; the units of Ho et al. 2020, Table 1):
 y = 2(k + u)/256 − 1, u ~ U[0, 1)^D, whose Jacobian |dy/d(k+u)| = (1/128)^D gives
@@ -348,7 +360,8 @@ def process_velocity(net: Callable[..., Tensor], process: Process) -> VelocityFn
     """``u(x, t)`` of a trained network on ``process``: x̂₀ from its output by the
     parameterisation (unclipped: the ODE needs a smooth field), then u = α̇ x̂₀ + σ̇ ε̂
     (:meth:`~ddpm.diffusion.process.Process.velocity`). DDPM's discrete process is read at
-    fractional t (λ interpolated between its timesteps), as Song et al. 2021 treat it as VP."""
+    fractional t (λ interpolated between its timesteps, module docstring), as Song et al. 2021
+    treat it as VP."""
 
     def u(x: Tensor, t: Tensor) -> Tensor:
         out = process.network_output(net, x, t)

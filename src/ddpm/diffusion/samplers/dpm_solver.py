@@ -96,7 +96,9 @@ def dpm_solver_sample(
 
     diffusers' ``DPMSolverMultistepScheduler(algorithm_type, solver_order=order,
     final_sigmas_type="zero")`` on the process's λ grid (its ``EDMDPMSolverMultistepScheduler`` on
-    EDM's, its ``use_flow_sigmas`` on rectified flow's): with h = λ_t - λ_s, the 2M step is
+    EDM's Karras grid; its ``use_flow_sigmas`` on the same rectified-flow grid: diffusers' own
+    flow grid is ours shifted by -1/T, and where α = 0 (t = 1) it takes λ = -∞ while ours uses
+    α² = 2⁻²⁴ as for zero-terminal-SNR schedules): with h = λ_t - λ_s, the 2M step is
     x_t = (σ_t/σ_s) x_s + α_t (1 - e^{-h}) (D0 + D1/(2 r)), D0 = x̂₀(x_s), D1 = D0 - x̂₀ of the
     previous step, r = h_prev/h (coefficients: :func:`dpm_solver_coefficients`). The first step
     is first order, the last goes to σ = 0 (returns x̂₀). ``clip_denoised`` clips x̂₀ (diffusers'
