@@ -52,7 +52,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "batch_64": (["data.batch_size=64"], "batch 64 (default 128), same compute: more steps"),
     "batch_256": (["data.batch_size=256"], "batch 256, same compute: fewer steps"),
     # loss weighting / parameterisation
-    "l_simple": (["objective=ddpm"], "Ho et al.'s L_simple, no min-SNR-5 (the default's weighting)"),
+    "l_simple": (
+        ["objective=ddpm"],
+        "Ho et al.'s L_simple (the default adds min-SNR-5 weighting)",
+    ),
     "v_pred": (["objective=v_prediction"], "v-prediction with min-SNR-5 (objective=v_prediction)"),
     # network for the budget
     "width_24": (["model.model_channels=24", "model.norm_groups=8"], "24/48/48 channels"),

@@ -261,6 +261,29 @@ def test_heun_on_edm_is_algorithm_1() -> None:
     torch.testing.assert_close(ours, want.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_heun_from_alpha_zero_takes_an_euler_first_step() -> None:
+    """Rectified flow starts at α = 0 (σ̃ = σ/α floored at 2¹²): Heun's first step there is the
+    Euler / DDIM step (exact for a constant x̂₀), its trapezoid skipped: 2N - 2 network calls,
+    and the state after it is DDIM's after one step on the same grid."""
+    process = RectifiedFlow()
+    oracle = ProcessGaussianOracle(process, 0.3, 0.5, lambda tau: tau / 1000.0)
+    noise = torch.randn(64, 2, generator=gen(3))
+    kw = {"noise": noise, "clip_denoised": False}
+    heun_sample(oracle, process, None, steps=6, **kw)
+    assert oracle.calls == 2 * 6 - 2
+    edm = EDMProcess()
+    edm_oracle = ProcessGaussianOracle(edm, 0.3, 0.5, lambda tau: math.exp(4 * tau))
+    heun_sample(edm_oracle, edm, None, steps=6, **kw)
+    assert edm_oracle.calls == 2 * 6 - 1
+    # two Heun steps on a uniform grid of two: Euler to t = 1/2, then Heun to 0; DDIM's first
+    # step on the same grid lands on the same point, and Heun's second step is a trapezoid
+    _, ddim_rec = ddim_sample(oracle, process, None, steps=2, return_intermediates=1, **kw)
+    _, heun_rec = heun_sample(oracle, process, None, steps=2, return_intermediates=1, **kw)
+    torch.testing.assert_close(heun_rec["timesteps"], ddim_rec["timesteps"])
+    # equal up to the floor α = 2⁻¹² the σ̃-space step starts from (O(α·x̂₀))
+    torch.testing.assert_close(heun_rec["x_t"][1], ddim_rec["x_t"][1], rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("name", ["edm", "edm_vp", "rf"])
 def test_every_sampler_reaches_the_data_on_a_continuous_process(name) -> None:
     """With the optimal network every sampler of a continuous process lands on N(μ, s²), its

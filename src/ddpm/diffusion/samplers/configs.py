@@ -148,7 +148,8 @@ class UniPCSampler(MultistepSampler):
 
 @dataclass
 class HeunSampler(Sampler):
-    """EDM's Heun sampling (:func:`heun_sample`): ``steps`` N cost 2N - 1 network calls."""
+    """EDM's Heun sampling (:func:`heun_sample`): ``steps`` N cost 2N - 1 network calls (2N - 2
+    from α = 0)."""
 
     name: ClassVar[str] = "heun"
     sample_fn = staticmethod(heun_sample)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.diffusion.process import Process
+from ddpm.diffusion.process import ZERO_SNR_ALPHA_CUMPROD, Process
 from ddpm.diffusion.samplers._core import Net, SampleCall, SampleOutput, check_options, grid
 from ddpm.diffusion.samplers.timesteps import step_timesteps
 
@@ -51,14 +51,17 @@ def heun_sample(
     discrete schedule σ̃(t) = √((1-ᾱ_t)/ᾱ_t)): an Euler step to σ̃_{i+1}, then, unless σ̃_{i+1} = 0,
     the trapezoidal correction with the slope at the Euler point. ``steps`` = N times
     (:func:`~ddpm.diffusion.samplers.timesteps.step_timesteps`, ``auto``: ``karras`` except on
-    rectified flow, then σ = 0) cost 2N - 1 network calls (EDM: 18 steps, 35 calls). Alg. 2
+    rectified flow, then σ = 0) cost 2N - 1 network calls (EDM: 18 steps, 35 calls; 2N - 2 where
+    sampling starts at α = 0, whose first step is Euler's: rectified flow, zero terminal SNR). Alg. 2
     first raises σ̃_i in [S_tmin, S_tmax] (``s_tmax`` None: no bound) to σ̂_i = (1 + γ_i) σ̃_i
     (rounded to the nearest σ̃ of a discrete schedule), adding noise of variance σ̂_i² - σ̃_i²
     (times ``s_noise``²). x starts as ``noise`` times the process's prior std. ``s_churn = 0``
     on DDPM's schedule is diffusers' ``HeunDiscreteScheduler`` (which takes fractional timesteps
     on a ``uniform`` grid; ours are the nearest integers). The first step starts at σ̃(t_max): a
     schedule where that is huge (cosine: 2·10⁴; zero terminal SNR; rectified flow, where α = 0
-    is floored at 2⁻¹²) makes it one long, inaccurate trapezoid (EDM starts at σ_max = 80).
+    is floored at 2⁻¹²) makes it one long step (EDM starts at σ_max = 80): from α = 0 it is
+    taken as an Euler step, exact there for a constant x̂₀ (a trapezoid gave unrecognisable
+    samples of a rectified-flow model); from a large finite σ̃ (cosine) it stays inaccurate.
     ``**common``: :class:`~ddpm.diffusion.samplers.SampleCall`.
     """
     call = SampleCall.parse("heun_sample", common)
@@ -76,6 +79,9 @@ def heun_sample(
     run = call.start(net, process, shape, g, "Heun", recorded, prior=False)
     alpha0 = float(process.alpha_sigma_np([ts[0]], floor=True)[0][0])
     x = run.x * process.prior_std(ts[0]) / alpha0  # x̃
+    # From α = 0 (floored: σ̃ ~ 4096) the trapezoid would weigh the slope at σ̃_1 over the whole
+    # step, a large error; the Euler step there is exact for a constant x̂₀ (DDIM's first step).
+    euler_first = alpha0 <= math.sqrt(ZERO_SNR_ALPHA_CUMPROD) * (1.0 + 1e-6)
     for i in run.steps(n):
         if sig_hat[i] > sig[i]:  # Alg. 2: x̂ = x + √(σ̂² - σ²) S_noise ε
             std = math.sqrt(sig_hat[i] ** 2 - sig[i] ** 2) * s_noise
@@ -89,7 +95,7 @@ def heun_sample(
         d = (x - x0) / sig_hat[i]
         dt = sig_next[i] - sig_hat[i]
         x_next = x + d * dt  # Euler
-        if sig_next[i] > 0.0:  # second order: the mean of the slopes at both ends
+        if sig_next[i] > 0.0 and not (i == 0 and euler_first):  # second order: mean slope
             x0_next, _, _ = run.denoise(x_next * scale_in[n + i], n + i)
             x_next = x + (d + (x_next - x0_next) / sig_next[i]) * (0.5 * dt)
         x = x_next
