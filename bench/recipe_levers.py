@@ -26,16 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ddpm.hydra_setup  # noqa: E402, F401 - resolvers and presets, before composing
 from _common import machine, median, table, write_json  # noqa: E402
-from ddpm.tasks.train import build_module  # noqa: E402
 from ema_sweep import SIGMA_RELS, sweep  # noqa: E402
 from quality import ROOT, Scorer, load, train  # noqa: E402
+from train_throughput import recipe_step  # noqa: E402
 
 # name: (overrides, what it changes). The baseline is the default recipe (conf/train.yaml).
 LEVERS: dict[str, tuple[list[str], str]] = {
@@ -71,36 +67,17 @@ LEVERS: dict[str, tuple[list[str], str]] = {
 QUIET = ["~callbacks.sample_grid", "~callbacks.forward_picture", "~callbacks.playground"]
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    """``conf/train.yaml`` with ``overrides`` (the sections that build the module and data)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, "logger=none"])
-
-
 def step_cost(overrides: list[str], batches: int, warmup: int = 2) -> float:
-    """CPU seconds of one training step (noise, forward, loss, backward, optimizer) of the recipe
-    with ``overrides``, over ``batches`` steps after ``warmup`` ones."""
-    cfg = compose_train(overrides)
-    module = build_module(cfg)
-    module.train()
-    opt = module.configure_optimizers()
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    x0 = next(iter(dm.train_dataloader()))
-    x0 = x0[0] if isinstance(x0, (list, tuple)) else x0
-    T = module.diffusion.num_timesteps
-    elapsed = 0.0
-    for i in range(warmup + batches):
-        c0 = time.process_time()
-        t = torch.randint(0, T, (x0.shape[0],))
-        loss = module.loss(module.net, module.diffusion, x0, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            elapsed += time.process_time() - c0
-    return elapsed / batches
+    """CPU seconds of one training step of the recipe with ``overrides`` (its data, timestep
+    sampler, noise, loss, backward, clipping, optimizer: ``train_throughput.recipe_step``), over
+    ``batches`` steps after ``warmup`` ones."""
+    _, step, _ = recipe_step(False, overrides)
+    for _ in range(warmup):
+        step()
+    c0 = time.process_time()
+    for _ in range(batches):
+        step()
+    return (time.process_time() - c0) / batches
 
 
 def cost(args: argparse.Namespace) -> None:

@@ -198,6 +198,12 @@ DPM_CONTINUOUS_RUNS = [
 ]
 
 
+def assert_same_and_clipped(ours: torch.Tensor, theirs: torch.Tensor, clip: bool) -> None:
+    """Ours equals diffusers' sample, and thresholding acted exactly when it was asked for."""
+    assert theirs.abs().max() == 1.0 if clip else theirs.abs().max() > 1.0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variance_preserving", [False, True])
 @pytest.mark.parametrize(("order", "algorithm_type", "steps", "clip"), DPM_CONTINUOUS_RUNS)
 def test_dpm_solver_on_edm_matches_diffusers_edm_dpm_solver(
@@ -214,6 +220,7 @@ def test_dpm_solver_on_edm_matches_diffusers_edm_dpm_solver(
 
     process = EDMProcess(variance_preserving=variance_preserving)
     net = RandomNet()
+    solver = {"order": order, "algorithm_type": algorithm_type, "clip_denoised": clip}
     noise = torch.randn(256, 1, 2, generator=gen(4))
     s = EDMDPMSolverMultistepScheduler(
         solver_order=order, algorithm_type=algorithm_type, thresholding=clip, sample_max_value=1.0
@@ -222,18 +229,9 @@ def test_dpm_solver_on_edm_matches_diffusers_edm_dpm_solver(
     np.testing.assert_allclose(s.sigmas[:-1].numpy(), karras_timesteps(process, steps), rtol=1e-5)
     theirs = edm_loop(s, net, noise * s.init_noise_sigma, gen(7))
     ours = dpm_solver_sample(
-        net,
-        process,
-        None,
-        steps=steps,
-        order=order,
-        algorithm_type=algorithm_type,
-        noise=noise,
-        clip_denoised=clip,
-        generator=gen(7),
+        net, process, None, steps=steps, noise=noise, generator=gen(7), **solver
     )
-    assert theirs.abs().max() == 1.0 if clip else theirs.abs().max() > 1.0  # clipping acts
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_and_clipped(ours, theirs, clip)
 
 
 @pytest.mark.parametrize("spacing", ["karras", "logSNR"])
@@ -273,22 +271,13 @@ def test_dpm_solver_on_rectified_flow_matches_diffusers_flow_sigmas(
     s.sigmas = torch.tensor([*ts, 0.0], dtype=torch.float32)
     s.timesteps = torch.tensor(ts, dtype=torch.float64) * T
     net = RandomNet()
+    solver = {"order": order, "algorithm_type": algorithm_type, "clip_denoised": clip}
     noise = torch.randn(256, 1, 2, generator=gen(4))
     theirs = diffusers_loop(s, net, noise * process.prior_std(ts[0]), generator=gen(7))
     ours = dpm_solver_sample(
-        net,
-        process,
-        None,
-        steps=steps,
-        order=order,
-        algorithm_type=algorithm_type,
-        spacing=spacing,
-        noise=noise,
-        clip_denoised=clip,
-        generator=gen(7),
+        net, process, None, steps=steps, spacing=spacing, noise=noise, generator=gen(7), **solver
     )
-    assert theirs.abs().max() == 1.0 if clip else theirs.abs().max() > 1.0
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_and_clipped(ours, theirs, clip)
 
 
 def _local_error(order: int, sde: bool, scale: float) -> float:
