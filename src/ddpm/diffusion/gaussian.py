@@ -236,29 +236,34 @@ class GaussianDiffusion(Process):
         ac = self.alphas_cumprod_f64.detach().cpu().numpy()
         return np.where(ac > 0.0, ac, ZERO_SNR_ALPHA_CUMPROD) if floor else ac
 
-    def alpha_sigma_np(self, t: Any, floor: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(√ᾱ, √(1-ᾱ)) at integer ``t`` from the float64 table; fractional t: the extension."""
+    def _table_at(self, t: Any, floor: bool) -> np.ndarray | None:
+        """ᾱ at integer ``t`` from the float64 table; None if any t is fractional (the
+        continuous extension of :class:`~ddpm.diffusion.process.Process` answers then)."""
         t = np.asarray(t, dtype=np.float64)
         if not np.all(t == np.round(t)):
+            return None
+        return self._table(floor)[t.astype(np.int64)]
+
+    def alpha_sigma_np(self, t: Any, floor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(√ᾱ, √(1-ᾱ)) at integer ``t`` from the float64 table; fractional t: the extension."""
+        ac = self._table_at(t, floor)
+        if ac is None:
             return super().alpha_sigma_np(t, floor)
-        ac = self._table(floor)[t.astype(np.int64)]
         return np.sqrt(ac), np.sqrt(1.0 - ac)
 
     def sigma_tilde_np(self, t: Any, floor: bool = False) -> np.ndarray:
         """σ̃ = √((1-ᾱ)/ᾱ), EDM's σ(t) of a variance-preserving schedule."""
-        t = np.asarray(t, dtype=np.float64)
-        if not np.all(t == np.round(t)):
+        ac = self._table_at(t, floor)
+        if ac is None:
             return super().sigma_tilde_np(t, floor)
-        ac = self._table(floor)[t.astype(np.int64)]
         with np.errstate(divide="ignore"):
             return np.sqrt((1.0 - ac) / ac)
 
     def log_snr_np(self, t: Any, floor: bool = False) -> np.ndarray:
         """λ = ½ (log ᾱ - log(1-ᾱ)) at integer ``t`` from the float64 table."""
-        t = np.asarray(t, dtype=np.float64)
-        if not np.all(t == np.round(t)):
+        ac = self._table_at(t, floor)
+        if ac is None:
             return super().log_snr_np(t, floor)
-        ac = self._table(floor)[t.astype(np.int64)]
         with np.errstate(divide="ignore"):
             return 0.5 * (np.log(ac) - np.log1p(-ac))
 
