@@ -180,14 +180,13 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        """(x0, labels): labels of a class-conditional network's ``(x, labels)`` batch, else
-        None (an unconditional network ignores any labels the data carries)."""
+        """(x0, labels): labels of a class-conditional network's ``(x, labels)`` batch (also
+        a :class:`CoupledBatch`), else None (an unconditional network ignores any labels the
+        data carries)."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if getattr(self.net, "null_class", None) is None:
             return x0, None
-        if isinstance(batch, CoupledBatch):
-            raise ValueError("coupled (x0, noise) pairs carry no labels for a conditional network")
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2 or batch[1] is None:
             raise ValueError(
                 f"the network is class-conditional (num_classes={self.net.null_class}) but the "
                 "training batches carry no labels: train with data.conditional=true"

@@ -19,7 +19,8 @@ METRIC = "val/straightness"
 
 class Straightness(PeriodicCallback):
     """E[S] over ``num_samples`` paths of ``sampler`` (a deterministic one) from noise seeded by
-    ``seed`` (the same paths every time), with the EMA network when ``use_ema``.
+    ``seed`` (the same paths every time; a class-conditional network's for labels seeded alike,
+    :func:`~ddpm.diffusion.reflow.seeded_chunk`), with the EMA network when ``use_ema``.
 
     Args:
         sampler: the sampler whose paths are measured (e.g. Euler with 100 steps).

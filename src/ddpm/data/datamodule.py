@@ -188,12 +188,8 @@ class DataModule(ClassLabels, pl.LightningDataModule):
 
     def _init_pairs(self, pairs: str | os.PathLike | None) -> None:
         """``pairs``: train on the coupled (x₀, z) pairs of that file (:mod:`ddpm.data.pairs`)
-        instead of the training split with fresh noise; validation stays on the data."""
-        if pairs is not None and self.conditional:
-            raise ConfigError(
-                "data.pairs (coupled reflow pairs) and data.conditional=true: class-conditional "
-                "pairs are not supported"
-            )
+        instead of the training split with fresh noise (labelled pairs when ``conditional``);
+        validation stays on the data."""
         self.pairs = None if pairs is None else os.fspath(pairs)
 
     def _collate(self, train: bool) -> Callable[[Any], Tensor]:
@@ -243,7 +239,9 @@ class DataModule(ClassLabels, pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         bs = self.per_device_batch_size
         if self.pairs is not None:
-            pairs = load_pairs(self.pairs, self.sample_shape)
+            pairs = load_pairs(
+                self.pairs, self.sample_shape, self.num_classes if self.conditional else None
+            )
             if len(pairs) < bs:
                 raise DataError(
                     f"data.pairs={self.pairs} holds {len(pairs)} pairs, fewer than batch_size "

@@ -10,6 +10,8 @@ straightness of a probability-flow ODE's paths, in plain torch.
   straight line travelled at constant speed, which one Euler step integrates without error.
 * Reflow's loss is flow matching's with the noise of each example given (the coupled pair)
   instead of drawn: x_t = (1 - t) x + t z, target z - x.
+* A class-conditional model's paths are drawn for seeded labels (:func:`seeded_chunk`), uniform
+  over its classes: its pairs are (x = ODE(z | y), z, y).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import torch
 from torch import Tensor
 
 from ddpm.diffusion.process import Process
+from ddpm.utils.classes import num_classes_of
 from ddpm.utils.devices import model_device
 from ddpm.utils.seeding import seeded_generator, step_seed
+
+_LABEL_STREAM = 1  # seeded_labels' stream: step_seed(seed, chunk, 1), the noise's is (seed, chunk)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,23 @@ def seeded_noise(shape: Sequence[int], seed: int, chunk: int) -> Tensor:
     return torch.randn(tuple(shape), generator=seeded_generator(step_seed(seed, chunk)))
 
 
+def seeded_labels(n: int, num_classes: int, seed: int, chunk: int) -> Tensor:
+    """The class labels (n,) of chunk ``chunk`` of a seeded run of a class-conditional model's
+    paths, uniform over the ``num_classes`` classes: int64 on the CPU, a function of (seed,
+    chunk) only, drawn from a stream of their own (the noise is :func:`seeded_noise`'s)."""
+    g = seeded_generator(step_seed(seed, chunk, _LABEL_STREAM))
+    return torch.randint(num_classes, (n,), generator=g)
+
+
+def seeded_chunk(
+    n: int, sample_shape: Sequence[int], num_classes: int | None, seed: int, chunk: int
+) -> tuple[Tensor, Tensor | None]:
+    """(noise, labels) of chunk ``chunk``: :func:`seeded_noise` and, for a class-conditional
+    model (``num_classes`` not None), :func:`seeded_labels`; None for an unconditional one."""
+    z = seeded_noise((n, *sample_shape), seed, chunk)
+    return z, None if num_classes is None else seeded_labels(n, num_classes, seed, chunk)
+
+
 def chunk_sizes(n: int, batch_size: int) -> list[int]:
     """``n`` split into chunks of ``batch_size`` (the last one smaller)."""
     return [min(batch_size, n - i) for i in range(0, n, batch_size)]
@@ -120,12 +142,14 @@ def mean_straightness(
     seed: int,
     batch_size: int,
 ) -> float:
-    """E[S] (:func:`straightness`) over ``num_samples`` paths from the seeded noise
-    (:func:`seeded_noise`): the same paths for any network, so before / after reflow compare."""
-    device = model_device(net)
+    """E[S] (:func:`straightness`) over ``num_samples`` paths from the seeded noise and, for a
+    class-conditional network, labels (:func:`seeded_chunk`): the same paths for any network
+    of those classes, so before / after reflow compare."""
+    device, num_classes = model_device(net), num_classes_of(net)
     total = 0.0
     for i, n in enumerate(chunk_sizes(num_samples, batch_size)):
-        z = seeded_noise((n, *sample_shape), seed, i).to(device)
-        _, _, s = coupled_pairs(net, process, z, sampler)
+        z, y = seeded_chunk(n, sample_shape, num_classes, seed, i)
+        y = None if y is None else y.to(device)
+        _, _, s = coupled_pairs(net, process, z.to(device), sampler, class_labels=y)
         total += float(s.sum())
     return total / num_samples

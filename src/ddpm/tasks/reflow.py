@@ -35,25 +35,26 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ddpm.callbacks.straightness import METRIC
 from ddpm.checkpoint import LoadedModel, load_model
 from ddpm.config import DERIVED_KEYS
-from ddpm.data.pairs import load_pairs, save_pairs
+from ddpm.data.pairs import LABELS_KEY, PAIR_KEYS, load_pairs, save_pairs
 from ddpm.diffusion import RectifiedFlow
-from ddpm.diffusion.reflow import chunk_sizes, coupled_pairs, mean_straightness, seeded_noise
+from ddpm.diffusion.reflow import chunk_sizes, coupled_pairs, mean_straightness, seeded_chunk
 from ddpm.errors import ConfigError
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.train import train
 from ddpm.utils.classes import num_classes_of
-from ddpm.utils.distributed import is_launch_rank_zero
+from ddpm.utils.distributed import external_launch, is_launch_rank_zero
 
 log = logging.getLogger(__name__)
 
 # what the student takes from its teacher (the network must be the teacher's to start from it)
 TEACHER_SECTIONS = ("model", "schedule", "diffusion", "objective", "data")
 PAIRS_DIR = "reflow"
-WAIT_SECONDS = 5.0
+WAIT_SECONDS = 1.0  # how often a rank looks for the files other ranks write
 
 
 def check_teacher(loaded: LoadedModel, path: str) -> None:
-    """A ConfigError unless ``loaded`` is an unconditional flow-matching model."""
+    """A ConfigError unless ``loaded`` is a flow-matching model (unconditional or
+    class-conditional)."""
     process = loaded.diffusion
     if not isinstance(process, RectifiedFlow) or process.prediction_type != "velocity":
         schedule = loaded.config.get("schedule", {}).get("name", type(process).__name__)
@@ -61,10 +62,6 @@ def check_teacher(loaded: LoadedModel, path: str) -> None:
             f"teacher={path} is not a flow-matching model (schedule={schedule}, prediction_type="
             f"{process.prediction_type}): reflow needs one trained with objective=flow_matching "
             "schedule=rectified_flow"
-        )
-    if num_classes_of(loaded.net) is not None:
-        raise ConfigError(
-            f"teacher={path} is class-conditional: reflow supports unconditional ones"
         )
 
 
@@ -119,9 +116,29 @@ def _request(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def make_pairs(loaded: LoadedModel, sampler: Any, out: Path, request: dict[str, Any]) -> float:
-    """Write the teacher's (x = ODE(z), z) pairs to ``out/pairs.pt`` chunk by chunk (kept under
-    ``out/chunks/`` until all are made); returns the mean straightness of their paths."""
+def _chunk_path(chunks: Path, i: int) -> Path:
+    return chunks / f"{i:05d}.pt"
+
+
+def _stored_straightness(final: Path) -> float:
+    return float(torch.load(final, map_location="cpu", weights_only=True)["straightness"])
+
+
+def make_pairs(
+    loaded: LoadedModel,
+    sampler: Any,
+    out: Path,
+    request: dict[str, Any],
+    rank: int = 0,
+    world: int = 1,
+) -> float:
+    """Write the teacher's (x = ODE(z), z) pairs (with the label y of each, x = ODE(z | y), for
+    a class-conditional teacher) to ``out/pairs.pt`` chunk by chunk (kept under ``out/chunks/``
+    until all are made); returns the mean straightness of their paths.
+
+    Rank ``rank`` of ``world`` processes started at once makes chunks i ≡ rank (mod world);
+    rank 0 waits for all, writes ``pairs.pt``, and the others wait for it: chunk i is seeded by
+    (seed, i) alone, so the pairs are the same in any number of processes."""
     final = out / "pairs.pt"
     recorded = out / "request.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != request:
@@ -130,36 +147,41 @@ def make_pairs(loaded: LoadedModel, sampler: Any, out: Path, request: dict[str, 
             "(no run_dir) or repeat those settings"
         )
     if final.is_file():
-        return float(torch.load(final, map_location="cpu", weights_only=True)["straightness"])
+        return _stored_straightness(final)
     chunks = out / "chunks"
-    chunks.mkdir(parents=True, exist_ok=True)
-    write_json(recorded, request)
-    shape = loaded.sample_shape
+    if rank == 0:
+        chunks.mkdir(parents=True, exist_ok=True)
+        write_json(recorded, request)
+    shape, num_classes = loaded.sample_shape, num_classes_of(loaded.net)
     sizes = chunk_sizes(request["num_pairs"], request["batch_size"])
-    xs, zs, total = [], [], 0.0
-    for i, n in enumerate(sizes):
-        path = chunks / f"{i:05d}.pt"
+    for i in range(rank, len(sizes), world):
+        path = _chunk_path(chunks, i)
         if path.is_file():
-            chunk = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            z = seeded_noise((n, *shape), request["seed"], i)
-            x, _, s = coupled_pairs(loaded.net, loaded.diffusion, z, sampler)
-            save_pairs(path, x, z, straightness_sum=float(s.sum()))
-            chunk = torch.load(path, map_location="cpu", weights_only=True)
-            log.info("reflow pairs: chunk %d/%d (%d pairs)", i + 1, len(sizes), n)
-        xs.append(chunk["x0"])
-        zs.append(chunk["noise"])
-        total += float(chunk["straightness_sum"])
-    s_pairs = total / request["num_pairs"]
-    save_pairs(final, torch.cat(xs), torch.cat(zs), straightness=s_pairs)
+            continue
+        z, y = seeded_chunk(sizes[i], shape, num_classes, request["seed"], i)
+        x, _, s = coupled_pairs(loaded.net, loaded.diffusion, z, sampler, class_labels=y)
+        chunks.mkdir(parents=True, exist_ok=True)  # before rank 0 made it
+        save_pairs(path, x, z, y, straightness_sum=float(s.sum()))
+        log.info("reflow pairs: chunk %d/%d (%d pairs)", i + 1, len(sizes), sizes[i])
+    if rank != 0:
+        _wait_for(final)
+        return _stored_straightness(final)
+    parts = []
     for i in range(len(sizes)):
-        (chunks / f"{i:05d}.pt").unlink(missing_ok=True)
+        _wait_for(_chunk_path(chunks, i))  # made by rank i % world
+        parts.append(torch.load(_chunk_path(chunks, i), map_location="cpu", weights_only=True))
+    s_pairs = sum(float(c["straightness_sum"]) for c in parts) / request["num_pairs"]
+    x, z = (torch.cat([c[k] for c in parts]) for k in PAIR_KEYS)
+    y = torch.cat([c[LABELS_KEY] for c in parts]) if num_classes is not None else None
+    save_pairs(final, x, z, y, straightness=s_pairs)
+    for i in range(len(sizes)):
+        _chunk_path(chunks, i).unlink(missing_ok=True)
     chunks.rmdir()
     return s_pairs
 
 
 def _wait_for(path: Path) -> None:
-    """Other ranks of a launch that starts every rank at once: wait for rank 0's pairs."""
+    """Wait for ``path``, written by another rank of a launch that starts every rank at once."""
     while not path.is_file():
         time.sleep(WAIT_SECONDS)
 
@@ -183,19 +205,22 @@ def reflow(cfg: DictConfig) -> dict[str, float]:
     adopt_teacher(cfg, loaded, out / "pairs.pt")
     sampler = instantiate(cfg.reflow.sampler)
     report_path = out / "straightness.json"
-    if is_launch_rank_zero():
+    rank, world = external_launch() or (0, 1)
+    s_pairs = s_teacher = float("nan")
+    if world > 1 or is_launch_rank_zero():  # rank 0, or each of the ranks started at once
         out.mkdir(parents=True, exist_ok=True)
-        s_pairs = make_pairs(loaded, sampler, out, _request(cfg))
+        s_pairs = make_pairs(loaded, sampler, out, _request(cfg), rank, world)
+    else:  # a rank Lightning starts at fit: rank 0 made the pairs before
+        _wait_for(out / "pairs.pt")
+    if is_launch_rank_zero():
         s_teacher = mean_straightness(
             loaded.net, loaded.diffusion, sampler, loaded.sample_shape,
             int(cfg.reflow.eval_samples), int(cfg.reflow.eval_seed), int(cfg.reflow.batch_size),
         )  # fmt: skip
         log.info("straightness: teacher %.5f (its %d pairs' paths: %.5f)", s_teacher,
                  int(cfg.reflow.num_pairs), s_pairs)  # fmt: skip
-    else:
-        _wait_for(out / "pairs.pt")
-        s_pairs = s_teacher = float("nan")
-    load_pairs(out / "pairs.pt", loaded.sample_shape)  # readable before the run starts
+    # readable, with labels just when the teacher is class-conditional, before the run starts
+    load_pairs(out / "pairs.pt", loaded.sample_shape, num_classes_of(loaded.net))
     del loaded
     metrics = train(cfg)
     metrics["reflow/straightness_teacher"] = s_teacher

@@ -32,6 +32,24 @@ def is_launch_rank_zero() -> bool:
     return all(os.environ.get(var) in (None, "", "0") for var in RANK_VARIABLES)
 
 
+def external_launch() -> tuple[int, int] | None:
+    """(global rank, world size) when a launcher started every rank at once, judged from the
+    environment before any process group exists: torchrun's RANK and WORLD_SIZE, or srun's
+    SLURM_PROCID and SLURM_NTASKS (unless the job is named bash or interactive, as Lightning's
+    SLURMEnvironment judges); None otherwise: one process, or a rank Lightning's own launcher
+    starts when fitting begins (it sets LOCAL_RANK and WORLD_SIZE, not RANK)."""
+    env = os.environ
+    if env.get("RANK") and env.get("WORLD_SIZE"):
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if (
+        env.get("SLURM_PROCID")
+        and env.get("SLURM_NTASKS")
+        and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    ):
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return None
+
+
 def rank_and_world() -> tuple[int, int]:
     """(global rank, world size); (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
