@@ -299,3 +299,37 @@ def test_external_launch_is_read_from_the_environment(monkeypatch: pytest.Monkey
     assert external_launch() == (3, 4)  # srun
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
     assert external_launch() is None  # a shell in an allocation: one process
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_torchrun_reflow_on_two_cpu_ranks(teacher: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 src/reflow.py`` (gloo): each rank makes its chunks, rank 0
+    the pairs file (one process's pairs), then both train the student with DDP."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    overrides = [*TOY, *REFLOW, f"teacher={teacher}", "reflow.num_pairs=400"]
+    overrides += ["reflow.batch_size=100", "trainer.max_steps=6", "trainer.accelerator=cpu"]
+    overrides += ["trainer.devices=2", "trainer.strategy=ddp", f"run_dir={run}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node=2", f"--log-dir={logs}", "--redirects=3"]
+    r = subprocess.run(
+        [*torchrun, str(SRC_DIR / "reflow.py"), *overrides],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = {rank: next(logs.glob(f"*/attempt_0/{rank}/stdout.log")).read_text() for rank in (0, 1)}
+    assert r.returncode == 0, (r.stderr + out[0] + out[1])[-4000:]
+    for rank, chunks in ((0, "13"), (1, "24")):
+        made = [line for line in out[rank].splitlines() if "reflow pairs: chunk" in line]
+        assert [line.split("chunk ")[1][0] for line in made] == list(chunks), made
+    request = json.loads((run / "reflow" / "request.json").read_text())
+    alone = make_pairs(load_model(teacher), instantiate(request["sampler"]), tmp_path, request)
+    a, b = (load_pairs(d / "pairs.pt", (2,), K) for d in (tmp_path, run / "reflow"))
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.labels, b.labels)
+    report = json.loads((run / "reflow" / "straightness.json").read_text())
+    assert report["pairs"] == pytest.approx(alone) and report["global_step"] == 6
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6

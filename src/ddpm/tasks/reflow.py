@@ -6,12 +6,16 @@
 2. Its deterministic sampler (``reflow.sampler``, Euler with 100 steps by default) maps
    ``reflow.num_pairs`` noises z to samples x = ODE(z), written in chunks under
    ``<run>/reflow/`` (chunk i's noise is seeded by (``reflow.seed``, i): an interrupted generation
-   continues where it stopped) and then as ``<run>/reflow/pairs.pt``.
+   continues where it stopped) and then as ``<run>/reflow/pairs.pt``. A class-conditional
+   teacher maps each z with a label y drawn uniformly over its classes, seeded alike, to
+   x = ODE(z | y) (with the sampler's classifier-free guidance), and the pairs keep y. Ranks
+   started at once (torchrun, srun: :func:`~ddpm.utils.distributed.external_launch`) share the
+   chunks; under Lightning's own launcher rank 0 makes them before the others start.
 3. A normal training run (:func:`ddpm.tasks.train.train`: checkpoints, EMA, resume, grids, W&B)
    starts from the teacher's weights (``init_from``) and trains on the pairs
-   (``data.pairs``): x_t = (1 - t) x + t z, target z - x.
-4. The straightness S of the teacher's and the student's paths (the same seeded noises) is
-   logged (``val/straightness``, :class:`~ddpm.callbacks.straightness.Straightness`), and
+   (``data.pairs``): x_t = (1 - t) x + t z, target z - x (conditioned on y, with label dropout).
+4. The straightness S of the teacher's and the student's paths (the same seeded noises and
+   labels) is logged (``val/straightness``, :class:`~ddpm.callbacks.straightness.Straightness`), and
    written with the pairs' own to ``<run>/reflow/straightness.json``.
 
 Resume an interrupted reflow with the same command and ``run_dir=<run> ckpt_path=auto``.
