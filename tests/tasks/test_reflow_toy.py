@@ -117,11 +117,17 @@ def test_pairs_carry_seeded_uniform_labels_and_lie_in_their_class(
     plain = instantiate({**request["sampler"], "guidance_scale": 1.0})
     x1, _, _ = coupled_pairs(t.net, t.diffusion, z[:64], plain, class_labels=y[:64])
     assert (x1 - pairs.x0[256:320]).abs().max() > 1e-3  # the pairs were drawn with guidance
-    # the teacher's straightness is measured on labelled paths (seeded like the pairs)
+    # straightness is measured on labelled paths, seeded like the pairs: with the pairs' seed,
+    # on the pairs' own paths
     report = json.loads((out / "straightness.json").read_text())
+    on_pairs = mean_straightness(t.net, t.diffusion, sampler, (2,), 512, 0, 256)
+    assert on_pairs == pytest.approx(report["pairs"], rel=1e-9)
     expected = mean_straightness(t.net, t.diffusion, sampler, (2,), 256, 1, 256)
     assert report["teacher"] == pytest.approx(expected, rel=1e-6)
-    assert math.isfinite(report["student"]) and report["global_step"] == STEPS
+    assert report["global_step"] == STEPS
+    student = load_model(reflowed / "checkpoints" / "last.ckpt")  # val/straightness at the end
+    expected = mean_straightness(student.net, student.diffusion, sampler, (2,), 256, 1, 256)
+    assert report["student"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_student_is_conditional_and_samples_for_given_classes(
