@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cli_utils import cli_env
 from ddpm.checkpoint import load_model
-from ddpm.data import ToyDataModule
+from ddpm.data import ImageDataModule, ToyDataModule
 from ddpm.data.pairs import CoupledBatch, load_pairs, save_pairs
 from ddpm.diffusion.reflow import coupled_pairs, mean_straightness, seeded_chunk
 from ddpm.diffusion.samplers import EulerSampler
@@ -339,3 +339,17 @@ def test_torchrun_reflow_on_two_cpu_ranks(teacher: Path, tmp_path: Path) -> None
     report = json.loads((run / "reflow" / "straightness.json").read_text())
     assert report["pairs"] == pytest.approx(alone) and report["global_step"] == 6
     assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_image_pairs_are_not_flipped(tmp_path: Path) -> None:
+    """data.random_flip (CIFAR-10's default) leaves coupled pairs alone: flipping x = ODE(z)
+    without z would break the coupling."""
+    x, z = torch.randn(32, 1, 16, 16), torch.randn(32, 1, 16, 16)
+    save_pairs(tmp_path / "p.pt", x, z)
+    dm = ImageDataModule(
+        "digits", root=None, batch_size=32, random_flip=True, pairs=tmp_path / "p.pt"
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    order = [int((x == xi).flatten(1).all(1).nonzero()) for xi in batch.x0]  # unflipped
+    assert sorted(order) == list(range(32)) and torch.equal(batch.noise, z[order])

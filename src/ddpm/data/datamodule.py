@@ -24,7 +24,7 @@ from ddpm.data.datasets import LabeledCollate, LabeledDataset, TensorImages, che
 from ddpm.data.files import ImageFiles
 from ddpm.data.hf import HuggingFace
 from ddpm.data.order import train_loader
-from ddpm.data.pairs import collate_pairs, load_pairs
+from ddpm.data.pairs import CoupledPairs, collate_pairs, load_pairs
 from ddpm.data.sources import (
     CIFAR10,
     MNIST,
@@ -232,7 +232,8 @@ class DataModule(ClassLabels, pl.LightningDataModule):
         )
         if train:
             trainer = getattr(self, "trainer", None)
-            augment = self._augment()
+            # coupled pairs are not augmented: a flip of x alone breaks its coupling x = ODE(z)
+            augment = None if isinstance(ds, CoupledPairs) else self._augment()
             return train_loader(ds, batch_size, self.world_size, trainer, augment, **kwargs)
         return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
 
