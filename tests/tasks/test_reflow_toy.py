@@ -31,7 +31,7 @@ from ddpm.diffusion.reflow import coupled_pairs, mean_straightness, seeded_chunk
 from ddpm.diffusion.samplers import EulerSampler
 from ddpm.errors import ConfigError, DataError
 from ddpm.module import DiffusionModule
-from ddpm.tasks.reflow import make_pairs, reflow
+from ddpm.tasks.reflow import PairsTimeout, make_pairs, reflow
 from ddpm.tasks.sample import sample
 from ddpm.tasks.train import train
 from ddpm.utils.distributed import external_launch
@@ -196,6 +196,56 @@ def test_interrupted_conditional_generation_continues_with_the_same_pairs(
     assert a.labels is not None and torch.equal(a.labels, b.labels)
     assert again == pytest.approx(whole, rel=1e-12)
     assert not (out / "chunks").exists()
+
+
+def test_a_rank_that_waits_too_long_names_the_missing_chunks(teacher: Path, tmp_path: Path) -> None:
+    """Rank 0 of 2 whose partner died stops after the timeout, naming chunk 1 and rank 1, and
+    keeps its chunks; rank 1 alone stops waiting for pairs.pt; the resumed rank 0 makes none
+    again, and the pairs are one process's."""
+    loaded = load_model(teacher)
+    sampler = EulerSampler(steps=3, clip_denoised=False)
+    request = {"teacher": str(teacher), "num_pairs": 250, "batch_size": 100, "seed": 2,
+               "sampler": {"steps": 3}}  # fmt: skip
+    out = tmp_path / "run" / "reflow"
+    missing = r"chunks \[1\] of 3 are missing \(made by ranks \[1\] of 2\)"
+    resume = rf"run_dir={tmp_path / 'run'} ckpt_path=auto \(the 2 chunks made are kept\)"
+    with pytest.raises(PairsTimeout, match=f"wait_timeout_s=0.2 s.*{missing}.*{resume}"):
+        make_pairs(loaded, sampler, out, request, rank=0, world=2, timeout_s=0.2)
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["00000.pt", "00002.pt"]
+    with pytest.raises(PairsTimeout, match="every chunk is made, but rank 0 wrote no pairs.pt"):
+        make_pairs(loaded, sampler, out, request, rank=1, world=2, timeout_s=0.2)
+    again = make_pairs(loaded, StopAfter(sampler, 0), out, request, rank=0, world=2, timeout_s=0)
+    whole = make_pairs(loaded, sampler, tmp_path / "one", request)
+    a, b = (load_pairs(d / "pairs.pt", (2,), K) for d in (tmp_path / "one", out))
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.noise, b.noise)
+    assert a.labels is not None and torch.equal(a.labels, b.labels)
+    assert again == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.timeout(60)  # without the bound, the rank waits forever
+def test_reflow_wait_timeout_s_bounds_a_ranks_wait(
+    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of a torchrun launch whose rank 0 never comes makes its chunk, then stops after
+    reflow.wait_timeout_s, naming the chunk rank 0 was to make."""
+    for var, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(var, value)
+    overrides = [*TOY, f"teacher={teacher}", "reflow.num_pairs=200", "reflow.batch_size=100",
+                 "reflow.sampler.steps=2", "reflow.wait_timeout_s=0.5", "trainer.accelerator=cpu"]  # fmt: skip
+    cfg = compose_cfg(overrides, tmp_path, config_name="reflow")
+    with pytest.raises(PairsTimeout, match=r"chunks \[0\] of 2 are missing \(made by ranks \[0\]"):
+        reflow(cfg)
+    assert [p.name for p in (tmp_path / "run" / "reflow" / "chunks").iterdir()] == ["00001.pt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_pairs_are_made_where_the_run_trains(teacher: Path, tmp_path: Path) -> None:
+    """The teacher runs on the trainer's device: trainer.accelerator=gpu without a GPU is refused
+    before any pair is made, naming the setting."""
+    overrides = [*TOY, f"teacher={teacher}", "reflow.num_pairs=100", "trainer.accelerator=gpu"]
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu asks for a CUDA GPU"):
+        reflow(compose_cfg(overrides, tmp_path, config_name="reflow"))
+    assert not (tmp_path / "run" / "reflow").exists()
 
 
 def test_pairs_and_data_must_agree_on_labels(tmp_path: Path) -> None:

@@ -133,6 +133,25 @@ def chunk_sizes(n: int, batch_size: int) -> list[int]:
     return [min(batch_size, n - i) for i in range(0, n, batch_size)]
 
 
+def seeded_pairs(
+    net: Callable[..., Tensor],
+    process: Process,
+    sampler: Callable[..., Any],
+    n: int,
+    sample_shape: Sequence[int],
+    seed: int,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(x, z, y, S) of chunk ``chunk``: :func:`coupled_pairs` of its :func:`seeded_chunk` noise z
+    (and, for a class-conditional network, labels y), run on the network's device and returned
+    on the CPU; the noise and labels are drawn on the CPU, the same on every device."""
+    device = model_device(net)
+    z, y = seeded_chunk(n, sample_shape, num_classes_of(net), seed, chunk)
+    y_dev = None if y is None else y.to(device)
+    x, z, s = coupled_pairs(net, process, z.to(device), sampler, class_labels=y_dev)
+    return x, z, y, s.cpu()
+
+
 def mean_straightness(
     net: Callable[..., Tensor],
     process: Process,
@@ -143,13 +162,9 @@ def mean_straightness(
     batch_size: int,
 ) -> float:
     """E[S] (:func:`straightness`) over ``num_samples`` paths from the seeded noise and, for a
-    class-conditional network, labels (:func:`seeded_chunk`): the same paths for any network
+    class-conditional network, labels (:func:`seeded_pairs`): the same paths for any network
     of those classes, so before / after reflow compare."""
-    device, num_classes = model_device(net), num_classes_of(net)
     total = 0.0
     for i, n in enumerate(chunk_sizes(num_samples, batch_size)):
-        z, y = seeded_chunk(n, sample_shape, num_classes, seed, i)
-        y = None if y is None else y.to(device)
-        _, _, s = coupled_pairs(net, process, z.to(device), sampler, class_labels=y)
-        total += float(s.sum())
+        total += float(seeded_pairs(net, process, sampler, n, sample_shape, seed, i)[3].sum())
     return total / num_samples

@@ -10,7 +10,9 @@
    teacher maps each z with a label y drawn uniformly over its classes, seeded alike, to
    x = ODE(z | y) (with the sampler's classifier-free guidance), and the pairs keep y. Ranks
    started at once (torchrun, srun: :func:`~ddpm.utils.distributed.external_launch`) share the
-   chunks; under Lightning's own launcher rank 0 makes them before the others start.
+   chunks (a rank waits at most ``reflow.wait_timeout_s`` for the others'); under Lightning's own
+   launcher rank 0 makes them before the others start. The pairs are made on the device the run
+   trains on (``trainer.accelerator`` / ``devices``: :func:`~ddpm.utils.devices.run_device`).
 3. A normal training run (:func:`ddpm.tasks.train.train`: checkpoints, EMA, resume, grids, W&B)
    starts from the teacher's weights (``init_from``) and trains on the pairs
    (``data.pairs``): x_t = (1 - t) x + t z, target z - x (conditioned on y, with label dropout).
@@ -41,11 +43,12 @@ from ddpm.checkpoint import LoadedModel, load_model
 from ddpm.config import DERIVED_KEYS
 from ddpm.data.pairs import LABELS_KEY, PAIR_KEYS, load_pairs, save_pairs
 from ddpm.diffusion import RectifiedFlow
-from ddpm.diffusion.reflow import chunk_sizes, coupled_pairs, mean_straightness, seeded_chunk
+from ddpm.diffusion.reflow import chunk_sizes, mean_straightness, seeded_pairs
 from ddpm.errors import ConfigError
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.train import train
 from ddpm.utils.classes import num_classes_of
+from ddpm.utils.devices import run_device
 from ddpm.utils.distributed import external_launch, is_launch_rank_zero
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ def make_pairs(
     request: dict[str, Any],
     rank: int = 0,
     world: int = 1,
+    timeout_s: float | None = None,
 ) -> float:
     """Write the teacher's (x = ODE(z), z) pairs (with the label y of each, x = ODE(z | y), for
     a class-conditional teacher) to ``out/pairs.pt`` chunk by chunk (kept under ``out/chunks/``
@@ -142,7 +146,9 @@ def make_pairs(
 
     Rank ``rank`` of ``world`` processes started at once makes chunks i ≡ rank (mod world);
     rank 0 waits for all, writes ``pairs.pt``, and the others wait for it: chunk i is seeded by
-    (seed, i) alone, so the pairs are the same in any number of processes."""
+    (seed, i) alone, so the pairs are the same in any number of processes. A rank that waits
+    longer than ``timeout_s`` (None: forever) for another's files raises :class:`PairsTimeout`.
+    The pairs are made on the teacher's device and written on the CPU."""
     final = out / "pairs.pt"
     recorded = out / "request.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != request:
@@ -156,38 +162,68 @@ def make_pairs(
     if rank == 0:
         chunks.mkdir(parents=True, exist_ok=True)
         write_json(recorded, request)
-    shape, num_classes = loaded.sample_shape, num_classes_of(loaded.net)
+    num_classes = num_classes_of(loaded.net)
     sizes = chunk_sizes(request["num_pairs"], request["batch_size"])
     for i in range(rank, len(sizes), world):
         path = _chunk_path(chunks, i)
         if path.is_file():
             continue
-        z, y = seeded_chunk(sizes[i], shape, num_classes, request["seed"], i)
-        x, _, s = coupled_pairs(loaded.net, loaded.diffusion, z, sampler, class_labels=y)
+        x, z, y, s = seeded_pairs(
+            loaded.net, loaded.diffusion, sampler, sizes[i], loaded.sample_shape, request["seed"], i
+        )
         chunks.mkdir(parents=True, exist_ok=True)  # before rank 0 made it
         save_pairs(path, x, z, y, straightness_sum=float(s.sum()))
         log.info("reflow pairs: chunk %d/%d (%d pairs)", i + 1, len(sizes), sizes[i])
     if rank != 0:
-        _wait_for(final)
+        wait_for_pairs(out, len(sizes), world, timeout_s)
         return _stored_straightness(final)
-    parts = []
-    for i in range(len(sizes)):
-        _wait_for(_chunk_path(chunks, i))  # made by rank i % world
-        parts.append(torch.load(_chunk_path(chunks, i), map_location="cpu", weights_only=True))
+    wait_for_pairs(out, len(sizes), world, timeout_s, chunks_only=True)  # chunk i: rank i % world
+    paths = [_chunk_path(chunks, i) for i in range(len(sizes))]
+    parts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     s_pairs = sum(float(c["straightness_sum"]) for c in parts) / request["num_pairs"]
     x, z = (torch.cat([c[k] for c in parts]) for k in PAIR_KEYS)
     y = torch.cat([c[LABELS_KEY] for c in parts]) if num_classes is not None else None
     save_pairs(final, x, z, y, straightness=s_pairs)
-    for i in range(len(sizes)):
-        _chunk_path(chunks, i).unlink(missing_ok=True)
+    for path in paths:
+        path.unlink(missing_ok=True)
     chunks.rmdir()
     return s_pairs
 
 
-def _wait_for(path: Path) -> None:
-    """Wait for ``path``, written by another rank of a launch that starts every rank at once."""
-    while not path.is_file():
-        time.sleep(WAIT_SECONDS)
+class PairsTimeout(TimeoutError):
+    """A rank waited longer than ``reflow.wait_timeout_s`` for the pairs other ranks make."""
+
+
+def wait_for_pairs(
+    out: Path, num_chunks: int, world: int, timeout_s: float | None, chunks_only: bool = False
+) -> None:
+    """Wait for ``out/pairs.pt`` (or, with ``chunks_only``, for its ``num_chunks`` chunks), written
+    by other ranks of a launch that starts every rank at once; after ``timeout_s`` seconds
+    (None: never) a :class:`PairsTimeout` names the chunks missing, the ranks that were to make
+    them, and how to resume (a rank may have died: srun without --kill-on-bad-exit)."""
+    final, chunks = out / "pairs.pt", out / "chunks"
+    deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
+
+    def missing() -> list[int]:
+        return [i for i in range(num_chunks) if not _chunk_path(chunks, i).is_file()]
+
+    while missing() if chunks_only else not final.is_file():
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            lost = missing()
+            what = (
+                f"chunks {lost} of {num_chunks} are missing (made by ranks "
+                f"{sorted({i % world for i in lost})} of {world})"
+                if lost
+                else f"every chunk is made, but rank 0 wrote no {final.name}"
+            )
+            raise PairsTimeout(
+                f"waited reflow.wait_timeout_s={timeout_s} s for the reflow pairs under {out}: "
+                f"{what}; did a rank die? Resume with the same command and "
+                f"run_dir={out.parent} ckpt_path=auto (the {num_chunks - len(lost)} chunks made "
+                "are kept)"
+            )
+        time.sleep(WAIT_SECONDS if left is None else min(WAIT_SECONDS, left))
 
 
 def reflow(cfg: DictConfig) -> dict[str, float]:
@@ -204,18 +240,22 @@ def reflow(cfg: DictConfig) -> dict[str, float]:
     out = run_dir / PAIRS_DIR
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
-    loaded = load_model(cfg.teacher)
+    trainer = cfg.get("trainer") or {}
+    device = run_device(trainer.get("accelerator"), trainer.get("devices"), "trainer.accelerator")
+    loaded = load_model(cfg.teacher, device=device)  # the pairs are made where the run trains
     check_teacher(loaded, str(cfg.teacher))
     adopt_teacher(cfg, loaded, out / "pairs.pt")
     sampler = instantiate(cfg.reflow.sampler)
     report_path = out / "straightness.json"
     rank, world = external_launch() or (0, 1)
+    timeout = cfg.reflow.get("wait_timeout_s")
+    num_chunks = len(chunk_sizes(int(cfg.reflow.num_pairs), int(cfg.reflow.batch_size)))
     s_pairs = s_teacher = float("nan")
     if world > 1 or is_launch_rank_zero():  # rank 0, or each of the ranks started at once
         out.mkdir(parents=True, exist_ok=True)
-        s_pairs = make_pairs(loaded, sampler, out, _request(cfg), rank, world)
+        s_pairs = make_pairs(loaded, sampler, out, _request(cfg), rank, world, timeout)
     else:  # a rank Lightning starts at fit: rank 0 made the pairs before
-        _wait_for(out / "pairs.pt")
+        wait_for_pairs(out, num_chunks, 1, timeout)
     if is_launch_rank_zero():
         s_teacher = mean_straightness(
             loaded.net, loaded.diffusion, sampler, loaded.sample_shape,

@@ -44,6 +44,7 @@ from ddpm.project import command
 from ddpm.tasks.common import output_dir, write_json
 from ddpm.tasks.sample import build_sampler, generate, sample_labels
 from ddpm.utils.classes import num_classes_of, parse_class_labels
+from ddpm.utils.devices import run_device
 from ddpm.viz import (
     denoising_trajectory,
     forward_diffusion,
@@ -88,17 +89,8 @@ NEEDS_CHECKPOINT = WHATS[1:]
 
 # ------------------------------------------------------------------------------------ plumbing
 def _device(cfg: DictConfig) -> torch.device:
-    """The device of ``accelerator`` (auto | cpu | gpu | cuda | mps | a torch device such as
-    cuda:1)."""
-    acc = cfg.get("accelerator", "auto")
-    if acc in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device("cuda" if acc == "gpu" else str(acc))
-    except RuntimeError as e:
-        raise ValueError(
-            f"accelerator must be auto, cpu, gpu, cuda, mps or a torch device, got {acc!r}"
-        ) from e
+    """The device of ``accelerator`` (:func:`~ddpm.utils.devices.run_device`)."""
+    return run_device(cfg.get("accelerator", "auto"))
 
 
 def _num_samples(cfg: DictConfig, section: str, default: int | None = None) -> int:

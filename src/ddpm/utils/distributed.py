@@ -50,6 +50,18 @@ def external_launch() -> tuple[int, int] | None:
     return None
 
 
+def launch_local_rank() -> int:
+    """This process's rank on its node, judged from the environment: ``LOCAL_RANK`` (torchrun,
+    Lightning's own launcher) or srun's ``SLURM_LOCALID`` (of a launch :func:`external_launch`
+    sees); 0 for one process."""
+    env = os.environ
+    if env.get("LOCAL_RANK"):
+        return int(env["LOCAL_RANK"])
+    if external_launch() is not None and env.get("SLURM_LOCALID"):
+        return int(env["SLURM_LOCALID"])
+    return 0
+
+
 def rank_and_world() -> tuple[int, int]:
     """(global rank, world size); (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
