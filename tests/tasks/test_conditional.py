@@ -392,3 +392,29 @@ def test_image_folder_run_records_its_class_names(tmp_path: Path) -> None:
     resume = [*small, "trainer.max_steps=4", "ckpt_path=last", f"run_dir={run}"]
     with pytest.raises(ValueError, match="recorded with 3 classes"):
         train(compose_cfg(resume, tmp_path))
+
+
+def test_visualize_compare_draws_each_seed_for_its_class(
+    cond_ckpt: Path, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """what=compare: a conditional model's column i is class i mod K, or compare.class_labels[i]
+    (named above the column); an unconditional model beside it ignores the labels."""
+    from ddpm.tasks.visualize import visualize
+
+    ckpt = cond_ckpt / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_paths=[{ckpt},{tiny_ckpt}]", "labels=[cond,plain]", "what=compare",
+              "accelerator=cpu", "sampler=ddim", "sampler.steps=3", "compare.seeds=[0,1,2]"]  # fmt: skip
+
+    def run(extra: list[str], name: str) -> dict:
+        return visualize(compose_cfg([*common, *extra], tmp_path / name, config_name="visualize"))
+
+    balanced, given = run([], "balanced"), run(["compare.class_labels=[7,7,1]"], "given")
+    assert list(balanced["class_labels"]) == ["cond"]  # the unconditional model draws no classes
+    assert balanced["class_labels"]["cond"].tolist() == [0, 1, 2]
+    assert given["class_labels"]["cond"].tolist() == [7, 7, 1]
+    (cond_a, plain_a), (cond_b, plain_b) = (r["samples"].values() for r in (balanced, given))
+    assert torch.equal(plain_a, plain_b) and not torch.equal(cond_a[0], cond_b[0])
+    other = next(iter(run(["compare.class_labels=[3,1,5]"], "other")["samples"].values()))
+    assert torch.equal(cond_a[1], other[1])  # seed 1 for class 1 both times
+    with pytest.raises(ValueError, match=r"compare.class_labels: one class per seed .* got \[1\]"):
+        run(["compare.class_labels=[1]"], "bad")

@@ -15,7 +15,8 @@ import torch
 from cli_utils import run_cli
 from ddpm.checkpoint import load_model
 from ddpm.diffusion import GaussianDiffusion
-from ddpm.diffusion.reflow import straightness
+from ddpm.diffusion.reflow import mean_straightness, seeded_labels, seeded_noise, straightness
+from ddpm.diffusion.samplers import EulerSampler
 from ddpm.tasks.train import train
 from ddpm.tasks.visualize import visualize
 from ddpm.utils.images import read_png
@@ -395,6 +396,42 @@ def test_trajectories_side_by_side(
     assert record["models"]["flow"]["straightness"] == pytest.approx(res["flow"]["straightness"])
     with pytest.raises(ValueError, match="2-D models"):
         run(["what=trajectories", f"ckpt_paths=[{points_ckpts['flow']},{tiny_ckpt}]"], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def conditional_flow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few steps of a class-conditional 2-D flow model (eight Gaussians, label = component)."""
+    root = tmp_path_factory.mktemp("cond_flow")
+    extra = ["data=eight_gaussians", "data.conditional=true", "trainer.max_steps=4"]
+    train(compose_cfg([*POINTS, *OBJECTIVES["flow"], *extra], root))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_conditional_trajectories_are_drawn_for_reflows_labels(
+    conditional_flow: Path, tmp_path: Path
+) -> None:
+    """A class-conditional model's paths go with the seeded labels reflow draws (uniform over its
+    classes, or over trajectories.classes): its S is the reflow straightness of those paths."""
+    n, steps = 64, 6
+    args = ["what=trajectories", f"ckpt_paths=[{conditional_flow}]", "labels=[cond]",
+            f"trajectories.num_samples={n}", f"trajectories.sampler.steps={steps}"]  # fmt: skip
+    result = run(args, tmp_path / "all")
+    assert_pngs(result, ["trajectories.png"])
+    r = result["result"]["cond"]
+    assert torch.equal(r["labels"], seeded_labels(n, 8, 0, 0))
+    m = load_model(conditional_flow)
+    sampler = EulerSampler(steps=steps, clip_denoised=False)
+    expected = mean_straightness(m.net, m.diffusion, sampler, (2,), n, 0, n)
+    assert r["straightness"] == pytest.approx(expected, rel=1e-6)
+    z = seeded_noise((n, 2), 0, 0)
+    x = sampler(m.net, m.diffusion, (n, 2), noise=z, class_labels=r["labels"])
+    torch.testing.assert_close(r["path"].sample, x)  # the paths end at the labelled samples
+    record = json.loads((tmp_path / "all" / "run" / "trajectories.json").read_text())
+    assert record["models"]["cond"]["classes"] == list(range(8))
+    only = run([*args, "trajectories.classes=[2,5]"], tmp_path / "two")["result"]["cond"]
+    assert torch.equal(only["labels"], torch.tensor([2, 5])[seeded_labels(n, 2, 0, 0)])
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 8\)"):
+        run([*args, "trajectories.classes=[8]"], tmp_path / "bad")
 
 
 def test_compare_rows_are_the_same_seeds(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -19,8 +19,11 @@
 * ``trajectories`` (2-D checkpoints, ``ckpt_paths=[a,b]``): the probability-flow ODE paths of the
   same seeds through each model, side by side, each titled with its straightness S
   (``trajectories.png``, ``trajectories.json``): DDPM / EDM / flow matching, before / after reflow.
+  A class-conditional model's paths go with reflow's seeded labels (uniform over its classes or
+  ``trajectories.classes``), coloured by class.
 * ``compare`` (image checkpoints, ``ckpt_paths=[a,b]``): the same seeds through each model's
-  sampler, one row per model (``compare.png``).
+  sampler, one row per model (``compare.png``); a class-conditional model draws column i for
+  class i mod K, or ``compare.class_labels[i]``.
 
 Returns a dict with ``paths`` (the PNGs written), ``figures`` (matplotlib Figures) and the data
 behind them (tensors / arrays), so tests check numbers, not pixels.
@@ -42,7 +45,7 @@ from ddpm.checkpoint import CheckpointError, LoadedModel, load_model
 from ddpm.contracts import HasReferenceLoader, require
 from ddpm.project import command
 from ddpm.tasks.common import output_dir, write_json
-from ddpm.tasks.sample import build_sampler, generate, sample_labels
+from ddpm.tasks.sample import build_sampler, generate, requested_labels, sample_labels
 from ddpm.utils.classes import num_classes_of, parse_class_labels
 from ddpm.utils.devices import run_device
 from ddpm.viz import (
@@ -427,17 +430,36 @@ def run_trajectories(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 f"what=trajectories needs 2-D models; {name} makes samples of shape "
                 f"{m.sample_shape} (images: what=compare)"
             )
+    conditional = [m for m in models.values() if num_classes_of(m.net) is not None]
+    classes = requested_labels(cfg.trajectories.get("classes"))
+    if classes is not None and not conditional:
+        raise ValueError(
+            "trajectories.classes needs a class-conditional checkpoint (trained with "
+            "data.conditional=true); these are all unconditional"
+        )
     sampler = instantiate(cfg.trajectories.sampler)
     n = _num_samples(cfg, "trajectories")
     result = ode_trajectories(
-        {k: (m.net, m.diffusion) for k, m in models.items()}, sampler, n, int(cfg.seed), device
+        {k: (m.net, m.diffusion) for k, m in models.items()},
+        sampler,
+        n,
+        int(cfg.seed),
+        device,
+        classes=classes,
     )
     reference = held_out(build_datamodule(cfg, next(iter(models.values()))), "val", n)
-    fig = trajectories_figure(result, reference, int(cfg.trajectories.max_paths), dpi=int(cfg.dpi))
+    names = conditional[0].config.get("data", {}).get("class_names") if conditional else None
+    fig = trajectories_figure(
+        result, reference, int(cfg.trajectories.max_paths), dpi=int(cfg.dpi), class_names=names
+    )
     paths: list[Path] = []
     _save(fig, out / "trajectories.png", paths)
     record = {
-        k: {"straightness": r["straightness"], "steps": len(r["path"].times)}
+        k: {
+            "straightness": r["straightness"],
+            "steps": len(r["path"].times),
+            "classes": None if r["labels"] is None else sorted(set(r["labels"].tolist())),
+        }
         for k, r in result.items()
     }
     write_json(out / "trajectories.json", {"models": record, "sampler": sampler_label(sampler)})
@@ -454,6 +476,14 @@ def run_compare(cfg: DictConfig, out: Path) -> dict[str, Any]:
     samples, first = {}, next(iter(models.values()))
     if len(first.sample_shape) != 3:
         raise ValueError("what=compare draws images; for 2-D models use what=trajectories")
+    given = requested_labels(cfg.compare.get("class_labels"))
+    conditional = {k: m for k, m in models.items() if num_classes_of(m.net) is not None}
+    if given is not None and (len(given) != len(seeds) or not conditional):
+        raise ValueError(
+            f"compare.class_labels: one class per seed of compare.seeds ({len(seeds)}) for the "
+            f"class-conditional checkpoints ({len(conditional)} of {len(models)}), got {given}"
+        )
+    drawn = {}  # the classes of the conditional models' columns
     for name, m in models.items():
         if m.sample_shape != first.sample_shape:
             raise ValueError(
@@ -461,7 +491,9 @@ def run_compare(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 f"{m.sample_shape}, the first {first.sample_shape}"
             )
         sampler = build_sampler(cfg.get("sampler"), m)
-        labels = sample_labels(m, len(seeds))
+        labels = sample_labels(m, len(seeds), given if name in conditional else None)
+        if labels is not None:
+            drawn[name] = labels
         samples[f"{name}\n{sampler_label(sampler)}"] = generate(
             m, sampler, seeds, len(seeds), device, class_labels=labels
         )
@@ -471,10 +503,30 @@ def run_compare(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "The same seeds through each model",
         _image_denormalizer(cfg, first),
         dpi=int(cfg.dpi),
+        classes=_column_classes(drawn, conditional),
     )
     paths: list[Path] = []
     _save(fig, out / "compare.png", paths)
-    return {"samples": samples, "seeds": seeds, "figures": {"compare": fig}, "paths": paths}
+    return {
+        "samples": samples,
+        "seeds": seeds,
+        "class_labels": drawn,
+        "figures": {"compare": fig},
+        "paths": paths,
+    }
+
+
+def _column_classes(
+    drawn: dict[str, torch.Tensor], models: dict[str, LoadedModel]
+) -> list[str] | None:
+    """The class names of compare's columns when every conditional model drew the same classes
+    (None when none is conditional or they differ)."""
+    rows = list(drawn.values())
+    if not rows or any(not torch.equal(rows[0], r) for r in rows[1:]):
+        return None
+    config = next(iter(models.values())).config
+    names = config.get("data", {}).get("class_names")
+    return [str(c) if not names else str(names[c]) for c in rows[0].tolist()]
 
 
 RUNNERS = {

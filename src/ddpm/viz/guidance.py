@@ -14,7 +14,14 @@ from torch import Tensor
 
 from ddpm.utils.images import make_grid_uint8
 from ddpm.utils.seeding import PerSampleGenerator
-from ddpm.viz.plots import cell_inches, cloud_limit, image_grid_panel, new_figure, scatter
+from ddpm.viz.plots import (
+    cell_inches,
+    class_colour,
+    cloud_limit,
+    image_grid_panel,
+    new_figure,
+    scatter,
+)
 
 
 @torch.inference_mode()
@@ -70,7 +77,7 @@ def guidance_figure(
             ax = fig.add_subplot(1, n, i + 1)
             for c, name in enumerate(class_names):
                 mine = samples[i][torch.tensor(labels) == c]
-                scatter(ax, mine, lim=lim, color=f"C{c % 10}", label=name if i == 0 else None)
+                scatter(ax, mine, lim=lim, color=class_colour(c), label=name if i == 0 else None)
             ax.set_title(f"guidance s = {s:g}", fontsize=9)
         fig.legend(fontsize=7, loc="lower center", ncol=min(len(class_names), 8), markerscale=3)
     else:

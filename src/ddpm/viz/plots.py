@@ -16,6 +16,14 @@ from torch import Tensor
 from ddpm.utils.images import make_grid_uint8
 
 FONTSIZE = 8
+# a class's colour in 2-D pictures: matplotlib's ten-colour cycle with its grey (C7, the colour
+# of paths' starts) replaced by black
+CLASS_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "k", "C8", "C9")
+
+
+def class_colour(c: int) -> str:
+    """The colour of class ``c`` (:data:`CLASS_COLOURS`, repeating after ten classes)."""
+    return CLASS_COLOURS[int(c) % len(CLASS_COLOURS)]
 
 
 def new_figure(width: float, height: float, dpi: int = 100) -> Any:
