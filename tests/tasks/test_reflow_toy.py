@@ -236,6 +236,9 @@ def test_reflow_wait_timeout_s_bounds_a_ranks_wait(
     with pytest.raises(PairsTimeout, match=r"chunks \[0\] of 2 are missing \(made by ranks \[0\]"):
         reflow(cfg)
     assert [p.name for p in (tmp_path / "run" / "reflow" / "chunks").iterdir()] == ["00001.pt"]
+    bad = compose_cfg([*overrides, "reflow.wait_timeout_s=-1"], tmp_path / "bad", "reflow")
+    with pytest.raises(ConfigError, match="reflow.wait_timeout_s must be seconds >= 0 or null"):
+        reflow(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")

@@ -240,6 +240,10 @@ def reflow(cfg: DictConfig) -> dict[str, float]:
     out = run_dir / PAIRS_DIR
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
+    timeout = cfg.reflow.get("wait_timeout_s")
+    seconds = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if timeout is not None and not (seconds and timeout >= 0):
+        raise ConfigError(f"reflow.wait_timeout_s must be seconds >= 0 or null, got {timeout!r}")
     trainer = cfg.get("trainer") or {}
     device = run_device(trainer.get("accelerator"), trainer.get("devices"), "trainer.accelerator")
     loaded = load_model(cfg.teacher, device=device)  # the pairs are made where the run trains
@@ -248,7 +252,6 @@ def reflow(cfg: DictConfig) -> dict[str, float]:
     sampler = instantiate(cfg.reflow.sampler)
     report_path = out / "straightness.json"
     rank, world = external_launch() or (0, 1)
-    timeout = cfg.reflow.get("wait_timeout_s")
     num_chunks = len(chunk_sizes(int(cfg.reflow.num_pairs), int(cfg.reflow.batch_size)))
     s_pairs = s_teacher = float("nan")
     if world > 1 or is_launch_rank_zero():  # rank 0, or each of the ranks started at once
