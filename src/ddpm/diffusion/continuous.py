@@ -41,7 +41,11 @@ class EDMProcess(Process):
     objective's timestep sampler, unbounded (ln σ ~ N(-1.2, 1.2²), Karras et al. 2022, §5).
     """
 
+    # Karras's ρ = 7 grid for the step samplers (Heun: EDM's 18 steps); λ-uniform for DPM-Solver++
+    # and UniPC, Lu et al. 2022's choice for low-resolution images (on the digits, DPM-Solver++(2M)
+    # at 10 steps on Karras's grid is worse than at 5: bench/README.md "Per objective")
     natural_spacing: ClassVar[str | None] = "karras"
+    natural_solver_spacing: ClassVar[str | None] = "logSNR"
     time_domain: ClassVar[str] = "sigma"
 
     def __init__(

@@ -93,8 +93,10 @@ class Process(nn.Module):
     discrete: ClassVar[bool] = False
     prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES
     variance_types: ClassVar[tuple[str, ...]] = ("fixed_small", "fixed_large")
-    # spacing=auto: the process's natural sampling grid (None: each sampler's own default)
+    # spacing=auto: the process's natural sampling grid (None: each sampler's own default), and
+    # that of the λ-space multistep solvers (DPM-Solver++, UniPC) where it differs (None: the same)
     natural_spacing: ClassVar[str | None] = None
+    natural_solver_spacing: ClassVar[str | None] = None
     # what t is: "index" (DDPM's 0..T-1), "sigma" (EDM's σ > 0) or "unit" (t ∈ [0, 1]); the
     # objective's timestep sampler draws in one of them
     time_domain: ClassVar[str]

@@ -4,8 +4,9 @@ A grid is the list of process times (descending) where a sampler calls the netwo
 last one it goes to the clean end σ = 0 (ᾱ = 1). Two families: the step-by-step samplers
 (DDPM, DDIM, Euler, Heun: ``STEP_SPACINGS``), whose grid ends at the least noisy time t_min, and
 the λ-space multistep solvers (DPM-Solver++, UniPC: ``DPM_SPACINGS``). ``auto`` is the process's
-natural grid (``Process.natural_spacing``): ``karras`` on EDM's process, ``uniform`` on rectified
-flow, and on DDPM's discrete schedules each sampler's usual one (``uniform``; Heun ``karras``).
+natural grid (``Process.natural_spacing``): ``karras`` on EDM's process (``logSNR`` for the
+λ-space solvers, ``Process.natural_solver_spacing``), ``uniform`` on rectified flow, and on DDPM's
+discrete schedules each sampler's usual one (``uniform``; Heun ``karras``).
 
 DDPM's discrete process (t an integer index, T timesteps):
 
@@ -60,11 +61,13 @@ KARRAS_RHO = 7.0
 Times = list[int] | list[float]
 
 
-def resolve_spacing(process: Process, spacing: str, default: str) -> str:
-    """``auto`` -> the process's natural spacing, else the sampler's ``default``."""
+def resolve_spacing(process: Process, spacing: str, default: str, solver: bool = False) -> str:
+    """``auto`` -> the process's natural spacing (its λ-space solvers' one when ``solver``), else
+    the sampler's ``default``."""
     if spacing != "auto":
         return spacing
-    return process.natural_spacing or default
+    natural = process.natural_solver_spacing if solver else None
+    return natural or process.natural_spacing or default
 
 
 def _distinct(ts: np.ndarray | list[int], steps: int, spacing: str, T: int) -> list[int]:
@@ -150,7 +153,7 @@ def dpm_solver_timesteps(process: Process, steps: int, spacing: str = "auto") ->
     second-order step overshoots; ``karras`` ends at t = 0 with a short one.
     """
     check_choice(spacing, "spacing", DPM_SPACINGS)
-    spacing = resolve_spacing(process, spacing, "uniform")
+    spacing = resolve_spacing(process, spacing, "uniform", solver=True)
     if not process.discrete:
         return _continuous_grid(process, steps, spacing, solver=True)
     T = process.num_timesteps
