@@ -229,7 +229,7 @@ def test_dpm_solver_on_edm_matches_diffusers_edm_dpm_solver(
     np.testing.assert_allclose(s.sigmas[:-1].numpy(), karras_timesteps(process, steps), rtol=1e-5)
     theirs = edm_loop(s, net, noise * s.init_noise_sigma, gen(7))
     ours = dpm_solver_sample(
-        net, process, None, steps=steps, noise=noise, generator=gen(7), **solver
+        net, process, None, steps=steps, spacing="karras", noise=noise, generator=gen(7), **solver
     )
     assert_same_and_clipped(ours, theirs, clip)
 
