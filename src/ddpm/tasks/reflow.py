@@ -159,8 +159,8 @@ def make_pairs(
     if final.is_file():
         return _stored_straightness(final)
     chunks = out / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        chunks.mkdir(parents=True, exist_ok=True)
         write_json(recorded, request)
     num_classes = num_classes_of(loaded.net)
     sizes = chunk_sizes(request["num_pairs"], request["batch_size"])
@@ -171,7 +171,6 @@ def make_pairs(
         x, z, y, s = seeded_pairs(
             loaded.net, loaded.diffusion, sampler, sizes[i], loaded.sample_shape, request["seed"], i
         )
-        chunks.mkdir(parents=True, exist_ok=True)  # before rank 0 made it
         save_pairs(path, x, z, y, straightness_sum=float(s.sum()))
         log.info("reflow pairs: chunk %d/%d (%d pairs)", i + 1, len(sizes), sizes[i])
     if rank != 0:

@@ -96,6 +96,13 @@ def _device(cfg: DictConfig) -> torch.device:
     return run_device(cfg.get("accelerator", "auto"))
 
 
+def _class_names(loaded: LoadedModel) -> list[str]:
+    """A class-conditional model's class names as its run recorded them (``data.class_names``),
+    else the class indices."""
+    names = loaded.config.get("data", {}).get("class_names")
+    return [str(c) for c in (names or range(num_classes_of(loaded.net)))]
+
+
 def _num_samples(cfg: DictConfig, section: str, default: int | None = None) -> int:
     """``<section>.num_samples`` (images or 2-D points; null: ``default``)."""
     n = cfg[section].get("num_samples")
@@ -263,7 +270,7 @@ def run_guidance(cfg: DictConfig, out: Path) -> dict[str, Any]:
     samples = guidance_sweep(
         sampler, loaded.net, loaded.diffusion, shape, classes, seeds, scales, device
     )
-    names = loaded.config.get("data", {}).get("class_names") or [str(c) for c in range(k)]
+    names = _class_names(loaded)
     title = f"Classifier-free guidance: {sampler_label(sampler)}"
     denorm = _image_denormalizer(cfg, loaded) if len(shape) > 1 else None
     fig = guidance_figure(
@@ -448,7 +455,7 @@ def run_trajectories(cfg: DictConfig, out: Path) -> dict[str, Any]:
         classes=classes,
     )
     reference = held_out(build_datamodule(cfg, next(iter(models.values()))), "val", n)
-    names = conditional[0].config.get("data", {}).get("class_names") if conditional else None
+    names = _class_names(conditional[0]) if conditional else None
     fig = trajectories_figure(
         result, reference, int(cfg.trajectories.max_paths), dpi=int(cfg.dpi), class_names=names
     )
@@ -524,9 +531,8 @@ def _column_classes(
     rows = list(drawn.values())
     if not rows or any(not torch.equal(rows[0], r) for r in rows[1:]):
         return None
-    config = next(iter(models.values())).config
-    names = config.get("data", {}).get("class_names")
-    return [str(c) if not names else str(names[c]) for c in rows[0].tolist()]
+    names = _class_names(next(iter(models.values())))
+    return [names[c] for c in rows[0].tolist()]
 
 
 RUNNERS = {

@@ -119,9 +119,11 @@ def trajectories_figure(
     )
     bottom = 0.0
     if drawn:  # one legend entry per class drawn, below the panels
-        names = [str(c) if class_names is None else str(class_names[c]) for c in sorted(drawn)]
+        entries = [str(c) if class_names is None else str(class_names[c]) for c in sorted(drawn)]
         handles = [ax.plot([], [], color=class_colour(c), linewidth=1.5)[0] for c in sorted(drawn)]
-        fig.legend(handles, names, fontsize=FONTSIZE, loc="lower center", ncol=min(len(drawn), 10))
+        fig.legend(
+            handles, entries, fontsize=FONTSIZE, loc="lower center", ncol=min(len(drawn), 10)
+        )
         bottom = 0.07
     fig.tight_layout(rect=(0, bottom, 1, 0.94))  # room for the suptitle and the legend
     return fig
